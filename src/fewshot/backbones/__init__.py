@@ -1,0 +1,45 @@
+"""Backbones: images (N, C, H, W) float in [0, 1] -> embeddings (N, D).
+
+One factory, `create_backbone(name, in_channels=..., image_size=..., **kwargs)`; every backbone
+exposes `embedding_dim` and `config` (the exact arguments that rebuild it), so checkpoints and
+artifacts describe themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from fewshot.backbones.conv4 import Conv4
+from fewshot.errors import ConfigError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "conv4": Conv4,
+}
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def register_backbone(name: str, factory: Callable[..., nn.Module]) -> None:
+    _REGISTRY[name] = factory
+
+
+def create_backbone(name: str, *, in_channels: int, image_size: int, **kwargs: Any) -> nn.Module:
+    """Build a backbone by name. Unknown names list the valid ones."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown backbone {name!r}; valid backbones: {', '.join(list_backbones())}")
+    try:
+        return _REGISTRY[name](in_channels=in_channels, image_size=image_size, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"backbone {name!r}: bad arguments {kwargs} ({exc})") from exc
+
+
+def backbone_from_config(config: dict[str, Any]) -> nn.Module:
+    """Rebuild a backbone from its `config` dict (as stored in manifests)."""
+    cfg = dict(config)
+    name = cfg.pop("name")
+    return create_backbone(name, **cfg)

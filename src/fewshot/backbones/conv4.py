@@ -1,0 +1,42 @@
+"""Conv-4 (Vinyals et al. 2016; Snell et al. 2017): four [conv3x3-BN-ReLU-maxpool2] blocks of 64 channels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class Conv4(nn.Module):
+    """(N, C, H, W) -> (N, hidden * (H // 16) * (W // 16)); 28x28 Omniglot gives 64-d embeddings."""
+
+    def __init__(self, *, in_channels: int, image_size: int, hidden: int = 64, depth: int = 4) -> None:
+        super().__init__()
+        if image_size < 2**depth:
+            raise ValueError(f"image_size {image_size} is smaller than 2**depth = {2**depth}")
+        chans = [in_channels] + [hidden] * depth
+        self.encoder = nn.Sequential(*[conv_block(a, b) for a, b in zip(chans[:-1], chans[1:])])
+        side = image_size
+        for _ in range(depth):
+            side //= 2
+        self.embedding_dim = hidden * side * side
+        self.config: dict[str, Any] = {
+            "name": "conv4",
+            "in_channels": in_channels,
+            "image_size": image_size,
+            "hidden": hidden,
+            "depth": depth,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x).flatten(1)

@@ -1,0 +1,1 @@
+"""Data stage: sources, cleaning, packed cache, knowledge domains and splits."""

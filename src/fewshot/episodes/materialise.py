@@ -64,8 +64,8 @@ def augment(images: np.ndarray, aug: Augment, rng: np.random.Generator) -> np.nd
     if aug.crop_pad > 0:
         p = aug.crop_pad
         padded = np.pad(images, ((0, 0), (0, 0), (p, p), (p, p)), mode="edge")
-        dy: list[int] = rng.integers(0, 2 * p + 1, size=n).tolist()
-        dx: list[int] = rng.integers(0, 2 * p + 1, size=n).tolist()
+        dy = [int(v) for v in rng.integers(0, 2 * p + 1, size=n)]
+        dx = [int(v) for v in rng.integers(0, 2 * p + 1, size=n)]
         out = np.stack([padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(zip(dy, dx))])
     if aug.hflip:
         flip = rng.random(n) < 0.5

@@ -59,13 +59,13 @@ def rotate(images: np.ndarray, quarter_turns: np.ndarray) -> np.ndarray:
 
 def augment(images: np.ndarray, aug: Augment, rng: np.random.Generator) -> np.ndarray:
     """Random crop (with edge padding) and horizontal flip per image, driven by `rng`."""
-    n, _, h, w = images.shape
+    n, h, w = int(images.shape[0]), int(images.shape[2]), int(images.shape[3])
     out = images
     if aug.crop_pad > 0:
         p = aug.crop_pad
         padded = np.pad(images, ((0, 0), (0, 0), (p, p), (p, p)), mode="edge")
-        dy = [int(v) for v in rng.integers(0, 2 * p + 1, size=n)]
-        dx = [int(v) for v in rng.integers(0, 2 * p + 1, size=n)]
+        dy = [int(v) for v in rng.integers(0, 2 * p + 1, size=(n,))]
+        dx = [int(v) for v in rng.integers(0, 2 * p + 1, size=(n,))]
         out = np.stack([padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(zip(dy, dx))])
     if aug.hflip:
         flip = rng.random(n) < 0.5

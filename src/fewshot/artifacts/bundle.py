@@ -1,0 +1,257 @@
+"""Self-describing model bundle: `weights.safetensors` + `model.onnx` + `parity.safetensors` +
+`manifest.json`. Nothing in it needs pickle to load.
+
+`export_bundle` writes into a temporary sibling directory and renames it into place only after
+ONNX Runtime and PyTorch agree on real images, so a refused export leaves nothing at `out_dir`.
+`load_bundle` verifies the sha256 of every file and re-runs the parity check on the stored sample
+images, so a bundle whose ONNX graph and weights disagree is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file as save_torch
+from torch import nn
+
+import fewshot
+from fewshot.artifacts.calibration import Calibration
+from fewshot.artifacts.embedders import OnnxEmbedder, TorchEmbedder
+from fewshot.artifacts.onnx_export import (
+    PARITY_TOLERANCE, ParityError, check_parity, expected_outputs, export_onnx, parity_batches,
+)
+from fewshot.backbones import backbone_from_config
+from fewshot.data.imageio import Preprocessing
+from fewshot.errors import CheckpointError
+
+BUNDLE_FORMAT_VERSION = 1
+WEIGHTS, ONNX, PARITY, MANIFEST = "weights.safetensors", "model.onnx", "parity.safetensors", "manifest.json"
+PARITY_SAMPLES = 16
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"fewshot": fewshot.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to rebuild, check and describe the model; `manifest.json` on disk."""
+
+    format_version: int
+    bundle_id: str
+    backbone: dict[str, Any]
+    preprocessing: dict[str, Any]
+    embedding_dim: int
+    source: dict[str, Any]
+    data_fingerprint: str
+    metrics: dict[str, Any]
+    calibration: dict[str, Any] | None
+    versions: dict[str, str]
+    sha256: dict[str, str]
+    parity: dict[str, Any]
+    created_unix: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str) -> Manifest:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{where}: manifest.json is not valid JSON ({exc}); re-export the bundle") from exc
+        version = d.get("format_version") if isinstance(d, dict) else None
+        if version != BUNDLE_FORMAT_VERSION:
+            raise CheckpointError(
+                f"{where}: bundle format_version {version!r} is not supported (this fewshot reads "
+                f"{BUNDLE_FORMAT_VERSION}); re-export the bundle with this version"
+            )
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise CheckpointError(f"{where}: manifest.json has missing or unknown fields ({exc})") from exc
+
+
+def _check_inputs(backbone: nn.Module, pre: Preprocessing, sample_images: np.ndarray) -> None:
+    cfg = getattr(backbone, "config", None)
+    if not isinstance(cfg, dict) or "name" not in cfg or not hasattr(backbone, "embedding_dim"):
+        raise CheckpointError(
+            f"{type(backbone).__name__} has no `config` dict with a 'name' or no `embedding_dim`; "
+            "build it with fewshot.backbones.create_backbone"
+        )
+    want = (pre.channels, pre.size, pre.size)
+    if sample_images.dtype != np.uint8 or sample_images.ndim != 4 or sample_images.shape[1:] != want:
+        raise CheckpointError(
+            f"sample_images must be uint8 (N, {want[0]}, {want[1]}, {want[2]}) decoded with the "
+            f"bundle's preprocessing; got {sample_images.dtype} {tuple(sample_images.shape)}"
+        )
+
+
+def _write_files(
+    tmp: Path, backbone: nn.Module, pre: Preprocessing, sample_images: np.ndarray, tolerance: float
+) -> dict[str, Any]:
+    """Weights, ONNX, parity sample into `tmp`; returns the parity record. Raises ParityError."""
+    state = {k: v.detach().contiguous().clone() for k, v in backbone.state_dict().items()}
+    save_torch(state, str(tmp / WEIGHTS))
+    export_onnx(backbone, tmp / ONNX, channels=pre.channels, size=pre.size)
+    emb = int(backbone.embedding_dim)  # type: ignore[arg-type]
+    torch_e = TorchEmbedder(backbone, channels=pre.channels, size=pre.size)
+    onnx_e = OnnxEmbedder(tmp / ONNX, channels=pre.channels, size=pre.size, embedding_dim=emb)
+    diff = check_parity(torch_e, onnx_e, sample_images, tolerance=tolerance)
+    sample = np.ascontiguousarray(sample_images[:PARITY_SAMPLES])
+    save_numpy({"images": sample, "embeddings": expected_outputs(torch_e, sample)}, str(tmp / PARITY))
+    sizes = [len(b) for b in parity_batches(sample_images)]
+    return {"max_abs_diff": diff, "tolerance": tolerance, "batch_sizes": sizes}
+
+
+def export_bundle(
+    backbone: nn.Module, out_dir: str | Path, *, preprocessing: Preprocessing, source: dict[str, Any],
+    metrics: dict[str, Any], data_fingerprint: str, calibration: dict[str, Any] | None,
+    sample_images: np.ndarray, tolerance: float = PARITY_TOLERANCE,
+) -> Path:
+    """Write the bundle atomically; refuse it (nothing at `out_dir`) if ONNX and PyTorch disagree.
+
+    sample_images: uint8 (N, C, H, W) real images under `preprocessing`, for the parity check.
+    """
+    out = Path(out_dir)
+    if out.exists():
+        raise CheckpointError(f"{out} already exists; choose a new bundle directory or delete it first")
+    _check_inputs(backbone, preprocessing, sample_images)
+    if calibration is not None:
+        Calibration.from_dict(calibration)  # validate before writing anything
+    backbone = backbone.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes 0700; a bundle is meant to be read by the service user
+        parity = _write_files(tmp, backbone, preprocessing, sample_images, tolerance)
+        hashes = {name: sha256_file(tmp / name) for name in (WEIGHTS, ONNX, PARITY)}
+        manifest = Manifest(
+            format_version=BUNDLE_FORMAT_VERSION, bundle_id=hashes[WEIGHTS][:16],
+            backbone=dict(backbone.config), preprocessing=preprocessing.to_dict(),  # type: ignore[arg-type]
+            embedding_dim=int(backbone.embedding_dim), source=source,  # type: ignore[arg-type]
+            data_fingerprint=data_fingerprint, metrics=metrics, calibration=calibration,
+            versions=_versions(), sha256=hashes, parity=parity,
+        )
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle. `onnx_embedder` is what the service uses; `torch_embedder` is
+    built on first use (eager PyTorch, for comparison and fine-tuning)."""
+
+    path: Path
+    manifest: Manifest
+    onnx_embedder: OnnxEmbedder
+    _backbone: nn.Module
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest.bundle_id
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.manifest.embedding_dim
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.manifest.preprocessing)
+
+    @property
+    def calibration(self) -> Calibration | None:
+        c = self.manifest.calibration
+        return None if c is None else Calibration.from_dict(c)
+
+    @cached_property
+    def torch_embedder(self) -> TorchEmbedder:
+        pre = self.preprocessing
+        return TorchEmbedder(self._backbone, channels=pre.channels, size=pre.size)
+
+
+def _verify_hashes(root: Path, manifest: Manifest) -> None:
+    for name in (WEIGHTS, ONNX, PARITY):
+        f = root / name
+        if not f.is_file():
+            raise CheckpointError(f"{root}: bundle file {name} is missing; re-export the bundle")
+        actual = sha256_file(f)
+        if actual != manifest.sha256.get(name):
+            raise CheckpointError(
+                f"{f}: sha256 {actual[:16]}... does not match the manifest "
+                f"({str(manifest.sha256.get(name))[:16]}...); the file was modified or corrupted; "
+                "re-export the bundle"
+            )
+
+
+def _load_backbone(root: Path, manifest: Manifest) -> nn.Module:
+    backbone = backbone_from_config(manifest.backbone)
+    state = load_torch(str(root / WEIGHTS))
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{root}: weights do not fit backbone {manifest.backbone} ({exc})") from exc
+    return backbone.eval()
+
+
+def load_bundle(path: str | Path, *, intra_op_threads: int | None = None, verify_parity: bool = True) -> Bundle:
+    """Load and verify a bundle (hashes, then ONNX-vs-weights parity on the stored samples)."""
+    root = Path(path)
+    if not (root / MANIFEST).is_file():
+        raise CheckpointError(f"{root} is not a bundle (no {MANIFEST}); pass the directory export_bundle wrote")
+    manifest = Manifest.from_json((root / MANIFEST).read_text(), where=str(root))
+    _verify_hashes(root, manifest)
+    backbone = _load_backbone(root, manifest)
+    pre = Preprocessing.from_dict(manifest.preprocessing)
+    onnx_e = OnnxEmbedder(root / ONNX, channels=pre.channels, size=pre.size,
+                          embedding_dim=manifest.embedding_dim, intra_op_threads=intra_op_threads)
+    bundle = Bundle(path=root, manifest=manifest, onnx_embedder=onnx_e, _backbone=backbone)
+    if verify_parity:
+        _verify_parity(root, bundle, manifest)
+    return bundle
+
+
+def _verify_parity(root: Path, bundle: Bundle, manifest: Manifest) -> None:
+    sample = load_numpy(str(root / PARITY))
+    tol = float(manifest.parity.get("tolerance", PARITY_TOLERANCE))
+    try:
+        check_parity(bundle.torch_embedder, bundle.onnx_embedder, sample["images"], tolerance=tol)
+    except ParityError as exc:
+        raise ParityError(f"{root}: model.onnx and weights.safetensors disagree: {exc}") from exc
+    ref = float(np.abs(bundle.onnx_embedder.embed(sample["images"]) - sample["embeddings"]).max())
+    if ref > tol:
+        raise ParityError(
+            f"{root}: embeddings differ from those recorded at export by {ref:.3g} (tolerance {tol:g}); "
+            "the bundle was changed after export; re-export it"
+        )

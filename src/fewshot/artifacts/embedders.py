@@ -1,0 +1,86 @@
+"""Embedders: uint8 images (N, C, H, W) -> float32 embeddings (N, D), from PyTorch or ONNX Runtime.
+
+Both take the same input (uint8, the output of `decode_image`) and apply the same scaling
+(`to_float`: [0, 255] -> [0, 1]), so the only difference between them is the runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fewshot.data.imageio import to_float
+from fewshot.errors import CheckpointError
+
+ONNX_INPUT = "images"
+ONNX_OUTPUT = "embeddings"
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """images_u8 (N, C, H, W) uint8 -> (N, D) float32."""
+
+    embedding_dim: int
+
+    def embed(self, images_u8: np.ndarray) -> np.ndarray: ...
+
+
+def check_batch(images_u8: np.ndarray, channels: int, size: int) -> None:
+    """Refuse a batch that is not uint8 (N, channels, size, size), naming what was given."""
+    if images_u8.dtype != np.uint8 or images_u8.ndim != 4 or images_u8.shape[1:] != (channels, size, size):
+        raise ValueError(
+            f"expected uint8 images of shape (N, {channels}, {size}, {size}); got "
+            f"{images_u8.dtype} {tuple(images_u8.shape)}; decode with fewshot.data.imageio.decode_image"
+        )
+
+
+class TorchEmbedder:
+    """Eager PyTorch in eval() mode, no autograd."""
+
+    def __init__(self, backbone: nn.Module, *, channels: int, size: int) -> None:
+        self.backbone = backbone.eval()
+        self.channels, self.size = channels, size
+        self.embedding_dim = int(backbone.embedding_dim)  # type: ignore[arg-type]
+
+    def embed(self, images_u8: np.ndarray) -> np.ndarray:
+        check_batch(images_u8, self.channels, self.size)
+        with torch.inference_mode():
+            out = self.backbone(torch.from_numpy(to_float(images_u8)))
+        return out.numpy().astype(np.float32, copy=False)
+
+
+def default_intra_op_threads() -> int:
+    """One ORT thread per core, at most 2: batch-1 Conv-4 gains nothing from more, and concurrent
+    requests already run on the other cores (FastAPI's thread pool calls `run` in parallel)."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+class OnnxEmbedder:
+    """ONNX Runtime CPU session; `run` is thread-safe, so one instance serves all requests."""
+
+    def __init__(
+        self, onnx_path: str | Path, *, channels: int, size: int, embedding_dim: int,
+        intra_op_threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads or default_intra_op_threads()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own types for corrupt graphs
+            raise CheckpointError(f"{onnx_path}: ONNX Runtime cannot load the model ({exc})") from exc
+        self.channels, self.size, self.embedding_dim = channels, size, embedding_dim
+
+    def embed(self, images_u8: np.ndarray) -> np.ndarray:
+        check_batch(images_u8, self.channels, self.size)
+        (out,) = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: to_float(images_u8)})
+        return np.asarray(out, dtype=np.float32)

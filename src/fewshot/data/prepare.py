@@ -1,0 +1,269 @@
+"""prepare: source -> cleaned, decoded, resized images in a packed cache, plus a cleaning report.
+
+The cache lives in `cache_root/<name>-<key[:12]>-<size>-<mode>/` where `key` hashes the source
+fingerprint, the preprocessing, the cleaning settings and the cache format. An unchanged source is
+served from that folder (no decoding); any change gives a new key and a rebuild. Writes are atomic
+(`write_cache`, then `report.json` by rename); a folder without a readable report is rebuilt.
+
+Decoding runs in a "spawn" process pool when the source is large enough for it to pay; the
+images go straight into one preallocated uint8 array (n_files, C, H, W), compacted in place to the
+kept files, which are class-contiguous because sources list them that way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from fewshot import CACHE_FORMAT_VERSION
+from fewshot.data.cache import ClassInfo, PackedCache, write_cache
+from fewshot.data.cleaning import (
+    KEPT,
+    CleaningConfig,
+    CleaningReport,
+    FileRecord,
+    InspectedBatch,
+    apply_class_rules,
+    cross_class_duplicates,
+    inspect_batch,
+)
+from fewshot.data.imageio import Preprocessing
+from fewshot.data.sources import Entry, ImageFolderSource, OmniglotSource, Source
+from fewshot.errors import CacheError, DataError
+
+REPORT_NAME = "report.json"
+PIPELINE_VERSION = 1  # bump when decoding or cleaning changes what lands in a cache
+MIN_FILES_FOR_POOL = 4096  # below this, starting worker processes costs more than it saves
+MAX_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    cache: PackedCache
+    report: CleaningReport
+    reused: bool = False  # True when served from an existing cache folder
+
+
+def prepare(
+    source: Source | str | os.PathLike[str],
+    cache_root: str | os.PathLike[str],
+    pre: Preprocessing = Preprocessing(),
+    *,
+    min_images_per_class: int = 2,
+    min_side: int = 8,
+    progress: bool = True,
+    force: bool = False,
+    workers: int | None = None,
+) -> PreparedData:
+    """Clean, decode and pack `source` (a Source, or a path to an image folder / zip).
+
+    `workers`: processes for decoding; None = automatic (one per CPU, at most 8, only for
+    sources of 4,096+ files), 0 or 1 = in this process.
+    """
+    if not hasattr(source, "entries"):
+        source = ImageFolderSource(Path(source))  # type: ignore[arg-type]
+    assert not isinstance(source, (str, os.PathLike))
+    cfg = CleaningConfig(min_images_per_class=min_images_per_class, min_side=min_side)
+    source_fp = source.fingerprint()
+    key = build_key(source_fp, pre, cfg)
+    path = cache_dir(cache_root, source.name, key, pre)
+    if not force:
+        reused = _try_reuse(path, key)
+        if reused is not None:
+            return reused
+    return _build(source, path, key, source_fp, pre, cfg, progress, workers)
+
+
+def prepare_omniglot(
+    data_root: str | os.PathLike[str],
+    cache_root: str | os.PathLike[str],
+    pre: Preprocessing = Preprocessing(),
+    *,
+    progress: bool = True,
+    force: bool = False,
+    workers: int | None = None,
+) -> PreparedData:
+    """Omniglot from `<data_root>/omniglot/images_{background,evaluation}.zip` (structure-checked)."""
+    return prepare(
+        OmniglotSource(data_root), cache_root, pre, progress=progress, force=force, workers=workers
+    )
+
+
+def build_key(source_fp: str, pre: Preprocessing, cfg: CleaningConfig) -> str:
+    """sha256 hex of everything that determines a cache's contents."""
+    blob = json.dumps(
+        {
+            "source": source_fp,
+            "preprocessing": pre.to_dict(),
+            "cleaning": cfg.to_dict(),
+            "cache_format": CACHE_FORMAT_VERSION,
+            "pipeline": PIPELINE_VERSION,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_dir(cache_root: str | os.PathLike[str], name: str, key: str, pre: Preprocessing) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "data"
+    return Path(cache_root) / f"{safe}-{key[:12]}-{pre.size}-{pre.mode}"
+
+
+def _try_reuse(path: Path, key: str) -> PreparedData | None:
+    """The cache at `path` with its report, or None when absent, stale, partial or foreign."""
+    if not path.is_dir():
+        return None
+    try:
+        cache = PackedCache.open(path)
+        if cache.fingerprint != key:
+            return None
+        report = CleaningReport.load(path / REPORT_NAME)
+    except (CacheError, DataError):
+        return None  # rebuilt below; write_cache replaces the folder atomically
+    return PreparedData(cache, report, reused=True)
+
+
+# --------------------------------------------------------------------------- the build
+
+
+def _build(
+    source: Source,
+    path: Path,
+    key: str,
+    source_fp: str,
+    pre: Preprocessing,
+    cfg: CleaningConfig,
+    progress: bool,
+    workers: int | None,
+) -> PreparedData:
+    entries = source.entries()
+    images = np.zeros((len(entries), pre.channels, pre.size, pre.size), dtype=np.uint8)  # (N, C, H, W)
+    status, detail, hashes, phash = _inspect_all(source, entries, pre, cfg, images, progress, workers)
+    class_names = [e.class_name for e in entries]
+    source_ids = [e.source_id for e in entries]
+    apply_class_rules(class_names, source_ids, status, detail, hashes, cfg.min_images_per_class)
+    report = CleaningReport(
+        records=tuple(
+            FileRecord(e.source_id, e.subset, e.class_name, s, d)
+            for e, s, d in zip(entries, status, detail)
+        ),
+        warnings=tuple(cross_class_duplicates(class_names, source_ids, status, hashes)),
+        settings={"cleaning": cfg.to_dict(), "preprocessing": pre.to_dict(), "source": source.describe()},
+    )
+    kept = np.flatnonzero(np.array([s == KEPT for s in status], dtype=bool))
+    if kept.size == 0:
+        raise DataError(f"{source.describe()['root']}: no usable images among {len(entries)} files\n{report.table()}")
+    _compact_rows(images, kept)
+    extra = {
+        "content_hashes": [hashes[i] for i in kept],
+        "phashes": [f"{int(p):016x}" for p in phash[kept]],
+        "report_summary": report.summary(),
+        "source": source.describe(),
+        "source_fingerprint": source_fp,
+        "cleaning": cfg.to_dict(),
+    }
+    write_cache(
+        path,
+        images[: kept.size],
+        _class_infos(entries, kept),
+        [source_ids[i] for i in kept],
+        pre,
+        key,
+        extra=extra,
+    )
+    report.save(path / REPORT_NAME)
+    return PreparedData(PackedCache.open(path), report, reused=False)
+
+
+def _inspect_all(
+    source: Source,
+    entries: Sequence[Entry],
+    pre: Preprocessing,
+    cfg: CleaningConfig,
+    images: np.ndarray,
+    progress: bool,
+    workers: int | None,
+) -> tuple[list[str], list[str], list[str], np.ndarray]:
+    """Inspect every entry, writing resized images into `images` rows; returns per-file results."""
+    n = len(entries)
+    n_workers = _n_workers(workers, n)
+    chunk = max(256, min(2048, -(-n // max(1, n_workers * 8))))
+    status, detail, hashes = [""] * n, [""] * n, [""] * n
+    phash = np.zeros(n, dtype=np.uint64)
+    with tqdm(total=n, unit="img", desc=f"prepare {source.name}", disable=not progress) as bar:
+        for start, batch in _run_batches(source, entries, pre, cfg.min_side, chunk, n_workers):
+            stop = start + len(batch.status)
+            images[start:stop] = batch.images
+            status[start:stop], detail[start:stop] = batch.status, batch.detail
+            hashes[start:stop], phash[start:stop] = batch.content_hash, batch.phash
+            bar.update(stop - start)
+    return status, detail, hashes, phash
+
+
+def _n_workers(workers: int | None, n_files: int) -> int:
+    if workers is not None:
+        return max(1, int(workers))
+    if n_files < MIN_FILES_FOR_POOL:
+        return 1
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def _run_batches(
+    source: Source, entries: Sequence[Entry], pre: Preprocessing, min_side: int, chunk: int, n_workers: int
+) -> Iterator[tuple[int, InspectedBatch]]:
+    """(start, batch) in input order. Reading stays in this process; decoding goes to workers."""
+    starts = range(0, len(entries), chunk)
+
+    def read(start: int) -> tuple[list[bytes], list[str]]:
+        part = entries[start : start + chunk]
+        return [source.read(e) for e in part], [e.source_id for e in part]
+
+    if n_workers <= 1:
+        for start in starts:
+            yield start, inspect_batch(*read(start), pre, min_side)
+        return
+    ctx = multiprocessing.get_context("spawn")  # the same on Linux, macOS and Windows
+    with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
+        pending: deque[tuple[int, Future[InspectedBatch]]] = deque()
+        for start in starts:
+            pending.append((start, pool.submit(inspect_batch, *read(start), pre, min_side)))
+            if len(pending) >= 2 * n_workers:  # bound the bytes held in flight
+                s, fut = pending.popleft()
+                yield s, fut.result()
+        while pending:
+            s, fut = pending.popleft()
+            yield s, fut.result()
+
+
+def _compact_rows(images: np.ndarray, kept: np.ndarray, block: int = 4096) -> None:
+    """Move rows `kept` (increasing) to the front of `images`, in place, block by block.
+
+    Safe because kept[j] >= j: a block only reads rows at or after the rows it writes.
+    """
+    for a in range(0, kept.size, block):
+        rows = kept[a : a + block]
+        images[a : a + rows.size] = images[rows]
+
+
+def _class_infos(entries: Sequence[Entry], kept: np.ndarray) -> list[ClassInfo]:
+    """Contiguous ClassInfo rows for the kept files; a class spanning subsets lists them all."""
+    infos: list[ClassInfo] = []
+    groups: dict[str, list[int]] = {}
+    for row, i in enumerate(kept.tolist()):
+        groups.setdefault(entries[i].class_name, []).append(row)
+    for name, rows in groups.items():
+        first = entries[int(kept[rows[0]])]
+        subsets = sorted({entries[int(kept[r])].subset for r in rows})
+        infos.append(ClassInfo(name, first.domain, "+".join(subsets), rows[0], len(rows)))
+    return infos

@@ -1,0 +1,481 @@
+"""HTTP service: FastAPI app over the recogniser. The bundle and store are opened once in `lifespan`.
+
+Routes (JSON; errors are `{"error": {"code", "message"}}`):
+  GET  /healthz, /readyz, /metrics, /model, /docs, /ui/ (static web page)
+  POST /workspaces (admin key) -> workspace id + its API key (shown once)
+  GET/PATCH/DELETE /workspaces/{ws}
+  GET/POST /workspaces/{ws}/classes; GET/PATCH/DELETE /workspaces/{ws}/classes/{cid}
+  POST /workspaces/{ws}/classes/{cid}/images
+  POST /workspaces/{ws}/classify, /workspaces/{ws}/explain
+  GET  /workspaces/{ws}/examples/{eid}/thumbnail.png
+Workspace routes take `Authorization: Bearer <key>` (or `X-API-Key`); the admin key opens all.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from fewshot.artifacts.bundle import Bundle, load_bundle
+from fewshot.artifacts.calibration import Calibration
+from fewshot.errors import FewshotError
+from fewshot.service.auth import hash_key, key_matches, secret_matches
+from fewshot.service.images import UploadError, decode_upload
+from fewshot.service.middleware import BodyLimitMiddleware, Metrics, MetricsMiddleware
+from fewshot.service.recogniser import (
+    Explanation,
+    Prediction,
+    Recogniser,
+    RecogniserConfig,
+    WorkspaceSettings,
+)
+from fewshot.service.settings import ServiceSettings
+from fewshot.service.store import (
+    ClassRecord,
+    ConflictError,
+    ModelIdentity,
+    NotFoundError,
+    Store,
+    StoreError,
+    open_store,
+)
+
+STATIC_DIR = Path(__file__).parent / "static"
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 409: "conflict", 413: "body_too_large", 415: "unsupported_media_type",
+                 422: "invalid_request", 500: "internal_error", 503: "not_ready"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class ServiceState:
+    settings: ServiceSettings
+    bundle: Bundle
+    store: Store
+    recogniser: Recogniser
+
+
+# -- response models (the OpenAPI schema the web page codes against) -----------------------------
+class WorkspaceIn(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class WorkspaceOut(BaseModel):
+    id: str
+    name: str
+    settings: dict[str, Any]
+    version: int
+    api_key: str | None = None  # only in the response that created the workspace
+
+
+class SettingsIn(BaseModel):
+    metric: str | None = None
+    head: str | None = None
+    threshold: float | None = None
+    clear_threshold: bool = False
+
+
+class ClassOut(BaseModel):
+    id: str
+    label: str
+    n_examples: int
+    version: int
+    example_ids: list[str] | None = None
+
+
+class RenameIn(BaseModel):
+    label: str = Field(min_length=1, max_length=200)
+
+
+class CandidateOut(BaseModel):
+    class_id: str
+    label: str
+    probability: float
+    score: float
+
+
+class PredictionOut(BaseModel):
+    image: str
+    label: str
+    class_id: str | None
+    known: bool
+    probability: float
+    score: float
+    threshold: float | None
+    metric: str
+    top_k: list[CandidateOut]
+
+
+class ClassifyOut(BaseModel):
+    predictions: list[PredictionOut]
+    bundle_id: str
+
+
+class NeighbourOut(BaseModel):
+    example_id: str
+    class_id: str
+    label: str
+    score: float
+    thumbnail_png_base64: str
+
+
+class ExplainOut(BaseModel):
+    prediction: PredictionOut
+    neighbours: list[NeighbourOut]
+
+
+# -- dependencies --------------------------------------------------------------------------------
+def get_settings(request: Request) -> ServiceSettings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_state(request: Request) -> ServiceState:
+    state = getattr(request.app.state, "service", None)
+    if state is None:
+        raise ApiError(503, "not_ready", "the model is not loaded yet; retry shortly")
+    return state  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def _presented_key(request: Request) -> str:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get("x-api-key", "").strip()
+
+
+def require_admin(request: Request, settings: SettingsDep) -> None:
+    key = _presented_key(request)
+    if not settings.admin_key:
+        raise ApiError(403, "forbidden", "workspace creation is disabled: set FEWSHOT_ADMIN_KEY on the server")
+    if not key:
+        raise ApiError(401, "unauthorized", "missing admin key; send 'Authorization: Bearer <admin key>'")
+    if not secret_matches(key, settings.admin_key):
+        raise ApiError(401, "unauthorized", "wrong admin key")
+
+
+def workspace_access(request: Request, ws: Annotated[str, PathParam(max_length=64)],
+                     state: StateDep, settings: SettingsDep) -> str:
+    """The workspace id, if the presented key opens it: no/unknown key 401, another workspace's key 403."""
+    key = _presented_key(request)
+    if not key:
+        raise ApiError(401, "unauthorized", "missing API key; send 'Authorization: Bearer <workspace key>'")
+    record = state.store.get_workspace(ws)
+    if record is not None and key_matches(key, record.key_hash):
+        return ws
+    if secret_matches(key, settings.admin_key):
+        if record is None:
+            raise ApiError(404, "not_found", f"workspace {ws!r} does not exist")
+        return ws
+    if state.store.workspace_by_key_hash(hash_key(key)) is not None:
+        raise ApiError(403, "forbidden", "this API key belongs to another workspace")
+    raise ApiError(401, "unauthorized", "wrong API key for this workspace")
+
+
+WorkspaceDep = Annotated[str, Depends(workspace_access)]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _decode_all(files: list[UploadFile], state: ServiceState, settings: ServiceSettings) -> tuple[np.ndarray, list[bytes], list[str]]:
+    """Uploads -> uint8 (N, C, H, W), thumbnails, file names; refuses the request on any bad image."""
+    if not files:
+        raise ApiError(400, "no_images", "no images in the request; send one or more 'images' file fields")
+    if len(files) > settings.max_images_per_request:
+        raise ApiError(413, "too_many_images", f"{len(files)} images exceed the limit of "
+                       f"{settings.max_images_per_request} per request; split the upload")
+    pre = state.bundle.preprocessing
+    arrays, thumbs, names = [], [], []
+    for i, f in enumerate(files):
+        name = f.filename or f"image {i}"
+        d = decode_upload(f.file.read(), pre, max_pixels=settings.max_image_pixels,
+                          thumbnail_size=settings.thumbnail_size, name=name)
+        arrays.append(d.array)
+        thumbs.append(d.thumbnail_png)
+        names.append(name)
+    return np.stack(arrays), thumbs, names
+
+
+def _class_out(rec: ClassRecord, example_ids: list[str] | None = None) -> ClassOut:
+    return ClassOut(id=rec.id, label=rec.label, n_examples=rec.n_examples, version=rec.version, example_ids=example_ids)
+
+
+def _prediction_out(name: str, p: Prediction) -> PredictionOut:
+    return PredictionOut(image=name, label=p.label, class_id=p.class_id, known=p.known, probability=p.probability,
+                         score=p.score, threshold=p.threshold, metric=p.metric,
+                         top_k=[CandidateOut(**c.__dict__) for c in p.top_k])
+
+
+def _explain_out(name: str, e: Explanation) -> ExplainOut:
+    return ExplainOut(prediction=_prediction_out(name, e.prediction), neighbours=[
+        NeighbourOut(example_id=n.example_id, class_id=n.class_id, label=n.label, score=n.score,
+                     thumbnail_png_base64=base64.b64encode(n.thumbnail_png).decode()) for n in e.neighbours])
+
+
+def _update_gauge(request: Request, state: ServiceState, ws: str) -> None:
+    request.app.state.metrics.classes.labels(ws).set(state.recogniser.class_count(ws))
+
+
+def _calibration(bundle: Bundle, s: ServiceSettings) -> Calibration | None:
+    """The bundle's calibration with the service-level threshold overrides applied."""
+    overrides = {m: t for m, t in (("euclidean", s.euclidean_threshold), ("cosine", s.cosine_threshold)) if t is not None}
+    base = bundle.calibration
+    if not overrides:
+        return base
+    if base is None:
+        return Calibration(overrides, 0.0, {}, 0, 0, 0, 0)
+    return replace(base, thresholds={**base.thresholds, **overrides})
+
+
+# -- app -----------------------------------------------------------------------------------------
+def open_state(settings: ServiceSettings) -> ServiceState:
+    bundle = load_bundle(settings.bundle_path, intra_op_threads=settings.ort_threads or None)
+    store = open_store(settings.db_url)
+    try:
+        store.check_model(ModelIdentity(bundle.embedding_dim, bundle.bundle_id))
+    except BaseException:
+        store.close()
+        raise
+    config = RecogniserConfig(thumbnail_size=settings.thumbnail_size, sync_interval_s=settings.sync_interval_s)
+    recogniser = Recogniser(bundle.onnx_embedder, store, calibration=_calibration(bundle, settings), config=config)
+    return ServiceState(settings, bundle, store, recogniser)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = open_state(app.state.settings)
+    app.state.service = state
+    for ws in state.store.list_workspaces():
+        app.state.metrics.classes.labels(ws.id).set(state.recogniser.class_count(ws.id))
+    try:
+        yield
+    finally:
+        app.state.service = None
+        state.store.close()
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def body(status: int, code: str, message: str) -> JSONResponse:
+        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        return body(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        return body(exc.status_code, _STATUS_CODES.get(exc.status_code, "error"), str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()]
+        return body(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(FewshotError)
+    async def _fewshot(_: Request, exc: FewshotError) -> JSONResponse:
+        if isinstance(exc, UploadError):
+            return body(exc.status, exc.code, str(exc))
+        if isinstance(exc, NotFoundError):
+            return body(404, "not_found", str(exc))
+        if isinstance(exc, ConflictError):
+            return body(409, "conflict", str(exc))
+        if isinstance(exc, StoreError):
+            return body(400, "store_error", str(exc))
+        return body(400, "invalid_argument", str(exc))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        return body(500, "internal_error", f"internal error ({type(exc).__name__}); the request was not applied")
+
+
+def create_app(settings: ServiceSettings) -> FastAPI:
+    """The ASGI app; nothing is loaded until the lifespan starts (TestClient context / uvicorn)."""
+    app = FastAPI(title="fewshot recogniser", version="1", lifespan=lifespan,
+                  description="Teach image classes from a few examples; classify, explain, reject unknowns.")
+    app.state.settings = settings
+    app.state.service = None
+    app.state.metrics = Metrics()
+    _install_error_handlers(app)
+    _add_system_routes(app)
+    _add_workspace_routes(app)
+    _add_class_routes(app)
+    _add_inference_routes(app)
+    app.mount("/ui", StaticFiles(directory=settings.static_dir or STATIC_DIR, html=True), name="ui")
+    app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: app.state.settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` / several workers: settings from FEWSHOT_* variables."""
+    return create_app(ServiceSettings.from_env())
+
+
+def _add_system_routes(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    @app.get("/healthz", tags=["system"])
+    def healthz() -> dict[str, str]:
+        """The process is up (no dependencies checked)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["system"])
+    def readyz(state: StateDep) -> dict[str, Any]:
+        """The model is loaded and the store answers."""
+        try:
+            state.store.model_identity()
+        except Exception as exc:
+            raise ApiError(503, "not_ready", f"store unavailable ({type(exc).__name__})") from exc
+        return {"status": "ready", "bundle_id": state.bundle.bundle_id}
+
+    @app.get("/metrics", tags=["system"], include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/model", tags=["system"])
+    def model(state: StateDep) -> dict[str, Any]:
+        """What the service runs: bundle id, backbone, preprocessing, metrics, calibration."""
+        m = state.bundle.manifest
+        cal = state.recogniser.calibration
+        return {"bundle_id": m.bundle_id, "backbone": m.backbone, "preprocessing": m.preprocessing,
+                "embedding_dim": m.embedding_dim, "metrics": m.metrics, "source": m.source,
+                "calibration": cal.to_dict() if cal else None}
+
+
+def _ws_out(rec: Any, api_key: str | None = None) -> WorkspaceOut:
+    return WorkspaceOut(id=rec.id, name=rec.name, settings=rec.settings, version=rec.version, api_key=api_key)
+
+
+def _add_workspace_routes(app: FastAPI) -> None:
+    @app.post("/workspaces", status_code=201, tags=["workspaces"], dependencies=[Depends(require_admin)])
+    def create_workspace(body: WorkspaceIn, state: StateDep) -> WorkspaceOut:
+        """Create a workspace (admin key); the response holds its API key, shown only once."""
+        ws, key = state.recogniser.create_workspace(body.name, WorkspaceSettings.from_dict(body.settings))
+        return _ws_out(ws, key)
+
+    @app.get("/workspaces/{ws}", tags=["workspaces"])
+    def get_workspace(ws: WorkspaceDep, state: StateDep) -> WorkspaceOut:
+        return _ws_out(state.recogniser.workspace(ws))
+
+    @app.patch("/workspaces/{ws}", tags=["workspaces"])
+    def patch_workspace(ws: WorkspaceDep, body: SettingsIn, state: StateDep) -> WorkspaceOut:
+        """Change the decision rule (metric, head) or the unknown threshold of this workspace."""
+        current = state.recogniser.settings(ws).to_dict()
+        given = body.model_dump(exclude_none=True, exclude={"clear_threshold"})
+        merged = {**current, **given, **({"threshold": None} if body.clear_threshold else {})}
+        return _ws_out(state.recogniser.update_settings(ws, WorkspaceSettings.from_dict(merged)))
+
+    @app.delete("/workspaces/{ws}", status_code=204, tags=["workspaces"])
+    def delete_workspace(request: Request, ws: WorkspaceDep, state: StateDep) -> Response:
+        state.recogniser.delete_workspace(ws)
+        request.app.state.metrics.classes.labels(ws).set(0)
+        return Response(status_code=204)
+
+
+Images = Annotated[list[UploadFile], File(description="one or more image files (PNG, JPEG, WebP, BMP, GIF)")]
+
+
+def _add_class_routes(app: FastAPI) -> None:
+    @app.get("/workspaces/{ws}/classes", tags=["classes"])
+    def list_classes(ws: WorkspaceDep, state: StateDep) -> list[ClassOut]:
+        return [_class_out(c) for c in state.recogniser.list_classes(ws)]
+
+    @app.post("/workspaces/{ws}/classes", status_code=201, tags=["classes"])
+    def add_class(request: Request, ws: WorkspaceDep, state: StateDep, settings: SettingsDep,
+                  label: Annotated[str, Form(min_length=1, max_length=200)], images: Images) -> ClassOut:
+        """Teach a new class from 1..K images (multipart: `label`, `images`)."""
+        arr, thumbs, _ = _decode_all(images, state, settings)
+        rec = state.recogniser.add_class(ws, label, arr, thumbs)
+        request.app.state.metrics.images.labels("register").inc(len(arr))
+        _update_gauge(request, state, ws)
+        return _class_out(rec)
+
+    @app.get("/workspaces/{ws}/classes/{cid}", tags=["classes"])
+    def get_class(ws: WorkspaceDep, cid: str, state: StateDep) -> ClassOut:
+        rec, ids = state.recogniser.get_class(ws, cid)
+        return _class_out(rec, ids)
+
+    @app.patch("/workspaces/{ws}/classes/{cid}", tags=["classes"])
+    def rename_class(ws: WorkspaceDep, cid: str, body: RenameIn, state: StateDep) -> ClassOut:
+        return _class_out(state.recogniser.rename_class(ws, cid, body.label))
+
+    @app.delete("/workspaces/{ws}/classes/{cid}", status_code=204, tags=["classes"])
+    def delete_class(request: Request, ws: WorkspaceDep, cid: str, state: StateDep) -> Response:
+        state.recogniser.delete_class(ws, cid)
+        _update_gauge(request, state, ws)
+        return Response(status_code=204)
+
+    @app.post("/workspaces/{ws}/classes/{cid}/images", tags=["classes"])
+    def add_images(request: Request, ws: WorkspaceDep, cid: str, state: StateDep, settings: SettingsDep,
+                   images: Images) -> ClassOut:
+        """Add images to a class; only its prototype is updated."""
+        arr, thumbs, _ = _decode_all(images, state, settings)
+        rec = state.recogniser.add_images(ws, cid, arr, thumbs)
+        request.app.state.metrics.images.labels("register").inc(len(arr))
+        return _class_out(rec)
+
+    @app.get("/workspaces/{ws}/examples/{eid}/thumbnail.png", tags=["classes"], response_class=Response)
+    def thumbnail(ws: WorkspaceDep, eid: str, state: StateDep) -> Response:
+        return Response(state.recogniser.thumbnail(ws, eid), media_type="image/png")
+
+
+def _add_inference_routes(app: FastAPI) -> None:
+    @app.post("/workspaces/{ws}/classify", tags=["inference"])
+    def classify(request: Request, ws: WorkspaceDep, state: StateDep, settings: SettingsDep, images: Images,
+                 top_k: Annotated[int, Form(ge=1)] = 5, threshold: Annotated[float | None, Form()] = None) -> ClassifyOut:
+        """Top-k classes per image; `label` is "unknown" when the nearest class fails the threshold."""
+        if top_k > settings.max_top_k:
+            raise ApiError(400, "invalid_argument", f"top_k {top_k} exceeds the limit of {settings.max_top_k}")
+        arr, _, names = _decode_all(images, state, settings)
+        preds = state.recogniser.classify(ws, arr, top_k=top_k, threshold=threshold)
+        request.app.state.metrics.images.labels("classify").inc(len(arr))
+        return ClassifyOut(predictions=[_prediction_out(n, p) for n, p in zip(names, preds)],
+                           bundle_id=state.bundle.bundle_id)
+
+    @app.post("/workspaces/{ws}/explain", tags=["inference"])
+    def explain(ws: WorkspaceDep, state: StateDep, settings: SettingsDep, image: Annotated[UploadFile, File()],
+                k: Annotated[int, Form(ge=1, le=50)] = 3, threshold: Annotated[float | None, Form()] = None) -> ExplainOut:
+        """The prediction for one image and the `k` nearest stored examples (ids + PNG thumbnails)."""
+        arr, _, names = _decode_all([image], state, settings)
+        return _explain_out(names[0], state.recogniser.explain(ws, arr[0], k=k, threshold=threshold))
+
+
+def serve(bundle_path: str | Path, db_url: str, host: str = "127.0.0.1", port: int = 8000, *,
+          admin_key: str | None = None, workers: int = 1, log_level: str = "info") -> None:
+    """Run the service under uvicorn (blocking). Other settings come from FEWSHOT_* variables."""
+    import os
+
+    import uvicorn
+
+    settings = ServiceSettings.from_env(bundle_path=str(bundle_path), db_url=db_url, admin_key=admin_key)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+        return
+    os.environ.update({"FEWSHOT_BUNDLE_PATH": settings.bundle_path, "FEWSHOT_DB_URL": settings.db_url,
+                       "FEWSHOT_ADMIN_KEY": settings.admin_key})
+    uvicorn.run("fewshot.service.app:create_app_from_env", factory=True, host=host, port=port,
+                workers=workers, log_level=log_level)

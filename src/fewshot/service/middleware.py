@@ -1,0 +1,108 @@
+"""ASGI middleware: request-body limit (413 before reading, and while streaming), Prometheus
+metrics and a `Server-Timing` header with the server-side duration."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+def error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+async def send_error(send: Send, status: int, code: str, message: str) -> None:
+    body = error_body(code, message)
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over `max_bytes()`: by Content-Length before reading anything, else by counting
+    while the body streams in (chunked uploads), so a 100 MB request never sits in memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes()
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await send_error(send, 400, "bad_request", f"Content-Length {declared.decode(errors='replace')!r} is not a number")
+                return
+            if int(declared) > limit:
+                await send_error(send, 413, "body_too_large", f"request body of {int(declared):,} bytes exceeds "
+                                 f"the limit of {limit:,}; send fewer or smaller images per request")
+                return
+        seen = 0
+
+        async def counted_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # FastAPI re-raises HTTPException from body reading unchanged
+                    raise HTTPException(413, f"request body exceeds the limit of {limit:,} bytes; "
+                                        "send fewer or smaller images per request")
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
+class Metrics:
+    """Per-app registry, so several apps (tests) never collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("fewshot_http_requests_total", "HTTP requests", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("fewshot_http_request_duration_seconds", "Server-side request duration",
+                                 ["method", "route"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.classes = Gauge("fewshot_workspace_classes", "Classes per workspace", ["workspace"],
+                             registry=self.registry)
+        self.images = Counter("fewshot_images_embedded_total", "Images embedded", ["operation"],
+                              registry=self.registry)
+
+
+class MetricsMiddleware:
+    """Counts and times every request by route template; adds `Server-Timing: app;dur=<ms>`."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def timed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                dur_ms = (time.perf_counter() - start) * 1000
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"server-timing", f"app;dur={dur_ms:.3f}".encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)

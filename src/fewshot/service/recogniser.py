@@ -1,0 +1,419 @@
+"""The recogniser: per-workspace class memory over an embedder and a store (no HTTP here).
+
+Each workspace (one knowledge domain) keeps its prototypes in memory as an immutable snapshot:
+a (K, D) matrix of class means plus per-class sums and counts, so adding images to a class updates
+that row only, and classifying is one matrix product. The store is the source of truth: every
+call first compares the workspace's version counter with the snapshot's (one indexed read) and
+re-syncs only the classes whose version changed, so several processes sharing a store see each
+other's classes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from fewshot.artifacts.calibration import METRICS, Calibration, Metric, accepts
+from fewshot.artifacts.embedders import Embedder
+from fewshot.errors import ConfigError
+from fewshot.service.auth import hash_key, new_api_key
+from fewshot.service.heads import (
+    LogisticHead,
+    fit_logistic,
+    prototype_logits,
+    prototype_scores,
+    softmax,
+    unit_rows,
+)
+from fewshot.service.images import array_thumbnail
+from fewshot.service.store import (
+    ClassRecord,
+    ConflictError,
+    ExampleSet,
+    NewExample,
+    NotFoundError,
+    Store,
+    WorkspaceRecord,
+)
+
+Head = Literal["prototype", "logistic"]
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class WorkspaceSettings:
+    """Per-workspace decision rule; `threshold` overrides the bundle's calibrated one."""
+
+    metric: Metric = "euclidean"
+    head: Head = "prototype"
+    threshold: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorkspaceSettings:
+        unknown = set(d) - {"metric", "head", "threshold"}
+        if unknown:
+            raise ConfigError(f"unknown workspace settings {sorted(unknown)}; valid: metric, head, threshold")
+        metric, head = d.get("metric", "euclidean"), d.get("head", "prototype")
+        if metric not in METRICS:
+            raise ConfigError(f"metric {metric!r} is not supported; use one of {list(METRICS)}")
+        if head not in ("prototype", "logistic"):
+            raise ConfigError(f"head {head!r} is not supported; use 'prototype' or 'logistic'")
+        t = d.get("threshold")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not np.isfinite(t)):
+            raise ConfigError(f"threshold {t!r} must be a finite number or null")
+        return cls(metric=metric, head=head, threshold=None if t is None else float(t))
+
+
+@dataclass(frozen=True)
+class RecogniserConfig:
+    thumbnail_size: int = 64
+    sync_interval_s: float = 0.0  # 0: check the store's version counter on every call
+    cosine_scale: float = 10.0  # softmax temperature for cosine logits
+    max_logistic_classes: int = 2000  # the logistic head is refitted on change; bound its cost
+    max_images_per_class: int = 1000
+
+
+@dataclass(frozen=True)
+class Prototypes:
+    """Immutable snapshot of one workspace's class memory; replaced, never mutated."""
+
+    version: int
+    class_ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    class_versions: tuple[int, ...]
+    sums: np.ndarray  # (K, D) float64 sum of example embeddings
+    counts: np.ndarray  # (K,) int64
+    means: np.ndarray  # (K, D) float32 prototypes
+    sq_norms: np.ndarray  # (K,) float32 ||mu_k||^2
+    units: np.ndarray  # (K, D) float32 mu_k / ||mu_k||
+    index: dict[str, int] = field(repr=False)
+
+    @classmethod
+    def build(cls, version: int, ids: Sequence[str], labels: Sequence[str], versions: Sequence[int],
+              sums: np.ndarray, counts: np.ndarray) -> Prototypes:
+        means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+        return cls(version, tuple(ids), tuple(labels), tuple(versions), sums, counts, means,
+                   (means * means).sum(1), unit_rows(means), {c: i for i, c in enumerate(ids)})
+
+    @classmethod
+    def empty(cls, dim: int, version: int = -1) -> Prototypes:
+        return cls.build(version, [], [], [], np.zeros((0, dim)), np.zeros(0, np.int64))
+
+    def with_rows(self, version: int, rows: dict[str, tuple[str, int, np.ndarray, int]],
+                  removed: set[str] = frozenset()) -> Prototypes:  # type: ignore[assignment]
+        """Replace or append rows (class id -> (label, class version, sum, count)); drop `removed`."""
+        if not removed and all(c in self.index for c in rows):
+            return self._update_in_place(version, rows)
+        keep = [i for i, c in enumerate(self.class_ids) if c not in removed and c not in rows]
+        ids = [self.class_ids[i] for i in keep] + list(rows)
+        labels = [self.labels[i] for i in keep] + [r[0] for r in rows.values()]
+        vers = [self.class_versions[i] for i in keep] + [r[1] for r in rows.values()]
+        dim = self.sums.shape[1]
+        new_sums = np.asarray([r[2] for r in rows.values()], np.float64).reshape(-1, dim)
+        sums = np.concatenate([self.sums[keep], new_sums])
+        counts = np.concatenate([self.counts[keep], np.asarray([r[3] for r in rows.values()], np.int64)])
+        return Prototypes.build(version, ids, labels, vers, sums, counts)
+
+    def _update_in_place(self, version: int, rows: dict[str, tuple[str, int, np.ndarray, int]]) -> Prototypes:
+        """Copy-on-write update of existing classes: only their rows are recomputed."""
+        sums, counts, means = self.sums.copy(), self.counts.copy(), self.means.copy()
+        sq, units = self.sq_norms.copy(), self.units.copy()
+        labels, vers = list(self.labels), list(self.class_versions)
+        for cid, (label, ver, s, n) in rows.items():
+            i = self.index[cid]
+            sums[i], counts[i], labels[i], vers[i] = s, n, label, ver
+            means[i] = (s / max(n, 1)).astype(np.float32)
+            sq[i] = float(means[i] @ means[i])
+            units[i] = means[i] / max(float(np.sqrt(sq[i])), 1e-12)
+        return replace(self, version=version, labels=tuple(labels), class_versions=tuple(vers),
+                       sums=sums, counts=counts, means=means, sq_norms=sq, units=units)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    class_id: str
+    label: str
+    probability: float
+    score: float  # squared distance (euclidean) or cosine similarity to the class prototype
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str  # a class label, or "unknown"
+    class_id: str | None
+    known: bool
+    probability: float
+    score: float  # the nearest prototype's score, compared with `threshold`
+    threshold: float | None
+    metric: Metric
+    top_k: list[Candidate]
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    example_id: str
+    class_id: str
+    label: str
+    score: float
+    thumbnail_png: bytes
+
+
+@dataclass(frozen=True)
+class Explanation:
+    prediction: Prediction
+    neighbours: list[Neighbour]
+
+
+@dataclass
+class _Memory:
+    protos: Prototypes
+    checked_at: float
+    lock: threading.Lock
+    examples: ExampleSet | None = None  # cached for explain / logistic, valid at `examples_version`
+    examples_version: int = -1
+    logistic: tuple[int, LogisticHead] | None = None
+
+
+class Recogniser:
+    """Teach classes from a few images and classify new ones, per workspace."""
+
+    def __init__(self, embedder: Embedder, store: Store, *, calibration: Calibration | None = None,
+                 config: RecogniserConfig | None = None) -> None:
+        self.embedder, self.store, self.calibration = embedder, store, calibration
+        self.config = config or RecogniserConfig()
+        self.dim = int(embedder.embedding_dim)
+        self._mem: dict[str, _Memory] = {}
+        self._mem_lock = threading.Lock()
+
+    # -- workspaces ------------------------------------------------------------------------------
+    def create_workspace(self, name: str, settings: WorkspaceSettings | None = None) -> tuple[WorkspaceRecord, str]:
+        """A new isolated workspace and its API key (returned once; only its hash is stored)."""
+        key = new_api_key()
+        ws = self.store.create_workspace(name, hash_key(key), (settings or WorkspaceSettings()).to_dict())
+        return ws, key
+
+    def workspace(self, workspace_id: str) -> WorkspaceRecord:
+        ws = self.store.get_workspace(workspace_id)
+        if ws is None:
+            raise NotFoundError(f"workspace {workspace_id!r} does not exist; create it with POST /workspaces")
+        return ws
+
+    def settings(self, workspace_id: str) -> WorkspaceSettings:
+        return WorkspaceSettings.from_dict(self.workspace(workspace_id).settings)
+
+    def update_settings(self, workspace_id: str, settings: WorkspaceSettings) -> WorkspaceRecord:
+        return self.store.update_workspace_settings(workspace_id, settings.to_dict())
+
+    def delete_workspace(self, workspace_id: str) -> None:
+        self.store.delete_workspace(workspace_id)
+        with self._mem_lock:
+            self._mem.pop(workspace_id, None)
+
+    # -- class memory ------------------------------------------------------------------------------
+    def _memory(self, workspace_id: str) -> _Memory:
+        """The workspace's memory, re-synced from the store when its version moved."""
+        mem = self._mem.get(workspace_id)
+        now = time.monotonic()
+        if mem is not None and now - mem.checked_at < self.config.sync_interval_s:
+            return mem
+        version = self.store.workspace_version(workspace_id)
+        if version is None:
+            with self._mem_lock:
+                self._mem.pop(workspace_id, None)
+            raise NotFoundError(f"workspace {workspace_id!r} does not exist; create it with POST /workspaces")
+        if mem is None:
+            with self._mem_lock:
+                mem = self._mem.setdefault(workspace_id, _Memory(Prototypes.empty(self.dim), now, threading.Lock()))
+        if mem.protos.version != version:
+            with mem.lock:
+                if mem.protos.version != version:
+                    mem.protos = self._sync(workspace_id, mem.protos, version)
+        mem.checked_at = now
+        return mem
+
+    def _sync(self, workspace_id: str, protos: Prototypes, version: int) -> Prototypes:
+        """Fetch only classes that are new or whose version changed; drop deleted ones."""
+        current = self.store.class_versions(workspace_id)
+        changed = [c for c, (_, v) in current.items()
+                   if c not in protos.index or protos.class_versions[protos.index[c]] != v]
+        removed = set(protos.class_ids) - set(current)
+        ex = self.store.examples(workspace_id, changed)
+        rows: dict[str, tuple[str, int, np.ndarray, int]] = {}
+        cls_of = np.asarray(ex.class_ids)
+        for c in changed:
+            e = ex.embeddings[cls_of == c] if len(ex.ids) else np.zeros((0, self.dim), np.float32)
+            if len(e) and e.shape[1] != self.dim:
+                raise ConflictError(f"class {c!r} holds {e.shape[1]}-d embeddings; this model makes {self.dim}-d")
+            rows[c] = (current[c][0], current[c][1], e.astype(np.float64).sum(0) if len(e) else np.zeros(self.dim), len(e))
+        return protos.with_rows(version, rows, removed)
+
+    def _apply_local(self, workspace_id: str, new_version: int, rows: dict[str, tuple[str, int, np.ndarray, int]],
+                     removed: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        """Apply our own change without a store round trip, when no other writer got in between."""
+        mem = self._mem.get(workspace_id)
+        if mem is None:
+            return
+        with mem.lock:
+            if mem.protos.version == new_version - 1:
+                mem.protos = mem.protos.with_rows(new_version, rows, removed)
+
+    def _embed_examples(self, images_u8: np.ndarray, thumbnails: Sequence[bytes] | None) -> tuple[np.ndarray, list[bytes]]:
+        n = len(images_u8)
+        if n == 0:
+            raise ConfigError("no images given; a class needs at least 1 image")
+        if n > self.config.max_images_per_class:
+            raise ConfigError(f"{n} images exceed the limit of {self.config.max_images_per_class} per class")
+        if thumbnails is not None and len(thumbnails) != n:
+            raise ConfigError(f"{len(thumbnails)} thumbnails for {n} images; pass one per image or None")
+        emb = self.embedder.embed(images_u8)
+        thumbs = list(thumbnails) if thumbnails is not None else [
+            array_thumbnail(a, self.config.thumbnail_size) for a in images_u8]
+        return emb, thumbs
+
+    def add_class(self, workspace_id: str, label: str, images_u8: np.ndarray,
+                  thumbnails: Sequence[bytes] | None = None) -> ClassRecord:
+        """A new class from 1..K images (uint8 (K, C, H, W)); one store transaction."""
+        label = _check_label(label)
+        self._memory(workspace_id)  # loaded first, so our own change can be applied locally
+        emb, thumbs = self._embed_examples(images_u8, thumbnails)
+        rec, _ = self.store.add_class(workspace_id, label, (NewExample(e, t) for e, t in zip(emb, thumbs)))
+        row = (rec.label, rec.version, emb.astype(np.float64).sum(0), len(emb))
+        self._apply_local(workspace_id, rec.version, {rec.id: row})
+        return rec
+
+    def add_images(self, workspace_id: str, class_id: str, images_u8: np.ndarray,
+                   thumbnails: Sequence[bytes] | None = None) -> ClassRecord:
+        """More images for a class: only that class's prototype row is updated."""
+        mem = self._memory(workspace_id)
+        emb, thumbs = self._embed_examples(images_u8, thumbnails)
+        rec, _ = self.store.add_examples(workspace_id, class_id, (NewExample(e, t) for e, t in zip(emb, thumbs)))
+        p = mem.protos
+        if class_id in p.index:
+            i = p.index[class_id]
+            row = (rec.label, rec.version, p.sums[i] + emb.astype(np.float64).sum(0), int(p.counts[i]) + len(emb))
+            self._apply_local(workspace_id, rec.version, {class_id: row})
+        return rec
+
+    def rename_class(self, workspace_id: str, class_id: str, label: str) -> ClassRecord:
+        rec = self.store.rename_class(workspace_id, class_id, _check_label(label))
+        p = self._mem[workspace_id].protos if workspace_id in self._mem else None
+        if p is not None and class_id in p.index:
+            i = p.index[class_id]
+            self._apply_local(workspace_id, rec.version, {class_id: (rec.label, rec.version, p.sums[i], int(p.counts[i]))})
+        return rec
+
+    def delete_class(self, workspace_id: str, class_id: str) -> None:
+        self.store.delete_class(workspace_id, class_id)  # the next call re-syncs (drops the row)
+
+    def list_classes(self, workspace_id: str) -> list[ClassRecord]:
+        self.workspace(workspace_id)
+        return self.store.list_classes(workspace_id)
+
+    def get_class(self, workspace_id: str, class_id: str) -> tuple[ClassRecord, list[str]]:
+        """The class and its example ids."""
+        return self.store.get_class(workspace_id, class_id), self.store.class_example_ids(workspace_id, class_id)
+
+    def class_count(self, workspace_id: str) -> int:
+        return len(self._memory(workspace_id).protos.class_ids)
+
+    # -- classification ------------------------------------------------------------------------------
+    def _threshold(self, settings: WorkspaceSettings, override: float | None) -> float | None:
+        if override is not None:
+            return float(override)
+        if settings.threshold is not None:
+            return settings.threshold
+        return self.calibration.threshold(settings.metric) if self.calibration else None
+
+    def _examples(self, workspace_id: str, mem: _Memory) -> ExampleSet:
+        if mem.examples is None or mem.examples_version != mem.protos.version:
+            version = mem.protos.version
+            mem.examples, mem.examples_version = self.store.examples(workspace_id), version
+        return mem.examples
+
+    def _logistic(self, workspace_id: str, mem: _Memory) -> LogisticHead:
+        p = mem.protos
+        if mem.logistic is not None and mem.logistic[0] == p.version:
+            return mem.logistic[1]
+        if len(p.class_ids) > self.config.max_logistic_classes:
+            raise ConfigError(f"the logistic head is limited to {self.config.max_logistic_classes} classes "
+                              f"(workspace has {len(p.class_ids)}); use head='prototype'")
+        ex = self._examples(workspace_id, mem)
+        y = np.asarray([p.index[c] for c in ex.class_ids], np.int64)
+        head = fit_logistic(ex.embeddings, y, len(p.class_ids))
+        mem.logistic = (p.version, head)
+        return head
+
+    def classify(self, workspace_id: str, images_u8: np.ndarray, *, top_k: int = 5,
+                 threshold: float | None = None) -> list[Prediction]:
+        """Top-k classes with probabilities for each image; "unknown" when the nearest prototype
+        fails the threshold (call override > workspace setting > bundle calibration > none)."""
+        settings = self.settings(workspace_id)
+        mem = self._memory(workspace_id)
+        p = mem.protos
+        if not p.class_ids:
+            raise ConflictError(f"workspace {workspace_id!r} has no classes yet; add a class before classifying")
+        if top_k < 1:
+            raise ConfigError(f"top_k {top_k} must be >= 1")
+        q = self.embedder.embed(images_u8)
+        scores = prototype_scores(q, p.means, p.sq_norms, p.units, settings.metric)
+        if settings.head == "logistic" and len(p.class_ids) > 1:
+            probs = self._logistic(workspace_id, mem).probabilities(q)
+        else:
+            probs = softmax(prototype_logits(scores, settings.metric, self.config.cosine_scale))
+        t = self._threshold(settings, threshold)
+        return [self._prediction(p, scores[i], probs[i], settings.metric, t, top_k) for i in range(len(q))]
+
+    def _prediction(self, p: Prototypes, scores: np.ndarray, probs: np.ndarray, metric: Metric,
+                    threshold: float | None, top_k: int) -> Prediction:
+        k = min(top_k, len(probs))
+        top = np.argpartition(-probs, k - 1)[:k] if k < len(probs) else np.arange(len(probs))
+        top = top[np.argsort(-probs[top], kind="stable")]
+        cands = [Candidate(p.class_ids[j], p.labels[j], float(probs[j]), float(scores[j])) for j in top]
+        nearest = int(scores.argmin() if metric == "euclidean" else scores.argmax())
+        known = threshold is None or bool(accepts(metric, float(scores[nearest]), threshold))
+        best = cands[0]
+        return Prediction(best.label if known else UNKNOWN, best.class_id if known else None, known,
+                          best.probability, float(scores[nearest]), threshold, metric, cands)
+
+    def explain(self, workspace_id: str, image_u8: np.ndarray, *, k: int = 3,
+                threshold: float | None = None) -> Explanation:
+        """The prediction for one image (C, H, W) and its `k` nearest stored examples."""
+        pred = self.classify(workspace_id, image_u8[None], top_k=k, threshold=threshold)[0]
+        mem = self._memory(workspace_id)
+        ex = self._examples(workspace_id, mem)
+        metric = pred.metric
+        q = self.embedder.embed(image_u8[None])
+        sq = (ex.embeddings * ex.embeddings).sum(1)
+        s = prototype_scores(q, ex.embeddings, sq, unit_rows(ex.embeddings), metric)[0]
+        order = np.argsort(s if metric == "euclidean" else -s, kind="stable")[:k]
+        ids = [ex.ids[i] for i in order]
+        thumbs = self.store.thumbnails(workspace_id, ids)
+        labels = dict(zip(mem.protos.class_ids, mem.protos.labels))
+        return Explanation(pred, [Neighbour(ex.ids[i], ex.class_ids[i], labels.get(ex.class_ids[i], "?"),
+                                            float(s[i]), thumbs.get(ex.ids[i], b"")) for i in order])
+
+    def thumbnail(self, workspace_id: str, example_id: str) -> bytes:
+        t = self.store.thumbnails(workspace_id, [example_id])
+        if example_id not in t:
+            raise NotFoundError(f"example {example_id!r} does not exist in workspace {workspace_id!r}")
+        return t[example_id]
+
+    def iter_workspaces(self) -> Iterator[WorkspaceRecord]:
+        yield from self.store.list_workspaces()
+
+
+def _check_label(label: str) -> str:
+    label = label.strip() if isinstance(label, str) else ""
+    if not label or len(label) > 200:
+        raise ConfigError(f"class label {label!r} must be 1..200 characters")
+    if label == UNKNOWN:
+        raise ConfigError(f"class label {UNKNOWN!r} is reserved for rejected images; choose another label")
+    return label

@@ -1,0 +1,59 @@
+"""Typed service settings: built in code (tests) or from FEWSHOT_* environment variables (`serve`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fewshot.errors import ConfigError
+
+ENV_PREFIX = "FEWSHOT_"
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    bundle_path: str
+    db_url: str = "fewshot.db"  # sqlite path / sqlite:///path / postgresql://...
+    admin_key: str = ""  # empty: creating workspaces over HTTP is disabled
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_images_per_request: int = 64
+    max_image_pixels: int = 25_000_000
+    max_top_k: int = 100
+    thumbnail_size: int = 64
+    ort_threads: int = 0  # 0: automatic (min(2, cores))
+    sync_interval_s: float = 0.0
+    euclidean_threshold: float | None = None  # service-wide override of the bundle's calibration
+    cosine_threshold: float | None = None
+    static_dir: str = ""  # empty: the package's service/static
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_images_per_request", "max_image_pixels", "max_top_k", "thumbnail_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"setting {name}={getattr(self, name)} must be >= 1")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> ServiceSettings:
+        """FEWSHOT_BUNDLE_PATH, FEWSHOT_DB_URL, FEWSHOT_ADMIN_KEY, FEWSHOT_MAX_BODY_BYTES, ..."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, str(f.type), raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "bundle_path" not in values:
+            raise ConfigError("no bundle given; set FEWSHOT_BUNDLE_PATH or pass bundle_path")
+        return cls(**values)
+
+
+def _parse(name: str, type_name: str, raw: str) -> Any:
+    try:
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a {type_name.split(' ')[0]}") from exc
+    return raw

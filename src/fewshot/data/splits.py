@@ -1,0 +1,341 @@
+"""Class splits (train / val / test) over a packed cache, and the leakage check.
+
+A split is a list of few-shot classes: (cache class id, quarter-turn rotation) pairs. Schemes:
+
+- "lake": Omniglot background alphabets -> train, with `fractions[1]` of them (seeded) held out as
+  val; evaluation alphabets -> test (Lake et al., Science 2015). Rotations optional.
+- "vinyals": the class lists of Vinyals et al. 2016 (`splits/vinyals/{train,val,test}.txt`, lines
+  `Alphabet/characterNN/rotDDD`), each rotation its own class: 1028 / 172 / 423 characters x 4.
+- "domains": whole domains held out, seeded, in proportions `fractions`.
+- "classes": the classes of every domain split in proportions `fractions`, seeded.
+
+`check_leakage` refuses splits that share a cache class or an identical image, and reports
+perceptual near-duplicates (dHash within `max_distance` bits) across splits as warnings.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from fewshot.data.cache import PackedCache
+from fewshot.errors import CacheError, ConfigError, DataError
+
+SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
+DEFAULT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)
+N_ROTATIONS = 4
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """One split. Row i is the few-shot class "cache class `class_ids[i]` turned `rotations[i]` x 90 deg"."""
+
+    name: str  # "train" / "val" / "test"
+    class_ids: np.ndarray  # (M,) int64 cache class ids
+    rotations: np.ndarray  # (M,) int64 quarter turns (0..3) applied when materialised
+
+    def __post_init__(self) -> None:
+        if self.class_ids.shape != self.rotations.shape or self.class_ids.ndim != 1:
+            raise DataError(
+                f"split {self.name!r}: class_ids {self.class_ids.shape} and rotations "
+                f"{self.rotations.shape} must be equal-length 1-D arrays"
+            )
+
+    def __len__(self) -> int:
+        return int(self.class_ids.size)
+
+
+SchemeFn = Callable[[PackedCache, np.random.Generator, tuple[float, float, float], "bool | None", "Path | None"], dict[str, Split]]
+
+
+def list_split_schemes() -> list[str]:
+    return sorted(_SCHEMES)
+
+
+def make_splits(
+    cache: PackedCache,
+    scheme: str,
+    *,
+    seed: int = 0,
+    splits_dir: Path | None = None,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    rotations: bool | None = None,
+) -> dict[str, Split]:
+    """{"train", "val", "test"} -> Split under `scheme`; deterministic given `seed`.
+
+    `rotations`: None = the scheme's default (vinyals: on, as listed in its files; others: off);
+    True = every class under 4 quarter turns, all in the class's split.
+    `splits_dir`: folder of the vinyals files (default: `<omniglot>/splits/vinyals` of the source).
+    """
+    if scheme not in _SCHEMES:
+        raise ConfigError(f"unknown split scheme {scheme!r}; valid schemes: {list_split_schemes()}")
+    fr = _check_fractions(fractions)
+    rng = np.random.default_rng(seed)
+    return _SCHEMES[scheme](cache, rng, fr, rotations, splits_dir)
+
+
+def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ConfigError(
+            f"fractions={tuple(fractions)} must be three non-negative numbers (train, val, test) summing to 1"
+        )
+    return (float(fractions[0]), float(fractions[1]), float(fractions[2]))
+
+
+def _split(name: str, class_ids: Sequence[int], rotations: bool) -> Split:
+    ids = np.asarray(sorted(class_ids), dtype=np.int64)
+    if not rotations:
+        return Split(name, ids, np.zeros_like(ids))
+    return Split(name, np.repeat(ids, N_ROTATIONS), np.tile(np.arange(N_ROTATIONS, dtype=np.int64), ids.size))
+
+
+# --------------------------------------------------------------------------- schemes
+
+
+def _lake(cache, rng, fractions, rotations, splits_dir):  # type: ignore[no-untyped-def]
+    subsets = {c.subset for c in cache.classes}
+    if not {"background", "evaluation"} <= subsets:
+        raise DataError(
+            f"scheme 'lake' needs Omniglot's background and evaluation subsets; cache {cache.path} "
+            f"has subsets {sorted(subsets)}. Use scheme 'domains' or 'classes'"
+        )
+    bg_alphabets = sorted({c.domain for c in cache.classes if c.subset == "background"})
+    n_val = int(round(fractions[1] * len(bg_alphabets)))
+    val_alphabets = set(rng.choice(bg_alphabets, size=n_val, replace=False).tolist())
+    ids = {name: [] for name in SPLIT_NAMES}  # type: dict[str, list[int]]
+    for i, c in enumerate(cache.classes):
+        if c.subset == "evaluation":
+            ids["test"].append(i)
+        elif c.subset == "background":
+            ids["val" if c.domain in val_alphabets else "train"].append(i)
+    return {name: _split(name, ids[name], bool(rotations)) for name in SPLIT_NAMES}
+
+
+_VINYALS_LINE = re.compile(r"^(?P<cls>[^/]+/[^/]+)/rot(?P<deg>\d{3})$")
+
+
+def _vinyals(cache, rng, fractions, rotations, splits_dir):  # type: ignore[no-untyped-def]
+    folder = _vinyals_dir(cache, splits_dir)
+    out = {}
+    for name in SPLIT_NAMES:
+        path = folder / f"{name}.txt"
+        if not path.is_file():
+            raise DataError(f"vinyals split file {path} is missing; it ships in splits/vinyals/ beside the Omniglot zips")
+        ids, rots = [], []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            m = _VINYALS_LINE.match(line.strip())
+            deg = int(m["deg"]) if m else -1
+            if m is None or deg % 90 or not 0 <= deg < 360:
+                raise DataError(f"{path}:{lineno}: {line!r} is not 'Alphabet/characterNN/rotDDD' with DDD in 000/090/180/270")
+            if rotations is False and deg:
+                continue
+            try:
+                ids.append(cache.class_id(m["cls"]))
+            except CacheError:
+                raise DataError(f"{path}:{lineno}: class {m['cls']!r} is not in cache {cache.path}; prepare full Omniglot") from None
+            rots.append(deg // 90)
+        out[name] = Split(name, np.asarray(ids, dtype=np.int64), np.asarray(rots, dtype=np.int64))
+    return out
+
+
+def _vinyals_dir(cache: PackedCache, splits_dir: Path | None) -> Path:
+    if splits_dir is None:
+        root = cache.index.get("source", {}).get("root")
+        if root is None:
+            raise DataError("scheme 'vinyals' needs splits_dir=<data_root>/omniglot/splits/vinyals")
+        splits_dir = Path(root) / "splits"
+    splits_dir = Path(splits_dir)
+    for candidate in (splits_dir, splits_dir / "vinyals"):
+        if (candidate / "train.txt").is_file():
+            return candidate
+    raise DataError(
+        f"no vinyals split files (train.txt, val.txt, test.txt) in {splits_dir} or {splits_dir / 'vinyals'}; "
+        "pass splits_dir=<data_root>/omniglot/splits/vinyals"
+    )
+
+
+def _domains(cache, rng, fractions, rotations, splits_dir):  # type: ignore[no-untyped-def]
+    domains = sorted({c.domain for c in cache.classes})
+    counts = _fraction_counts(len(domains), fractions, at_least_one=True)
+    if any(n == 0 and f > 0 for n, f in zip(counts, fractions)):
+        raise DataError(
+            f"cache {cache.path} has {len(domains)} domain(s), too few to hold out domains in "
+            f"proportions {fractions}; use scheme 'classes' or set a fraction to 0"
+        )
+    order = [domains[i] for i in rng.permutation(len(domains))]
+    bounds = np.cumsum((0, *counts))
+    split_of = {d: SPLIT_NAMES[k] for k in range(3) for d in order[bounds[k] : bounds[k + 1]]}
+    ids = {name: [] for name in SPLIT_NAMES}  # type: dict[str, list[int]]
+    for i, c in enumerate(cache.classes):
+        ids[split_of[c.domain]].append(i)
+    return {name: _split(name, ids[name], bool(rotations)) for name in SPLIT_NAMES}
+
+
+def _classes(cache, rng, fractions, rotations, splits_dir):  # type: ignore[no-untyped-def]
+    ids = {name: [] for name in SPLIT_NAMES}  # type: dict[str, list[int]]
+    for domain in sorted({c.domain for c in cache.classes}):
+        members = [i for i, c in enumerate(cache.classes) if c.domain == domain]
+        order = [members[i] for i in rng.permutation(len(members))]
+        bounds = np.cumsum((0, *_fraction_counts(len(members), fractions, at_least_one=False)))
+        for k, name in enumerate(SPLIT_NAMES):
+            ids[name].extend(order[bounds[k] : bounds[k + 1]])
+    for name, f in zip(SPLIT_NAMES, fractions):
+        if f > 0 and not ids[name]:
+            raise DataError(f"scheme 'classes' left split {name!r} empty: cache {cache.path} has too few classes per domain")
+    return {name: _split(name, ids[name], bool(rotations)) for name in SPLIT_NAMES}
+
+
+def _fraction_counts(n: int, fractions: tuple[float, float, float], *, at_least_one: bool) -> tuple[int, int, int]:
+    """Split n items by cumulative rounding; with `at_least_one`, every positive fraction gets one if it can."""
+    cuts = [0, int(round(n * fractions[0])), int(round(n * (fractions[0] + fractions[1]))), n]
+    counts = [cuts[k + 1] - cuts[k] for k in range(3)]
+    if at_least_one:
+        for k in range(3):
+            if fractions[k] > 0 and counts[k] == 0:
+                donor = int(np.argmax(counts))
+                if counts[donor] > 1:
+                    counts[donor] -= 1
+                    counts[k] += 1
+    return (counts[0], counts[1], counts[2])
+
+
+_SCHEMES: dict[str, Callable[..., dict[str, Split]]] = {
+    "lake": _lake,
+    "vinyals": _vinyals,
+    "domains": _domains,
+    "classes": _classes,
+}
+
+
+# --------------------------------------------------------------------------- leakage
+
+
+@dataclass(frozen=True)
+class NearDuplicate:
+    file_a: str
+    split_a: str
+    file_b: str
+    split_b: str
+    distance: int  # differing dHash bits
+
+
+@dataclass(frozen=True)
+class LeakageReport:
+    """Passed checks (no shared class, no identical image) and the near-duplicate warnings."""
+
+    classes_per_split: dict[str, int]
+    images_per_split: dict[str, int]
+    max_distance: int
+    n_near_duplicates: int
+    near_duplicates: tuple[NearDuplicate, ...]  # the first `max_listed`, closest first
+
+    def __str__(self) -> str:
+        sizes = ", ".join(f"{k} {self.classes_per_split[k]} classes / {self.images_per_split[k]} images" for k in self.classes_per_split)
+        return (
+            f"no shared class or identical image across splits ({sizes}); "
+            f"{self.n_near_duplicates} near-duplicate pair(s) across splits within {self.max_distance} dHash bits"
+        )
+
+    @property
+    def warnings(self) -> list[str]:
+        return [
+            f"near-duplicate across splits ({d.distance} of 64 dHash bits differ): "
+            f"{d.file_a} [{d.split_a}] ~ {d.file_b} [{d.split_b}]"
+            for d in self.near_duplicates
+        ]
+
+
+def check_leakage(
+    cache: PackedCache, splits: dict[str, Split], *, max_distance: int = 2, max_listed: int = 50
+) -> LeakageReport:
+    """Raise DataError if a cache class or an identical image is in two splits; report near-duplicates."""
+    rows = _split_rows(cache, splits)
+    _check_shared_classes(cache, splits)
+    _check_identical_images(cache, rows)
+    n_near, near = _near_duplicates(cache, rows, max_distance, max_listed)
+    return LeakageReport(
+        classes_per_split={k: len(s) for k, s in splits.items()},
+        images_per_split={k: int(r.size) for k, r in rows.items()},
+        max_distance=max_distance,
+        n_near_duplicates=n_near,
+        near_duplicates=near,
+    )
+
+
+def _split_rows(cache: PackedCache, splits: dict[str, Split]) -> dict[str, np.ndarray]:
+    """Cache image rows of each split's underlying classes (rotations do not add images)."""
+    out = {}
+    for name, s in splits.items():
+        bad = s.class_ids[(s.class_ids < 0) | (s.class_ids >= len(cache.classes))]
+        if bad.size:
+            raise DataError(f"split {name!r} names class id {int(bad[0])}; cache {cache.path} has {len(cache.classes)} classes")
+        ranges = [np.arange(cache.classes[i].start, cache.classes[i].start + cache.classes[i].count) for i in np.unique(s.class_ids)]
+        out[name] = np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
+    return out
+
+
+def _check_shared_classes(cache: PackedCache, splits: dict[str, Split]) -> None:
+    for (a, sa), (b, sb) in combinations(splits.items(), 2):
+        shared = np.intersect1d(sa.class_ids, sb.class_ids)
+        if shared.size:
+            names = [cache.classes[int(i)].name for i in shared[:5]]
+            raise DataError(
+                f"leak: {shared.size} class(es) are in both {a!r} and {b!r}, e.g. {names}; "
+                "a class (under any rotation) must belong to one split"
+            )
+
+
+def _check_identical_images(cache: PackedCache, rows: dict[str, np.ndarray]) -> None:
+    hashes = cache.content_hashes()
+    if len(hashes) != len(cache):
+        raise DataError(f"cache {cache.path} has no per-image content hashes; rebuild it with `fewshot prepare --force`")
+    seen: dict[str, tuple[str, int]] = {}
+    for name, r in rows.items():
+        for row in r.tolist():
+            first = seen.setdefault(hashes[row], (name, row))
+            if first[0] != name:
+                raise DataError(
+                    f"leak: identical image in {first[0]!r} ({cache.files[first[1]]}) and {name!r} "
+                    f"({cache.files[row]}); remove one of them from the source and re-run `fewshot prepare`"
+                )
+
+
+def _near_duplicates(
+    cache: PackedCache, rows: dict[str, np.ndarray], max_distance: int, max_listed: int, block: int = 1024
+) -> tuple[int, tuple[NearDuplicate, ...]]:
+    """Pairs across splits whose dHashes differ in <= max_distance bits (blockwise brute force)."""
+    phashes = cache.index.get("phashes")
+    if phashes is None or len(phashes) != len(cache):
+        return 0, ()
+    ph = np.array([int(h, 16) for h in phashes], dtype=np.uint64)
+    found: list[NearDuplicate] = []
+    total = 0
+    for a, b in combinations(rows, 2):
+        ra, rb = rows[a], rows[b]
+        hb = ph[rb]
+        for s in range(0, ra.size, block):
+            ia = ra[s : s + block]
+            dist = _popcount64(ph[ia][:, None] ^ hb[None, :])  # (block, |b|) differing bits
+            i, j = np.nonzero(dist <= max_distance)
+            total += i.size
+            for k in np.argsort(dist[i, j], kind="stable")[:max_listed].tolist():
+                found.append(NearDuplicate(cache.files[ia[i[k]]], a, cache.files[rb[j[k]]], b, int(dist[i[k], j[k]])))
+    found.sort(key=lambda d: d.distance)
+    return total, tuple(found[:max_listed])
+
+
+_BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _popcount64(x: np.ndarray) -> np.ndarray:
+    """Set bits per uint64 element (numpy >= 2 has it built in; a byte table otherwise)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return _BYTE_POPCOUNT[x[..., None].view(np.uint8)].sum(axis=-1, dtype=np.uint8)

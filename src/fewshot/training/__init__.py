@@ -1,1 +1,1 @@
-"""training stage."""
+"""Training stage: meta-training and pre-training loops, checkpoints, the evaluation protocol."""

@@ -1,0 +1,233 @@
+"""The `fewshot` command: thin commands over the library API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fewshot.errors import FewshotError
+
+
+def _data_config(args: argparse.Namespace) -> Any:
+    from fewshot.config import DataConfig
+
+    fields: dict[str, Any] = {"dataset": args.dataset, "image_size": args.size, "mode": args.mode,
+                              "cache_dir": args.cache_dir, "split": getattr(args, "split", "vinyals")}
+    if args.data:
+        fields["root"] = args.data
+    return DataConfig(**fields)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="data root (default: $FEWSHOT_DATA)")
+    p.add_argument("--dataset", default="omniglot", help="'omniglot' or a path to an image folder or zip")
+    p.add_argument("--size", type=int, default=28, help="image side in pixels (default 28)")
+    p.add_argument("--mode", choices=["L", "RGB"], default="L")
+    p.add_argument("--cache-dir", default=".fewshot-cache")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from fewshot.data.prepare import prepare, prepare_omniglot
+    from fewshot.training.data import preprocessing_of
+
+    cfg = _data_config(args)
+    root = cfg.data_root()
+    if args.download:
+        from fewshot.data.download import download_omniglot
+
+        download_omniglot(root)
+    pre = preprocessing_of(cfg)
+    if cfg.dataset == "omniglot":
+        prepared = prepare_omniglot(root, Path(cfg.cache_dir), pre, force=args.force)
+    else:
+        src = Path(cfg.dataset) if Path(cfg.dataset).exists() else root / cfg.dataset
+        prepared = prepare(src, Path(cfg.cache_dir), pre, min_images_per_class=args.min_images, force=args.force)
+    print(prepared.report.table())
+    print(f"cache: {prepared.cache.path} ({len(prepared.cache)} images, {len(prepared.cache.classes)} classes, "
+          f"{len(prepared.cache.domains)} domains)")
+    if args.report:
+        prepared.report.save(args.report)
+        print(f"report: {args.report}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fewshot.data.splits import check_leakage
+    from fewshot.episodes import EpisodeSpec, describe_episode, episode_rng, materialise
+    from fewshot.episodes.grid import episode_grid
+    from fewshot.training.data import load_run_data
+
+    data = load_run_data(_data_config(args), progress=True)
+    cache = data.cache
+    counts = cache.counts()
+    print(f"cache {cache.path}: {len(cache)} images, {len(cache.classes)} classes, {len(cache.domains)} domains; "
+          f"images per class min {counts.min()} / median {int(np.median(counts))} / max {counts.max()}")
+    print(f"{'domain':40s} {'classes':>8s} {'images':>8s}")
+    per_dom: dict[str, list[int]] = {}
+    for c in cache.classes:
+        per_dom.setdefault(c.domain, []).append(c.count)
+    for d, cs in sorted(per_dom.items()):
+        print(f"{d:40s} {len(cs):8d} {sum(cs):8d}")
+    print(f"\nsplit scheme {data.scheme!r}:")
+    for name, split in data.splits.items():
+        n_dom = len({cache.classes[int(i)].domain for i in split.class_ids})
+        print(f"  {name:6s} {len(split.class_ids):6d} classes from {n_dom} domains")
+    leak = check_leakage(cache, data.splits)
+    print(f"leakage check: passed ({leak})")
+    split = args.episode_split if args.episode_split in data.splits else next(iter(data.splits))
+    desc = describe_episode(data.pool(split), EpisodeSpec(args.way, args.shot, args.query), episode_rng(args.seed, 0))
+    out = episode_grid(materialise(cache, desc), Path(args.out))
+    print(f"episode grid ({split}, {args.way}-way {args.shot}-shot): {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fewshot.config import load_config
+    from fewshot.training.loop import train
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    config = load_config(args.config, overrides)
+    result = train(config, resume=not args.no_resume)
+    print(f"trained {result.steps} steps in {result.elapsed_s:.1f} s; best validation accuracy "
+          f"{100 * result.best_val_acc:.2f}%; run folder {result.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fewshot.training.protocol import evaluate_run
+
+    res = evaluate_run(args.run, way=args.way, shot=args.shot, query=args.query, episodes=args.episodes,
+                       seed=args.seed, split=args.split, mode=args.mode, device=args.device)
+    print(res.summary())
+    if args.per_domain:
+        for d, acc in res.per_domain.items():
+            print(f"  {d:40s} {100 * acc:6.2f}%")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fewshot.training.protocol import compare_runs
+
+    print(compare_runs([Path(r) for r in args.runs], Path(args.out)))
+    print(f"\nplot: {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fewshot.pipeline import export_run
+
+    out = export_run(Path(args.run), Path(args.out))
+    print(f"bundle written to {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fewshot.service.app import serve
+
+    serve(Path(args.bundle), db_url=args.db, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from fewshot.config import load_config
+    from fewshot.pipeline import run_pipeline
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    summary = run_pipeline(load_config(args.config, overrides), serve_check=not args.no_serve_check)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fewshot", description="Few-shot image recognition toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="sources -> cleaning report -> packed cache")
+    _add_data_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date cache exists")
+    p.add_argument("--download", action="store_true", help="download the official Omniglot zips first")
+    p.add_argument("--min-images", type=int, default=2, help="drop classes with fewer kept images")
+    p.add_argument("--report", help="also write the cleaning report JSON here")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("inspect", help="domains, classes, counts, splits, and a PNG of an episode")
+    _add_data_args(p)
+    p.add_argument("--split", default="vinyals", help="split scheme: lake | vinyals | domains | classes")
+    p.add_argument("--episode-split", default="train")
+    p.add_argument("--way", type=int, default=5)
+    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--query", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="episode.png")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train a learner from a YAML config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=500")
+    p.add_argument("--data", help="data root (default: $FEWSHOT_DATA)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run has a checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="mean accuracy +- 95%% CI over fixed-seed test episodes")
+    p.add_argument("run")
+    p.add_argument("--way", type=int, default=5)
+    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--query", type=int, default=15)
+    p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--split", default="test")
+    p.add_argument("--mode", choices=["any", "within", "across"], default="any",
+                   help="within: all classes of an episode from one domain (Lake's within-alphabet)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--per-domain", action="store_true", help="print the per-domain breakdown")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="markdown table and bar plot of evaluated runs")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", default="compare.png")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export", help="bundle a trained run: safetensors + manifest + ONNX")
+    p.add_argument("run")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="run the recogniser service on a bundle")
+    p.add_argument("bundle")
+    p.add_argument("--db", default=None, help="sqlite path or postgresql:// URL (default: sqlite beside the bundle)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("pipeline", help="prepare -> train -> evaluate -> export -> service check")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--data", help="data root (default: $FEWSHOT_DATA)")
+    p.add_argument("--no-serve-check", action="store_true")
+    p.set_defaults(func=cmd_pipeline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FewshotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; completed checkpoints and caches are intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Typed, frozen, validated configuration: YAML is data, command-line overrides are `a.b=value`.
+
+A wrong field is named with the fix (pydantic's `extra="forbid"`), values are checked on load,
+and the resolved config is echoed into the run folder so a run always says how it was made.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fewshot.errors import ConfigError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Frozen):
+    root: str | None = None  # data root; default: $FEWSHOT_DATA
+    dataset: str = "omniglot"  # "omniglot", or a path to an image folder / zip
+    image_size: int = Field(28, ge=8, le=512)
+    mode: Literal["L", "RGB"] = "L"
+    split: str = "vinyals"  # lake | vinyals | domains | classes
+    split_seed: int = 0
+    train_rotations: bool = False  # add 90/180/270 rotations of train classes as new classes
+    cache_dir: str = ".fewshot-cache"
+    min_images_per_class: int = Field(2, ge=1)
+
+    def data_root(self) -> Path:
+        root = self.root or os.environ.get("FEWSHOT_DATA")
+        if not root:
+            raise ConfigError(
+                "no data root: set data.root in the config, pass --data DIR, or set FEWSHOT_DATA "
+                "(for example FEWSHOT_DATA=../shared/datasets)"
+            )
+        return Path(root).expanduser()
+
+
+class ModelConfig(_Frozen):
+    backbone: str = "conv4"
+    backbone_args: dict[str, Any] = Field(default_factory=dict)
+    learner: str = "protonet"
+    learner_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(_Frozen):
+    steps: int = Field(2000, ge=1)
+    way: int = Field(20, ge=2)
+    shot: int = Field(5, ge=1)
+    query: int = Field(15, ge=1)
+    meta_batch: int = Field(1, ge=1)
+    batch_size: int = Field(128, ge=1)  # for learners that pre-train on batches
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = 0.9
+    schedule: Literal["constant", "step", "cosine"] = "step"
+    step_every: int = Field(2000, ge=1)  # for the step schedule: halve the lr every N steps
+    warmup: int = Field(0, ge=0)
+    val_every: int = Field(250, ge=1)
+    val_episodes: int = Field(200, ge=1)
+    val_way: int = Field(5, ge=2)
+    val_shot: int = Field(1, ge=1)
+    val_query: int = Field(15, ge=1)
+    checkpoint_every: int = Field(250, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = Field(0, ge=0)
+    crop_pad: int = Field(0, ge=0)
+    hflip: bool = False
+    domain_mode: Literal["any", "within", "across"] = "any"
+
+
+class EvalConfig(_Frozen):
+    episodes: int = Field(1000, ge=1)
+    way: int = Field(5, ge=2)
+    shot: int = Field(1, ge=1)
+    query: int = Field(15, ge=1)
+    seed: int = 1234
+    split: str = "test"
+    domain_mode: Literal["any", "within", "across"] = "any"
+
+
+class ExportConfig(_Frozen):
+    enabled: bool = True
+    calibration_episodes: int = Field(200, ge=10)
+    false_accept_rate: float = Field(0.05, gt=0, lt=1)
+
+
+class RunConfig(_Frozen):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.train.val_every > self.train.steps and self.train.steps > 1:
+            object.__setattr__(self.train, "val_every", self.train.steps)  # validate at least once
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML scalars) to a nested dict."""
+    out = _deep_copy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.steps=500)")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_scalar(value)
+    return out
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown field {loc!r}: remove it or fix its spelling")
+        else:
+            lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or defaults when `path` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; see configs/ for examples")
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {p} must be a YAML mapping, got {type(loaded).__name__}")
+        data, source = loaded, str(p)
+    return config_from_dict(apply_overrides(data, overrides or []), source)
+
+
+def dump_config(config: RunConfig, path: Path) -> None:
+    from fewshot.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,153 @@
+"""Checkpoints without pickle: tensors in safetensors, everything else in a JSON manifest.
+
+A checkpoint is a folder `<run>/checkpoints/<tag>/` with
+  model.safetensors   the learner's state_dict (backbone and any meta-parameters)
+  state.safetensors   optimizer tensors and RNG states (for exact resume)
+  manifest.json       step, model arguments, config, data fingerprint, metrics, versions,
+                      and the non-tensor skeleton of the optimizer state
+The folder is written beside its final place and renamed into it, so a kill never leaves a
+checkpoint that loads half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fewshot import __version__
+from fewshot.errors import CheckpointError
+from fewshot.io import atomic_write_json
+
+CHECKPOINT_FORMAT = 1
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace tensors in a nested structure by {"__tensor__": key}, collecting them."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "root"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _flatten(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__dict__" in obj:
+        return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"torch_cuda_{i}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    cuda = [state[k] for k in sorted(state) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def versions() -> dict[str, str]:
+    return {"fewshot": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    step: int,
+    manifest: dict[str, Any],
+) -> Path:
+    """Atomically write a checkpoint folder at `path` (replacing an older one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        state_tensors: dict[str, torch.Tensor] = {}
+        opt_skeleton = _flatten(optimizer.state_dict(), "opt", state_tensors) if optimizer else None
+        for k, v in rng_state().items():
+            state_tensors[f"rng.{k}"] = v
+        save_file(state_tensors, str(tmp / "state.safetensors"))
+        full = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "versions": versions(),
+            **manifest,
+            "optimizer": opt_skeleton,
+        }
+        atomic_write_json(tmp / "manifest.json", full)
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise CheckpointError(f"no checkpoint at {path} (missing manifest.json); train the run first")
+    manifest: dict[str, Any] = json.loads(mf.read_text(encoding="utf-8"))
+    if manifest.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} has format {manifest.get('format')!r}; this fewshot {__version__} reads "
+            f"format {CHECKPOINT_FORMAT}. Retrain, or load it with the fewshot version that wrote it "
+            f"({manifest.get('versions', {}).get('fewshot', 'unknown')})"
+        )
+    return manifest
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load model weights, naming what differs when the architecture does not match."""
+    weights = load_file(str(path / "model.safetensors"))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, shape mismatches {shapes[:5]}. Build the model from the checkpoint's "
+            "manifest (model section) instead of new arguments"
+        )
+    model.load_state_dict(weights)
+
+
+def load_training_state(path: Path, optimizer: torch.optim.Optimizer | None) -> None:
+    """Restore optimizer and RNG states saved by `save_checkpoint`."""
+    manifest = read_manifest(path)
+    tensors = load_file(str(path / "state.safetensors"))
+    if optimizer is not None and manifest.get("optimizer") is not None:
+        state = _unflatten(manifest["optimizer"], tensors)
+        state["state"] = {int(k): v for k, v in state["state"].items()}
+        optimizer.load_state_dict(state)
+    set_rng_state({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")})

@@ -1,0 +1,56 @@
+"""From a config to a packed cache, splits and class pools (the data the loops consume)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fewshot.config import DataConfig
+from fewshot.data.cache import PackedCache
+from fewshot.data.imageio import Preprocessing
+from fewshot.episodes.materialise import pool_from_split
+from fewshot.episodes.sampling import ClassPool
+from fewshot.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunData:
+    cache: PackedCache
+    splits: dict[str, Any]  # name -> fewshot.data.splits.Split
+    scheme: str
+
+    def pool(self, split: str, *, add_rotations: bool = False) -> ClassPool:
+        if split not in self.splits:
+            raise ConfigError(
+                f"split {split!r} does not exist in scheme {self.scheme!r}; available: {sorted(self.splits)}"
+            )
+        return pool_from_split(self.cache, self.splits[split], add_rotations=add_rotations)
+
+    def class_names(self, split: str) -> list[str]:
+        return sorted({self.cache.classes[int(i)].name for i in self.splits[split].class_ids})
+
+
+def preprocessing_of(cfg: DataConfig) -> Preprocessing:
+    return Preprocessing(mode=cfg.mode, size=cfg.image_size)
+
+
+def load_run_data(cfg: DataConfig, *, progress: bool = True) -> RunData:
+    """Prepare (or reuse) the cache for `cfg` and build its splits."""
+    from fewshot.data.prepare import prepare, prepare_omniglot
+    from fewshot.data.splits import make_splits
+
+    root = cfg.data_root()
+    cache_root = Path(cfg.cache_dir)
+    pre = preprocessing_of(cfg)
+    if cfg.dataset == "omniglot":
+        prepared = prepare_omniglot(root, cache_root, pre, progress=progress)
+        splits_dir = root / "omniglot" / "splits" / "vinyals"
+    else:
+        source = Path(cfg.dataset)
+        if not source.is_absolute() and not source.exists():
+            source = root / source
+        prepared = prepare(source, cache_root, pre, min_images_per_class=cfg.min_images_per_class, progress=progress)
+        splits_dir = None
+    splits = make_splits(prepared.cache, cfg.split, seed=cfg.split_seed, splits_dir=splits_dir)
+    return RunData(prepared.cache, splits, cfg.split)

@@ -1,0 +1,94 @@
+"""`fewshot evaluate` and `fewshot compare`: the protocol applied to trained runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fewshot.config import load_config
+from fewshot.episodes.sampling import DomainMode, EpisodeSpec
+from fewshot.errors import EpisodeError
+from fewshot.io import atomic_write_json
+from fewshot.training.data import RunData, load_run_data
+from fewshot.training.evaluate import EvalResult, evaluate_episodes
+from fewshot.training.loop import load_trained, train_classes
+from fewshot.training.plots import plot_comparison
+
+
+def check_no_training_classes(run_dir: Path, data: RunData, split: str) -> None:
+    """Refuse to evaluate on any class (character) the run trained on, whatever its rotation."""
+    seen = train_classes(run_dir)
+    overlap = sorted(seen & set(data.class_names(split)))
+    if overlap:
+        raise EpisodeError(
+            f"split {split!r} shares {len(overlap)} classes with the run's training classes "
+            f"(e.g. {overlap[:3]}); evaluating on trained classes is refused. Use the test split of the "
+            "scheme the run was trained with"
+        )
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    way: int,
+    shot: int,
+    query: int = 15,
+    episodes: int = 1000,
+    seed: int = 1234,
+    split: str = "test",
+    mode: DomainMode = "any",
+    device: str = "auto",
+    data: RunData | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate the best checkpoint of a run and write `eval-<split>-<way>w<shot>s-<mode>.json`."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    data = data or load_run_data(config.data, progress=progress)
+    check_no_training_classes(run_dir, data, split)
+    from fewshot.training.loop import resolve_device
+
+    dev = resolve_device(device)
+    learner, manifest = load_trained(run_dir, device=str(dev))
+    if manifest["data"]["fingerprint"] != data.cache.fingerprint:
+        raise EpisodeError(
+            f"run {run_dir} was trained on data with fingerprint {manifest['data']['fingerprint'][:12]} "
+            f"but the current cache has {data.cache.fingerprint[:12]}; the class split may differ"
+        )
+    from fewshot.precision import select_precision
+
+    learner.set_precision(select_precision(dev, prefer=config.train.precision))
+    result = evaluate_episodes(
+        learner.predict, data.cache, data.pool(split), EpisodeSpec(way, shot, query),
+        episodes=episodes, seed=seed, mode=mode, device=dev, progress=progress,
+    )
+    out = run_dir / f"eval-{split}-{way}w{shot}s-{mode}.json"
+    atomic_write_json(out, {"run": config.name, "learner": config.model.learner,
+                            "backbone": config.model.backbone, "split_scheme": data.scheme,
+                            "split": split, **result.to_dict()})
+    return result
+
+
+def load_results(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(Path(run_dir).glob("eval-*.json"))]
+
+
+def compare_runs(run_dirs: list[Path], out_png: Path) -> str:
+    """A markdown table of every evaluation of every run, and a bar plot of the same numbers."""
+    rows: list[tuple[str, float, float]] = []
+    lines = ["| run | learner | backbone | split | task | mode | episodes | accuracy (95% CI) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in run_dirs:
+        results = load_results(run)
+        if not results:
+            raise EpisodeError(f"run {run} has no evaluations; run `fewshot evaluate {run}` first")
+        for r in results:
+            task = f"{r['way']}-way {r['shot']}-shot"
+            lines.append(
+                f"| {r['run']} | {r['learner']} | {r['backbone']} | {r['split_scheme']}/{r['split']} | {task} | "
+                f"{r['mode']} | {r['episodes']} | {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} |"
+            )
+            rows.append((f"{r['run']}\n{task}", 100 * r["mean"], 100 * r["ci95"]))
+    plot_comparison(rows, out_png, "few-shot accuracy (95% CI)")
+    return "\n".join(lines)

@@ -1,0 +1,185 @@
+"""Training loop, exact resume, evaluation protocol, on a tiny synthetic collection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewshot.config import RunConfig, config_from_dict, load_config
+from fewshot.data.cache import ClassInfo, PackedCache, write_cache
+from fewshot.data.imageio import Preprocessing
+from fewshot.episodes.sampling import EpisodeSpec
+from fewshot.errors import CheckpointError, ConfigError, EpisodeError
+from fewshot.training.data import RunData
+from fewshot.training.evaluate import evaluate_episodes, mean_ci95
+from fewshot.training.loop import load_trained, lr_at, train
+from fewshot.training.protocol import check_no_training_classes, compare_runs, evaluate_run
+
+
+@dataclass(frozen=True)
+class _Split:
+    name: str
+    class_ids: np.ndarray
+    rotations: np.ndarray
+
+
+def synthetic_cache(root: Path, n_classes: int = 24, per_class: int = 8, size: int = 16) -> PackedCache:
+    """Each class is a fixed random binary pattern plus per-image noise: learnable, not trivial."""
+    rng = np.random.default_rng(0)
+    protos = rng.random((n_classes, 1, size, size)) < 0.3
+    imgs, classes, files = [], [], []
+    for c in range(n_classes):
+        noise = rng.random((per_class, 1, size, size)) < 0.08
+        imgs.append(((protos[c] ^ noise) * 255).astype(np.uint8))
+        dom = f"D{c % 3}"
+        classes.append(ClassInfo(f"{dom}/c{c}", dom, "", c * per_class, per_class))
+        files += [f"{dom}/c{c}/{i}.png" for i in range(per_class)]
+    write_cache(root / "cache", np.concatenate(imgs), classes, files, Preprocessing(size=size), "synthetic")
+    return PackedCache.open(root / "cache")
+
+
+def run_data(cache: PackedCache) -> RunData:
+    n = len(cache.classes)
+    ids = np.arange(n)
+    z = np.zeros
+    splits = {
+        "train": _Split("train", ids[:12], z(12, dtype=np.int64)),
+        "val": _Split("val", ids[12:18], z(6, dtype=np.int64)),
+        "test": _Split("test", ids[18:], z(n - 18, dtype=np.int64)),
+    }
+    return RunData(cache, splits, "synthetic")
+
+
+def config(tmp_path: Path, learner: str = "protonet", **train: object) -> RunConfig:
+    t = {"steps": 6, "way": 4, "shot": 2, "query": 3, "val_every": 3, "val_episodes": 10, "val_way": 3, "val_query": 5,
+         "checkpoint_every": 3, "precision": "fp32", "device": "cpu", "lr": 1e-3, **train}
+    return config_from_dict({"name": f"t-{learner}", "output_dir": str(tmp_path / "runs"),
+                             "model": {"learner": learner, "backbone": "conv4", "backbone_args": {"hidden": 8}},
+                             "train": t, "data": {"image_size": 16}})
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> RunData:
+    return run_data(synthetic_cache(tmp_path))
+
+
+def test_train_writes_run_folder_and_learns(tmp_path: Path, data: RunData) -> None:
+    cfg = config(tmp_path, steps=30, val_every=10)
+    res = train(cfg, data=data, progress=False)
+    run = cfg.run_dir()
+    for name in ("config.yaml", "metrics.csv", "curves.png", "train_classes.json", "train_summary.json"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints" / "last" / "model.safetensors").is_file()
+    assert res.best_val_acc > 1 / 3 + 0.15  # well above 3-way chance on unseen classes
+    echoed = load_config(run / "config.yaml")
+    assert echoed == cfg
+
+
+def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path: Path, data: RunData) -> None:
+    full = config(tmp_path / "a")
+    train(full, data=data, progress=False)
+
+    killed = config(tmp_path / "b")
+
+    def kill(step: int, _: dict[str, float]) -> None:
+        if step == 4:  # after the step-3 checkpoint, before the step-6 one
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(killed, data=data, progress=False, on_step=kill)
+    train(killed, data=data, progress=False)
+    a = load_file(str(full.run_dir() / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(killed.run_dir() / "checkpoints" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = (killed.run_dir() / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 6  # header + one row per step, no duplicates from the killed attempt
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path: Path, data: RunData) -> None:
+    train(config(tmp_path), data=data, progress=False)
+    with pytest.raises(CheckpointError, match=r"train.lr: 0.001 -> 0.01"):
+        train(config(tmp_path, lr=1e-2), data=data, progress=False)
+
+
+@pytest.mark.parametrize("learner", ["maml", "reptile", "pretrain"])
+def test_other_learner_kinds_run_through_the_loop(tmp_path: Path, data: RunData, learner: str) -> None:
+    cfg = config(tmp_path, learner, steps=3, val_every=3, batch_size=16)
+    train(cfg, data=data, progress=False)
+    trained, manifest = load_trained(cfg.run_dir())
+    assert manifest["model"]["learner"]["name"] == learner
+    assert trained.predict(_episode(data)).shape == (3 * 2, 3)
+
+
+def _episode(data: RunData):  # type: ignore[no-untyped-def]
+    from fewshot.episodes import EpisodeDataset
+
+    return EpisodeDataset(data.cache, data.pool("test"), EpisodeSpec(3, 1, 2), seed=0)[0]
+
+
+def test_evaluation_is_identical_for_identical_seeds_and_reports_ci(tmp_path: Path, data: RunData) -> None:
+    cfg = config(tmp_path)
+    train(cfg, data=data, progress=False)
+    learner, _ = load_trained(cfg.run_dir())
+    kw = dict(episodes=30, seed=9, progress=False, enforce_protocol=False)
+    a = evaluate_episodes(learner.predict, data.cache, data.pool("test"), EpisodeSpec(3, 1, 5), **kw)
+    b = evaluate_episodes(learner.predict, data.cache, data.pool("test"), EpisodeSpec(3, 1, 5), **kw)
+    assert a.accuracies == b.accuracies and a.mean == b.mean
+    assert 0 < a.ci95 < 0.5 and set(a.per_domain) <= {"D0", "D1", "D2"}
+    with pytest.raises(EpisodeError, match="at least 600 test episodes"):
+        evaluate_episodes(learner.predict, data.cache, data.pool("test"), EpisodeSpec(3, 1, 5), episodes=100)
+
+
+def test_mean_ci95_matches_formula() -> None:
+    accs = np.array([0.5, 0.7, 0.9, 0.6])
+    mean, ci = mean_ci95(accs)
+    assert mean == pytest.approx(0.675)
+    assert ci == pytest.approx(1.96 * accs.std(ddof=1) / 2)
+
+
+def test_evaluating_on_training_classes_is_refused(tmp_path: Path, data: RunData) -> None:
+    cfg = config(tmp_path)
+    train(cfg, data=data, progress=False)
+    with pytest.raises(EpisodeError, match="shares 12 classes"):
+        check_no_training_classes(cfg.run_dir(), data, "train")
+    check_no_training_classes(cfg.run_dir(), data, "test")
+
+
+def test_evaluate_run_and_compare(tmp_path: Path, data: RunData) -> None:
+    cfg = config(tmp_path)
+    train(cfg, data=data, progress=False)
+    res = evaluate_run(cfg.run_dir(), way=3, shot=1, query=5, episodes=600, data=data, progress=False, device="cpu")
+    assert res.episodes == 600 and (cfg.run_dir() / "eval-test-3w1s-any.json").is_file()
+    table = compare_runs([cfg.run_dir()], tmp_path / "cmp.png")
+    assert "3-way 1-shot" in table and (tmp_path / "cmp.png").stat().st_size > 1000
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown field 'train.stpes'"):
+        config_from_dict({"train": {"stpes": 3}})
+    with pytest.raises(ConfigError, match="train.lr"):
+        config_from_dict({"train": {"lr": -1}})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        load_config(None, ["train.steps"])
+    assert load_config(None, ["train.steps=7", "model.learner=maml"]).train.steps == 7
+
+
+def test_unknown_learner_lists_valid_ones(tmp_path: Path, data: RunData) -> None:
+    cfg = config_from_dict({"output_dir": str(tmp_path), "model": {"learner": "nope"}, "data": {"image_size": 16}})
+    with pytest.raises(ConfigError, match="valid learners: .*protonet"):
+        train(cfg, data=data, progress=False)
+
+
+def test_lr_schedules() -> None:
+    c = config_from_dict({"train": {"lr": 1.0, "schedule": "step", "step_every": 10, "steps": 100}}).train
+    assert lr_at(0, c) == 1.0 and lr_at(10, c) == 0.5 and lr_at(25, c) == 0.25
+    c = config_from_dict({"train": {"lr": 1.0, "schedule": "cosine", "steps": 100, "warmup": 10}}).train
+    assert lr_at(0, c) == pytest.approx(0.1) and lr_at(99, c) < 0.01

@@ -216,7 +216,14 @@ def _n_workers(workers: int | None, n_files: int) -> int:
         return max(1, int(workers))
     if n_files < MIN_FILES_FOR_POOL:
         return 1
-    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    return max(1, min(MAX_WORKERS, _usable_cpus()))
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (affinity-aware on Linux; os.cpu_count elsewhere)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _run_batches(

@@ -18,6 +18,7 @@ Two kinds:
 from __future__ import annotations
 
 import hashlib
+import os
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
@@ -155,7 +156,7 @@ class OmniglotSource(_BaseSource):
 
     name = "omniglot"
 
-    def __init__(self, data_root: str | Path, *, check_counts: bool = True) -> None:
+    def __init__(self, data_root: str | os.PathLike[str], *, check_counts: bool = True) -> None:
         self.root = omniglot_dir(data_root)
         self.check_counts = check_counts
         self._containers = {s: self._open(s) for s in OMNIGLOT_SUBSETS}
@@ -216,7 +217,7 @@ class OmniglotSource(_BaseSource):
         return {"kind": "omniglot", "root": str(self.root)}
 
 
-def omniglot_dir(data_root: str | Path) -> Path:
+def omniglot_dir(data_root: str | os.PathLike[str]) -> Path:
     """`<data_root>/omniglot`, or `data_root` itself when it already holds the Omniglot files."""
     root = Path(data_root)
     if (root / "omniglot").is_dir():
@@ -257,7 +258,7 @@ class ImageFolderSource(_BaseSource):
     """
 
     def __init__(
-        self, path: str | Path, *, first_level: FirstLevel = "domain", name: str | None = None
+        self, path: str | os.PathLike[str], *, first_level: FirstLevel = "domain", name: str | None = None
     ) -> None:
         path = Path(path)
         if not path.exists():

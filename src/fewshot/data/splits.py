@@ -50,9 +50,6 @@ class Split:
         return int(self.class_ids.size)
 
 
-SchemeFn = Callable[[PackedCache, np.random.Generator, tuple[float, float, float], "bool | None", "Path | None"], dict[str, Split]]
-
-
 def list_split_schemes() -> list[str]:
     return sorted(_SCHEMES)
 
@@ -97,7 +94,13 @@ def _split(name: str, class_ids: Sequence[int], rotations: bool) -> Split:
 # --------------------------------------------------------------------------- schemes
 
 
-def _lake(cache, rng, fractions, rotations, splits_dir):  # type: ignore[no-untyped-def]
+def _lake(
+    cache: PackedCache,
+    rng: np.random.Generator,
+    fractions: tuple[float, float, float],
+    rotations: bool | None,
+    splits_dir: Path | None,
+) -> dict[str, Split]:
     subsets = {c.subset for c in cache.classes}
     if not {"background", "evaluation"} <= subsets:
         raise DataError(
@@ -107,7 +110,7 @@ def _lake(cache, rng, fractions, rotations, splits_dir):  # type: ignore[no-unty
     bg_alphabets = sorted({c.domain for c in cache.classes if c.subset == "background"})
     n_val = int(round(fractions[1] * len(bg_alphabets)))
     val_alphabets = set(rng.choice(bg_alphabets, size=n_val, replace=False).tolist())
-    ids = {name: [] for name in SPLIT_NAMES}  # type: dict[str, list[int]]
+    ids: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     for i, c in enumerate(cache.classes):
         if c.subset == "evaluation":
             ids["test"].append(i)
@@ -119,14 +122,21 @@ def _lake(cache, rng, fractions, rotations, splits_dir):  # type: ignore[no-unty
 _VINYALS_LINE = re.compile(r"^(?P<cls>[^/]+/[^/]+)/rot(?P<deg>\d{3})$")
 
 
-def _vinyals(cache, rng, fractions, rotations, splits_dir):  # type: ignore[no-untyped-def]
+def _vinyals(
+    cache: PackedCache,
+    rng: np.random.Generator,
+    fractions: tuple[float, float, float],
+    rotations: bool | None,
+    splits_dir: Path | None,
+) -> dict[str, Split]:
     folder = _vinyals_dir(cache, splits_dir)
     out = {}
     for name in SPLIT_NAMES:
         path = folder / f"{name}.txt"
         if not path.is_file():
             raise DataError(f"vinyals split file {path} is missing; it ships in splits/vinyals/ beside the Omniglot zips")
-        ids, rots = [], []
+        ids: list[int] = []
+        rots: list[int] = []
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -161,7 +171,13 @@ def _vinyals_dir(cache: PackedCache, splits_dir: Path | None) -> Path:
     )
 
 
-def _domains(cache, rng, fractions, rotations, splits_dir):  # type: ignore[no-untyped-def]
+def _domains(
+    cache: PackedCache,
+    rng: np.random.Generator,
+    fractions: tuple[float, float, float],
+    rotations: bool | None,
+    splits_dir: Path | None,
+) -> dict[str, Split]:
     domains = sorted({c.domain for c in cache.classes})
     counts = _fraction_counts(len(domains), fractions, at_least_one=True)
     if any(n == 0 and f > 0 for n, f in zip(counts, fractions)):
@@ -172,14 +188,20 @@ def _domains(cache, rng, fractions, rotations, splits_dir):  # type: ignore[no-u
     order = [domains[i] for i in rng.permutation(len(domains))]
     bounds = np.cumsum((0, *counts))
     split_of = {d: SPLIT_NAMES[k] for k in range(3) for d in order[bounds[k] : bounds[k + 1]]}
-    ids = {name: [] for name in SPLIT_NAMES}  # type: dict[str, list[int]]
+    ids: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     for i, c in enumerate(cache.classes):
         ids[split_of[c.domain]].append(i)
     return {name: _split(name, ids[name], bool(rotations)) for name in SPLIT_NAMES}
 
 
-def _classes(cache, rng, fractions, rotations, splits_dir):  # type: ignore[no-untyped-def]
-    ids = {name: [] for name in SPLIT_NAMES}  # type: dict[str, list[int]]
+def _classes(
+    cache: PackedCache,
+    rng: np.random.Generator,
+    fractions: tuple[float, float, float],
+    rotations: bool | None,
+    splits_dir: Path | None,
+) -> dict[str, Split]:
+    ids: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     for domain in sorted({c.domain for c in cache.classes}):
         members = [i for i, c in enumerate(cache.classes) if c.domain == domain]
         order = [members[i] for i in rng.permutation(len(members))]

@@ -74,6 +74,7 @@ class TrainConfig(_Frozen):
     crop_pad: int = Field(0, ge=0)
     hflip: bool = False
     domain_mode: Literal["any", "within", "across"] = "any"
+    max_seconds: float | None = Field(None, gt=0)  # stop early (validate, checkpoint) after this wall time
 
 
 class EvalConfig(_Frozen):

@@ -199,14 +199,16 @@ def train(
     t0 = time.perf_counter()
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=config.name, disable=not progress)
     metrics: dict[str, float] = {}
+    done = start
     for step in bar:
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
         metrics = learner.train_step(batch_for(step), optimizer)
         done = step + 1
+        out_of_time = tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds
         row: dict[str, Any] = {"step": done, "lr": lr, "elapsed_s": round(time.perf_counter() - t0, 3), **metrics}
-        if done % tc.val_every == 0 or done == tc.steps:
+        if done % tc.val_every == 0 or done == tc.steps or out_of_time:
             row["val_acc"], row["val_ci95"] = validate()
             if row["val_acc"] == row["val_acc"] and row["val_acc"] > best:
                 best = row["val_acc"]
@@ -214,20 +216,22 @@ def train(
                                 manifest={**base, "metrics": {"val_acc": best, "val_ci95": row["val_ci95"]}})
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{row['val_acc']:.3f}")
         log.append(row)
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
+        if done % tc.checkpoint_every == 0 or done == tc.steps or out_of_time:
             save_checkpoint(last, model=learner, optimizer=optimizer, step=done,
                             manifest={**base, "metrics": {"best_val_acc": best, **metrics}})
         if on_step is not None:
             on_step(done, metrics)
+        if out_of_time:
+            break
     if val_pool is None:  # no validation split: the final model is the one to keep
-        save_checkpoint(ckpt_dir / "best", model=learner, optimizer=None, step=tc.steps,
+        save_checkpoint(ckpt_dir / "best", model=learner, optimizer=None, step=done,
                         manifest={**base, "metrics": dict(metrics)})
     elapsed = time.perf_counter() - t0
     plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", title=f"{config.name}: {config.model.learner} / {config.model.backbone}")
-    summary = {"steps": tc.steps, "best_val_acc": best, "train_seconds_this_session": round(elapsed, 2),
+    summary = {"steps": done, "best_val_acc": best, "train_seconds_this_session": round(elapsed, 2),
                "device": str(device), "precision": learner.precision.dtype}
     atomic_write_json(run_dir / "train_summary.json", summary)
-    return TrainResult(run_dir, tc.steps, best, elapsed)
+    return TrainResult(run_dir, done, best, elapsed)
 
 
 def load_trained(run_dir: Path, *, tag: str = "best", device: str = "cpu") -> tuple[Any, dict[str, Any]]:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from postgres_server import find_pg_bin, fresh_database, postgres_server  # noqa: E402
 
 from fewshot.artifacts import export_bundle  # noqa: E402
+from fewshot.artifacts.embedders import check_batch  # noqa: E402
 from fewshot.backbones import create_backbone  # noqa: E402
 from fewshot.data.imageio import Preprocessing  # noqa: E402
 from fewshot.service.store import SQLiteStore, Store, open_store  # noqa: E402
@@ -44,10 +45,11 @@ class ToyEmbedder:
     """Deterministic numpy embedder (fixed random projection) for fast recogniser/store tests."""
 
     def __init__(self, dim: int = 16, channels: int = 1, size: int = 28) -> None:
-        self.embedding_dim = dim
+        self.embedding_dim, self.channels, self.size = dim, channels, size
         self.proj = np.random.default_rng(0).standard_normal((channels * size * size, dim)).astype(np.float32)
 
     def embed(self, images_u8: np.ndarray) -> np.ndarray:
+        check_batch(images_u8, self.channels, self.size)
         x = images_u8.reshape(len(images_u8), -1).astype(np.float32) / 255.0
         return (x @ self.proj).astype(np.float32)
 

@@ -134,3 +134,19 @@ def test_dhash_separates_similar_from_different() -> None:
     assert bin(dhash64(a) ^ dhash64(b)).count("1") > 16
     assert 0 <= dhash64(np.zeros((3, 5), dtype=np.uint8)) < 2**64  # tiny images work
     assert dhash64(np.stack([a] * 3, axis=-1)) == dhash64(a)  # gray RGB == gray
+
+
+def test_exif_orientation_is_applied_like_decode_image() -> None:
+    from fewshot.data.imageio import decode_image
+
+    arr = np.zeros((16, 32, 3), dtype=np.uint8)
+    arr[:, :8] = 255  # a white band on the left of a wide image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise when displayed
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    data = buf.getvalue()
+    pre = Preprocessing("L", 16)
+    batch = inspect_batch([data], ["rot.jpg"], pre, min_side=8)
+    np.testing.assert_array_equal(batch.images[0], decode_image(data, pre))
+    assert batch.images[0, 0, :4].mean() > 200 > batch.images[0, 0, -4:].mean()  # band now on top

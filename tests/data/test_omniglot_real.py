@@ -50,3 +50,18 @@ def test_vinyals_counts(omniglot_cache: Any) -> None:
     assert {k: len(s) for k, s in splits.items()} == {"train": 1028 * 4, "val": 172 * 4, "test": 423 * 4}
     assert {k: len(set(s.class_ids.tolist())) for k, s in splits.items()} == {"train": 1028, "val": 172, "test": 423}
     assert sorted(set(splits["train"].rotations.tolist())) == [0, 1, 2, 3]
+
+
+def test_cifar_subset_zip_with_subset_first_level(data_root: Path, tmp_path: Path) -> None:
+    from fewshot.data.imageio import Preprocessing
+    from fewshot.data.prepare import prepare
+    from fewshot.data.sources import ImageFolderSource
+
+    zip_path = data_root / "cifar10-subset" / "cifar10_subset.zip"
+    if not zip_path.is_file():
+        pytest.skip(f"{zip_path} not found")
+    prepared = prepare(ImageFolderSource(zip_path, first_level="subset"), tmp_path, Preprocessing("RGB", 32), progress=False)
+    cache = prepared.cache
+    assert len(cache) == 6_000 and cache.domains == ("cifar10_subset",)
+    assert [(c.count, c.subset) for c in cache.classes] == [(600, "test+train")] * 10
+    check_leakage(cache, make_splits(cache, "classes", seed=0))

@@ -71,9 +71,8 @@ def prepare(
     `workers`: processes for decoding; None = automatic (one per CPU, at most 8, only for
     sources of 4,096+ files), 0 or 1 = in this process.
     """
-    if not hasattr(source, "entries"):
-        source = ImageFolderSource(Path(source))  # type: ignore[arg-type]
-    assert not isinstance(source, (str, os.PathLike))
+    if isinstance(source, (str, os.PathLike)):
+        source = ImageFolderSource(source)
     cfg = CleaningConfig(min_images_per_class=min_images_per_class, min_side=min_side)
     source_fp = source.fingerprint()
     key = build_key(source_fp, pre, cfg)

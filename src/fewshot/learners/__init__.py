@@ -1,1 +1,67 @@
-"""learners stage."""
+"""Learners: an algorithm around a backbone, behind one interface (`FewShotLearner`).
+
+    backbone = create_backbone("conv4", in_channels=1, image_size=28)
+    learner = create_learner("protonet", backbone)
+    metrics = learner.train_step(list_of_episodes, optimizer)
+    logits = learner.predict(episode)             # or learner.fit(sx, sy, n_way)(qx)
+
+The registry is an explicit dict; nothing registers itself on import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fewshot.errors import ConfigError
+from fewshot.learners.base import FewShotLearner
+from fewshot.learners.maml import ANIL, FOMAML, MAML, MetaSGD
+from fewshot.learners.pretrain import Pretrain
+from fewshot.learners.protonet import ProtoNet
+from fewshot.learners.reptile import Reptile
+
+_REGISTRY: dict[str, type[FewShotLearner]] = {
+    cls.name: cls for cls in (ProtoNet, MAML, FOMAML, ANIL, MetaSGD, Reptile, Pretrain)
+}
+
+
+def list_learners() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def learner_class(name: str) -> type[FewShotLearner]:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown learner {name!r}; valid learners: {', '.join(list_learners())}")
+    return _REGISTRY[name]
+
+
+def create_learner(name: str, backbone: nn.Module, **kwargs: Any) -> FewShotLearner:
+    """Build a learner by name around `backbone`. Unknown names and arguments raise ConfigError."""
+    cls = learner_class(name)
+    try:
+        return cls(backbone, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"learner {name!r}: bad arguments {kwargs} ({exc})") from exc
+
+
+def learner_from_config(config: dict[str, Any], backbone: nn.Module) -> FewShotLearner:
+    """Rebuild a learner from its `config` dict (as stored in manifests) around `backbone`."""
+    cfg = dict(config)
+    return create_learner(cfg.pop("name"), backbone, **cfg)
+
+
+__all__ = [
+    "ANIL",
+    "FOMAML",
+    "MAML",
+    "FewShotLearner",
+    "MetaSGD",
+    "Pretrain",
+    "ProtoNet",
+    "Reptile",
+    "create_learner",
+    "learner_class",
+    "learner_from_config",
+    "list_learners",
+]

@@ -1,0 +1,277 @@
+"""The MAML family: MAML / first-order MAML (Finn, Abbeel & Levine, ICML 2017, arXiv:1703.03400),
+ANIL (Raghu et al., ICLR 2020, arXiv:1909.09157) and Meta-SGD (Li et al. 2017, arXiv:1707.09835).
+
+Model: backbone embedding (D,) -> linear head (n_way, D). Inner loops are pure functions over a
+dict of tensors run with `torch.func.functional_call`; the module's own parameters are the
+meta-parameters and are never patched.
+
+Head: zero-initialised for every task (as in MAML++ / ANIL / "unicorn" MAML practice). A learned
+n_way head would tie meaning to arbitrary episode label order and fix n_way; a zero head is
+label-permutation invariant, works for any n_way, and after one step is a prototype-like
+classifier (Triantafillou et al. 2020).
+
+Batch norm ("MetaBN", Bronskill et al. 2020; see fewshot.backbones.norm): every forward pass
+normalises with the statistics of the task's support set. Inner steps see support batch
+statistics (as in classic MAML); query images are run in the same batch as the support set but
+normalised with the support statistics, so a query's logits depend only on the support set and
+itself (inductive), in training and evaluation alike, and running statistics are never used.
+Classic MAML normalised queries with their own batch statistics, which is transductive; pass
+`transductive=True` for that behaviour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from fewshot.backbones.norm import context_statistics, episodic_norms
+from fewshot.episodes.types import Episode
+from fewshot.errors import ConfigError
+from fewshot.learners.base import (
+    Batch,
+    FewShotLearner,
+    accuracy,
+    as_meta_batch,
+    check_support,
+    embedding_dim_of,
+)
+
+Params = dict[str, Tensor]
+HEAD_W, HEAD_B = "head.weight", "head.bias"
+
+
+@dataclass(frozen=True)
+class MAMLConfig:
+    inner_lr: float = 0.4  # Finn et al. Omniglot value
+    inner_steps: int = 1  # inner steps per task in meta-training
+    eval_inner_steps: int = 3  # inner steps when fitting a support set at evaluation
+    first_order: bool = False
+    transductive: bool = False
+
+    def __post_init__(self) -> None:
+        if self.inner_lr <= 0:
+            raise ConfigError(f"inner_lr must be > 0; got {self.inner_lr}")
+        if self.inner_steps < 1 or self.eval_inner_steps < 1:
+            raise ConfigError(
+                f"inner_steps and eval_inner_steps must be >= 1; got {self.inner_steps}, {self.eval_inner_steps}"
+            )
+
+
+class GradientLearner(FewShotLearner):
+    """Shared functional machinery: embed / head / inner update with per-task fast weights."""
+
+    def __init__(self, backbone: nn.Module, cfg: MAMLConfig) -> None:
+        super().__init__(backbone, cfg)
+        self.embedding_dim = embedding_dim_of(backbone)
+        episodic_norms(backbone)  # raises early if the backbone uses plain batch norm
+        self._fitted: tuple[Params, Tensor] | None = None
+
+    # ---- the functional model ------------------------------------------------------------------
+    def body_params(self) -> Params:
+        return dict(self.backbone.named_parameters())
+
+    def zero_head(self, n_way: int, like: Tensor) -> Params:
+        """Per-task head (n_way, D) + (n_way,), zeros, a leaf that the inner loop differentiates."""
+        w = torch.zeros(n_way, self.embedding_dim, device=like.device, requires_grad=True)
+        b = torch.zeros(n_way, device=like.device, requires_grad=True)
+        return {HEAD_W: w, HEAD_B: b}
+
+    def embed(self, params: Params, x: Tensor, n_context: int) -> Tensor:
+        """(N, C, H, W) -> (N, D) with fast weights; batch norm uses statistics of rows [:n_context]."""
+        body = {k: v for k, v in params.items() if not k.startswith("head.")}
+        with context_statistics(self.backbone, n_context):
+            return functional_call(self.backbone, body, (x,))
+
+    @staticmethod
+    def head(params: Params, z: Tensor) -> Tensor:
+        """Embeddings (N, D) -> logits (N, n_way), fp32."""
+        return F.linear(z.float(), params[HEAD_W].float(), params[HEAD_B].float())
+
+    def logits(self, params: Params, x: Tensor, n_context: int) -> Tensor:
+        return self.head(params, self.embed(params, x, n_context))
+
+    def query_logits(self, params: Params, xs: Tensor, xq: Tensor) -> Tensor:
+        """Logits (n_query, n_way). Inductive: queries normalised with support statistics."""
+        if self.cfg.transductive:
+            return self.logits(params, xq, xq.shape[0])
+        return self.logits(params, torch.cat([xs, xq]), xs.shape[0])[xs.shape[0] :]
+
+    # ---- inner loop ------------------------------------------------------------------------------
+    def inner_lr(self, name: str) -> Tensor | float:
+        return self.cfg.inner_lr
+
+    def adapts(self, name: str) -> bool:
+        return True
+
+    def inner_update(self, params: Params, loss: Tensor, create_graph: bool) -> Params:
+        """One SGD step on the adapted subset: theta' = theta - lr * dL/dtheta."""
+        names = [k for k in params if self.adapts(k)]
+        grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=create_graph)
+        new = dict(params)
+        for k, g in zip(names, grads):
+            new[k] = params[k] - self.inner_lr(k) * g
+        return new
+
+    def adapt(
+        self, params: Params, xs: Tensor, ys: Tensor, steps: int, create_graph: bool
+    ) -> Params:
+        for _ in range(steps):
+            loss = F.cross_entropy(self.logits(params, xs, xs.shape[0]), ys)
+            params = self.inner_update(params, loss, create_graph)
+        return params
+
+    def _tensors(self, ep: Episode) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        dev = self.device
+        return (
+            self.prep(ep.support_x),
+            ep.support_y.to(dev),
+            self.prep(ep.query_x),
+            ep.query_y.to(dev),
+        )
+
+    # ---- FewShotLearner ---------------------------------------------------------------------------
+    def meta_loss(self, episode: Episode) -> tuple[Tensor, Tensor]:
+        xs, ys, xq, yq = self._tensors(episode)
+        create_graph = self.training and not self.cfg.first_order
+        steps = self.cfg.inner_steps if self.training else self.cfg.eval_inner_steps
+        params = {**self.body_params(), **self.zero_head(episode.n_way, xs)}
+        params = self.adapt(params, xs, ys, steps, create_graph)
+        logits = self.query_logits(params, xs, xq)
+        return F.cross_entropy(logits, yq), logits
+
+    def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Mean query loss over the meta-batch; tasks are backpropagated one at a time (memory)."""
+        episodes = as_meta_batch(batch)
+        self.train()
+        optimizer.zero_grad(set_to_none=True)
+        losses, accs = [], []
+        for ep in episodes:
+            with self.autocast():
+                loss, logits = self.meta_loss(ep)
+            self.backward(loss / len(episodes))
+            losses.append(float(loss.detach()))
+            accs.append(accuracy(logits.detach(), ep.query_y.to(logits.device)))
+        self.step(optimizer)
+        return {"loss": sum(losses) / len(losses), "acc": sum(accs) / len(accs)}
+
+    def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> GradientLearner:
+        """Adapt fast weights to the support set (eval_inner_steps steps) and keep them."""
+        check_support(support_x, support_y, n_way)
+        xs, ys = self.prep(support_x), support_y.to(self.device)
+        with torch.enable_grad(), self.autocast():
+            params = {**self.body_params(), **self.zero_head(n_way, xs)}
+            params = self.adapt(params, xs, ys, self.cfg.eval_inner_steps, create_graph=False)
+        self._fitted = ({k: v.detach() for k, v in params.items()}, xs)
+        return self
+
+    def forward(self, query_x: Tensor) -> Tensor:
+        """Query images (n_query, C, H, W) -> logits (n_query, n_way) with the fitted fast weights."""
+        if self._fitted is None:
+            raise ConfigError(
+                f"{type(self).__name__}.forward called before fit(support_x, support_y, n_way)"
+            )
+        params, xs = self._fitted
+        with self.autocast():
+            return self.query_logits(params, xs, self.prep(query_x))
+
+
+class MAML(GradientLearner):
+    """MAML: adapt every backbone parameter and the zero head; second order unless first_order."""
+
+    name = "maml"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        inner_lr: float = 0.4,
+        inner_steps: int = 1,
+        eval_inner_steps: int = 3,
+        first_order: bool = False,
+        transductive: bool = False,
+    ) -> None:
+        super().__init__(
+            backbone, MAMLConfig(inner_lr, inner_steps, eval_inner_steps, first_order, transductive)
+        )
+
+
+class FOMAML(MAML):
+    """First-order MAML (Finn et al. 2017, section 5.2): the outer gradient ignores inner Hessians."""
+
+    name = "fomaml"
+
+    def __init__(self, backbone: nn.Module, **kwargs: object) -> None:
+        kwargs.setdefault("first_order", True)
+        super().__init__(backbone, **kwargs)  # type: ignore[arg-type]
+
+
+class ANIL(MAML):
+    """ANIL (Raghu et al. 2020): the inner loop adapts only the head; features are computed once."""
+
+    name = "anil"
+
+    def adapts(self, name: str) -> bool:
+        return name.startswith("head.")
+
+    def _features(self, xs: Tensor, xq: Tensor) -> tuple[Tensor, Tensor]:
+        body = self.body_params()
+        if self.cfg.transductive:
+            return self.embed(body, xs, xs.shape[0]), self.embed(body, xq, xq.shape[0])
+        z = self.embed(body, torch.cat([xs, xq]), xs.shape[0])
+        return z[: xs.shape[0]], z[xs.shape[0] :]
+
+    def adapt_head(
+        self, head: Params, zs: Tensor, ys: Tensor, steps: int, create_graph: bool
+    ) -> Params:
+        for _ in range(steps):
+            head = self.inner_update(head, F.cross_entropy(self.head(head, zs), ys), create_graph)
+        return head
+
+    def meta_loss(self, episode: Episode) -> tuple[Tensor, Tensor]:
+        xs, ys, xq, yq = self._tensors(episode)
+        zs, zq = self._features(xs, xq)
+        steps = self.cfg.inner_steps if self.training else self.cfg.eval_inner_steps
+        create_graph = self.training and not self.cfg.first_order
+        head = self.adapt_head(self.zero_head(episode.n_way, xs), zs, ys, steps, create_graph)
+        logits = self.head(head, zq)
+        return F.cross_entropy(logits, yq), logits
+
+    def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> ANIL:
+        check_support(support_x, support_y, n_way)
+        xs, ys = self.prep(support_x), support_y.to(self.device)
+        with torch.no_grad(), self.autocast():
+            zs = self.embed(self.body_params(), xs, xs.shape[0]).float()
+        with torch.enable_grad():
+            head = self.adapt_head(
+                self.zero_head(n_way, xs), zs, ys, self.cfg.eval_inner_steps, False
+            )
+        self._fitted = ({**self.body_params(), **{k: v.detach() for k, v in head.items()}}, xs)
+        return self
+
+
+class MetaSGD(MAML):
+    """Meta-SGD (Li et al. 2017): a learnable inner learning rate for every parameter element.
+
+    Backbone rates have the parameter's shape; the per-task head gets a rate per feature (1, D)
+    for its weight and a scalar for its bias, shared across classes because labels are arbitrary.
+    """
+
+    name = "metasgd"
+
+    def __init__(self, backbone: nn.Module, **kwargs: object) -> None:
+        super().__init__(backbone, **kwargs)  # type: ignore[arg-type]
+        lr = self.cfg.inner_lr
+        rates = {
+            k.replace(".", "/"): nn.Parameter(torch.full_like(p, lr))
+            for k, p in self.body_params().items()
+        }
+        rates[HEAD_W.replace(".", "/")] = nn.Parameter(torch.full((1, self.embedding_dim), lr))
+        rates[HEAD_B.replace(".", "/")] = nn.Parameter(torch.full((1,), lr))
+        self.inner_lrs = nn.ParameterDict(rates)
+
+    def inner_lr(self, name: str) -> Tensor | float:
+        return self.inner_lrs[name.replace(".", "/")]

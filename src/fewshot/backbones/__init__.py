@@ -1,5 +1,8 @@
 """Backbones: images (N, C, H, W) float in [0, 1] -> embeddings (N, D).
 
+Registered: conv4 (Conv-4), resnet12 (ResNet-12), inception (small GoogLeNet). All take `width`
+(channel multiplier: small students, large teachers) and use EpisodicBatchNorm2d (see norm.py).
+
 One factory, `create_backbone(name, in_channels=..., image_size=..., **kwargs)`; every backbone
 exposes `embedding_dim` and `config` (the exact arguments that rebuild it), so checkpoints and
 artifacts describe themselves.
@@ -13,10 +16,14 @@ from typing import Any
 from torch import nn
 
 from fewshot.backbones.conv4 import Conv4
+from fewshot.backbones.inception import InceptionNet
+from fewshot.backbones.resnet12 import ResNet12
 from fewshot.errors import ConfigError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "conv4": Conv4,
+    "resnet12": ResNet12,
+    "inception": InceptionNet,
 }
 
 
@@ -31,7 +38,9 @@ def register_backbone(name: str, factory: Callable[..., nn.Module]) -> None:
 def create_backbone(name: str, *, in_channels: int, image_size: int, **kwargs: Any) -> nn.Module:
     """Build a backbone by name. Unknown names list the valid ones."""
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown backbone {name!r}; valid backbones: {', '.join(list_backbones())}")
+        raise ConfigError(
+            f"unknown backbone {name!r}; valid backbones: {', '.join(list_backbones())}"
+        )
     try:
         return _REGISTRY[name](in_channels=in_channels, image_size=image_size, **kwargs)
     except TypeError as exc:

@@ -22,6 +22,7 @@ Classic MAML normalised queries with their own batch statistics, which is transd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ class MAMLConfig:
 class GradientLearner(FewShotLearner):
     """Shared functional machinery: embed / head / inner update with per-task fast weights."""
 
-    def __init__(self, backbone: nn.Module, cfg: MAMLConfig) -> None:
+    def __init__(self, backbone: nn.Module, cfg: Any) -> None:  # MAMLConfig | ReptileConfig
         super().__init__(backbone, cfg)
         self.embedding_dim = embedding_dim_of(backbone)
         episodic_norms(backbone)  # raises early if the backbone uses plain batch norm

@@ -57,7 +57,7 @@ class Reptile(GradientLearner):
     ) -> None:
         super().__init__(
             backbone, ReptileConfig(inner_lr, inner_steps, eval_inner_steps, transductive)
-        )  # type: ignore[arg-type]
+        )
 
     def _sgd(
         self, params: Params, x: Tensor, y: Tensor, steps: int

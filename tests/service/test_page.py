@@ -1,0 +1,210 @@
+"""End-to-end tests of the web page (/ui) in headless Chromium against a real uvicorn server:
+create a workspace, teach Omniglot characters, classify a held-out drawing, explain it, manage
+classes, and show the API's errors in the page."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from browser import chromium, live_server  # noqa: E402
+
+from fewshot.service.app import create_app  # noqa: E402
+from fewshot.service.settings import ServiceSettings  # noqa: E402
+
+sys.path.pop(0)
+
+pytestmark = pytest.mark.browser
+
+ADMIN_KEY = "page-test-admin-key"
+N_SHOT = 5
+SCREENSHOT_COPY = Path("/tmp/fewshot-page.png")
+
+
+@pytest.fixture(scope="module")
+def omniglot_classes(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """Three evaluation characters (one per alphabet) -> N_SHOT + 1 PNG drawings each, written to disk."""
+    out = tmp_path_factory.mktemp("omniglot-pngs")
+    with zipfile.ZipFile(data_root / "omniglot" / "images_evaluation.zip") as z:
+        drawings: dict[tuple[str, str], list[str]] = {}  # (alphabet, character) -> member names
+        for name in sorted(n for n in z.namelist() if n.endswith(".png")):
+            _, alphabet, character, _ = name.split("/")
+            drawings.setdefault((alphabet, character), []).append(name)
+        first_of_alphabet: dict[str, tuple[str, list[str]]] = {}
+        for (alphabet, character), members in drawings.items():
+            first_of_alphabet.setdefault(alphabet, (character, members))
+        classes: dict[str, list[Path]] = {}
+        for alphabet, (character, members) in list(first_of_alphabet.items())[:3]:
+            label = f"{alphabet.lower()} {character.removeprefix('character')}"
+            classes[label] = []
+            for name in members[: N_SHOT + 1]:
+                path = out / alphabet / character / Path(name).name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(z.read(name))
+                classes[label].append(path)
+    assert len(classes) == 3 and all(len(v) == N_SHOT + 1 for v in classes.values()), classes
+    return classes
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture
+def server(tiny_bundle: Path, tmp_path: Path) -> Iterator[str]:
+    settings = ServiceSettings(bundle_path=str(tiny_bundle), db_url=f"sqlite:///{tmp_path / 'page.db'}",
+                               admin_key=ADMIN_KEY)
+    with live_server(create_app(settings)) as base:
+        yield base
+
+
+@pytest.fixture
+def page(browser: Any, server: str) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1100, "height": 900}, base_url=server)
+    context.set_default_timeout(10_000)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.on("dialog", lambda d: d.accept())  # the class delete confirmation
+    yield pg
+    context.close()
+    assert not errors, f"uncaught JavaScript errors in the page: {errors}"
+
+
+def _create_workspace(page: Any) -> dict[str, str]:
+    page.goto("/")
+    assert page.url.endswith("/ui/")
+    page.get_by_label("Name", exact=True).fill("page test")
+    page.get_by_label("Admin key").fill(ADMIN_KEY)
+    page.get_by_role("button", name="Create workspace").click()
+    page.locator("#workspace").wait_for(state="visible")
+    stored = page.evaluate("JSON.parse(localStorage.getItem('fewshot.workspace'))")
+    assert stored["id"] and stored["key"]
+    assert page.locator("#new-key-value").inner_text() == stored["key"]
+    return stored  # type: ignore[no-any-return]
+
+
+def _teach(page: Any, label: str, files: list[Path]) -> None:
+    page.get_by_label("Class name", exact=True).fill(label)
+    page.locator("#teach-files").set_input_files([str(f) for f in files])
+    page.get_by_role("button", name=f"Teach class ({len(files)} images)").click()
+    page.locator(".class", has_text=label).wait_for()
+
+
+def _expect_message(page: Any, kind: str, contains: str) -> str:
+    msg = page.get_by_role("alert")
+    msg.wait_for(state="visible")
+    page.wait_for_function("([k, t]) => { const m = document.getElementById('message');"
+                           " return m.classList.contains(k) && m.textContent.includes(t); }", arg=[kind, contains])
+    return str(msg.inner_text())
+
+
+def test_teach_classify_explain(page: Any, server: str, omniglot_classes: dict[str, list[Path]], tmp_path: Path) -> None:
+    ws = _create_workspace(page)
+    page.get_by_role("button", name="Done").click()
+    for label, paths in omniglot_classes.items():
+        _teach(page, label, paths[:N_SHOT])
+        _expect_message(page, "info", f'Taught "{label}" from {N_SHOT} images')
+
+    # The class list: three classes, counts, N_SHOT thumbnails each, fetched with the workspace key.
+    cards = page.locator(".class")
+    assert cards.count() == 3
+    for label in omniglot_classes:
+        card = page.locator(".class", has_text=label)
+        assert card.locator(".class-count").inner_text() == f"{N_SHOT} images"
+        assert card.locator(".class-thumbs img").count() == N_SHOT
+    page.wait_for_function("[...document.querySelectorAll('.class-thumbs img')].every(i => i.complete && i.naturalWidth > 0)")
+    assert page.locator("#classes-count").inner_text() == f"(3 classes, {3 * N_SHOT} images)"
+
+    # Classify a held-out drawing: the page shows what the API answers for the same image.
+    label, paths = next(iter(omniglot_classes.items()))
+    held_out = paths[N_SHOT]
+    page.locator("#classify-file").set_input_files(str(held_out))
+    page.locator("#result").wait_for(state="visible")
+    with held_out.open("rb") as fh:
+        api = httpx.post(f"{server}/workspaces/{ws['id']}/explain", headers={"Authorization": f"Bearer {ws['key']}"},
+                         files={"image": (held_out.name, fh, "image/png")}, data={"k": "5"}).json()
+    pred = api["prediction"]
+    assert page.locator("#result-verdict").inner_text() == pred["label"]
+    bars = page.locator("#result-top li")
+    assert bars.count() == 3  # top-5 asked, three classes exist
+    shown = [(bars.nth(i).locator(".bar-label").inner_text(), bars.nth(i).locator(".bar-value").inner_text())
+             for i in range(3)]
+    assert shown == [(c["label"], f"{100 * c['probability']:.1f}%") for c in pred["top_k"]]
+    assert {name for name, _ in shown} == set(omniglot_classes)
+    neighbours = page.locator("#result-neighbours li")
+    assert neighbours.count() == len(api["neighbours"]) == N_SHOT
+    assert [neighbours.nth(i).inner_text() for i in range(N_SHOT)] == [n["label"] for n in api["neighbours"]]
+    page.wait_for_function("[...document.querySelectorAll('#result-neighbours img, #result-query')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+
+    shot = tmp_path / "page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    shutil.copyfile(shot, SCREENSHOT_COPY)
+
+    # A reload keeps the workspace (localStorage); a strict threshold makes the same drawing "unknown".
+    page.reload()
+    page.locator(".class").first.wait_for()
+    assert page.locator("#ws-id").inner_text() == ws["id"]
+    r = httpx.patch(f"{server}/workspaces/{ws['id']}", headers={"Authorization": f"Bearer {ws['key']}"},
+                    json={"threshold": 1e-9})
+    assert r.status_code == 200, r.text
+    page.locator("#classify-file").set_input_files(str(held_out))
+    page.locator("#result-verdict.unknown").wait_for()
+    assert page.locator("#result-verdict").inner_text() == "unknown"
+    assert "no class is close enough" in page.locator("#result-detail").inner_text()
+
+
+def test_errors_are_shown_and_page_recovers(page: Any, omniglot_classes: dict[str, list[Path]], tmp_path: Path) -> None:
+    page.goto("/ui/")
+    page.get_by_label("Admin key").fill("not-the-admin-key")
+    page.get_by_role("button", name="Create workspace").click()
+    assert "wrong admin key" in _expect_message(page, "error", "wrong admin key")
+    assert page.locator("#workspace").is_hidden()
+
+    _create_workspace(page)
+    page.locator("#classify-file").set_input_files(str(next(iter(omniglot_classes.values()))[0]))
+    _expect_message(page, "error", "no classes yet")
+
+    # A text file among the images: the API refuses the request (415) and the page says why.
+    junk = tmp_path / "notes.txt"
+    junk.write_text("this is not an image\n")
+    label, paths = next(iter(omniglot_classes.items()))
+    page.get_by_label("Class name", exact=True).fill(label)
+    page.locator("#teach-files").set_input_files([str(paths[0]), str(junk)])
+    page.get_by_role("button", name="Teach class (2 images)").click()
+    text = _expect_message(page, "error", "notes.txt")
+    assert "not an image" in text
+    assert page.locator(".class").count() == 0
+
+    # Still works: clear the bad selection, teach, add images, rename, delete.
+    page.get_by_role("button", name="Clear").click()
+    _teach(page, label, paths[:2])
+    page.get_by_label("Add images to " + label).set_input_files([str(p) for p in paths[2:4]])
+    _expect_message(page, "info", f'Added 2 images to "{label}" (4 in all)')
+    assert page.locator(".class .class-count").inner_text() == "4 images"
+    page.get_by_role("button", name=f"Rename {label}").click()
+    page.get_by_label(f"New name for {label}").fill("renamed")
+    page.get_by_role("button", name="Save").click()
+    page.locator(".class", has_text="renamed").wait_for()
+    page.get_by_role("button", name="Delete renamed").click()
+    page.locator("#classes-empty").wait_for(state="visible")
+    assert page.locator(".class").count() == 0
+
+    # Another workspace's id with this key: 401 from the API, shown in the page.
+    page.get_by_role("button", name="Switch workspace").click()
+    page.get_by_label("Workspace id").fill("no-such-workspace")
+    page.get_by_label("API key").fill("wrong-key")
+    page.get_by_role("button", name="Open workspace").click()
+    _expect_message(page, "error", "wrong API key")

@@ -4,6 +4,7 @@ classes, and show the API's errors in the page."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 import sys
 import zipfile
@@ -110,6 +111,17 @@ def _expect_message(page: Any, kind: str, contains: str) -> str:
     return str(msg.inner_text())
 
 
+def _drop_file(page: Any, selector: str, path: Path) -> None:
+    """Drag-and-drop `path` onto the element, as a browser does: a drop event carrying a DataTransfer."""
+    data = page.evaluate_handle(
+        """([name, b64]) => { const dt = new DataTransfer();
+           const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+           dt.items.add(new File([bytes], name, { type: "image/png" })); return dt; }""",
+        [path.name, base64.b64encode(path.read_bytes()).decode()])
+    page.dispatch_event(selector, "dragover", {"dataTransfer": data})
+    page.dispatch_event(selector, "drop", {"dataTransfer": data})
+
+
 def test_teach_classify_explain(page: Any, server: str, omniglot_classes: dict[str, list[Path]], tmp_path: Path) -> None:
     ws = _create_workspace(page)
     page.get_by_role("button", name="Done").click()
@@ -160,7 +172,7 @@ def test_teach_classify_explain(page: Any, server: str, omniglot_classes: dict[s
     r = httpx.patch(f"{server}/workspaces/{ws['id']}", headers={"Authorization": f"Bearer {ws['key']}"},
                     json={"threshold": 1e-9})
     assert r.status_code == 200, r.text
-    page.locator("#classify-file").set_input_files(str(held_out))
+    _drop_file(page, "#classify-drop", held_out)
     page.locator("#result-verdict.unknown").wait_for()
     assert page.locator("#result-verdict").inner_text() == "unknown"
     assert "no class is close enough" in page.locator("#result-detail").inner_text()

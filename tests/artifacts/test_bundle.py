@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from artifact_helpers import export_tiny, sample_images, tiny_backbone
 
-from conftest import export_tiny, sample_images, tiny_backbone  # tests/artifacts/conftest.py
 from fewshot.artifacts import (
     BUNDLE_FORMAT_VERSION,
     Calibration,

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from service_helpers import class_images, png_bytes
 
-from conftest import class_images, png_bytes  # tests/service/conftest.py
 from fewshot.service.app import create_app, get_settings
 from fewshot.service.settings import ServiceSettings
 from fewshot.service.store import ModelMismatchError

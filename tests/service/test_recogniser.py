@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 import pytest
+from service_helpers import ToyEmbedder, class_images
 
-from conftest import ToyEmbedder, class_images  # tests/service/conftest.py
 from fewshot.artifacts.calibration import Calibration
 from fewshot.errors import ConfigError
 from fewshot.service.recogniser import Recogniser, RecogniserConfig, WorkspaceSettings

@@ -1,7 +1,13 @@
 """artifacts stage: self-describing bundles (safetensors + ONNX + JSON manifest), parity checks,
 unknown-threshold calibration and the embedders the service runs."""
 
-from fewshot.artifacts.bundle import BUNDLE_FORMAT_VERSION, Bundle, Manifest, export_bundle, load_bundle
+from fewshot.artifacts.bundle import (
+    BUNDLE_FORMAT_VERSION,
+    Bundle,
+    Manifest,
+    export_bundle,
+    load_bundle,
+)
 from fewshot.artifacts.calibration import Calibration, calibrate_unknown_threshold
 from fewshot.artifacts.embedders import Embedder, OnnxEmbedder, TorchEmbedder
 from fewshot.artifacts.onnx_export import PARITY_TOLERANCE, ParityError, check_parity, export_onnx

@@ -31,7 +31,12 @@ import fewshot
 from fewshot.artifacts.calibration import Calibration
 from fewshot.artifacts.embedders import OnnxEmbedder, TorchEmbedder
 from fewshot.artifacts.onnx_export import (
-    PARITY_TOLERANCE, ParityError, check_parity, expected_outputs, export_onnx, parity_batches,
+    PARITY_TOLERANCE,
+    ParityError,
+    check_parity,
+    expected_outputs,
+    export_onnx,
+    parity_batches,
 )
 from fewshot.backbones import backbone_from_config
 from fewshot.data.imageio import Preprocessing

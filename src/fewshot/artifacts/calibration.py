@@ -122,8 +122,8 @@ def calibrate_unknown_threshold(
         for m, (k, u) in _episode_scores(emb, rng, n_way, n_shot, n_query).items():
             known[m].append(k)
             unknown[m].append(u)
-    thresholds = {m: _threshold_at(m, np.concatenate(unknown[m]), target_false_accept) for m in METRICS}
-    true_accept = {
+    thresholds: dict[str, float] = {m: _threshold_at(m, np.concatenate(unknown[m]), target_false_accept) for m in METRICS}
+    true_accept: dict[str, float] = {
         m: float(np.mean(accepts(m, np.concatenate(known[m]), thresholds[m]))) for m in METRICS
     }
     return Calibration(

@@ -199,7 +199,8 @@ WorkspaceDep = Annotated[str, Depends(workspace_access)]
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _decode_all(files: list[UploadFile], state: ServiceState, settings: ServiceSettings) -> tuple[np.ndarray, list[bytes], list[str]]:
+def _decode_all(files: list[UploadFile], state: ServiceState, settings: ServiceSettings, *,
+                thumbnails: bool = True) -> tuple[np.ndarray, list[bytes], list[str]]:
     """Uploads -> uint8 (N, C, H, W), thumbnails, file names; refuses the request on any bad image."""
     if not files:
         raise ApiError(400, "no_images", "no images in the request; send one or more 'images' file fields")
@@ -211,7 +212,7 @@ def _decode_all(files: list[UploadFile], state: ServiceState, settings: ServiceS
     for i, f in enumerate(files):
         name = f.filename or f"image {i}"
         d = decode_upload(f.file.read(), pre, max_pixels=settings.max_image_pixels,
-                          thumbnail_size=settings.thumbnail_size, name=name)
+                          thumbnail_size=settings.thumbnail_size, name=name, thumbnail=thumbnails)
         arrays.append(d.array)
         thumbs.append(d.thumbnail_png)
         names.append(name)
@@ -450,7 +451,7 @@ def _add_inference_routes(app: FastAPI) -> None:
         """Top-k classes per image; `label` is "unknown" when the nearest class fails the threshold."""
         if top_k > settings.max_top_k:
             raise ApiError(400, "invalid_argument", f"top_k {top_k} exceeds the limit of {settings.max_top_k}")
-        arr, _, names = _decode_all(images, state, settings)
+        arr, _, names = _decode_all(images, state, settings, thumbnails=False)
         preds = state.recogniser.classify(ws, arr, top_k=top_k, threshold=threshold)
         request.app.state.metrics.images.labels("classify").inc(len(arr))
         return ClassifyOut(predictions=[_prediction_out(n, p) for n, p in zip(names, preds)],
@@ -460,7 +461,7 @@ def _add_inference_routes(app: FastAPI) -> None:
     def explain(ws: WorkspaceDep, state: StateDep, settings: SettingsDep, image: Annotated[UploadFile, File()],
                 k: Annotated[int, Form(ge=1, le=50)] = 3, threshold: Annotated[float | None, Form()] = None) -> ExplainOut:
         """The prediction for one image and the `k` nearest stored examples (ids + PNG thumbnails)."""
-        arr, _, names = _decode_all([image], state, settings)
+        arr, _, names = _decode_all([image], state, settings, thumbnails=False)
         return _explain_out(names[0], state.recogniser.explain(ws, arr[0], k=k, threshold=threshold))
 
 

@@ -25,7 +25,7 @@ class UploadError(ImageError):
 @dataclass(frozen=True)
 class DecodedImage:
     array: np.ndarray  # uint8 (C, H, W) under the bundle's preprocessing
-    thumbnail_png: bytes
+    thumbnail_png: bytes  # empty when not asked for (classification needs none)
 
 
 def _probe(data: bytes, max_pixels: int, name: str) -> None:
@@ -67,13 +67,14 @@ def array_thumbnail(arr: np.ndarray, size: int) -> bytes:
 
 
 def decode_upload(
-    data: bytes, pre: Preprocessing, *, max_pixels: int, thumbnail_size: int, name: str
+    data: bytes, pre: Preprocessing, *, max_pixels: int, thumbnail_size: int, name: str,
+    thumbnail: bool = True,
 ) -> DecodedImage:
     """Bytes -> model input + thumbnail; raises UploadError (400/413/415) naming the file and fix."""
     _probe(data, max_pixels, name)
     try:
         img = open_image(data, max_pixels=max_pixels, name=name)
-        return DecodedImage(to_array(img, pre), thumbnail_png(img, thumbnail_size))
+        return DecodedImage(to_array(img, pre), thumbnail_png(img, thumbnail_size) if thumbnail else b"")
     except UploadError:
         raise
     except Exception as exc:  # truncated or corrupt pixel data

@@ -1,0 +1,353 @@
+"""Recogniser service latency and throughput against a real uvicorn server on loopback.
+
+Measures (targets from the Deployment issue):
+  * register a 5-image class: median server-side ms (target <= 15 ms)
+  * classify one image with 16 concurrent clients: median and p99 (targets <= 5 ms, <= 20 ms),
+    both closed-loop (each client sends as fast as it gets answers: saturation) and paced (each
+    client sends at a fixed rate below saturation); client-observed and server-side (Server-Timing)
+  * throughput with batching (images per request)
+  * ONNX Runtime vs PyTorch eager embedding throughput at batch 1 (target ORT >= 2x)
+  * classify time with 10 / 1,000 / 10,000 classes in a workspace
+
+Loopback only; every phase is bounded by a request count and a duration. Prints markdown tables
+and writes the raw numbers to --out (JSON).
+
+    python benchmarks/bench_service.py [--bundle DIR] [--out benchmarks/results/service.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+ADMIN = "bench-admin-" + uuid.uuid4().hex
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+def make_bundle(out: Path) -> Path:
+    """Untrained Conv-4 (28x28 grayscale, seeded): latency does not depend on the weights."""
+    import torch
+
+    from fewshot.artifacts import export_bundle
+    from fewshot.backbones import create_backbone
+    from fewshot.data.imageio import Preprocessing
+
+    torch.manual_seed(0)
+    backbone = create_backbone("conv4", in_channels=1, image_size=28)
+    samples = np.random.default_rng(0).integers(0, 256, (8, 1, 28, 28), dtype=np.uint8)
+    return export_bundle(backbone, out, preprocessing=Preprocessing("L", 28), source={"run": "bench"},
+                         metrics={}, data_fingerprint="synthetic", calibration=None, sample_images=samples)
+
+
+def png(seed: int, size: int = 105) -> bytes:
+    """An Omniglot-sized (105x105) 1-bit-looking PNG."""
+    arr = (np.random.default_rng(seed).random((size, size)) > 0.8).astype(np.uint8) * 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def multipart(images: list[bytes], fields: dict[str, str] | None = None) -> tuple[bytes, str]:
+    boundary = "bench" + uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in (fields or {}).items()]
+    for i, img in enumerate(images):
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{i}.png"\r\n'
+                     f"Content-Type: image/png\r\n\r\n".encode() + img + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- a minimal keep-alive HTTP/1.1 client (the load generator must stay cheaper than the server) ---
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Conn:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return status, headers, body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def raw_request(method: str, path: str, body: bytes = b"", content_type: str = "", key: str = "") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+    if content_type:
+        head += f"Content-Type: {content_type}\r\n"
+    if key:
+        head += f"Authorization: Bearer {key}\r\n"
+    return (head + "\r\n").encode() + body
+
+
+def server_ms(headers: dict[str, str]) -> float:
+    return float(headers["server-timing"].split("dur=")[1])
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+# -- phases --------------------------------------------------------------------------------------
+async def create_workspace(port: int, name: str) -> tuple[str, str]:
+    c = await Conn.open(port)
+    body = json.dumps({"name": name}).encode()
+    status, _, resp = await c.request(raw_request("POST", "/workspaces", body, "application/json", ADMIN))
+    c.close()
+    assert status == 201, resp
+    d = json.loads(resp)
+    return d["id"], d["api_key"]
+
+
+async def bench_register(port: int, n: int) -> dict[str, Any]:
+    ws, key = await create_workspace(port, "register")
+    c = await Conn.open(port)
+    client_ms, srv_ms = [], []
+    for i in range(n):
+        body, ctype = multipart([png(i * 10 + j) for j in range(5)], {"label": f"class-{i}"})
+        t0 = time.perf_counter()
+        status, h, resp = await c.request(raw_request("POST", f"/workspaces/{ws}/classes", body, ctype, key))
+        client_ms.append((time.perf_counter() - t0) * 1000)
+        assert status == 201, resp
+        srv_ms.append(server_ms(h))
+    c.close()
+    return {"n": n, "server_median_ms": pct(srv_ms, 50), "server_p99_ms": pct(srv_ms, 99),
+            "client_median_ms": pct(client_ms, 50), "client_p99_ms": pct(client_ms, 99)}
+
+
+async def load(port: int, raw: bytes, clients: int, max_requests: int, max_seconds: float,
+               interval_s: float = 0.0) -> dict[str, Any]:
+    """`clients` keep-alive connections; closed loop, or paced at one request per `interval_s`."""
+    conns = [await Conn.open(port) for _ in range(clients)]
+    client_ms: list[float] = []
+    srv_ms: list[float] = []
+    errors = 0
+    budget = {"left": max_requests}
+    deadline = time.perf_counter() + max_seconds
+
+    async def worker(k: int, c: Conn) -> None:
+        nonlocal errors
+        next_at = time.perf_counter() + (interval_s * k / clients)
+        while budget["left"] > 0 and time.perf_counter() < deadline:
+            budget["left"] -= 1
+            if interval_s:
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                next_at += interval_s
+            t0 = time.perf_counter()
+            status, h, _ = await c.request(raw)
+            client_ms.append((time.perf_counter() - t0) * 1000)
+            if status != 200:
+                errors += 1
+            else:
+                srv_ms.append(server_ms(h))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(k, c) for k, c in enumerate(conns)))
+    wall = time.perf_counter() - t0
+    for c in conns:
+        c.close()
+    return {"clients": clients, "requests": len(client_ms), "errors": errors, "wall_s": wall,
+            "requests_per_s": len(client_ms) / wall, "interval_s": interval_s,
+            "client_median_ms": pct(client_ms, 50), "client_p99_ms": pct(client_ms, 99),
+            "server_median_ms": pct(srv_ms, 50), "server_p99_ms": pct(srv_ms, 99)}
+
+
+def fill_workspace(db: Path, ws: str, n_classes: int, dim: int, have: int) -> None:
+    """Add classes straight into the server's store: the server picks them up by the version counter."""
+    from fewshot.service.store import NewExample, SQLiteStore
+
+    store = SQLiteStore(db)
+    rng = np.random.default_rng(n_classes)
+    thumb = png(0, 16)
+    for i in range(have, n_classes):
+        store.add_class(ws, f"c{i}", [NewExample(rng.standard_normal(dim).astype(np.float32), thumb)])
+    store.close()
+
+
+async def bench_class_counts(port: int, db: Path, dim: int, counts: list[int], n: int) -> list[dict[str, Any]]:
+    ws, key = await create_workspace(port, "scale")
+    body, ctype = multipart([png(999)], {"top_k": "5"})
+    raw = raw_request("POST", f"/workspaces/{ws}/classify", body, ctype, key)
+    rows, have = [], 0
+    for k in counts:
+        fill_workspace(db, ws, k, dim, have)
+        have = k
+        c = await Conn.open(port)
+        await c.request(raw)  # first call after the change re-syncs the new classes
+        client_ms, srv_ms = [], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            status, h, _ = await c.request(raw)
+            client_ms.append((time.perf_counter() - t0) * 1000)
+            srv_ms.append(server_ms(h))
+            assert status == 200
+        c.close()
+        rows.append({"classes": k, "server_median_ms": pct(srv_ms, 50), "server_p99_ms": pct(srv_ms, 99),
+                     "client_median_ms": pct(client_ms, 50)})
+    return rows
+
+
+def bench_runtimes(bundle_dir: Path, seconds: float) -> dict[str, Any]:
+    """Embedding throughput at batch 1: ONNX Runtime vs eager PyTorch, same threads (2)."""
+    import torch
+
+    from fewshot.artifacts import load_bundle
+
+    torch.set_num_threads(2)
+    b = load_bundle(bundle_dir, intra_op_threads=2)
+    x = np.random.default_rng(0).integers(0, 256, (1, 1, 28, 28), dtype=np.uint8)
+    out = {}
+    for name, emb in (("onnxruntime", b.onnx_embedder), ("pytorch_eager", b.torch_embedder)):
+        for _ in range(20):
+            emb.embed(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            emb.embed(x)
+            n += 1
+        out[name] = n / (time.perf_counter() - t0)
+    out["speedup"] = out["onnxruntime"] / out["pytorch_eager"]
+    return out
+
+
+# -- server --------------------------------------------------------------------------------------
+def start_server(bundle: Path, db: Path, port: int, workers: int) -> subprocess.Popen[bytes]:
+    code = ("import sys; from fewshot.service.app import serve; "
+            "serve(sys.argv[1], sys.argv[2], '127.0.0.1', int(sys.argv[3]), workers=int(sys.argv[4]), log_level='warning')")
+    env = {**os.environ, "FEWSHOT_ADMIN_KEY": ADMIN, "FEWSHOT_MAX_IMAGES_PER_REQUEST": "256"}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(bundle), str(db), str(port), str(workers)], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+                if s.recv(100).startswith(b"HTTP/1.1 200"):
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become ready in 120 s")
+
+
+async def run_http(args: argparse.Namespace, port: int, db: Path, dim: int) -> dict[str, Any]:
+    res: dict[str, Any] = {"register": await bench_register(port, args.register_n)}
+    ws, key = await create_workspace(port, "classify")
+    c = await Conn.open(port)
+    for i in range(20):  # a realistic small workspace: 20 classes of 5 images
+        body, ctype = multipart([png(1000 + i * 5 + j) for j in range(5)], {"label": f"k{i}"})
+        await c.request(raw_request("POST", f"/workspaces/{ws}/classes", body, ctype, key))
+    c.close()
+    body, ctype = multipart([png(5)], {"top_k": "5"})
+    one = raw_request("POST", f"/workspaces/{ws}/classify", body, ctype, key)
+    await load(port, one, 4, 200, 5)  # warm-up
+    res["classify_closed_loop"] = await load(port, one, args.clients, args.max_requests, args.max_seconds)
+    res["classify_paced"] = await load(port, one, args.clients, args.max_requests, args.max_seconds,
+                                       interval_s=args.clients / args.paced_rps)
+    batches = []
+    for bs in (1, 8, 32, 128):
+        body, ctype = multipart([png(j) for j in range(bs)], {"top_k": "1"})
+        r = await load(port, raw_request("POST", f"/workspaces/{ws}/classify", body, ctype, key), 4,
+                       max(20, args.max_requests // bs), args.max_seconds / 2)
+        batches.append({"batch": bs, "images_per_s": r["requests_per_s"] * bs, **r})
+    res["batching"] = batches
+    res["class_counts"] = await bench_class_counts(port, db, dim, [10, 1000, 10000], args.scale_n)
+    return res
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    fmt = [f"{v:.2f}" if isinstance(v, float) else str(v) for r in rows for v in r]
+    cells = [fmt[i * len(headers):(i + 1) * len(headers)] for i in range(len(rows))]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
+
+
+def report(r: dict[str, Any]) -> str:
+    reg, cl, pa, rt = r["register"], r["classify_closed_loop"], r["classify_paced"], r["runtimes"]
+    out = [f"## Service benchmark ({r['machine']['cpus']} CPUs, {r['machine']['workers']} worker(s))", "",
+           table(["phase", "requests", "req/s", "client median ms", "client p99 ms", "server median ms",
+                  "server p99 ms"], [
+               ["register 5-image class (1 client)", reg["n"], float("nan"), reg["client_median_ms"],
+                reg["client_p99_ms"], reg["server_median_ms"], reg["server_p99_ms"]],
+               [f"classify 1 image, {cl['clients']} clients closed loop", cl["requests"], cl["requests_per_s"],
+                cl["client_median_ms"], cl["client_p99_ms"], cl["server_median_ms"], cl["server_p99_ms"]],
+               [f"classify 1 image, {pa['clients']} clients paced", pa["requests"], pa["requests_per_s"],
+                pa["client_median_ms"], pa["client_p99_ms"], pa["server_median_ms"], pa["server_p99_ms"]]]),
+           "", table(["images/request", "images/s", "server median ms/request"],
+                     [[b["batch"], b["images_per_s"], b["server_median_ms"]] for b in r["batching"]]),
+           "", table(["runtime (batch 1, 2 threads)", "embeddings/s"],
+                     [["ONNX Runtime", rt["onnxruntime"]], ["PyTorch eager", rt["pytorch_eager"]],
+                      ["speedup", rt["speedup"]]]),
+           "", table(["classes in workspace", "server median ms", "server p99 ms", "client median ms"],
+                     [[c["classes"], c["server_median_ms"], c["server_p99_ms"], c["client_median_ms"]]
+                      for c in r["class_counts"]])]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, help="bundle directory (default: an untrained Conv-4 made here)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/service.json"))
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--max-requests", type=int, default=3000)
+    p.add_argument("--max-seconds", type=float, default=20.0)
+    p.add_argument("--paced-rps", type=float, default=160.0, help="total request rate of the paced phase")
+    p.add_argument("--register-n", type=int, default=100)
+    p.add_argument("--scale-n", type=int, default=200)
+    p.add_argument("--workers", type=int, default=1)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fewshot-bench-") as tmp:
+        bundle = args.bundle or make_bundle(Path(tmp) / "bundle")
+        from fewshot.artifacts.bundle import Manifest
+
+        dim = Manifest.from_json((bundle / "manifest.json").read_text(), where=str(bundle)).embedding_dim
+        db, port = Path(tmp) / "bench.db", free_port()
+        proc = start_server(bundle, db, port, args.workers)
+        try:
+            results = asyncio.run(run_http(args, port, db, dim))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        results["runtimes"] = bench_runtimes(bundle, seconds=3.0)
+    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "workers": args.workers,
+                          "platform": platform.platform()}
+    results["args"] = {k: str(v) for k, v in vars(args).items()}
+    print(report(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nraw numbers: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -252,6 +252,10 @@ def _calibration(bundle: Bundle, s: ServiceSettings) -> Calibration | None:
 
 # -- app -----------------------------------------------------------------------------------------
 def open_state(settings: ServiceSettings) -> ServiceState:
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     bundle = load_bundle(settings.bundle_path, intra_op_threads=settings.ort_threads or None)
     store = open_store(settings.db_url)
     try:
@@ -473,10 +477,12 @@ def serve(bundle_path: str | Path, db_url: str, host: str = "127.0.0.1", port: i
     import uvicorn
 
     settings = ServiceSettings.from_env(bundle_path=str(bundle_path), db_url=db_url, admin_key=admin_key)
+    if not settings.torch_threads:
+        settings = replace(settings, torch_threads=1)
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
         return
     os.environ.update({"FEWSHOT_BUNDLE_PATH": settings.bundle_path, "FEWSHOT_DB_URL": settings.db_url,
-                       "FEWSHOT_ADMIN_KEY": settings.admin_key})
+                       "FEWSHOT_ADMIN_KEY": settings.admin_key, "FEWSHOT_TORCH_THREADS": str(settings.torch_threads)})
     uvicorn.run("fewshot.service.app:create_app_from_env", factory=True, host=host, port=port,
                 workers=workers, log_level=log_level)

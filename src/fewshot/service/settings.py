@@ -22,6 +22,7 @@ class ServiceSettings:
     max_top_k: int = 100
     thumbnail_size: int = 64
     ort_threads: int = 0  # 0: automatic (min(2, cores))
+    torch_threads: int = 0  # process-wide torch threads (distance products); 0: leave as is; serve() uses 1
     sync_interval_s: float = 0.0
     euclidean_threshold: float | None = None  # service-wide override of the bundle's calibration
     cosine_threshold: float | None = None

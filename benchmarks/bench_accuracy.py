@@ -46,6 +46,45 @@ def train_cmd(name: str, budget: float, out_dir: str, extra: list[str]) -> list[
                    "--no-resume", *overrides, *extra)
 
 
+def eval_cmds(name: str, run_dir: Path, episodes: int) -> list[list[str]]:
+    settings = LAKE_SETTINGS if name.endswith("lake") else VINYALS_SETTINGS
+    return [fewshot("evaluate", str(run_dir), "--way", str(w), "--shot", str(s), "--mode", m,
+                    "--episodes", str(episodes)) for w, s, m in settings]
+
+
+def run_one(name: str, args: argparse.Namespace, log_path: Path) -> subprocess.Popen[bytes]:
+    """Train then evaluate one run in a child shell, logging to `log_path`."""
+    run_dir = Path(args.output_dir) / _run_name(name)
+    cmds = [train_cmd(name, args.budget, args.output_dir, args.extra), *eval_cmds(name, run_dir, args.episodes)]
+    script = " && ".join(" ".join(f"'{a}'" for a in c) for c in cmds)
+    log = open(log_path, "w")  # noqa: SIM115
+    threads = str(max(1, (os.cpu_count() or 2) // max(1, args.parallel)))  # no oversubscription
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    return subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def collect(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
+    run_dir = Path(args.output_dir) / _run_name(name)
+    summary_path = run_dir / "train_summary.json"
+    if not summary_path.is_file():
+        print(f"{name}: training failed, see {Path(args.output_dir) / 'logs' / (name + '.log')}")
+        return []
+    summary = json.loads(summary_path.read_text())
+    rows: list[dict[str, object]] = []
+    settings = LAKE_SETTINGS if name.endswith("lake") else VINYALS_SETTINGS
+    for way, shot, mode in settings:
+        res_path = run_dir / f"eval-test-{way}w{shot}s-{mode}.json"
+        if not res_path.is_file():
+            print(f"{name} {way}w{shot}s {mode}: no evaluation")
+            continue
+        r = json.loads(res_path.read_text())
+        rows.append({"run": name, "way": way, "shot": shot, "mode": mode, "mean": r["mean"], "ci95": r["ci95"],
+                     "episodes": r["episodes"], "train_steps": summary["steps"],
+                     "train_seconds": summary["train_seconds_this_session"], "device": summary["device"],
+                     "precision": summary["precision"], "best_val_acc": summary["best_val_acc"]})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", nargs="*", default=list(RUNS))
@@ -56,48 +95,20 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for every run, e.g. train.device=cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/accuracy.json"))
     args = ap.parse_args()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     logs = Path(args.output_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    subprocess.run(fewshot("prepare"), check=True, env=env, cwd=ROOT)  # build the shared cache once
+    subprocess.run(fewshot("prepare"), check=True, cwd=ROOT)  # build the shared cache once
     pending, running, started = list(args.runs), {}, time.time()
     while pending or running:
         while pending and len(running) < args.parallel:
             name = pending.pop(0)
-            log = open(logs / f"{name}.log", "w")  # noqa: SIM115
-            running[name] = (subprocess.Popen(train_cmd(name, args.budget, args.output_dir, args.extra),
-                                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log)
-        for name, (proc, log) in list(running.items()):
+            running[name] = run_one(name, args, logs / f"{name}.log")
+        for name, proc in list(running.items()):
             if proc.poll() is not None:
-                log.close()
-                print(f"[{time.time() - started:6.0f}s] trained {name}: exit {proc.returncode}", flush=True)
+                print(f"[{time.time() - started:6.0f}s] {name}: exit {proc.returncode}", flush=True)
                 del running[name]
-        time.sleep(2)
-    results = []
-    for name in args.runs:
-        run_dir = Path(args.output_dir) / _run_name(name)
-        summary_path = run_dir / "train_summary.json"
-        if not summary_path.is_file():
-            print(f"{name}: training failed, see {logs / (name + '.log')}")
-            continue
-        summary = json.loads(summary_path.read_text())
-        settings = LAKE_SETTINGS if name.endswith("lake") else VINYALS_SETTINGS
-        for way, shot, mode in settings:
-            t0 = time.time()
-            cmd = fewshot("evaluate", str(run_dir), "--way", str(way), "--shot", str(shot), "--mode", mode,
-                          "--episodes", str(args.episodes))
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            res_path = run_dir / f"eval-test-{way}w{shot}s-{mode}.json"
-            if out.returncode != 0 or not res_path.is_file():
-                print(f"{name} {way}w{shot}s: evaluation failed: {out.stderr[-500:]}")
-                continue
-            r = json.loads(res_path.read_text())
-            results.append({"run": name, "way": way, "shot": shot, "mode": mode, "mean": r["mean"],
-                            "ci95": r["ci95"], "episodes": r["episodes"], "train_steps": summary["steps"],
-                            "train_seconds": summary["train_seconds_this_session"], "device": summary["device"],
-                            "precision": summary["precision"], "eval_seconds": round(time.time() - t0, 1)})
-            print(f"{name:14s} {way:2d}-way {shot}-shot {mode:6s}: {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} "
-                  f"({summary['steps']} steps, {summary['train_seconds_this_session']:.0f} s)", flush=True)
+        time.sleep(1)
+    results = [row for name in args.runs for row in collect(name, args)]
     machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
@@ -106,8 +117,8 @@ def main() -> None:
     print("\n| run | task | mode | accuracy (95% CI) | train steps | train s | device |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['run']} | {r['way']}-way {r['shot']}-shot | {r['mode']} | {100 * r['mean']:.2f} +- "
-              f"{100 * r['ci95']:.2f} | {r['train_steps']} | {r['train_seconds']:.0f} | {r['device']} {r['precision']} |")
+        print(f"| {r['run']} | {r['way']}-way {r['shot']}-shot | {r['mode']} | {100 * r['mean']:.2f} +- "  # type: ignore[operator]
+              f"{100 * r['ci95']:.2f} | {r['train_steps']} | {r['train_seconds']:.0f} | {r['device']} {r['precision']} |")  # type: ignore[operator]
 
 
 def _run_name(name: str) -> str:

@@ -131,7 +131,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from fewshot.service.app import serve
 
-    serve(Path(args.bundle), db_url=args.db, host=args.host, port=args.port)
+    serve(Path(args.bundle), db_url=args.db, host=args.host, port=args.port, admin_key=args.admin_key)
     return 0
 
 
@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the recogniser service on a bundle")
     p.add_argument("bundle")
-    p.add_argument("--db", default=None, help="sqlite path or postgresql:// URL (default: sqlite beside the bundle)")
+    p.add_argument("--db", default="fewshot.db", help="SQLite path or postgresql:// URL (default: fewshot.db)")
+    p.add_argument("--admin-key", default=None, help="admin key (default: $FEWSHOT_ADMIN_KEY)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)

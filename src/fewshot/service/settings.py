@@ -21,7 +21,7 @@ class ServiceSettings:
     max_image_pixels: int = 25_000_000
     max_top_k: int = 100
     thumbnail_size: int = 64
-    ort_threads: int = 0  # 0: automatic (min(2, cores))
+    ort_threads: int = 1  # per request; concurrency comes from parallel requests (0: min(2, cores))
     torch_threads: int = 0  # process-wide torch threads (distance products); 0: leave as is; serve() uses 1
     sync_interval_s: float = 0.0
     euclidean_threshold: float | None = None  # service-wide override of the bundle's calibration

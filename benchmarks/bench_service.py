@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
             proc.wait(timeout=30)
         results["runtimes"] = bench_runtimes(bundle, seconds=3.0)
     results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "workers": args.workers,
+                          "loadavg_1m_after": os.getloadavg()[0],
                           "platform": platform.platform()}
     results["args"] = {k: str(v) for k, v in vars(args).items()}
     print(report(results))

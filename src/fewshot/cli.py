@@ -15,7 +15,8 @@ def _data_config(args: argparse.Namespace) -> Any:
     from fewshot.config import DataConfig
 
     fields: dict[str, Any] = {"dataset": args.dataset, "image_size": args.size, "mode": args.mode,
-                              "cache_dir": args.cache_dir, "split": getattr(args, "split", "vinyals")}
+                              "cache_dir": args.cache_dir, "split": getattr(args, "split", "vinyals"),
+                              "first_level": args.first_level}
     if args.data:
         fields["root"] = args.data
     return DataConfig(**fields)
@@ -27,10 +28,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=28, help="image side in pixels (default 28)")
     p.add_argument("--mode", choices=["L", "RGB"], default="L")
     p.add_argument("--cache-dir", default=".fewshot-cache")
+    p.add_argument("--first-level", choices=["domain", "subset"], default="domain",
+                   help="image folders: is root/<X>/<class> a knowledge domain or a subset (train/test)?")
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from fewshot.data.prepare import prepare, prepare_omniglot
+    from fewshot.data.sources import ImageFolderSource
     from fewshot.training.data import preprocessing_of
 
     cfg = _data_config(args)
@@ -43,8 +47,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if cfg.dataset == "omniglot":
         prepared = prepare_omniglot(root, Path(cfg.cache_dir), pre, force=args.force)
     else:
-        src = Path(cfg.dataset) if Path(cfg.dataset).exists() else root / cfg.dataset
-        prepared = prepare(src, Path(cfg.cache_dir), pre, min_images_per_class=args.min_images, force=args.force)
+        path = Path(cfg.dataset) if Path(cfg.dataset).exists() else root / cfg.dataset
+        source = ImageFolderSource(path, first_level=cfg.first_level)
+        prepared = prepare(source, Path(cfg.cache_dir), pre, min_images_per_class=args.min_images, force=args.force)
     print(prepared.report.table())
     print(f"cache: {prepared.cache.path} ({len(prepared.cache)} images, {len(prepared.cache.classes)} classes, "
           f"{len(prepared.cache.domains)} domains)")
@@ -79,6 +84,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {name:6s} {len(split.class_ids):6d} classes from {n_dom} domains")
     leak = check_leakage(cache, data.splits)
     print(f"leakage check: passed ({leak})")
+    for warning in leak.warnings[:5]:
+        print(f"  warning: {warning}")
     split = args.episode_split if args.episode_split in data.splits else next(iter(data.splits))
     desc = describe_episode(data.pool(split), EpisodeSpec(args.way, args.shot, args.query), episode_rng(args.seed, 0))
     out = episode_grid(materialise(cache, desc), Path(args.out))

@@ -30,6 +30,7 @@ class DataConfig(_Frozen):
     train_rotations: bool = False  # add 90/180/270 rotations of train classes as new classes
     cache_dir: str = ".fewshot-cache"
     min_images_per_class: int = Field(2, ge=1)
+    first_level: Literal["domain", "subset"] = "domain"  # image folders: root/<domain>/<class> or root/<subset>/<class>
 
     def data_root(self) -> Path:
         root = self.root or os.environ.get("FEWSHOT_DATA")

@@ -44,8 +44,10 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     by_class = images_by_class(data, calib_split, limit=100)
     pre = data.cache.preprocessing
     embedder = TorchEmbedder(backbone, channels=pre.channels, size=pre.size)
+    smallest = min(len(v) for v in by_class.values())
     calibration = calibrate_unknown_threshold(
-        embedder, by_class, np.random.default_rng(seed), n_episodes=config.export.calibration_episodes,
+        embedder, by_class, np.random.default_rng(seed), n_way=max(2, min(5, len(by_class) - 1)),
+        n_shot=max(1, min(5, smallest - 1)), n_episodes=config.export.calibration_episodes,
         target_false_accept=config.export.false_accept_rate,
     )
     sample = np.concatenate([v[:2] for v in list(by_class.values())[:16]])

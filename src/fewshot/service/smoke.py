@@ -70,7 +70,7 @@ def service_smoke_check(
                 for label, imgs in images_by_class.items():
                     files = [("images", (f"{label}-{i}.png", _png(im), "image/png")) for i, im in enumerate(imgs[:shots])]
                     client.post(f"/workspaces/{ws}/classes", data={"label": label}, files=files, headers=auth).raise_for_status()
-                correct, total, latencies = 0, 0, []
+                correct, top1, rejected, total, latencies = 0, 0, 0, 0, []
                 for label, imgs in images_by_class.items():
                     for i, im in enumerate(imgs[shots:]):
                         t0 = time.perf_counter()
@@ -80,6 +80,8 @@ def service_smoke_check(
                         r.raise_for_status()
                         pred = r.json()["predictions"][0]
                         correct += int(pred["label"] == label)
+                        top1 += int(bool(pred["top_k"]) and pred["top_k"][0]["label"] == label)
+                        rejected += int(not pred["known"])
                         total += 1
         finally:
             server.should_exit = True
@@ -88,7 +90,9 @@ def service_smoke_check(
         "classes": len(images_by_class),
         "shots": shots,
         "queries": total,
-        "accuracy": round(correct / max(1, total), 4),
+        "accuracy": round(correct / max(1, total), 4),  # "unknown" counts as wrong
+        "top1_accuracy_ignoring_unknown": round(top1 / max(1, total), 4),
+        "rejected_as_unknown": round(rejected / max(1, total), 4),
         "classify_median_ms": round(statistics.median(latencies), 2) if latencies else None,
         "url": base,
     }

@@ -38,6 +38,7 @@ def preprocessing_of(cfg: DataConfig) -> Preprocessing:
 def load_run_data(cfg: DataConfig, *, progress: bool = True) -> RunData:
     """Prepare (or reuse) the cache for `cfg` and build its splits."""
     from fewshot.data.prepare import prepare, prepare_omniglot
+    from fewshot.data.sources import ImageFolderSource
     from fewshot.data.splits import make_splits
 
     root = cfg.data_root()
@@ -47,9 +48,10 @@ def load_run_data(cfg: DataConfig, *, progress: bool = True) -> RunData:
         prepared = prepare_omniglot(root, cache_root, pre, progress=progress)
         splits_dir = root / "omniglot" / "splits" / "vinyals"
     else:
-        source = Path(cfg.dataset)
-        if not source.is_absolute() and not source.exists():
-            source = root / source
+        path = Path(cfg.dataset)
+        if not path.is_absolute() and not path.exists():
+            path = root / path
+        source = ImageFolderSource(path, first_level=cfg.first_level)
         prepared = prepare(source, cache_root, pre, min_images_per_class=cfg.min_images_per_class, progress=progress)
         splits_dir = None
     splits = make_splits(prepared.cache, cfg.split, seed=cfg.split_seed, splits_dir=splits_dir)

@@ -12,10 +12,10 @@ from fewshot.learners.base import FewShotLearner
 # name -> (constructor kwargs, optimizer, lr, steps)
 CASES = {
     "protonet": ({}, "adam", 3e-3, 20),
-    "maml": ({"inner_steps": 2, "eval_inner_steps": 3}, "adam", 3e-3, 15),
-    "fomaml": ({"inner_steps": 2}, "adam", 3e-3, 20),
-    "anil": ({}, "adam", 3e-3, 20),
-    "metasgd": ({}, "adam", 3e-3, 15),
+    "maml": ({"inner_steps": 2, "eval_inner_steps": 2}, "adam", 3e-3, 10),
+    "fomaml": ({"inner_steps": 2, "eval_inner_steps": 2}, "adam", 3e-3, 15),
+    "anil": ({}, "adam", 3e-3, 15),
+    "metasgd": ({"eval_inner_steps": 2}, "adam", 3e-3, 10),
     "reptile": ({"inner_steps": 3}, "sgd", 1.0, 12),
     "pretrain": ({"num_classes": 24}, "adam", 3e-3, 20),
 }

@@ -34,7 +34,7 @@ def evaluate(learner: FewShotLearner, episodes: list) -> tuple[float, float]:
 def pretrain_batch(
     bank: torch.Tensor, g: torch.Generator, n: int = 48
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from conftest import images  # tests/learners/conftest.py
+    from learner_data import images
 
     y = torch.randint(0, bank.shape[0], (n,), generator=g)
     return torch.cat([images(bank, c[None], 1, g, 0.5) for c in y]), y

@@ -27,9 +27,13 @@ class EpisodicBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d; `context_rows = n` makes it normalise with statistics of rows [:n]."""
 
     context_rows: int | None = None
+    context_groups: int | None = None  # with context_rows: the batch is this many tasks, each of
+    # equal size with its own first `context_rows` rows as context (one batched pass for a meta-batch)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (N, C, H, W)
         n = self.context_rows
+        if n is not None and self.context_groups is not None:
+            return self._grouped(x, self.context_groups, n)
         if n is None:
             return super().forward(x)
         if (
@@ -50,6 +54,22 @@ class EpisodicBatchNorm2d(nn.BatchNorm2d):
         return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
 
 
+    def _grouped(self, x: Tensor, groups: int, n: int) -> Tensor:
+        """x: (groups * M, C, H, W); rows [g*M, g*M + n) are task g's context."""
+        xv = x.view(groups, x.shape[0] // groups, *x.shape[1:])  # (T, M, C, H, W)
+        ctx = xv[:, :n].float()
+        mean = ctx.mean(dim=(1, 3, 4))  # (T, C)
+        var = ctx.var(dim=(1, 3, 4), unbiased=False)  # (T, C)
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        out = xv * scale.to(x.dtype)[:, None, :, None, None] + shift.to(x.dtype)[:, None, :, None, None]
+        return out.reshape(x.shape)
+
+
 def episodic_norms(model: nn.Module) -> list[EpisodicBatchNorm2d]:
     """The model's EpisodicBatchNorm2d layers; raises if it has plain batch-norm layers instead."""
     plain = [
@@ -63,6 +83,20 @@ def episodic_norms(model: nn.Module) -> list[EpisodicBatchNorm2d]:
             "fewshot.backbones.norm.EpisodicBatchNorm2d for inductive statistics (use it in the backbone)"
         )
     return [m for m in model.modules() if isinstance(m, EpisodicBatchNorm2d)]
+
+
+@contextlib.contextmanager
+def grouped_context_statistics(model: nn.Module, n_groups: int, n_rows: int) -> Iterator[None]:
+    """Like `context_statistics` for a batch of `n_groups` equal-sized tasks laid end to end:
+    each task is normalised with the statistics of its own first `n_rows` rows."""
+    layers = episodic_norms(model)
+    for m in layers:
+        m.context_rows, m.context_groups = n_rows, n_groups
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.context_rows, m.context_groups = None, None
 
 
 @contextlib.contextmanager

@@ -48,18 +48,28 @@ def plot_curves(csv_path: Path, out: Path, title: str = "") -> Path:
     return out
 
 
-def plot_comparison(rows: list[tuple[str, float, float]], out: Path, title: str) -> Path:
-    """Bar plot of (label, mean accuracy %, ci95 %) rows."""
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.8))
-    labels = [r[0] for r in rows]
-    ax.bar(range(len(rows)), [r[1] for r in rows], yerr=[r[2] for r in rows], capsize=4, color="#4C72B0")
-    ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right")
-    lo = min(r[1] - r[2] for r in rows) if rows else 0
-    ax.set_ylim(max(0.0, lo - 5), 100)
+def plot_comparison(rows: list[tuple[str, str, float, float]], out: Path, title: str) -> Path:
+    """Grouped bars: one group per task (e.g. "5-way 1-shot"), one bar per run; error bars = 95% CI.
+
+    rows: (run label, task label, mean accuracy %, ci95 %).
+    """
+    runs = list(dict.fromkeys(r[0] for r in rows))
+    tasks = list(dict.fromkeys(r[1] for r in rows))
+    lookup = {(r[0], r[1]): (r[2], r[3]) for r in rows}
+    width = 0.8 / max(1, len(runs))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) * max(1, len(runs)) * 0.35 + 3), 4.2))
+    cmap = plt.get_cmap("tab10")
+    for i, run in enumerate(runs):
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j, t in enumerate(tasks) if (run, t) in lookup]
+        vals = [lookup[(run, t)] for t in tasks if (run, t) in lookup]
+        ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], capsize=2, label=run, color=cmap(i % 10))
+    ax.set_xticks(range(len(tasks)), tasks)
+    lo = min((r[2] - r[3] for r in rows), default=0.0)
+    ax.set_ylim(max(0.0, lo - 3), 100)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
-    for i, r in enumerate(rows):
-        ax.text(i, r[1] + r[2] + 0.3, f"{r[1]:.1f}", ha="center", fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -76,7 +76,7 @@ def load_results(run_dir: Path) -> list[dict[str, Any]]:
 
 def compare_runs(run_dirs: list[Path], out_png: Path) -> str:
     """A markdown table of every evaluation of every run, and a bar plot of the same numbers."""
-    rows: list[tuple[str, float, float]] = []
+    rows: list[tuple[str, str, float, float]] = []
     lines = ["| run | learner | backbone | split | task | mode | episodes | accuracy (95% CI) |",
              "|---|---|---|---|---|---|---|---|"]
     for run in run_dirs:
@@ -89,6 +89,7 @@ def compare_runs(run_dirs: list[Path], out_png: Path) -> str:
                 f"| {r['run']} | {r['learner']} | {r['backbone']} | {r['split_scheme']}/{r['split']} | {task} | "
                 f"{r['mode']} | {r['episodes']} | {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} |"
             )
-            rows.append((f"{r['run']}\n{task}", 100 * r["mean"], 100 * r["ci95"]))
+            task_label = task if r["mode"] == "any" else f"{task} ({r['mode']})"
+            rows.append((r["run"], task_label, 100 * r["mean"], 100 * r["ci95"]))
     plot_comparison(rows, out_png, "few-shot accuracy (95% CI)")
     return "\n".join(lines)

@@ -42,30 +42,27 @@ class EpisodicBatchNorm2d(nn.BatchNorm2d):
             return nn.functional.batch_norm(
                 x, None, None, self.weight, self.bias, True, 0.0, self.eps
             )
-        ctx = x[:n].float()
-        mean = ctx.mean(dim=(0, 2, 3))  # (C,)
-        var = ctx.var(dim=(0, 2, 3), unbiased=False)  # (C,)
+        scale, shift = self._affine(x[:n].float(), dims=(0, 2, 3))  # (C,) each
+        return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
+
+    def _affine(self, ctx: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Per-channel (scale, shift) that normalise with `ctx`'s statistics over `dims`, then
+        apply the layer's weight and bias: y = x * scale + shift."""
+        mean = ctx.mean(dim=dims)
+        var = ctx.var(dim=dims, unbiased=False)
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
             scale = scale * self.weight
         shift = -mean * scale
         if self.bias is not None:
             shift = shift + self.bias
-        return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
+        return scale, shift
 
 
     def _grouped(self, x: Tensor, groups: int, n: int) -> Tensor:
         """x: (groups * M, C, H, W); rows [g*M, g*M + n) are task g's context."""
         xv = x.view(groups, x.shape[0] // groups, *x.shape[1:])  # (T, M, C, H, W)
-        ctx = xv[:, :n].float()
-        mean = ctx.mean(dim=(1, 3, 4))  # (T, C)
-        var = ctx.var(dim=(1, 3, 4), unbiased=False)  # (T, C)
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
+        scale, shift = self._affine(xv[:, :n].float(), dims=(1, 3, 4))  # (T, C) each
         out = xv * scale.to(x.dtype)[:, None, :, None, None] + shift.to(x.dtype)[:, None, :, None, None]
         return out.reshape(x.shape)
 

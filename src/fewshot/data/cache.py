@@ -27,6 +27,7 @@ import numpy as np
 from fewshot import CACHE_FORMAT_VERSION, __version__
 from fewshot.data.imageio import Preprocessing
 from fewshot.errors import CacheError
+from fewshot.io import replace_dir
 
 INDEX_NAME = "index.json"
 IMAGES_NAME = "images.u8"
@@ -163,14 +164,7 @@ def write_cache(
             json.dump(index, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+    return replace_dir(tmp, path)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from fewshot import __version__
 from fewshot.errors import CheckpointError
-from fewshot.io import atomic_write_json
+from fewshot.io import atomic_write_json, replace_dir
 
 CHECKPOINT_FORMAT = 1
 
@@ -98,17 +98,10 @@ def save_checkpoint(
             "optimizer": opt_skeleton,
         }
         atomic_write_json(tmp / "manifest.json", full)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+    return replace_dir(tmp, path)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from learner_data import class_bank, make_episode
 
+import fewshot.learners.maml as maml_module
 from fewshot.backbones import create_backbone
 from fewshot.learners import create_learner
 
@@ -35,10 +36,12 @@ def grads_after_step(name: str, fast: bool, monkeypatch: pytest.MonkeyPatch) -> 
     return grads, metrics["loss"]
 
 
+@pytest.mark.parametrize("chunk", [4, 3])  # one pass, or chunks of 3 + 1 tasks
 @pytest.mark.parametrize("name", ["maml", "fomaml", "metasgd"])
-def test_closed_form_matches_loop(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_closed_form_matches_loop(name: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     slow, slow_loss = grads_after_step(name, False, monkeypatch)
     monkeypatch.undo()
+    monkeypatch.setattr(maml_module, "CPU_CLOSED_FORM_CHUNK", chunk)
     fast, fast_loss = grads_after_step(name, True, monkeypatch)
     assert fast_loss == pytest.approx(slow_loss, rel=1e-5)
     for k, v in fast.items():

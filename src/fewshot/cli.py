@@ -102,8 +102,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"data.root={args.data}")
     config = load_config(args.config, overrides)
     result = train(config, resume=not args.no_resume)
-    print(f"trained {result.steps} steps in {result.elapsed_s:.1f} s; best validation accuracy "
-          f"{100 * result.best_val_acc:.2f}%; run folder {result.run_dir}")
+    val = f"{100 * result.best_val_acc:.2f}%" if result.best_val_acc >= 0 else "n/a (no validation split)"
+    print(f"trained to step {result.steps} ({result.elapsed_s:.1f} s in this session); best validation "
+          f"accuracy {val}; run folder {result.run_dir}")
     return 0
 
 

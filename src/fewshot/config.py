@@ -59,7 +59,7 @@ class TrainConfig(_Frozen):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    momentum: float = 0.9
+    momentum: float = Field(0.9, ge=0, lt=1)
     schedule: Literal["constant", "step", "cosine"] = "step"
     step_every: int = Field(2000, ge=1)  # for the step schedule: halve the lr every N steps
     warmup: int = Field(0, ge=0)
@@ -79,7 +79,7 @@ class TrainConfig(_Frozen):
 
 
 class EvalConfig(_Frozen):
-    episodes: int = Field(1000, ge=1)
+    episodes: int = Field(1000, ge=600)  # the protocol's minimum
     way: int = Field(5, ge=2)
     shot: int = Field(1, ge=1)
     query: int = Field(15, ge=1)
@@ -106,8 +106,8 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if self.train.val_every > self.train.steps and self.train.steps > 1:
-            object.__setattr__(self.train, "val_every", self.train.steps)  # validate at least once
+        if self.eval.split == "train":
+            raise ValueError("eval.split 'train' would evaluate on trained classes; use 'test' (or 'val')")
         return self
 
     def run_dir(self) -> Path:

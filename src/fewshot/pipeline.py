@@ -34,9 +34,11 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     from fewshot.artifacts.bundle import export_bundle
     from fewshot.artifacts.calibration import calibrate_unknown_threshold
     from fewshot.artifacts.embedders import TorchEmbedder
-    from fewshot.training.loop import load_trained
+    from fewshot.training.loop import check_run_dir, load_trained
 
-    config = load_config(run_dir / "config.yaml")
+    if out.exists():
+        raise CheckpointError(f"{out} already exists; choose a new bundle folder or delete it")
+    config = load_config(check_run_dir(run_dir) / "config.yaml")
     data = data or load_run_data(config.data, progress=False)
     learner, manifest = load_trained(run_dir)
     backbone = learner.backbone.float().eval().to(memory_format=torch.contiguous_format)
@@ -53,8 +55,6 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     sample = np.concatenate([v[:2] for v in list(by_class.values())[:16]])
     metrics = {f"{r['split']}_{r['way']}w{r['shot']}s_{r['mode']}": {"mean": r["mean"], "ci95": r["ci95"],
                "episodes": r["episodes"]} for r in load_results(run_dir)}
-    if out.exists():
-        raise CheckpointError(f"{out} already exists; choose a new bundle folder or delete it")
     return export_bundle(
         backbone, out, preprocessing=pre,
         source={"run": str(run_dir), "name": config.name, "learner": manifest["model"]["learner"],

@@ -164,3 +164,11 @@ def test_dataloader_with_spawn_workers_matches_in_process(cache: PackedCache) ->
     assert len(loaded) == 4
     for x, y in zip(direct, loaded):
         assert torch.equal(x.support_x, y.support_x) and torch.equal(x.query_y, y.query_y)
+
+
+def test_rotations_on_a_split_that_already_has_them_are_not_duplicated(cache: PackedCache) -> None:
+    n = len(cache.classes)
+    rotated = _Split("train", np.repeat(np.arange(n), 4), np.tile(np.arange(4), n))
+    pool = pool_from_split(cache, rotated, add_rotations=True)
+    pairs = set(zip(pool.class_ids.tolist(), pool.rotations.tolist()))
+    assert len(pool) == len(pairs) == 4 * n

@@ -183,3 +183,33 @@ def test_lr_schedules() -> None:
     assert lr_at(0, c) == 1.0 and lr_at(10, c) == 0.5 and lr_at(25, c) == 0.25
     c = config_from_dict({"train": {"lr": 1.0, "schedule": "cosine", "steps": 100, "warmup": 10}}).train
     assert lr_at(0, c) == pytest.approx(0.1) and lr_at(99, c) < 0.01
+
+
+def test_a_finished_run_can_be_extended_and_timing_accumulates(tmp_path: Path, data: RunData) -> None:
+    train(config(tmp_path, steps=3, val_every=10), data=data, progress=False)
+    res = train(config(tmp_path, steps=6, val_every=10, max_seconds=100.0), data=data, progress=False)
+    assert res.steps == 6
+    rows = (config(tmp_path).run_dir() / "metrics.csv").read_text().strip().splitlines()[1:]
+    elapsed = [float(r.split(",")[4]) for r in rows]
+    assert len(rows) == 6 and elapsed == sorted(elapsed)
+
+
+def test_bad_eval_settings_and_devices_are_refused_before_training() -> None:
+    with pytest.raises(ConfigError, match="eval.split 'train'"):
+        config_from_dict({"eval": {"split": "train"}})
+    with pytest.raises(ConfigError, match="eval.episodes"):
+        config_from_dict({"eval": {"episodes": 100}})
+    from fewshot.training.loop import resolve_device
+
+    with pytest.raises(ConfigError, match="device 'foo'"):
+        resolve_device("foo")
+
+
+def test_worker_stream_equals_in_process_stream(tmp_path: Path, data: RunData) -> None:
+    a = config(tmp_path / "a", steps=3, val_every=10)
+    b = config(tmp_path / "b", steps=3, val_every=10, num_workers=1)
+    train(a, data=data, progress=False)
+    train(b, data=data, progress=False)
+    wa = load_file(str(a.run_dir() / "checkpoints" / "last" / "model.safetensors"))
+    wb = load_file(str(b.run_dir() / "checkpoints" / "last" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

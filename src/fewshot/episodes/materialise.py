@@ -31,7 +31,15 @@ def pool_from_split(cache: PackedCache, split: SplitLike, *, add_rotations: bool
     lookup = {d: j for j, d in enumerate(names)}
     domains = np.array([lookup[cache.classes[i].domain] for i in ids], dtype=np.int64)
     pool = ClassPool(ids, np.asarray(split.rotations, dtype=np.int64) % 4, counts, starts, domains, names)
-    return pool.with_rotations() if add_rotations else pool
+    return _unique_pairs(pool.with_rotations()) if add_rotations else pool
+
+
+def _unique_pairs(pool: ClassPool) -> ClassPool:
+    """Drop repeated (class, rotation) pairs (a split that already lists rotations, like Vinyals')."""
+    _, first = np.unique(np.stack([pool.class_ids, pool.rotations], axis=1), axis=0, return_index=True)
+    keep = np.sort(first)
+    return ClassPool(pool.class_ids[keep], pool.rotations[keep], pool.counts[keep], pool.starts[keep],
+                     pool.domains[keep], pool.domain_names)
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,18 @@ class RunData:
     splits: dict[str, Any]  # name -> fewshot.data.splits.Split
     scheme: str
 
-    def pool(self, split: str, *, add_rotations: bool = False) -> ClassPool:
+    def check_split(self, split: str) -> None:
         if split not in self.splits:
             raise ConfigError(
                 f"split {split!r} does not exist in scheme {self.scheme!r}; available: {sorted(self.splits)}"
             )
+
+    def pool(self, split: str, *, add_rotations: bool = False) -> ClassPool:
+        self.check_split(split)
         return pool_from_split(self.cache, self.splits[split], add_rotations=add_rotations)
 
     def class_names(self, split: str) -> list[str]:
+        self.check_split(split)
         return sorted({self.cache.classes[int(i)].name for i in self.splits[split].class_ids})
 
 

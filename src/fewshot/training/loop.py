@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from fewshot.config import RunConfig, TrainConfig, dump_config
 from fewshot.episodes.batches import sample_batch
-from fewshot.episodes.loader import EpisodeDataset
+from fewshot.episodes.loader import EpisodeDataset, episode_loader
 from fewshot.episodes.materialise import Augment
 from fewshot.episodes.sampling import EpisodeSpec
 from fewshot.errors import CheckpointError, ConfigError
@@ -52,7 +52,10 @@ class TrainResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; use device=auto or cpu")
     return dev
@@ -124,14 +127,23 @@ def _model_manifest(learner: Any, config: RunConfig, data: RunData) -> dict[str,
     }
 
 
+# Fields a resume may change: they do not change what the run computes (the data fingerprint is
+# checked separately, and the step stream does not depend on them).
+RESUMABLE = {
+    "data": {"root", "cache_dir"},
+    "train": {"steps", "num_workers", "device", "max_seconds", "val_every", "val_episodes", "val_way",
+              "val_shot", "val_query", "checkpoint_every"},
+}
+
+
 def _same_config(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Fields that differ, ignoring the ones a resume may change (total steps, workers, progress)."""
+    """Fields that differ, ignoring the ones a resume may change (RESUMABLE)."""
     diffs = []
     for section in ("data", "model", "train", "seed"):
         a, b = saved.get(section), current.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
-                if k not in ("steps", "num_workers") and a.get(k) != b.get(k):
+                if k not in RESUMABLE.get(section, set()) and a.get(k) != b.get(k):
                     diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
         elif a != b:
             diffs.append(f"{section}: {a!r} -> {b!r}")
@@ -159,7 +171,7 @@ def train(
     learner.set_precision(select_precision(device, prefer=config.train.precision))
     optimizer = make_optimizer(learner.parameters(), config.train)
 
-    start, best = 0, -1.0
+    start, best, elapsed_before = 0, -1.0, 0.0
     last = ckpt_dir / "last"
     if resume and (last / "manifest.json").is_file():
         manifest = read_manifest(last)
@@ -169,9 +181,15 @@ def train(
                 f"run {run_dir} was trained with a different config ({'; '.join(diffs)}); "
                 "use a new run name, or pass --no-resume to start over"
             )
+        if manifest["data"]["fingerprint"] != data.cache.fingerprint:
+            raise CheckpointError(
+                f"run {run_dir} was trained on data {manifest['data']['fingerprint'][:12]}, the cache now "
+                f"holds {data.cache.fingerprint[:12]}; use a new run name, or pass --no-resume"
+            )
         load_weights(last, learner)
         load_training_state(last, optimizer)
         start, best = int(manifest["step"]), float(manifest.get("metrics", {}).get("best_val_acc", -1.0))
+        elapsed_before = float(manifest.get("metrics", {}).get("elapsed_s", 0.0))
     dump_config(config, run_dir / "config.yaml")
     atomic_write_json(run_dir / "train_classes.json", {"split": data.scheme, "classes": data.class_names("train")})
     log = MetricsLog(run_dir / "metrics.csv", start)
@@ -184,9 +202,17 @@ def train(
     val_pool = data.pool(val_split) if val_split else None
     base = _model_manifest(learner, config, data)
 
+    stream = None
+    if tc.num_workers > 0 and learner.data_kind == "episodes":  # same episodes, built in workers
+        mb = tc.meta_batch
+        stream = iter(episode_loader(episodes, start=start * mb, count=(tc.steps - start) * mb,
+                                     num_workers=tc.num_workers))
+
     def batch_for(step: int) -> Any:
         if learner.data_kind == "batches":
             return sample_batch(data.cache, train_pool, tc.batch_size, config.seed, step, aug)
+        if stream is not None:
+            return [next(stream) for _ in range(tc.meta_batch)]
         return [episodes[step * tc.meta_batch + j] for j in range(tc.meta_batch)]
 
     def validate() -> tuple[float, float]:
@@ -208,7 +234,8 @@ def train(
         metrics = learner.train_step(batch_for(step), optimizer)
         done = step + 1
         out_of_time = tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds
-        row: dict[str, Any] = {"step": done, "lr": lr, "elapsed_s": round(time.perf_counter() - t0, 3), **metrics}
+        elapsed_total = elapsed_before + time.perf_counter() - t0
+        row: dict[str, Any] = {"step": done, "lr": lr, "elapsed_s": round(elapsed_total, 3), **metrics}
         if done % tc.val_every == 0 or done == tc.steps or out_of_time:
             row["val_acc"], row["val_ci95"] = validate()
             if row["val_acc"] == row["val_acc"] and row["val_acc"] > best:
@@ -219,7 +246,7 @@ def train(
         log.append(row)
         if done % tc.checkpoint_every == 0 or done == tc.steps or out_of_time:
             save_checkpoint(last, model=learner, optimizer=optimizer, step=done,
-                            manifest={**base, "metrics": {"best_val_acc": best, **metrics}})
+                            manifest={**base, "metrics": {"best_val_acc": best, "elapsed_s": elapsed_total, **metrics}})
         if on_step is not None:
             on_step(done, metrics)
         if out_of_time:
@@ -230,9 +257,18 @@ def train(
     elapsed = time.perf_counter() - t0
     plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", title=f"{config.name}: {config.model.learner} / {config.model.backbone}")
     summary = {"steps": done, "best_val_acc": best, "train_seconds_this_session": round(elapsed, 2),
+               "train_seconds_total": round(elapsed_before + elapsed, 2),
                "device": str(device), "precision": learner.precision.dtype}
     atomic_write_json(run_dir / "train_summary.json", summary)
     return TrainResult(run_dir, done, best, elapsed)
+
+
+def check_run_dir(run_dir: Path) -> Path:
+    """A run folder made by `fewshot train`, or a clear error."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml); pass a folder made by `fewshot train`")
+    return run_dir
 
 
 def load_trained(run_dir: Path, *, tag: str = "best", device: str = "cpu") -> tuple[Any, dict[str, Any]]:
@@ -240,7 +276,7 @@ def load_trained(run_dir: Path, *, tag: str = "best", device: str = "cpu") -> tu
     from fewshot.backbones import backbone_from_config
     from fewshot.learners import learner_from_config
 
-    path = Path(run_dir) / "checkpoints" / tag
+    path = check_run_dir(run_dir) / "checkpoints" / tag
     manifest = read_manifest(path)
     backbone = backbone_from_config(manifest["model"]["backbone"])
     learner = learner_from_config(manifest["model"]["learner"], backbone)

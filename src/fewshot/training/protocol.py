@@ -12,7 +12,7 @@ from fewshot.errors import EpisodeError
 from fewshot.io import atomic_write_json
 from fewshot.training.data import RunData, load_run_data
 from fewshot.training.evaluate import EvalResult, evaluate_episodes
-from fewshot.training.loop import load_trained, train_classes
+from fewshot.training.loop import check_run_dir, load_trained, train_classes
 from fewshot.training.plots import plot_comparison
 
 
@@ -43,7 +43,7 @@ def evaluate_run(
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate the best checkpoint of a run and write `eval-<split>-<way>w<shot>s-<mode>.json`."""
-    run_dir = Path(run_dir)
+    run_dir = check_run_dir(Path(run_dir))
     config = load_config(run_dir / "config.yaml")
     data = data or load_run_data(config.data, progress=progress)
     check_no_training_classes(run_dir, data, split)
@@ -80,7 +80,7 @@ def compare_runs(run_dirs: list[Path], out_png: Path) -> str:
     lines = ["| run | learner | backbone | split | task | mode | episodes | accuracy (95% CI) |",
              "|---|---|---|---|---|---|---|---|"]
     for run in run_dirs:
-        results = load_results(run)
+        results = load_results(check_run_dir(run))
         if not results:
             raise EpisodeError(f"run {run} has no evaluations; run `fewshot evaluate {run}` first")
         for r in results:
@@ -90,6 +90,8 @@ def compare_runs(run_dirs: list[Path], out_png: Path) -> str:
                 f"{r['mode']} | {r['episodes']} | {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} |"
             )
             task_label = task if r["mode"] == "any" else f"{task} ({r['mode']})"
+            if r["split"] != "test":
+                task_label += f" [{r['split']}]"
             rows.append((r["run"], task_label, 100 * r["mean"], 100 * r["ci95"]))
     plot_comparison(rows, out_png, "few-shot accuracy (95% CI)")
     return "\n".join(lines)

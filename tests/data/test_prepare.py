@@ -126,3 +126,24 @@ def test_fake_omniglot_prepares_with_subsets(tmp_path: Path) -> None:
     assert {c.subset for c in cache.classes} == {"background", "evaluation"}
     assert cache.classes[0].name == "Alpha0/character01" and cache.classes[0].domain == "Alpha0"
     assert cache.path.name.startswith("omniglot-")
+
+
+def test_broken_worker_pool_falls_back_to_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where spawn workers cannot start (code run from stdin), prepare still builds the same cache."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    import fewshot.data.prepare as prepare_module
+
+    root = _folder(tmp_path / "src", n_classes=2, per_class=3)
+    reference = prepare(root, tmp_path / "ref", progress=False, workers=1).cache
+    real = prepare_module._run_batches
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if args[-1] > 1:  # n_workers
+            raise BrokenProcessPool("no workers")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "_run_batches", broken)
+    with pytest.warns(UserWarning, match="decoding in this process"):
+        cache = prepare(root, tmp_path / "out", progress=False, workers=2).cache
+    assert np.array_equal(np.asarray(cache.images), np.asarray(reference.images))

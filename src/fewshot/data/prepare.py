@@ -17,9 +17,11 @@ import json
 import multiprocessing
 import os
 import re
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,14 +202,29 @@ def _inspect_all(
     chunk = max(256, min(2048, -(-n // max(1, n_workers * 8))))
     status, detail, hashes = [""] * n, [""] * n, [""] * n
     phash = np.zeros(n, dtype=np.uint64)
-    with tqdm(total=n, unit="img", desc=f"prepare {source.name}", disable=not progress) as bar:
+    try:
+        _fill(source, entries, pre, cfg, images, progress, chunk, n_workers, (status, detail, hashes, phash))
+    except BrokenProcessPool:
+        # spawn workers re-import __main__; code run from stdin or some embedders cannot be
+        # re-imported. Decoding in this process gives the same cache, only slower.
+        warnings.warn("worker processes could not start (run from a file with an `if __name__ == "
+                      "'__main__':` guard to use them); decoding in this process", stacklevel=2)
+        _fill(source, entries, pre, cfg, images, progress, chunk, 1, (status, detail, hashes, phash))
+    return status, detail, hashes, phash
+
+
+def _fill(
+    source: Source, entries: Sequence[Entry], pre: Preprocessing, cfg: CleaningConfig, images: np.ndarray,
+    progress: bool, chunk: int, n_workers: int, out: tuple[list[str], list[str], list[str], np.ndarray],
+) -> None:
+    status, detail, hashes, phash = out
+    with tqdm(total=len(entries), unit="img", desc=f"prepare {source.name}", disable=not progress) as bar:
         for start, batch in _run_batches(source, entries, pre, cfg.min_side, chunk, n_workers):
             stop = start + len(batch.status)
             images[start:stop] = batch.images
             status[start:stop], detail[start:stop] = batch.status, batch.detail
             hashes[start:stop], phash[start:stop] = batch.content_hash, batch.phash
             bar.update(stop - start)
-    return status, detail, hashes, phash
 
 
 def _n_workers(workers: int | None, n_files: int) -> int:

@@ -12,14 +12,16 @@ from fewshot.errors import FewshotError
 
 
 def _data_config(args: argparse.Namespace) -> Any:
-    from fewshot.config import DataConfig
+    """The data section from command-line options, validated like a config file's."""
+    from fewshot.config import config_from_dict
 
     fields: dict[str, Any] = {"dataset": args.dataset, "image_size": args.size, "mode": args.mode,
                               "cache_dir": args.cache_dir, "split": getattr(args, "split", "vinyals"),
-                              "first_level": args.first_level}
+                              "first_level": args.first_level,
+                              "min_images_per_class": getattr(args, "min_images", 2)}
     if args.data:
         fields["root"] = args.data
-    return DataConfig(**fields)
+    return config_from_dict({"data": fields}, "<command line>").data
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -33,23 +35,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from fewshot.data.prepare import prepare, prepare_omniglot
-    from fewshot.data.sources import ImageFolderSource
-    from fewshot.training.data import preprocessing_of
+    from fewshot.training.data import prepare_data
 
     cfg = _data_config(args)
-    root = cfg.data_root()
     if args.download:
         from fewshot.data.download import download_omniglot
 
-        download_omniglot(root)
-    pre = preprocessing_of(cfg)
-    if cfg.dataset == "omniglot":
-        prepared = prepare_omniglot(root, Path(cfg.cache_dir), pre, force=args.force)
-    else:
-        path = Path(cfg.dataset) if Path(cfg.dataset).exists() else root / cfg.dataset
-        source = ImageFolderSource(path, first_level=cfg.first_level)
-        prepared = prepare(source, Path(cfg.cache_dir), pre, min_images_per_class=args.min_images, force=args.force)
+        download_omniglot(cfg.data_root())
+    prepared = prepare_data(cfg, force=args.force)
     print(prepared.report.table())
     print(f"cache: {prepared.cache.path} ({len(prepared.cache)} images, {len(prepared.cache.classes)} classes, "
           f"{len(prepared.cache.domains)} domains)")

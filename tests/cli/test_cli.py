@@ -68,6 +68,8 @@ def test_prepare_inspect_train_evaluate_compare_export(workdir: Path, capsys: py
 def test_errors_are_reported_with_exit_code_2(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prepare", "--dataset", "missing-folder"]) == 2
     assert "missing-folder" in capsys.readouterr().err
+    assert main(["prepare", "--dataset", "tiny", "--min-images", "0"]) == 2
+    assert "data.min_images_per_class" in capsys.readouterr().err
     assert main(["train", "nope.yaml"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["evaluate", "runs/none", "--way", "5"]) == 2

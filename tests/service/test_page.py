@@ -17,10 +17,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from browser import chromium, live_server  # noqa: E402
+from browser import chromium  # noqa: E402
 
 from fewshot.service.app import create_app  # noqa: E402
 from fewshot.service.settings import ServiceSettings  # noqa: E402
+from fewshot.service.smoke import live_server  # noqa: E402
 
 sys.path.pop(0)
 

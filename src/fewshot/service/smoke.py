@@ -12,6 +12,8 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,38 @@ import numpy as np
 from PIL import Image
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@contextmanager
+def live_server(app: Any, startup_timeout_s: float = 20.0) -> Iterator[str]:
+    """Serve the ASGI `app` with uvicorn on a free 127.0.0.1 port; yields the base URL once /readyz answers."""
+    import httpx
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # the kernel picks a free port; uvicorn serves on this very socket
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            if not thread.is_alive():
+                raise RuntimeError("the uvicorn server thread exited during startup; see its log")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the service at {base} was not ready after {startup_timeout_s} s")
+            time.sleep(0.05)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def _png(image_u8: np.ndarray) -> bytes:
@@ -38,7 +68,6 @@ def service_smoke_check(
 ) -> dict[str, Any]:
     """Teach each class `shots` images over HTTP, classify the rest; returns accuracy and latencies."""
     import httpx
-    import uvicorn
 
     from fewshot.service.app import create_app
     from fewshot.service.settings import ServiceSettings
@@ -46,46 +75,27 @@ def service_smoke_check(
     admin = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory() as tmp:
         settings = ServiceSettings(bundle_path=str(bundle_dir), db_url=str(Path(tmp) / "smoke.db"), admin_key=admin)
-        port = _free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        base = f"http://127.0.0.1:{port}"
-        try:
-            with httpx.Client(base_url=base, timeout=30) as client:
-                deadline = time.monotonic() + timeout_s
-                while True:
-                    try:
-                        if client.get("/readyz").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"service at {base} did not become ready in {timeout_s} s")
-                    time.sleep(0.1)
-                r = client.post("/workspaces", json={"name": "smoke"}, headers={"Authorization": f"Bearer {admin}"})
-                r.raise_for_status()
-                ws, key = r.json()["id"], r.json()["api_key"]
-                auth = {"Authorization": f"Bearer {key}"}
-                for label, imgs in images_by_class.items():
-                    files = [("images", (f"{label}-{i}.png", _png(im), "image/png")) for i, im in enumerate(imgs[:shots])]
-                    client.post(f"/workspaces/{ws}/classes", data={"label": label}, files=files, headers=auth).raise_for_status()
-                correct, top1, rejected, total, latencies = 0, 0, 0, 0, []
-                for label, imgs in images_by_class.items():
-                    for i, im in enumerate(imgs[shots:]):
-                        t0 = time.perf_counter()
-                        r = client.post(f"/workspaces/{ws}/classify", files=[("images", (f"q{i}.png", _png(im), "image/png"))],
-                                        headers=auth)
-                        latencies.append(1000 * (time.perf_counter() - t0))
-                        r.raise_for_status()
-                        pred = r.json()["predictions"][0]
-                        correct += int(pred["label"] == label)
-                        top1 += int(bool(pred["top_k"]) and pred["top_k"][0]["label"] == label)
-                        rejected += int(not pred["known"])
-                        total += 1
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+        with live_server(create_app(settings), timeout_s) as base, httpx.Client(base_url=base, timeout=30) as client:
+            r = client.post("/workspaces", json={"name": "smoke"}, headers={"Authorization": f"Bearer {admin}"})
+            r.raise_for_status()
+            ws, key = r.json()["id"], r.json()["api_key"]
+            auth = {"Authorization": f"Bearer {key}"}
+            for label, imgs in images_by_class.items():
+                files = [("images", (f"{label}-{i}.png", _png(im), "image/png")) for i, im in enumerate(imgs[:shots])]
+                client.post(f"/workspaces/{ws}/classes", data={"label": label}, files=files, headers=auth).raise_for_status()
+            correct, top1, rejected, total, latencies = 0, 0, 0, 0, []
+            for label, imgs in images_by_class.items():
+                for i, im in enumerate(imgs[shots:]):
+                    t0 = time.perf_counter()
+                    r = client.post(f"/workspaces/{ws}/classify", files=[("images", (f"q{i}.png", _png(im), "image/png"))],
+                                    headers=auth)
+                    latencies.append(1000 * (time.perf_counter() - t0))
+                    r.raise_for_status()
+                    pred = r.json()["predictions"][0]
+                    correct += int(pred["label"] == label)
+                    top1 += int(bool(pred["top_k"]) and pred["top_k"][0]["label"] == label)
+                    rejected += int(not pred["known"])
+                    total += 1
     return {
         "classes": len(images_by_class),
         "shots": shots,

@@ -118,15 +118,38 @@ class Store(ABC):
         """A write transaction; yields an object with `.execute(sql, params)` -> cursor."""
 
     @abstractmethod
-    @contextmanager
-    def _read(self) -> Iterator[Any]:
-        """A connection for reads."""
+    def _connect(self) -> Any:
+        """A new connection (each thread gets its own, see `_conn`)."""
 
     @abstractmethod
     def _is_unique_violation(self, exc: BaseException) -> bool: ...
 
-    @abstractmethod
-    def close(self) -> None: ...
+    # -- one connection per thread -------------------------------------------------------------
+    def _init_connections(self) -> None:
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+
+    def _conn(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(conn, "closed", False):
+            conn = self._connect()
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        """A connection for reads."""
+        yield self._conn()
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
 
     def _sql(self, sql: str) -> str:
         return sql
@@ -339,24 +362,17 @@ class SQLiteStore(Store):
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._init_connections()
         with self._tx() as c:
             for stmt in _schema("BLOB"):
                 c.execute(stmt)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: atomic and safe against process kills
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: atomic and safe against process kills
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
         return conn
 
     @contextmanager
@@ -370,19 +386,8 @@ class SQLiteStore(Store):
             raise
         conn.execute("COMMIT")
 
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        yield self._conn()
-
     def _is_unique_violation(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
-
-    def close(self) -> None:
-        with self._lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-        self._local = threading.local()
 
 
 class PostgresStore(Store):
@@ -393,25 +398,17 @@ class PostgresStore(Store):
 
         self.url = url
         self._psycopg = psycopg
-        self._local = threading.local()
-        self._all: list[Any] = []
-        self._lock = threading.Lock()
+        self._init_connections()
         with self._tx() as c:
             c.execute("SELECT pg_advisory_xact_lock(4242001)")  # concurrent first starts create once
             for stmt in _schema("BYTEA"):
                 c.execute(stmt)
 
-    def _conn(self) -> Any:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
-            try:
-                conn = self._psycopg.connect(self.url, autocommit=True)
-            except self._psycopg.OperationalError as exc:
-                raise StoreError(f"cannot connect to PostgreSQL at {self.url} ({exc}); check the URL and server") from exc
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
-        return conn
+    def _connect(self) -> Any:
+        try:
+            return self._psycopg.connect(self.url, autocommit=True)
+        except self._psycopg.OperationalError as exc:
+            raise StoreError(f"cannot connect to PostgreSQL at {self.url} ({exc}); check the URL and server") from exc
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
@@ -422,19 +419,8 @@ class PostgresStore(Store):
         with conn.transaction():
             yield conn
 
-    @contextmanager
-    def _read(self) -> Iterator[Any]:
-        yield self._conn()
-
     def _is_unique_violation(self, exc: BaseException) -> bool:
         return isinstance(exc, self._psycopg.errors.UniqueViolation)
-
-    def close(self) -> None:
-        with self._lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-        self._local = threading.local()
 
 
 def open_store(url: str | Path) -> Store:

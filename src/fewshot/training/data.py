@@ -9,6 +9,7 @@ from typing import Any
 from fewshot.config import DataConfig
 from fewshot.data.cache import PackedCache
 from fewshot.data.imageio import Preprocessing
+from fewshot.data.prepare import PreparedData
 from fewshot.episodes.materialise import pool_from_split
 from fewshot.episodes.sampling import ClassPool
 from fewshot.errors import ConfigError
@@ -39,24 +40,29 @@ def preprocessing_of(cfg: DataConfig) -> Preprocessing:
     return Preprocessing(mode=cfg.mode, size=cfg.image_size)
 
 
-def load_run_data(cfg: DataConfig, *, progress: bool = True) -> RunData:
-    """Prepare (or reuse) the cache for `cfg` and build its splits."""
+def prepare_data(cfg: DataConfig, *, progress: bool = True, force: bool = False) -> PreparedData:
+    """Prepare (or reuse) the packed cache that `cfg` describes: Omniglot or an image folder / zip."""
     from fewshot.data.prepare import prepare, prepare_omniglot
     from fewshot.data.sources import ImageFolderSource
-    from fewshot.data.splits import make_splits
 
     root = cfg.data_root()
     cache_root = Path(cfg.cache_dir)
     pre = preprocessing_of(cfg)
     if cfg.dataset == "omniglot":
-        prepared = prepare_omniglot(root, cache_root, pre, progress=progress)
-        splits_dir = root / "omniglot" / "splits" / "vinyals"
-    else:
-        path = Path(cfg.dataset)
-        if not path.is_absolute() and not path.exists():
-            path = root / path
-        source = ImageFolderSource(path, first_level=cfg.first_level)
-        prepared = prepare(source, cache_root, pre, min_images_per_class=cfg.min_images_per_class, progress=progress)
-        splits_dir = None
+        return prepare_omniglot(root, cache_root, pre, progress=progress, force=force)
+    path = Path(cfg.dataset)
+    if not path.is_absolute() and not path.exists():
+        path = root / path
+    source = ImageFolderSource(path, first_level=cfg.first_level)
+    return prepare(source, cache_root, pre, min_images_per_class=cfg.min_images_per_class,
+                   progress=progress, force=force)
+
+
+def load_run_data(cfg: DataConfig, *, progress: bool = True) -> RunData:
+    """Prepare (or reuse) the cache for `cfg` and build its splits."""
+    from fewshot.data.splits import make_splits
+
+    prepared = prepare_data(cfg, progress=progress)
+    splits_dir = cfg.data_root() / "omniglot" / "splits" / "vinyals" if cfg.dataset == "omniglot" else None
     splits = make_splits(prepared.cache, cfg.split, seed=cfg.split_seed, splits_dir=splits_dir)
     return RunData(prepared.cache, splits, cfg.split)

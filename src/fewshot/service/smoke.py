@@ -27,12 +27,14 @@ def live_server(app: Any, startup_timeout_s: float = 20.0) -> Iterator[str]:
     import httpx
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # the kernel picks a free port; uvicorn serves on this very socket
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))  # the kernel picks a free port
+        port = probe.getsockname()[1]
+    # uvicorn binds the port itself: handing it a pre-bound socket made each multipart request
+    # ~45 ms slower here (48 vs 3.2 ms median classify in the pipeline check; a Nagle/delayed-ACK
+    # pattern). The tiny window between probing and binding the port is acceptable on loopback.
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
     try:
@@ -52,7 +54,6 @@ def live_server(app: Any, startup_timeout_s: float = 20.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        sock.close()
 
 
 def _png(image_u8: np.ndarray) -> bytes:

@@ -101,6 +101,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from fewshot.config import load_config
+    from fewshot.distill import distill
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    summary = distill(load_config(args.config, overrides), resume=not args.no_resume)
+    for name, run in summary["runs"].items():
+        print(f"{name}: {run}")
+    if "report" in summary:
+        print((Path(summary["report"]) / "distill_report.md").read_text(encoding="utf-8"))
+        print(f"report: {summary['report']}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fewshot.training.protocol import evaluate_run
 
@@ -122,10 +138,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fewshot.pipeline import export_run
+    from fewshot.artifacts.bundle import load_bundle
+    from fewshot.deploy import export_run
 
-    out = export_run(Path(args.run), Path(args.out))
-    print(f"bundle written to {out}")
+    out = export_run(Path(args.run), Path(args.out), force=args.force)
+    manifest = load_bundle(out).manifest
+    rule = (manifest.deployment or {}).get("rule", {})
+    print(f"bundle written to {out} (embedder: {(manifest.deployment or {}).get('embedder')}, rule: "
+          f"{rule.get('rule')}/{rule.get('metric')})")
+    for key, m in manifest.metrics.items():
+        print(f"  {key}: learner {100 * m['mean']:.2f}%, bundle as served {100 * m['served_mean']:.2f}% "
+              f"+- {100 * m['served_ci95']:.2f} ({m['episodes']} episodes)")
     return 0
 
 
@@ -178,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start over even if the run has a checkpoint")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("distill", help="distil teachers into a student (same checkpoints and resume as train)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. distill.temperature=2")
+    p.add_argument("--data", help="data root (default: $FEWSHOT_DATA)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the runs have checkpoints")
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("evaluate", help="mean accuracy +- 95%% CI over fixed-seed test episodes")
     p.add_argument("run")
     p.add_argument("--way", type=int, default=5)
@@ -200,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="bundle a trained run: safetensors + manifest + ONNX")
     p.add_argument("run")
     p.add_argument("out")
+    p.add_argument("--force", action="store_true",
+                   help="write the bundle even if it scores more than export.max_drop below the learner")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="run the recogniser service on a bundle")

@@ -31,6 +31,9 @@ class DataConfig(_Frozen):
     cache_dir: str = ".fewshot-cache"
     min_images_per_class: int = Field(2, ge=1)
     first_level: Literal["domain", "subset"] = "domain"  # image folders: root/<domain>/<class> or root/<subset>/<class>
+    # split "lake": validation characters held out from each of the 30 background alphabets
+    # (seeded); every alphabet stays in training. 0 = no validation split (train on all 964).
+    lake_val_fraction: float = Field(0.1, ge=0, lt=1)
 
     def data_root(self) -> Path:
         root = self.root or os.environ.get("FEWSHOT_DATA")
@@ -76,6 +79,8 @@ class TrainConfig(_Frozen):
     hflip: bool = False
     domain_mode: Literal["any", "within", "across"] = "any"
     max_seconds: float | None = Field(None, gt=0)  # stop early (validate, checkpoint) after this wall time
+    accumulate: int = Field(1, ge=1)  # backpropagate the batch in this many parts (same gradient for episodes)
+    grad_clip: float | None = Field(None, gt=0)  # clip the global gradient norm to this value
 
 
 class EvalConfig(_Frozen):
@@ -92,6 +97,37 @@ class ExportConfig(_Frozen):
     enabled: bool = True
     calibration_episodes: int = Field(200, ge=10)
     false_accept_rate: float = Field(0.05, gt=0, lt=1)
+    # `fewshot export` measures the bundle as served (ONNX Runtime + the service's rule) on the
+    # run's test episodes and refuses it when it is more than this below the learner (unless forced)
+    max_drop: float = Field(0.01, ge=0, le=1)
+    bn_episodes: int = Field(200, ge=1)  # training support sets that re-estimate batch-norm statistics
+
+
+class TeacherConfig(_Frozen):
+    path: str  # a run folder (made by `fewshot train` / `fewshot distill`) or a bundle folder
+    weight: float = Field(1.0, ge=0)  # this teacher's share of every distillation term
+
+
+class DistillConfig(_Frozen):
+    """Distillation terms added to the student learner's own loss (see fewshot.distill.losses).
+
+    loss = task_weight * task + sum over teachers t of weight_t * (
+        kd_episode_weight * KD(episode logits) + kd_class_weight * KD(base-class logits)
+        + hint_weight * FitNets hint + rkd_distance_weight * RKD-D + rkd_angle_weight * RKD-A)
+    """
+
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    task_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    kd_episode_weight: float = Field(1.0, ge=0)
+    kd_class_weight: float = Field(0.0, ge=0)
+    hint_weight: float = Field(0.0, ge=0)
+    rkd_distance_weight: float = Field(0.0, ge=0)
+    rkd_angle_weight: float = Field(0.0, ge=0)
+    # born-again generations: generation g + 1 is taught by generation g (the first by `teachers`)
+    generations: int = Field(1, ge=1, le=10)
+    # also train the same student alone with the same budget, for the report (`<name>-alone`)
+    baseline: bool = True
 
 
 class RunConfig(_Frozen):
@@ -103,6 +139,7 @@ class RunConfig(_Frozen):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    distill: DistillConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

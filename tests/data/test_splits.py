@@ -81,8 +81,14 @@ def test_lake_scheme(omni_cache: PackedCache) -> None:
     splits = make_splits(omni_cache, "lake", seed=0, fractions=(0.6, 0.4, 0.0))
     subset = {k: {omni_cache.classes[i].subset for i in _ids(s)} for k, s in splits.items()}
     assert subset == {"train": {"background"}, "val": {"background"}, "test": {"evaluation"}}
-    assert len(splits["val"]) == 2 * 3  # 40% of 5 background alphabets, 3 characters each
+    # validation holds out round(0.4 * 3) = 1 character of each of the 5 background alphabets:
+    # every alphabet stays in training
+    assert len(splits["val"]) == 5
+    domains = {k: {omni_cache.classes[i].domain for i in _ids(s)} for k, s in splits.items()}
+    assert domains["train"] == domains["val"] and len(domains["train"]) == 5
     assert not splits["train"].rotations.any()
+    no_val = make_splits(omni_cache, "lake", seed=0, fractions=(1.0, 0.0, 0.0))
+    assert set(no_val) == {"train", "test"} and len(no_val["train"]) == 5 * 3
     rotated = make_splits(omni_cache, "lake", seed=0, fractions=(0.6, 0.4, 0.0), rotations=True)
     assert len(rotated["test"]) == 4 * len(splits["test"])
     assert rotated["test"].rotations[:4].tolist() == [0, 1, 2, 3]

@@ -34,7 +34,7 @@ def small_conv4() -> Callable[..., torch.nn.Module]:
     """small_conv4(seed) -> a 16-channel Conv-4 for 28x28 grey images, seeded initialisation."""
 
     def make(seed: int = 0) -> torch.nn.Module:
-        torch.manual_seed(seed)
-        return create_backbone("conv4", in_channels=1, image_size=28, width=0.25)
+        return create_backbone("conv4", in_channels=1, image_size=28, width=0.25,
+                               generator=torch.Generator().manual_seed(seed))
 
     return make

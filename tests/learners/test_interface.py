@@ -11,6 +11,7 @@ import torch
 from fewshot.episodes.types import Episode
 from fewshot.errors import ConfigError
 from fewshot.learners import create_learner, learner_from_config, list_learners
+from fewshot.training.trainer import Trainer
 
 ALL = ["anil", "fomaml", "maml", "metasgd", "pretrain", "protonet", "reptile"]
 KW = {"pretrain": {"num_classes": 24}, "reptile": {"inner_steps": 2, "eval_inner_steps": 3}}
@@ -97,7 +98,7 @@ def test_training_is_deterministic(name, episodes, small_conv4):
                 )
             else:
                 batch = episodes(2, seed=i)
-            out.append(learner.train_step(batch, opt))
+            out.append(step_with(learner, batch, opt))
         return out, learner.predict(episodes(1, seed=9)[0])
 
     (m1, p1), (m2, p2) = run(), run()
@@ -109,14 +110,14 @@ def test_episodic_learner_rejects_plain_batches(small_conv4):
     learner = build("protonet", small_conv4)
     opt = torch.optim.SGD(learner.parameters(), lr=0.1)
     with pytest.raises(ConfigError, match="list\\[Episode\\]"):
-        learner.train_step((torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)), opt)
+        step_with(learner, (torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)), opt)
 
 
 def test_pretrain_rejects_labels_outside_its_classes(small_conv4):
     learner = build("pretrain", small_conv4)
     opt = torch.optim.SGD(learner.parameters(), lr=0.1)
     with pytest.raises(ConfigError, match="labels must be in 0..23; got range 0..30"):
-        learner.train_step((torch.rand(2, 1, 28, 28), torch.tensor([0, 30])), opt)
+        step_with(learner, (torch.rand(2, 1, 28, 28), torch.tensor([0, 30])), opt)
 
 
 def test_support_labels_must_cover_every_class(small_conv4, episodes):
@@ -135,7 +136,7 @@ def test_cosine_protonet_learns_its_scale(small_conv4, episodes):
     learner = build("protonet", small_conv4, metric="cosine", init_scale=5.0)
     opt = torch.optim.SGD(learner.parameters(), lr=0.1)
     before = float(learner.log_scale.detach())
-    learner.train_step(episodes(2), opt)
+    step_with(learner, episodes(2), opt)
     assert float(learner.log_scale.detach()) != before
 
 
@@ -144,3 +145,8 @@ def test_gradient_learners_need_episodic_batch_norm():
     net.embedding_dim = 4 * 26 * 26  # type: ignore[assignment]
     with pytest.raises(ConfigError, match="EpisodicBatchNorm2d"):
         create_learner("maml", net)
+
+
+def step_with(learner, batch, opt):  # type: ignore[no-untyped-def]
+    """One optimiser step by the one trainer."""
+    return Trainer(learner, opt).step(batch)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from fewshot.learners import create_learner
 from fewshot.learners.base import FewShotLearner
+from fewshot.training.trainer import Trainer
 
 # name -> (constructor kwargs, optimizer, lr, steps)
 CASES = {
@@ -53,10 +54,15 @@ def test_learner_learns(name, episodes, bank, small_conv4):
         batch = (
             pretrain_batch(bank, g) if learner.data_kind == "batches" else train[2 * i : 2 * i + 2]
         )
-        metrics = learner.train_step(batch, opt)
+        metrics = step_with(learner, batch, opt)
         assert set(metrics) >= {"loss", "acc"} and all(
             isinstance(v, float) for v in metrics.values()
         )
     loss1, acc1 = evaluate(learner, held_out)
     assert loss1 < loss0, f"{name}: held-out loss did not fall ({loss0:.3f} -> {loss1:.3f})"
     assert acc1 > 0.5 and acc1 > acc0, f"{name}: accuracy {acc0:.2f} -> {acc1:.2f} (chance 0.2)"
+
+
+def step_with(learner, batch, opt):  # type: ignore[no-untyped-def]
+    """One optimiser step by the one trainer."""
+    return Trainer(learner, opt).step(batch)

@@ -9,6 +9,7 @@ from learner_data import class_bank, make_episode
 import fewshot.learners.maml as maml_module
 from fewshot.backbones import create_backbone
 from fewshot.learners import create_learner
+from fewshot.training.trainer import Trainer
 
 
 def grads_after_step(name: str, fast: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, torch.Tensor], float]:
@@ -32,7 +33,7 @@ def grads_after_step(name: str, fast: bool, monkeypatch: pytest.MonkeyPatch) -> 
                     if p.grad is not None:
                         grads[names[id(p)]] = p.grad.clone()
 
-    metrics = learner.train_step(episodes, Capture(learner.parameters(), lr=0.0))
+    metrics = step_with(learner, episodes, Capture(learner.parameters(), lr=0.0))
     return grads, metrics["loss"]
 
 
@@ -48,3 +49,8 @@ def test_closed_form_matches_loop(name: str, chunk: int, monkeypatch: pytest.Mon
         ref = slow.get(k, torch.zeros_like(v))
         assert torch.allclose(v, ref, atol=1e-5, rtol=1e-4), k
     assert any(float(v.abs().sum()) > 0 for k, v in fast.items() if k.startswith("backbone."))
+
+
+def step_with(learner, batch, opt):  # type: ignore[no-untyped-def]
+    """One optimiser step by the one trainer."""
+    return Trainer(learner, opt).step(batch)

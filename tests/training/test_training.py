@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,8 +190,9 @@ def test_a_finished_run_can_be_extended_and_timing_accumulates(tmp_path: Path, d
     train(config(tmp_path, steps=3, val_every=10), data=data, progress=False)
     res = train(config(tmp_path, steps=6, val_every=10, max_seconds=100.0), data=data, progress=False)
     assert res.steps == 6
-    rows = (config(tmp_path).run_dir() / "metrics.csv").read_text().strip().splitlines()[1:]
-    elapsed = [float(r.split(",")[4]) for r in rows]
+    with open(config(tmp_path).run_dir() / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    elapsed = [float(r["elapsed_s"]) for r in rows]
     assert len(rows) == 6 and elapsed == sorted(elapsed)
 
 

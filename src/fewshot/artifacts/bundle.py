@@ -14,6 +14,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +41,7 @@ from fewshot.artifacts.onnx_export import (
 )
 from fewshot.backbones import backbone_from_config
 from fewshot.data.imageio import Preprocessing
+from fewshot.decision import DecisionRule
 from fewshot.errors import CheckpointError
 
 BUNDLE_FORMAT_VERSION = 1
@@ -80,6 +82,8 @@ class Manifest:
     sha256: dict[str, str]
     parity: dict[str, Any]
     created_unix: float = field(default_factory=time.time)
+    # how the bundle is served: {"embedder": ..., "rule": DecisionRule.to_dict(), ...}
+    deployment: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
@@ -138,10 +142,14 @@ def export_bundle(
     backbone: nn.Module, out_dir: str | Path, *, preprocessing: Preprocessing, source: dict[str, Any],
     metrics: dict[str, Any], data_fingerprint: str, calibration: dict[str, Any] | None,
     sample_images: np.ndarray, tolerance: float = PARITY_TOLERANCE,
+    deployment: dict[str, Any] | None = None,
+    evaluate: Callable[[OnnxEmbedder], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write the bundle atomically; refuse it (nothing at `out_dir`) if ONNX and PyTorch disagree.
+    """Write the bundle atomically; refuse it (nothing at `out_dir`) if ONNX and PyTorch disagree,
+    or if `evaluate` (called with the written ONNX model as the service will run it) raises.
 
     sample_images: uint8 (N, C, H, W) real images under `preprocessing`, for the parity check.
+    evaluate: -> metrics of the bundle as served, merged into the manifest's `metrics`.
     """
     out = Path(out_dir)
     if out.exists():
@@ -156,12 +164,16 @@ def export_bundle(
         tmp.chmod(0o755)  # mkdtemp makes 0700; a bundle is meant to be read by the service user
         parity = _write_files(tmp, backbone, preprocessing, sample_images, tolerance)
         hashes = {name: sha256_file(tmp / name) for name in (WEIGHTS, ONNX, PARITY)}
+        if evaluate is not None:
+            emb = OnnxEmbedder(tmp / ONNX, channels=preprocessing.channels, size=preprocessing.size,
+                               embedding_dim=int(backbone.embedding_dim))  # type: ignore[arg-type]
+            metrics = {**metrics, **evaluate(emb)}
         manifest = Manifest(
             format_version=BUNDLE_FORMAT_VERSION, bundle_id=hashes[WEIGHTS][:16],
             backbone=dict(backbone.config), preprocessing=preprocessing.to_dict(),  # type: ignore[arg-type]
             embedding_dim=int(backbone.embedding_dim), source=source,  # type: ignore[arg-type]
             data_fingerprint=data_fingerprint, metrics=metrics, calibration=calibration,
-            versions=_versions(), sha256=hashes, parity=parity,
+            versions=_versions(), sha256=hashes, parity=parity, deployment=deployment,
         )
         (tmp / MANIFEST).write_text(manifest.to_json())
         for f in tmp.iterdir():
@@ -199,6 +211,11 @@ class Bundle:
     def calibration(self) -> Calibration | None:
         c = self.manifest.calibration
         return None if c is None else Calibration.from_dict(c)
+
+    @property
+    def decision_rule(self) -> DecisionRule:
+        """The rule the bundle was measured with (older bundles: nearest prototype, Euclidean)."""
+        return DecisionRule.from_dict((self.manifest.deployment or {}).get("rule"))
 
     @cached_property
     def torch_embedder(self) -> TorchEmbedder:

@@ -11,31 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
+import torch
 
 from fewshot.artifacts.embedders import Embedder
+from fewshot.decision import METRICS, Metric, accepts, nearest, prototype_scores
 from fewshot.errors import ConfigError
-
-Metric = Literal["euclidean", "cosine"]
-METRICS: tuple[Metric, ...] = ("euclidean", "cosine")
 
 
 def nearest_scores(queries: np.ndarray, prototypes: np.ndarray, metric: Metric) -> np.ndarray:
     """(Q, D), (K, D) -> (Q,) score of the nearest prototype: squared distance (lower = closer)
-    for "euclidean", cosine similarity (higher = closer) for "cosine"."""
-    if metric == "euclidean":
-        d2 = (queries**2).sum(1, keepdims=True) - 2 * queries @ prototypes.T + (prototypes**2).sum(1)
-        return np.maximum(d2, 0.0).min(1)
-    qn = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-    pn = prototypes / np.maximum(np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12)
-    return (qn @ pn.T).max(1)
-
-
-def accepts(metric: Metric, score: np.ndarray | float, threshold: float) -> np.ndarray | bool:
-    """True where a nearest-prototype score counts as a known class under `threshold`."""
-    return score <= threshold if metric == "euclidean" else score >= threshold
+    for "euclidean", cosine similarity (higher = closer) for "cosine" (`fewshot.decision`)."""
+    scores = prototype_scores(torch.from_numpy(np.ascontiguousarray(queries, np.float32)),
+                              torch.from_numpy(np.ascontiguousarray(prototypes, np.float32)), metric)
+    return nearest(scores, metric)[1].numpy()
 
 
 @dataclass(frozen=True)
@@ -124,7 +115,7 @@ def calibrate_unknown_threshold(
             unknown[m].append(u)
     thresholds: dict[str, float] = {m: _threshold_at(m, np.concatenate(unknown[m]), target_false_accept) for m in METRICS}
     true_accept: dict[str, float] = {
-        m: float(np.mean(accepts(m, np.concatenate(known[m]), thresholds[m]))) for m in METRICS
+        m: float(np.mean(accepts(m, np.concatenate(known[m]), thresholds[m]))) for m in METRICS  # type: ignore[arg-type]
     }
     return Calibration(
         thresholds=thresholds, target_false_accept=target_false_accept, true_accept=true_accept,

@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from fewshot.backbones.conv4 import Conv4
 from fewshot.backbones.inception import InceptionNet
+from fewshot.backbones.init import built_quietly, reset_parameters
 from fewshot.backbones.resnet12 import ResNet12
 from fewshot.errors import ConfigError
 
@@ -35,16 +37,23 @@ def register_backbone(name: str, factory: Callable[..., nn.Module]) -> None:
     _REGISTRY[name] = factory
 
 
-def create_backbone(name: str, *, in_channels: int, image_size: int, **kwargs: Any) -> nn.Module:
-    """Build a backbone by name. Unknown names list the valid ones."""
+def create_backbone(
+    name: str, *, in_channels: int, image_size: int, generator: torch.Generator | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a backbone by name, initialised from `generator` (default: a generator seeded 0, so
+    the same arguments always give the same weights; the global RNG is never touched).
+    Unknown names list the valid ones."""
     if name not in _REGISTRY:
         raise ConfigError(
             f"unknown backbone {name!r}; valid backbones: {', '.join(list_backbones())}"
         )
     try:
-        return _REGISTRY[name](in_channels=in_channels, image_size=image_size, **kwargs)
+        with built_quietly():
+            model = _REGISTRY[name](in_channels=in_channels, image_size=image_size, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"backbone {name!r}: bad arguments {kwargs} ({exc})") from exc
+    return reset_parameters(model, generator or torch.Generator().manual_seed(0))
 
 
 def backbone_from_config(config: dict[str, Any]) -> nn.Module:

@@ -60,9 +60,6 @@ class ResNet12(nn.Module):
         chans = [in_channels, *widths]
         self.blocks = nn.Sequential(*[ResBlock12(a, b) for a, b in zip(chans[:-1], chans[1:])])
         self.embedding_dim = widths[-1]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu", a=0.1)
         self.config: dict[str, Any] = {
             "name": "resnet12",
             "in_channels": in_channels,
@@ -70,6 +67,14 @@ class ResNet12(nn.Module):
             "channels": list(channels),
             "width": width,
         }
+
+    @torch.no_grad()
+    def init_parameters(self, generator: torch.Generator) -> None:
+        """Kaiming-normal (fan-out, LeakyReLU 0.1) convolutions, as in the reference ResNet-12."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, a=0.1, mode="fan_out", nonlinearity="leaky_relu",
+                                        generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x).mean(dim=(2, 3))  # (N, D, h, w) -> (N, D)

@@ -2,8 +2,10 @@
 
 A split is a list of few-shot classes: (cache class id, quarter-turn rotation) pairs. Schemes:
 
-- "lake": Omniglot background alphabets -> train, with `fractions[1]` of them (seeded) held out as
-  val; evaluation alphabets -> test (Lake et al., Science 2015). Rotations optional.
+- "lake": Omniglot's 30 background alphabets -> train, evaluation alphabets -> test (Lake et al.,
+  Science 2015). Validation never removes an alphabet from training: `fractions[1]` of the
+  characters of *each* background alphabet (seeded, at least one where the fraction is > 0) are
+  held out as val; with `fractions[1] == 0` there is no val split. Rotations optional.
 - "vinyals": the class lists of Vinyals et al. 2016 (`splits/vinyals/{train,val,test}.txt`, lines
   `Alphabet/characterNN/rotDDD`), each rotation its own class: 1028 / 172 / 423 characters x 4.
 - "domains": whole domains held out, seeded, in proportions `fractions`.
@@ -107,16 +109,21 @@ def _lake(
             f"scheme 'lake' needs Omniglot's background and evaluation subsets; cache {cache.path} "
             f"has subsets {sorted(subsets)}. Use scheme 'domains' or 'classes'"
         )
-    bg_alphabets = sorted({c.domain for c in cache.classes if c.subset == "background"})
-    n_val = int(round(fractions[1] * len(bg_alphabets)))
-    val_alphabets = set(rng.choice(bg_alphabets, size=n_val, replace=False).tolist())
     ids: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+    by_alphabet: dict[str, list[int]] = {}
     for i, c in enumerate(cache.classes):
         if c.subset == "evaluation":
             ids["test"].append(i)
         elif c.subset == "background":
-            ids["val" if c.domain in val_alphabets else "train"].append(i)
-    return {name: _split(name, ids[name], bool(rotations)) for name in SPLIT_NAMES}
+            by_alphabet.setdefault(c.domain, []).append(i)
+    for alphabet in sorted(by_alphabet):  # sorted: the same draw on every machine
+        chars = by_alphabet[alphabet]
+        n_val = min(len(chars) - 1, max(1, round(fractions[1] * len(chars)))) if fractions[1] > 0 else 0
+        val = set(rng.choice(chars, size=n_val, replace=False).tolist()) if n_val else set()
+        for i in chars:
+            ids["val" if i in val else "train"].append(i)
+    names = SPLIT_NAMES if ids["val"] else ("train", "test")
+    return {name: _split(name, ids[name], bool(rotations)) for name in names}
 
 
 _VINYALS_LINE = re.compile(r"^(?P<cls>[^/]+/[^/]+)/rot(?P<deg>\d{3})$")

@@ -2,7 +2,7 @@
 
     backbone = create_backbone("conv4", in_channels=1, image_size=28)
     learner = create_learner("protonet", backbone)
-    metrics = learner.train_step(list_of_episodes, optimizer)
+    out = learner.compute(list_of_episodes)        # out.terms["loss"]: the trainer steps on it
     logits = learner.predict(episode)             # or learner.fit(sx, sy, n_way)(qx)
 
 The registry is an explicit dict; nothing registers itself on import.
@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from fewshot.errors import ConfigError
-from fewshot.learners.base import FewShotLearner
+from fewshot.learners.base import Deployment, FewShotLearner, LearnerOutput
 from fewshot.learners.maml import ANIL, FOMAML, MAML, MetaSGD
 from fewshot.learners.pretrain import Pretrain
 from fewshot.learners.protonet import ProtoNet
@@ -38,11 +38,7 @@ def learner_class(name: str) -> type[FewShotLearner]:
 
 def create_learner(name: str, backbone: nn.Module, **kwargs: Any) -> FewShotLearner:
     """Build a learner by name around `backbone`. Unknown names and arguments raise ConfigError."""
-    cls = learner_class(name)
-    try:
-        return cls(backbone, **kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"learner {name!r}: bad arguments {kwargs} ({exc})") from exc
+    return learner_class(name)(backbone, **kwargs)
 
 
 def learner_from_config(config: dict[str, Any], backbone: nn.Module) -> FewShotLearner:
@@ -53,6 +49,8 @@ def learner_from_config(config: dict[str, Any], backbone: nn.Module) -> FewShotL
 
 __all__ = [
     "ANIL",
+    "Deployment",
+    "LearnerOutput",
     "FOMAML",
     "MAML",
     "FewShotLearner",

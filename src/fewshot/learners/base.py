@@ -1,25 +1,33 @@
 """The one interface every few-shot learner implements.
 
-A learner owns a backbone (images (N, C, H, W) -> embeddings (N, D)) and an algorithm:
+A learner owns a backbone (images (N, C, H, W) -> embeddings (N, D)) and an algorithm. It computes
+losses; it never calls backward or steps an optimiser (one trainer, `fewshot.training.trainer`,
+owns backward, precision, accumulation, clipping and the step):
 
-* `train_step(batch, optimizer)`: one outer update. `batch` is a meta-batch `list[Episode]` when
+* `compute(batch) -> LearnerOutput`: named terms (`"loss"` is the differentiable objective;
+  `"task"`, `"acc"`, ... are detached, for logging) plus what distillation needs (embeddings,
+  episode logits, base-class logits). `batch` is a meta-batch `list[Episode]` when
   `data_kind == "episodes"`, or `(x (B, C, H, W), y (B,))` when `data_kind == "batches"`.
-* `meta_loss(episode)`: `(loss, query_logits (n_query, n_way))` for one episode.
-* `fit(support_x, support_y, n_way)` then `forward(query_x)`: the two-phase deployment API
-  (easyfsl style). `predict(episode)` does both and is always inductive unless the learner was
-  built with `transductive=True`: each query's logits depend only on the support set and itself.
-* `config`: `{"name": ..., **hyperparameters}`; with the backbone's own config it rebuilds the
-  learner (`fewshot.learners.learner_from_config`).
+* `micro_batches(batch)`: how the trainer may split a batch for gradient accumulation without
+  changing the gradient (tasks are independent; default: the whole batch at once).
+* `fit(support_x, support_y, n_way)` then `forward(query_x)`: the two-phase API (easyfsl style).
+  `predict(episode)` does both; inductive unless the learner was built with `transductive=True`.
+* `deployment`: how the learner is served: the embedder (`"backbone"`, or `"bn-reestimated"`
+  for learners whose batch norm ran on support statistics) and the `DecisionRule`.
+* `Config`: a frozen dataclass, the one source of the learner's hyper-parameters and defaults;
+  `config` = `{"name": ..., **hyperparameters}` rebuilds it (`fewshot.learners.learner_from_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from fewshot.decision import DecisionRule
 from fewshot.episodes.types import Episode
 from fewshot.errors import ConfigError
 from fewshot.precision import FP32, PrecisionPolicy, autocast_context, prepare_input
@@ -35,11 +43,6 @@ def embedding_dim_of(backbone: nn.Module) -> int:
             "build it with fewshot.backbones.create_backbone"
         )
     return dim
-
-
-def accuracy(logits: Tensor, y: Tensor) -> float:
-    """Fraction of rows of `logits` (n, n_way) whose argmax equals `y` (n,)."""
-    return float((logits.argmax(-1) == y).float().mean().item())
 
 
 def check_support(support_x: Tensor, support_y: Tensor, n_way: int) -> None:
@@ -59,18 +62,45 @@ def check_support(support_x: Tensor, support_y: Tensor, n_way: int) -> None:
         )
 
 
+@dataclass
+class LearnerOutput:
+    """What `compute` returns. `terms["loss"]` is the differentiable objective of the batch."""
+
+    terms: dict[str, Tensor]
+    images: Tensor | None = None  # (N, C, H, W) float inputs in the order of `embeddings`
+    embeddings: Tensor | None = None  # (N, D) fp32, differentiable
+    episodes: list[Episode] = field(default_factory=list)
+    episode_logits: list[Tensor] = field(default_factory=list)  # per episode (n_query, n_way)
+    class_logits: Tensor | None = None  # (B, num_classes) for learners that train on batches
+    labels: Tensor | None = None  # (B,) labels of `class_logits`
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How a learner is served: embedder + decision rule (recorded in the bundle manifest)."""
+
+    embedder: str  # "backbone" (eval mode) | "bn-reestimated" (running statistics re-estimated)
+    rule: DecisionRule
+
+
 class FewShotLearner(nn.Module):
     """Base class: see the module docstring for the contract."""
 
     name: ClassVar[str] = "base"
     data_kind: ClassVar[str] = "episodes"  # or "batches"
+    Config: ClassVar[type] = object
 
-    def __init__(self, backbone: nn.Module, cfg: Any) -> None:
+    def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
         super().__init__()
         self.backbone = backbone
-        self.cfg = cfg
+        try:
+            self.cfg = self.Config(**kwargs)
+        except TypeError as exc:
+            fields = [f.name for f in dataclasses.fields(self.Config)]
+            raise ConfigError(
+                f"learner {self.name!r}: bad arguments {kwargs} ({exc}); valid: {fields}"
+            ) from None
         self.precision: PrecisionPolicy = FP32
-        self._scaler: torch.amp.GradScaler | None = None
 
     # ---- description -------------------------------------------------------------------------
     @property
@@ -82,16 +112,17 @@ class FewShotLearner(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def deployment(self) -> Deployment:
+        return Deployment("backbone", DecisionRule("prototype", "euclidean"))
+
     # ---- precision ---------------------------------------------------------------------------
     def set_precision(self, policy: PrecisionPolicy) -> FewShotLearner:
-        """Run train_step / predict under `policy` (see fewshot.precision); returns self."""
+        """Run compute / predict under `policy` (see fewshot.precision); returns self."""
         from fewshot.precision import prepare_model
 
         self.precision = policy
         prepare_model(self, policy)
-        self._scaler = (
-            torch.amp.GradScaler(policy.device_type) if policy.needs_grad_scaler else None
-        )
         return self
 
     def autocast(self) -> Any:
@@ -101,44 +132,13 @@ class FewShotLearner(nn.Module):
         """Move images to the learner's device and memory format."""
         return prepare_input(x.to(self.device, non_blocking=True), self.precision)
 
-    def backward(self, loss: Tensor) -> None:
-        """loss.backward(), loss-scaled under an fp16 policy; gradients accumulate."""
-        if self._scaler is None:
-            loss.backward()
-        else:
-            self._scaler.scale(loss).backward()
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """optimizer.step() (through the GradScaler under fp16), then zero_grad."""
-        if self._scaler is None:
-            optimizer.step()
-        else:
-            self._scaler.step(optimizer)
-            self._scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    def backward_and_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        self.backward(loss)
-        self.step(optimizer)
-
     # ---- training ----------------------------------------------------------------------------
-    def meta_loss(self, episode: Episode) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} has no per-episode meta loss")
+    def compute(self, batch: Batch) -> LearnerOutput:
+        raise NotImplementedError
 
-    def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """Default episodic step: mean `meta_loss` over the meta-batch, one optimizer step."""
-        episodes = as_meta_batch(batch)
-        self.train()
-        losses, accs = [], []
-        for ep in episodes:
-            with self.autocast():
-                loss, logits = self.meta_loss(ep)
-            losses.append(loss)
-            accs.append(accuracy(logits.detach(), ep.query_y.to(logits.device)))
-        total = torch.stack(losses).mean()
-        self.backward_and_step(total, optimizer)
-        return {"loss": float(total.detach()), "acc": sum(accs) / len(accs)}
+    def micro_batches(self, batch: Batch) -> list[Batch]:
+        """Pieces the trainer may backpropagate one at a time (same gradient, less memory)."""
+        return [batch]
 
     # ---- inference ---------------------------------------------------------------------------
     def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> FewShotLearner:
@@ -153,6 +153,16 @@ class FewShotLearner(nn.Module):
         self.fit(episode.support_x, episode.support_y, episode.n_way)
         with torch.no_grad():
             return self.forward(episode.query_x).float()
+
+
+def episode_terms(losses: list[Tensor], logits: list[Tensor], episodes: list[Episode]) -> dict[str, Tensor]:
+    """Mean query loss over a meta-batch (the objective) and mean query accuracy (detached)."""
+    loss = torch.stack(losses).mean()
+    acc = torch.stack([
+        (lg.detach().argmax(-1) == ep.query_y.to(lg.device)).float().mean()
+        for lg, ep in zip(logits, episodes)
+    ]).mean()
+    return {"loss": loss, "task": loss.detach(), "acc": acc}
 
 
 def as_meta_batch(batch: Batch) -> list[Episode]:

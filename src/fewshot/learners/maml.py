@@ -30,15 +30,18 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fewshot.backbones.norm import context_statistics, episodic_norms, grouped_context_statistics
+from fewshot.decision import DecisionRule
 from fewshot.episodes.types import Episode
 from fewshot.errors import ConfigError
 from fewshot.learners.base import (
     Batch,
+    Deployment,
     FewShotLearner,
-    accuracy,
+    LearnerOutput,
     as_meta_batch,
     check_support,
     embedding_dim_of,
+    episode_terms,
 )
 
 Params = dict[str, Tensor]
@@ -67,13 +70,24 @@ class MAMLConfig:
 
 
 class GradientLearner(FewShotLearner):
-    """Shared functional machinery: embed / head / inner update with per-task fast weights."""
+    """Shared functional machinery: embed / head / inner update with per-task fast weights.
 
-    def __init__(self, backbone: nn.Module, cfg: Any) -> None:  # MAMLConfig | ReptileConfig
-        super().__init__(backbone, cfg)
+    Deployment: batch norm ran on support statistics, so the running statistics were never
+    trained; the deployed embedder re-estimates them on training support sets
+    (`fewshot.training.deploy.reestimate_batch_norm`), and the rule is chosen at export on
+    validation episodes (the zero-head one-step update is a prototype-like classifier)."""
+
+    cfg: Any  # MAMLConfig | ReptileConfig
+
+    def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
+        super().__init__(backbone, **kwargs)
         self.embedding_dim = embedding_dim_of(backbone)
         episodic_norms(backbone)  # raises early if the backbone uses plain batch norm
         self._fitted: tuple[Params, Tensor] | None = None
+
+    @property
+    def deployment(self) -> Deployment:
+        return Deployment("bn-reestimated", DecisionRule("prototype", "euclidean"))
 
     # ---- the functional model ------------------------------------------------------------------
     def body_params(self) -> Params:
@@ -158,7 +172,7 @@ class GradientLearner(FewShotLearner):
             and len(shapes) == 1
         )
 
-    def _closed_form_meta_loss(self, episodes: list[Episode]) -> tuple[Tensor, Tensor]:
+    def _closed_form_meta_loss(self, episodes: list[Episode]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The exact one-step update for a whole meta-batch in one batched forward pass.
 
         From the zero head the support loss has no gradient for the body (dL/dz = dL/dlogits @ W
@@ -168,16 +182,17 @@ class GradientLearner(FewShotLearner):
         gives MAML's second-order term; first-order MAML detaches it. All tasks go through the
         backbone together with per-task support statistics in batch norm: same numbers as the
         per-task loop (tested), one pass instead of 2 x meta-batch.
-        Returns (mean query loss, query logits (T, Q, n_way)).
+        Returns (mean query loss, query logits (T, Q, n_way), embeddings (T * (S + Q), D), images).
         """
         dev = self.device
         t = len(episodes)
         n_way, s = episodes[0].n_way, episodes[0].support_x.shape[0]
-        x = torch.cat([torch.cat([e.support_x, e.query_x]) for e in episodes])
+        x = self.prep(torch.cat([torch.cat([e.support_x, e.query_x]) for e in episodes]))
         ys = torch.stack([e.support_y for e in episodes]).to(dev)  # (T, S)
         yq = torch.stack([e.query_y for e in episodes]).to(dev)  # (T, Q)
         with grouped_context_statistics(self.backbone, t, s):
-            z = self.backbone(self.prep(x)).float().view(t, -1, self.embedding_dim)  # (T, S+Q, D)
+            flat = self.backbone(x).float()  # (T * (S+Q), D)
+        z = flat.view(t, -1, self.embedding_dim)  # (T, S+Q, D)
         zs, zq = z[:, :s], z[:, s:]
         if self.cfg.first_order:
             zs = zs.detach()
@@ -186,44 +201,36 @@ class GradientLearner(FewShotLearner):
         b = self.inner_lr(HEAD_B) * g.sum(1) / s  # (T, n)
         logits = torch.einsum("tqd,tnd->tqn", zq, w) + b[:, None, :]  # (T, Q, n)
         loss = F.cross_entropy(logits.reshape(-1, n_way), yq.reshape(-1))
-        return loss, logits
+        return loss, logits, flat, x
 
     def closed_form_chunk(self) -> int:
         """Tasks per batched pass: the whole meta-batch on a GPU; a few on a CPU, where the
         activations of a small chunk stay in cache (measured in benchmarks/bench_maml.py)."""
         return 1_000_000 if self.device.type == "cuda" else CPU_CLOSED_FORM_CHUNK
 
-    def _closed_form_step(self, episodes: list[Episode], optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        chunk = self.closed_form_chunk()
-        losses, accs = [], []
-        for i in range(0, len(episodes), chunk):
-            part = episodes[i : i + chunk]
-            with self.autocast():
-                loss, logits = self._closed_form_meta_loss(part)
-            self.backward(loss * (len(part) / len(episodes)))
-            yq = torch.stack([e.query_y for e in part]).to(logits.device)
-            losses.append(float(loss.detach()) * len(part))
-            accs.append(accuracy(logits.detach().flatten(0, 1), yq.flatten()) * len(part))
-        self.step(optimizer)
-        return {"loss": sum(losses) / len(episodes), "acc": sum(accs) / len(episodes)}
+    def micro_batches(self, batch: Batch) -> list[Batch]:
+        """Chunks of the closed-form pass (see `closed_form_chunk`), else one task at a time
+        (the per-task graph of an inner loop is large)."""
+        episodes = as_meta_batch(batch)
+        size = self.closed_form_chunk() if self._closed_form_ok(episodes) else 1
+        return [episodes[i : i + size] for i in range(0, len(episodes), size)]
 
-    def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """Mean query loss over the meta-batch; tasks are backpropagated one at a time (memory),
-        or all at once in closed form when there is one inner step (see _closed_form_meta_loss)."""
+    def compute(self, batch: Batch) -> LearnerOutput:
+        """Mean query loss over the meta-batch, all tasks in one batched pass in closed form when
+        there is one inner step (see _closed_form_meta_loss), else task by task."""
         episodes = as_meta_batch(batch)
         self.train()
-        optimizer.zero_grad(set_to_none=True)
-        if self._closed_form_ok(episodes):
-            return self._closed_form_step(episodes, optimizer)
-        losses, accs = [], []
-        for ep in episodes:
-            with self.autocast():
-                loss, logits = self.meta_loss(ep)
-            self.backward(loss / len(episodes))
-            losses.append(float(loss.detach()))
-            accs.append(accuracy(logits.detach(), ep.query_y.to(logits.device)))
-        self.step(optimizer)
-        return {"loss": sum(losses) / len(losses), "acc": sum(accs) / len(accs)}
+        with self.autocast():
+            if self._closed_form_ok(episodes):
+                loss, logits, z, x = self._closed_form_meta_loss(episodes)
+                yq = torch.stack([e.query_y for e in episodes]).to(logits.device)
+                acc = (logits.detach().argmax(-1) == yq).float().mean()
+                return LearnerOutput({"loss": loss, "task": loss.detach(), "acc": acc}, images=x,
+                                     embeddings=z, episodes=episodes, episode_logits=list(logits))
+            pairs = [self.meta_loss(ep) for ep in episodes]
+        losses, logits_list = [p[0] for p in pairs], [p[1] for p in pairs]
+        return LearnerOutput(episode_terms(losses, logits_list, episodes), episodes=episodes,
+                             episode_logits=logits_list)
 
     def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> GradientLearner:
         """Adapt fast weights to the support set (eval_inner_steps steps) and keep them."""
@@ -250,20 +257,7 @@ class MAML(GradientLearner):
     """MAML: adapt every backbone parameter and the zero head; second order unless first_order."""
 
     name = "maml"
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        *,
-        inner_lr: float = 0.4,
-        inner_steps: int = 1,
-        eval_inner_steps: int = 1,
-        first_order: bool = False,
-        transductive: bool = False,
-    ) -> None:
-        super().__init__(
-            backbone, MAMLConfig(inner_lr, inner_steps, eval_inner_steps, first_order, transductive)
-        )
+    Config = MAMLConfig
 
 
 class FOMAML(MAML):
@@ -272,8 +266,9 @@ class FOMAML(MAML):
     name = "fomaml"
 
     def __init__(self, backbone: nn.Module, **kwargs: object) -> None:
-        kwargs.setdefault("first_order", True)
-        super().__init__(backbone, **kwargs)  # type: ignore[arg-type]
+        if kwargs.get("first_order") is False:
+            raise ConfigError("fomaml is first order by definition; use learner 'maml' for second order")
+        super().__init__(backbone, **{**kwargs, "first_order": True})
 
 
 class ANIL(MAML):
@@ -330,7 +325,7 @@ class MetaSGD(MAML):
     name = "metasgd"
 
     def __init__(self, backbone: nn.Module, **kwargs: object) -> None:
-        super().__init__(backbone, **kwargs)  # type: ignore[arg-type]
+        super().__init__(backbone, **kwargs)
         lr = self.cfg.inner_lr
         rates = {
             k.replace(".", "/"): nn.Parameter(torch.full_like(p, lr))

@@ -3,8 +3,8 @@
 
 Training: cross-entropy over all `num_classes` training classes on ordinary mini-batches
 (`data_kind = "batches"`). Evaluation: the backbone in eval mode (running batch-norm statistics,
-so inductive) embeds the support set, a logistic-regression probe is fitted on the L2-normalised
-embeddings (fewshot.learners.probe), and queries are scored by the probe.
+so inductive) embeds the support set, the linear probe of `fewshot.decision` (logistic regression
+on L2-normalised embeddings) is fitted on it, and queries are scored by the probe.
 """
 
 from __future__ import annotations
@@ -15,10 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshot.episodes.types import Episode
+from fewshot.backbones.init import built_quietly
+from fewshot.decision import DecisionRule, Probe, fit_probe
 from fewshot.errors import ConfigError
-from fewshot.learners.base import Batch, FewShotLearner, accuracy, check_support, embedding_dim_of
-from fewshot.learners.probe import fit_linear_probe, probe_logits
+from fewshot.learners.base import (
+    Batch,
+    Deployment,
+    FewShotLearner,
+    LearnerOutput,
+    check_support,
+    embedding_dim_of,
+)
 
 
 @dataclass(frozen=True)
@@ -41,21 +48,22 @@ class PretrainConfig:
 class Pretrain(FewShotLearner):
     name = "pretrain"
     data_kind = "batches"
+    Config = PretrainConfig
+    cfg: PretrainConfig
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        *,
-        num_classes: int,
-        probe_c: float = 1.0,
-        probe_max_iter: int = 100,
-    ) -> None:
-        super().__init__(backbone, PretrainConfig(num_classes, probe_c, probe_max_iter))
-        self.classifier = nn.Linear(embedding_dim_of(backbone), num_classes)
-        self._probe: tuple[Tensor, Tensor] | None = None
+    def __init__(self, backbone: nn.Module, **kwargs: object) -> None:
+        super().__init__(backbone, **kwargs)
+        with built_quietly():
+            self.classifier = nn.Linear(embedding_dim_of(backbone), self.cfg.num_classes)
+        self._probe: Probe | None = None
 
-    def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """One cross-entropy step on a batch (x (B, C, H, W), y (B,)) with labels in 0..num_classes-1."""
+    @property
+    def deployment(self) -> Deployment:
+        rule = DecisionRule("probe", probe_c=self.cfg.probe_c, probe_max_iter=self.cfg.probe_max_iter)
+        return Deployment("backbone", rule)
+
+    def compute(self, batch: Batch) -> LearnerOutput:
+        """Cross-entropy on a batch (x (B, C, H, W), y (B,)) with labels in 0..num_classes-1."""
         if (
             not isinstance(batch, (tuple, list))
             or len(batch) != 2
@@ -69,18 +77,14 @@ class Pretrain(FewShotLearner):
                 f"labels must be in 0..{self.cfg.num_classes - 1}; got range {int(y.min())}..{int(y.max())}"
             )
         self.train()
+        images = self.prep(x)
         with self.autocast():
-            logits = self.classifier(self.backbone(self.prep(x))).float()
+            z = self.backbone(images).float()
+        logits = self.classifier(z)
         loss = F.cross_entropy(logits, y)
-        self.backward_and_step(loss, optimizer)
-        return {"loss": float(loss.detach()), "acc": accuracy(logits.detach(), y)}
-
-    def meta_loss(self, episode: Episode) -> tuple[Tensor, Tensor]:
-        """Probe loss on the queries (no gradient to the backbone: evaluation only)."""
-        self.fit(episode.support_x, episode.support_y, episode.n_way)
-        with torch.no_grad():
-            logits = self.forward(episode.query_x)
-        return F.cross_entropy(logits, episode.query_y.to(logits.device)), logits
+        acc = (logits.detach().argmax(-1) == y).float().mean()
+        return LearnerOutput({"loss": loss, "task": loss.detach(), "acc": acc}, images=images,
+                             embeddings=z, class_logits=logits, labels=y)
 
     @torch.no_grad()
     def embed(self, x: Tensor) -> Tensor:
@@ -92,9 +96,8 @@ class Pretrain(FewShotLearner):
         was_training = self.training
         self.eval()
         z = self.embed(support_x)
-        self._probe = fit_linear_probe(
-            z, support_y.to(z.device), n_way, c=self.cfg.probe_c, max_iter=self.cfg.probe_max_iter
-        )
+        self._probe = fit_probe(z, support_y.to(z.device), n_way, c=self.cfg.probe_c,
+                                max_iter=self.cfg.probe_max_iter)
         self.train(was_training)
         return self
 
@@ -103,6 +106,6 @@ class Pretrain(FewShotLearner):
             raise ConfigError("Pretrain.forward called before fit(support_x, support_y, n_way)")
         was_training = self.training
         self.eval()
-        logits = probe_logits(*self._probe, self.embed(query_x))
+        logits = self._probe.logits(self.embed(query_x))
         self.train(was_training)
         return logits

@@ -3,7 +3,7 @@
 A class is represented by the mean embedding of its support images (its prototype); a query is
 classified by a softmax over negative squared Euclidean distances to the prototypes, or (metric
 "cosine") over scaled cosine similarities with a learnable scale (Chen et al. 2019, Gidaris &
-Komodakis 2018).
+Komodakis 2018). The rule itself lives in `fewshot.decision`, shared with export and the service.
 """
 
 from __future__ import annotations
@@ -14,11 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshot.episodes.types import Episode
+from fewshot.decision import DecisionRule, check_metric, prototype_logits, prototypes
 from fewshot.errors import ConfigError
-from fewshot.learners.base import Batch, FewShotLearner, accuracy, as_meta_batch, check_support
-
-METRICS = ("euclidean", "cosine")
+from fewshot.learners.base import (
+    Batch,
+    Deployment,
+    FewShotLearner,
+    LearnerOutput,
+    as_meta_batch,
+    check_support,
+    episode_terms,
+)
 
 
 @dataclass(frozen=True)
@@ -27,19 +33,9 @@ class ProtoNetConfig:
     init_scale: float = 10.0  # cosine only: initial value of the learnable logit scale
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ConfigError(
-                f"ProtoNet metric {self.metric!r} is unknown; use one of {list(METRICS)}"
-            )
+        check_metric(self.metric)
         if self.init_scale <= 0:
             raise ConfigError(f"ProtoNet init_scale must be > 0; got {self.init_scale}")
-
-
-def prototypes(z: Tensor, y: Tensor, n_way: int) -> Tensor:
-    """Class means: embeddings z (n, D), labels y (n,) in 0..n_way-1 -> (n_way, D)."""
-    sums = torch.zeros(n_way, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, y, z)
-    counts = torch.bincount(y, minlength=n_way).clamp_min(1).to(z.dtype)
-    return sums / counts[:, None]
 
 
 class ProtoNet(FewShotLearner):
@@ -52,50 +48,42 @@ class ProtoNet(FewShotLearner):
 
     name = "protonet"
     data_kind = "episodes"
+    Config = ProtoNetConfig
+    cfg: ProtoNetConfig
 
-    def __init__(
-        self, backbone: nn.Module, *, metric: str = "euclidean", init_scale: float = 10.0
-    ) -> None:
-        super().__init__(backbone, ProtoNetConfig(metric, init_scale))
+    def __init__(self, backbone: nn.Module, **kwargs: object) -> None:
+        super().__init__(backbone, **kwargs)
         self.log_scale = nn.Parameter(
-            torch.tensor(float(init_scale)).log(), requires_grad=metric == "cosine"
+            torch.tensor(float(self.cfg.init_scale)).log(), requires_grad=self.cfg.metric == "cosine"
         )
         self._protos: Tensor | None = None
 
+    @property
+    def deployment(self) -> Deployment:
+        scale = float(self.log_scale.detach().exp())
+        return Deployment("backbone", DecisionRule("prototype", self.cfg.metric, cosine_scale=scale))  # type: ignore[arg-type]
+
     def logits(self, protos: Tensor, zq: Tensor) -> Tensor:
         """Prototypes (n_way, D), query embeddings (n_query, D) -> logits (n_query, n_way), fp32."""
-        protos, zq = protos.float(), zq.float()
-        if self.cfg.metric == "cosine":
-            return self.log_scale.exp() * F.normalize(zq, dim=-1) @ F.normalize(protos, dim=-1).T
-        # ||q - p||^2 = |q|^2 - 2 q.p + |p|^2 ; as one matmul, which is faster than cdist's backward
-        return -(zq.pow(2).sum(-1, keepdim=True) - 2 * zq @ protos.T + protos.pow(2).sum(-1)[None])
+        return prototype_logits(zq, protos, self.cfg.metric, self.log_scale.exp())  # type: ignore[arg-type]
 
-    def meta_loss(self, episode: Episode) -> tuple[Tensor, Tensor]:
-        n_s = episode.support_x.shape[0]
-        z = self.backbone(self.prep(torch.cat([episode.support_x, episode.query_x])))
-        return self._episode_loss(z[:n_s], z[n_s:], episode)
-
-    def _episode_loss(self, zs: Tensor, zq: Tensor, episode: Episode) -> tuple[Tensor, Tensor]:
-        dev = zs.device
-        logits = self.logits(prototypes(zs, episode.support_y.to(dev), episode.n_way), zq)
-        return F.cross_entropy(logits, episode.query_y.to(dev)), logits
-
-    def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    def compute(self, batch: Batch) -> LearnerOutput:
         """All images of the meta-batch go through the backbone as one batch (fastest)."""
         episodes = as_meta_batch(batch)
         self.train()
         parts = [t for ep in episodes for t in (ep.support_x, ep.query_x)]
+        images = self.prep(torch.cat(parts))
         with self.autocast():
-            z = self.backbone(self.prep(torch.cat(parts)))
+            z = self.backbone(images).float()
         chunks = z.split([p.shape[0] for p in parts])
-        losses, accs = [], []
+        losses, logits = [], []
         for i, ep in enumerate(episodes):
-            loss, logits = self._episode_loss(chunks[2 * i], chunks[2 * i + 1], ep)
-            losses.append(loss)
-            accs.append(accuracy(logits.detach(), ep.query_y.to(logits.device)))
-        total = torch.stack(losses).mean()
-        self.backward_and_step(total, optimizer)
-        return {"loss": float(total.detach()), "acc": sum(accs) / len(accs)}
+            zs, zq = chunks[2 * i], chunks[2 * i + 1]
+            lg = self.logits(prototypes(zs, ep.support_y.to(zs.device), ep.n_way), zq)
+            losses.append(F.cross_entropy(lg, ep.query_y.to(lg.device)))
+            logits.append(lg)
+        return LearnerOutput(episode_terms(losses, logits, episodes), images=images, embeddings=z,
+                             episodes=episodes, episode_logits=logits)
 
     @torch.no_grad()
     def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> ProtoNet:

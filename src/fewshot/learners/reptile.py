@@ -3,9 +3,11 @@ arXiv:1803.02999).
 
 For each task of the meta-batch: copy the weights, take `inner_steps` SGD steps on all of the
 task's labelled images (support + query), and record the displacement theta - phi_i. The outer
-update moves theta toward the adapted weights: the mean displacement is written into `.grad` and
-the caller's optimizer steps, so SGD(lr=epsilon) is exactly theta <- theta + epsilon * mean(phi_i -
-theta) and Adam gives the common "Reptile with Adam" variant.
+update moves theta toward the adapted weights. It fits the one trainer as a pseudo-gradient:
+`compute` returns the surrogate loss sum_k <theta_k, stopgrad(mean_i(theta_k - phi_i,k))>, whose
+gradient is exactly the mean displacement, so the trainer's backward / loss scaling / clipping /
+optimiser step apply unchanged: SGD(lr=epsilon) is theta <- theta + epsilon * mean(phi_i - theta),
+and Adam gives the common "Reptile with Adam" variant. "task" / "acc" are the last inner step's.
 
 Head and batch norm as in the MAML family (zero head per task; MetaBN, inductive predictions).
 """
@@ -16,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from fewshot.errors import ConfigError
-from fewshot.learners.base import Batch, accuracy, as_meta_batch
+from fewshot.learners.base import Batch, LearnerOutput, as_meta_batch, check_support
 from fewshot.learners.maml import GradientLearner, Params
 
 
@@ -45,19 +47,7 @@ class ReptileConfig:
 
 class Reptile(GradientLearner):
     name = "reptile"
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        *,
-        inner_lr: float = 0.1,
-        inner_steps: int = 5,
-        eval_inner_steps: int = 10,
-        transductive: bool = False,
-    ) -> None:
-        super().__init__(
-            backbone, ReptileConfig(inner_lr, inner_steps, eval_inner_steps, transductive)
-        )
+    Config = ReptileConfig
 
     def _sgd(
         self, params: Params, x: Tensor, y: Tensor, steps: int
@@ -75,12 +65,12 @@ class Reptile(GradientLearner):
             }
         return params, loss.detach(), logits.detach()
 
-    def train_step(self, batch: Batch, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """One Reptile outer update from a meta-batch; "loss"/"acc" are the last inner step's."""
+    def compute(self, batch: Batch) -> LearnerOutput:
+        """The Reptile pseudo-gradient of a meta-batch as a surrogate loss (see the module doc)."""
         episodes = as_meta_batch(batch)
         self.train()
         theta = {k: p.detach() for k, p in self.body_params().items()}
-        delta = {k: torch.zeros_like(v) for k, v in theta.items()}
+        delta = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in theta.items()}
         losses, accs = [], []
         for ep in episodes:
             x = self.prep(torch.cat([ep.support_x, ep.query_x]))
@@ -89,19 +79,17 @@ class Reptile(GradientLearner):
                 {**theta, **self.zero_head(ep.n_way, x)}, x, y, self.cfg.inner_steps
             )
             for k in delta:
-                delta[k] += theta[k] - phi[k]
-            losses.append(float(loss))
-            accs.append(accuracy(logits, y))
-        optimizer.zero_grad(set_to_none=True)
-        for k, p in self.body_params().items():
-            p.grad = (delta[k] / len(episodes)).to(p.dtype)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {"loss": sum(losses) / len(losses), "acc": sum(accs) / len(accs)}
+                delta[k] += (theta[k] - phi[k]).float()
+            losses.append(loss)
+            accs.append((logits.argmax(-1) == y).float().mean())
+        surrogate = torch.stack([
+            (p.float() * (delta[k] / len(episodes))).sum() for k, p in self.body_params().items()
+        ]).sum()
+        task = torch.stack(losses).mean()
+        return LearnerOutput({"loss": surrogate, "task": task, "acc": torch.stack(accs).mean()},
+                             episodes=episodes)
 
     def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> Reptile:
-        from fewshot.learners.base import check_support
-
         check_support(support_x, support_y, n_way)
         xs, ys = self.prep(support_x), support_y.to(self.device)
         with torch.enable_grad():

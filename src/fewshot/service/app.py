@@ -264,7 +264,9 @@ def open_state(settings: ServiceSettings) -> ServiceState:
         store.close()
         raise
     config = RecogniserConfig(thumbnail_size=settings.thumbnail_size, sync_interval_s=settings.sync_interval_s)
-    recogniser = Recogniser(bundle.onnx_embedder, store, calibration=_calibration(bundle, settings), config=config)
+    defaults = WorkspaceSettings.from_rule(bundle.decision_rule)
+    recogniser = Recogniser(bundle.onnx_embedder, store, calibration=_calibration(bundle, settings), config=config,
+                            defaults=defaults)
     return ServiceState(settings, bundle, store, recogniser)
 
 
@@ -379,7 +381,7 @@ def _add_workspace_routes(app: FastAPI) -> None:
     @app.post("/workspaces", status_code=201, tags=["workspaces"], dependencies=[Depends(require_admin)])
     def create_workspace(body: WorkspaceIn, state: StateDep) -> WorkspaceOut:
         """Create a workspace (admin key); the response holds its API key, shown only once."""
-        ws, key = state.recogniser.create_workspace(body.name, WorkspaceSettings.from_dict(body.settings))
+        ws, key = state.recogniser.create_workspace(body.name, WorkspaceSettings.from_dict(body.settings, state.recogniser.defaults))
         return _ws_out(ws, key)
 
     @app.get("/workspaces/{ws}", tags=["workspaces"])

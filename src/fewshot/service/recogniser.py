@@ -20,6 +20,7 @@ import numpy as np
 
 from fewshot.artifacts.calibration import METRICS, Calibration, Metric, accepts
 from fewshot.artifacts.embedders import Embedder
+from fewshot.decision import DecisionRule
 from fewshot.errors import ConfigError
 from fewshot.service.auth import hash_key, new_api_key
 from fewshot.service.heads import (
@@ -57,11 +58,17 @@ class WorkspaceSettings:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> WorkspaceSettings:
+    def from_rule(cls, rule: DecisionRule) -> WorkspaceSettings:
+        """The settings that apply a bundle's decision rule (a probe is the "logistic" head)."""
+        return cls(metric=rule.metric, head="logistic" if rule.rule == "probe" else "prototype")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], defaults: WorkspaceSettings | None = None) -> WorkspaceSettings:
         unknown = set(d) - {"metric", "head", "threshold"}
         if unknown:
             raise ConfigError(f"unknown workspace settings {sorted(unknown)}; valid: metric, head, threshold")
-        metric, head = d.get("metric", "euclidean"), d.get("head", "prototype")
+        base = defaults or cls()
+        metric, head = d.get("metric", base.metric), d.get("head", base.head)
         if metric not in METRICS:
             raise ConfigError(f"metric {metric!r} is not supported; use one of {list(METRICS)}")
         if head not in ("prototype", "logistic"):
@@ -186,9 +193,10 @@ class Recogniser:
     """Teach classes from a few images and classify new ones, per workspace."""
 
     def __init__(self, embedder: Embedder, store: Store, *, calibration: Calibration | None = None,
-                 config: RecogniserConfig | None = None) -> None:
+                 config: RecogniserConfig | None = None, defaults: WorkspaceSettings | None = None) -> None:
         self.embedder, self.store, self.calibration = embedder, store, calibration
         self.config = config or RecogniserConfig()
+        self.defaults = defaults or WorkspaceSettings()  # the bundle's decision rule
         self.dim = int(embedder.embedding_dim)
         self._mem: dict[str, _Memory] = {}
         self._mem_lock = threading.Lock()
@@ -197,7 +205,7 @@ class Recogniser:
     def create_workspace(self, name: str, settings: WorkspaceSettings | None = None) -> tuple[WorkspaceRecord, str]:
         """A new isolated workspace and its API key (returned once; only its hash is stored)."""
         key = new_api_key()
-        ws = self.store.create_workspace(name, hash_key(key), (settings or WorkspaceSettings()).to_dict())
+        ws = self.store.create_workspace(name, hash_key(key), (settings or self.defaults).to_dict())
         return ws, key
 
     def workspace(self, workspace_id: str) -> WorkspaceRecord:
@@ -363,7 +371,7 @@ class Recogniser:
         if top_k < 1:
             raise ConfigError(f"top_k {top_k} must be >= 1")
         q = self.embedder.embed(images_u8)
-        scores = prototype_scores(q, p.means, p.sq_norms, p.units, settings.metric)
+        scores = prototype_scores(q, p.means, settings.metric, p.sq_norms)
         if settings.head == "logistic" and len(p.class_ids) > 1:
             probs = self._logistic(workspace_id, mem).probabilities(q)
         else:
@@ -392,7 +400,7 @@ class Recogniser:
         metric = pred.metric
         q = self.embedder.embed(image_u8[None])
         sq = (ex.embeddings * ex.embeddings).sum(1)
-        s = prototype_scores(q, ex.embeddings, sq, unit_rows(ex.embeddings), metric)[0]
+        s = prototype_scores(q, ex.embeddings, metric, sq)[0]
         order = np.argsort(s if metric == "euclidean" else -s, kind="stable")[:k]
         ids = [ex.ids[i] for i in order]
         thumbs = self.store.thumbnails(workspace_id, ids)

@@ -77,14 +77,18 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     step: int,
     manifest: dict[str, Any],
+    extra: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
-    """Atomically write a checkpoint folder at `path` (replacing an older one)."""
+    """Atomically write a checkpoint folder at `path` (replacing an older one). `extra` maps file
+    names to further modules saved beside the model (a distillation objective's projectors)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
+        for fname, module in (extra or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp / fname))
         state_tensors: dict[str, torch.Tensor] = {}
         opt_skeleton = _flatten(optimizer.state_dict(), "opt", state_tensors) if optimizer else None
         for k, v in rng_state().items():
@@ -118,9 +122,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_weights(path: Path, model: torch.nn.Module) -> None:
+def load_weights(path: Path, model: torch.nn.Module, *, name: str = "model.safetensors") -> None:
     """Load model weights, naming what differs when the architecture does not match."""
-    weights = load_file(str(path / "model.safetensors"))
+    if not (path / name).is_file():
+        raise CheckpointError(f"checkpoint {path} has no {name}; it was written by another kind of run")
+    weights = load_file(str(path / name))
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))

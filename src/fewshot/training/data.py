@@ -64,5 +64,8 @@ def load_run_data(cfg: DataConfig, *, progress: bool = True) -> RunData:
 
     prepared = prepare_data(cfg, progress=progress)
     splits_dir = cfg.data_root() / "omniglot" / "splits" / "vinyals" if cfg.dataset == "omniglot" else None
-    splits = make_splits(prepared.cache, cfg.split, seed=cfg.split_seed, splits_dir=splits_dir)
+    kwargs: dict[str, Any] = {}
+    if cfg.split == "lake":
+        kwargs["fractions"] = (1.0 - cfg.lake_val_fraction, cfg.lake_val_fraction, 0.0)
+    splits = make_splits(prepared.cache, cfg.split, seed=cfg.split_seed, splits_dir=splits_dir, **kwargs)
     return RunData(prepared.cache, splits, cfg.split)

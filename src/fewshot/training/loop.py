@@ -36,8 +36,11 @@ from fewshot.training.checkpoint import (
 from fewshot.training.data import RunData, load_run_data
 from fewshot.training.evaluate import evaluate_episodes
 from fewshot.training.plots import plot_curves
+from fewshot.training.trainer import Trainer
 
-METRIC_FIELDS = ["step", "loss", "acc", "lr", "elapsed_s", "val_acc", "val_ci95"]
+OBJECTIVE_WEIGHTS = "objective.safetensors"
+
+BASE_FIELDS = ["step", "lr", "elapsed_s", "val_acc", "val_ci95"]
 VAL_SEED_OFFSET = 100_003
 
 
@@ -62,16 +65,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_learner(config: RunConfig, data: RunData, image_shape: tuple[int, int, int]) -> Any:
-    """Backbone + learner from the config; pre-training learners get the number of train classes."""
+    """Backbone + learner from the config, initialised from a generator seeded with `config.seed`
+    (the global RNG is never seeded); pre-training learners get the number of train classes."""
     from fewshot.backbones import create_backbone
+    from fewshot.backbones.init import built_quietly, reset_parameters
     from fewshot.learners import create_learner, learner_class
 
     c, h, _ = image_shape
-    backbone = create_backbone(config.model.backbone, in_channels=c, image_size=h, **config.model.backbone_args)
+    gen = torch.Generator().manual_seed(config.seed)
+    backbone = create_backbone(config.model.backbone, in_channels=c, image_size=h, generator=gen,
+                               **config.model.backbone_args)
     kwargs = dict(config.model.learner_args)
     if learner_class(config.model.learner).data_kind == "batches":
         kwargs.setdefault("num_classes", len(data.pool("train", add_rotations=config.data.train_rotations)))
-    return create_learner(config.model.learner, backbone, **kwargs)
+    with built_quietly():
+        learner = create_learner(config.model.learner, backbone, **kwargs)
+    for name, child in learner.named_children():  # the learner's own layers (e.g. a classifier)
+        if name != "backbone":
+            reset_parameters(child, gen)
+    return learner
 
 
 def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -96,22 +108,35 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class MetricsLog:
-    """metrics.csv in the run folder; on resume, rows after the checkpoint's step are dropped."""
+    """metrics.csv in the run folder: step, lr, time, validation, and every term the learner (and
+    the distillation objective) returns. On resume, rows after the checkpoint's step are dropped."""
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
+        self.fields: list[str] | None = None
         rows: list[dict[str, str]] = []
         if resume_step > 0 and path.is_file():
             with open(path, newline="", encoding="utf-8") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, METRIC_FIELDS)
-            w.writeheader()
+                reader = csv.DictReader(fh)
+                self.fields = list(reader.fieldnames or []) or None
+                rows = [r for r in reader if int(r["step"]) <= resume_step]
+        path.unlink(missing_ok=True)
+        if self.fields is not None:
+            self._write("w", rows)
+
+    def _write(self, mode: str, rows: list[dict[str, Any]]) -> None:
+        assert self.fields is not None
+        with open(self.path, mode, newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, self.fields, extrasaction="ignore")
+            if mode == "w":
+                w.writeheader()
             w.writerows(rows)
 
     def append(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a", newline="", encoding="utf-8") as fh:
-            csv.DictWriter(fh, METRIC_FIELDS).writerow({k: row.get(k, "") for k in METRIC_FIELDS})
+        if self.fields is None:
+            self.fields = BASE_FIELDS[:3] + [k for k in row if k not in BASE_FIELDS] + BASE_FIELDS[3:]
+            self._write("w", [])
+        self._write("a", [{k: row.get(k, "") for k in self.fields}])
 
 
 def _model_manifest(learner: Any, config: RunConfig, data: RunData) -> dict[str, Any]:
@@ -134,12 +159,13 @@ RESUMABLE = {
     "train": {"steps", "num_workers", "device", "max_seconds", "val_every", "val_episodes", "val_way",
               "val_shot", "val_query", "checkpoint_every"},
 }
+CONFIG_SECTIONS = ("data", "model", "train", "seed", "distill")
 
 
 def _same_config(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Fields that differ, ignoring the ones a resume may change (RESUMABLE)."""
     diffs = []
-    for section in ("data", "model", "train", "seed"):
+    for section in CONFIG_SECTIONS:
         a, b = saved.get(section), current.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
@@ -150,6 +176,148 @@ def _same_config(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return diffs
 
 
+class TrainObjective(torch.nn.Module):
+    """What `train` needs from a distillation objective: terms on top of the learner's, its own
+    learnable parameters (projectors; optimised and checkpointed with the learner), and a
+    description that a resume must match (the teachers' identities)."""
+
+    def forward(self, out: Any) -> dict[str, torch.Tensor]:  # LearnerOutput -> terms
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class _Session:
+    """Everything a training run holds while it runs."""
+
+    config: RunConfig
+    data: RunData
+    device: torch.device
+    learner: Any
+    trainer: Trainer
+    objective: TrainObjective | None
+    base_manifest: dict[str, Any]
+    start: int = 0
+    best: float = -1.0
+    elapsed_before: float = 0.0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.config.run_dir() / "checkpoints"
+
+
+def _setup(config: RunConfig, data: RunData, objective_factory: Callable[[Any], TrainObjective] | None) -> _Session:
+    device = resolve_device(config.train.device)
+    learner = build_learner(config, data, data.cache.image_shape).to(device)
+    from fewshot.precision import select_precision
+
+    learner.set_precision(select_precision(device, prefer=config.train.precision))
+    objective = objective_factory(learner).to(device) if objective_factory is not None else None
+    params = list(learner.parameters()) + (list(objective.parameters()) if objective is not None else [])
+    optimizer = make_optimizer(params, config.train)
+    trainer = Trainer(learner, optimizer, objective=objective, accumulate=config.train.accumulate,
+                      grad_clip=config.train.grad_clip)
+    base = _model_manifest(learner, config, data)
+    if objective is not None:
+        base["objective"] = objective.describe()
+    return _Session(config, data, device, learner, trainer, objective, base)
+
+
+def _restore(s: _Session) -> None:
+    """Continue from the last checkpoint, refusing a changed config, data or teacher."""
+    last = s.ckpt_dir / "last"
+    if not (last / "manifest.json").is_file():
+        return
+    run_dir, manifest = s.config.run_dir(), read_manifest(last)
+    diffs = _same_config(manifest["config"], s.config.to_dict())
+    if diffs:
+        raise CheckpointError(f"run {run_dir} was trained with a different config ({'; '.join(diffs)}); "
+                              "use a new run name, or pass --no-resume to start over")
+    if manifest["data"]["fingerprint"] != s.data.cache.fingerprint:
+        raise CheckpointError(
+            f"run {run_dir} was trained on data {manifest['data']['fingerprint'][:12]}, the cache now "
+            f"holds {s.data.cache.fingerprint[:12]}; use a new run name, or pass --no-resume")
+    if manifest.get("objective") != s.base_manifest.get("objective"):
+        raise CheckpointError(
+            f"run {run_dir} was distilled from {manifest.get('objective')}, now {s.base_manifest.get('objective')}: "
+            "the teacher changed. Resume with the original teacher, or use a new run name / --no-resume")
+    load_weights(last, s.learner)
+    if s.objective is not None:
+        load_weights(last, s.objective, name=OBJECTIVE_WEIGHTS)
+    load_training_state(last, s.trainer.optimizer)
+    metrics = manifest.get("metrics", {})
+    s.start, s.best = int(manifest["step"]), float(metrics.get("best_val_acc", -1.0))
+    s.elapsed_before = float(metrics.get("elapsed_s", 0.0))
+
+
+def _batches(s: _Session) -> Callable[[int], Any]:
+    """step -> its batch: episodes `step * meta_batch ...` (or batch `step`) of the run's seed."""
+    config, data, tc = s.config, s.data, s.config.train
+    pool = data.pool("train", add_rotations=config.data.train_rotations)
+    aug = Augment(tc.crop_pad, tc.hflip)
+    if s.learner.data_kind == "batches":
+        return lambda step: sample_batch(data.cache, pool, tc.batch_size, config.seed, step, aug)
+    episodes = EpisodeDataset(data.cache, pool, EpisodeSpec(tc.way, tc.shot, tc.query), seed=config.seed,
+                              mode=tc.domain_mode, aug=aug)
+    mb = tc.meta_batch
+    if tc.num_workers > 0:  # the same episodes, built in worker processes
+        stream = iter(episode_loader(episodes, start=s.start * mb, count=(tc.steps - s.start) * mb,
+                                     num_workers=tc.num_workers))
+        return lambda step: [next(stream) for _ in range(mb)]
+    return lambda step: [episodes[step * mb + j] for j in range(mb)]
+
+
+def _validate(s: _Session) -> tuple[float, float]:
+    if "val" not in s.data.splits:
+        return float("nan"), float("nan")
+    tc = s.config.train
+    res = evaluate_episodes(s.learner.predict, s.data.cache, s.data.pool("val"),
+                            EpisodeSpec(tc.val_way, tc.val_shot, tc.val_query), episodes=tc.val_episodes,
+                            seed=s.config.seed + VAL_SEED_OFFSET, device=s.device, progress=False,
+                            enforce_protocol=False)
+    return res.mean, res.ci95
+
+
+def _save(s: _Session, tag: str, step: int, metrics: dict[str, Any], with_optimizer: bool) -> None:
+    save_checkpoint(s.ckpt_dir / tag, model=s.learner, optimizer=s.trainer.optimizer if with_optimizer else None,
+                    step=step, manifest={**s.base_manifest, "metrics": metrics},
+                    extra={OBJECTIVE_WEIGHTS: s.objective} if s.objective is not None else None)
+
+
+def _run_steps(s: _Session, progress: bool, on_step: Callable[[int, dict[str, float]], None] | None) -> tuple[int, dict[str, float]]:
+    tc = s.config.train
+    batch_for = _batches(s)
+    t0 = time.perf_counter()
+    log = MetricsLog(s.config.run_dir() / "metrics.csv", s.start)
+    bar = tqdm(range(s.start, tc.steps), initial=s.start, total=tc.steps, desc=s.config.name, disable=not progress)
+    metrics: dict[str, float] = {}
+    done = s.start
+    for step in bar:
+        lr = lr_at(step, tc)
+        metrics = s.trainer.step(batch_for(step), lr)
+        done = step + 1
+        out_of_time = tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds
+        elapsed = s.elapsed_before + time.perf_counter() - t0
+        row: dict[str, Any] = {"step": done, "lr": lr, "elapsed_s": round(elapsed, 3), **metrics}
+        if done % tc.val_every == 0 or done == tc.steps or out_of_time:
+            row["val_acc"], row["val_ci95"] = _validate(s)
+            if row["val_acc"] == row["val_acc"] and row["val_acc"] > s.best:
+                s.best = row["val_acc"]
+                _save(s, "best", done, {"val_acc": s.best, "val_ci95": row["val_ci95"]}, with_optimizer=False)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{row['val_acc']:.3f}")
+        log.append(row)
+        if done % tc.checkpoint_every == 0 or done == tc.steps or out_of_time:
+            _save(s, "last", done, {"best_val_acc": s.best, "elapsed_s": elapsed, **metrics}, with_optimizer=True)
+        if on_step is not None:
+            on_step(done, metrics)
+        if out_of_time:
+            break
+    s.elapsed_before += time.perf_counter() - t0
+    return done, metrics
+
+
 def train(
     config: RunConfig,
     *,
@@ -157,110 +325,35 @@ def train(
     progress: bool = True,
     resume: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    objective_factory: Callable[[Any], TrainObjective] | None = None,
 ) -> TrainResult:
-    """Train `config` into `config.run_dir()`; resumes from its last checkpoint when one exists."""
+    """Train `config` into `config.run_dir()`; resumes from its last checkpoint when one exists.
+
+    `objective_factory(learner)` adds terms to the learner's loss (distillation: see
+    `fewshot.distill.distill`, which is how a config with a `distill` section is run)."""
+    if config.distill is not None and objective_factory is None:
+        raise ConfigError(f"config {config.name!r} has a distill section; run it with `fewshot distill CONFIG`")
     run_dir = config.run_dir()
-    ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
     data = data or load_run_data(config.data, progress=progress)
-    torch.manual_seed(config.seed)
-    device = resolve_device(config.train.device)
-    learner = build_learner(config, data, data.cache.image_shape).to(device)
-    from fewshot.precision import select_precision
-
-    learner.set_precision(select_precision(device, prefer=config.train.precision))
-    optimizer = make_optimizer(learner.parameters(), config.train)
-
-    start, best, elapsed_before = 0, -1.0, 0.0
-    last = ckpt_dir / "last"
-    if resume and (last / "manifest.json").is_file():
-        manifest = read_manifest(last)
-        diffs = _same_config(manifest["config"], config.to_dict())
-        if diffs:
-            raise CheckpointError(
-                f"run {run_dir} was trained with a different config ({'; '.join(diffs)}); "
-                "use a new run name, or pass --no-resume to start over"
-            )
-        if manifest["data"]["fingerprint"] != data.cache.fingerprint:
-            raise CheckpointError(
-                f"run {run_dir} was trained on data {manifest['data']['fingerprint'][:12]}, the cache now "
-                f"holds {data.cache.fingerprint[:12]}; use a new run name, or pass --no-resume"
-            )
-        load_weights(last, learner)
-        load_training_state(last, optimizer)
-        start, best = int(manifest["step"]), float(manifest.get("metrics", {}).get("best_val_acc", -1.0))
-        elapsed_before = float(manifest.get("metrics", {}).get("elapsed_s", 0.0))
+    s = _setup(config, data, objective_factory)
+    before = s.elapsed_before
+    if resume:
+        _restore(s)
+        before = s.elapsed_before
     dump_config(config, run_dir / "config.yaml")
     atomic_write_json(run_dir / "train_classes.json", {"split": data.scheme, "classes": data.class_names("train")})
-    log = MetricsLog(run_dir / "metrics.csv", start)
-
-    tc = config.train
-    train_pool = data.pool("train", add_rotations=config.data.train_rotations)
-    aug = Augment(tc.crop_pad, tc.hflip)
-    episodes = EpisodeDataset(data.cache, train_pool, EpisodeSpec(tc.way, tc.shot, tc.query), seed=config.seed, mode=tc.domain_mode, aug=aug)
-    val_split = "val" if "val" in data.splits else None
-    val_pool = data.pool(val_split) if val_split else None
-    base = _model_manifest(learner, config, data)
-
-    stream = None
-    if tc.num_workers > 0 and learner.data_kind == "episodes":  # same episodes, built in workers
-        mb = tc.meta_batch
-        stream = iter(episode_loader(episodes, start=start * mb, count=(tc.steps - start) * mb,
-                                     num_workers=tc.num_workers))
-
-    def batch_for(step: int) -> Any:
-        if learner.data_kind == "batches":
-            return sample_batch(data.cache, train_pool, tc.batch_size, config.seed, step, aug)
-        if stream is not None:
-            return [next(stream) for _ in range(tc.meta_batch)]
-        return [episodes[step * tc.meta_batch + j] for j in range(tc.meta_batch)]
-
-    def validate() -> tuple[float, float]:
-        if val_pool is None:
-            return float("nan"), float("nan")
-        res = evaluate_episodes(learner.predict, data.cache, val_pool, EpisodeSpec(tc.val_way, tc.val_shot, tc.val_query),
-                                episodes=tc.val_episodes, seed=config.seed + VAL_SEED_OFFSET, device=device,
-                                progress=False, enforce_protocol=False)
-        return res.mean, res.ci95
-
-    t0 = time.perf_counter()
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=config.name, disable=not progress)
-    metrics: dict[str, float] = {}
-    done = start
-    for step in bar:
-        lr = lr_at(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        metrics = learner.train_step(batch_for(step), optimizer)
-        done = step + 1
-        out_of_time = tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds
-        elapsed_total = elapsed_before + time.perf_counter() - t0
-        row: dict[str, Any] = {"step": done, "lr": lr, "elapsed_s": round(elapsed_total, 3), **metrics}
-        if done % tc.val_every == 0 or done == tc.steps or out_of_time:
-            row["val_acc"], row["val_ci95"] = validate()
-            if row["val_acc"] == row["val_acc"] and row["val_acc"] > best:
-                best = row["val_acc"]
-                save_checkpoint(ckpt_dir / "best", model=learner, optimizer=None, step=done,
-                                manifest={**base, "metrics": {"val_acc": best, "val_ci95": row["val_ci95"]}})
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{row['val_acc']:.3f}")
-        log.append(row)
-        if done % tc.checkpoint_every == 0 or done == tc.steps or out_of_time:
-            save_checkpoint(last, model=learner, optimizer=optimizer, step=done,
-                            manifest={**base, "metrics": {"best_val_acc": best, "elapsed_s": elapsed_total, **metrics}})
-        if on_step is not None:
-            on_step(done, metrics)
-        if out_of_time:
-            break
-    if val_pool is None:  # no validation split: the final model is the one to keep
-        save_checkpoint(ckpt_dir / "best", model=learner, optimizer=None, step=done,
-                        manifest={**base, "metrics": dict(metrics)})
-    elapsed = time.perf_counter() - t0
-    plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", title=f"{config.name}: {config.model.learner} / {config.model.backbone}")
-    summary = {"steps": done, "best_val_acc": best, "train_seconds_this_session": round(elapsed, 2),
-               "train_seconds_total": round(elapsed_before + elapsed, 2),
-               "device": str(device), "precision": learner.precision.dtype}
-    atomic_write_json(run_dir / "train_summary.json", summary)
-    return TrainResult(run_dir, done, best, elapsed)
+    done, metrics = _run_steps(s, progress, on_step)
+    if "val" not in data.splits:  # no validation split: the final model is the one to keep
+        _save(s, "best", done, dict(metrics), with_optimizer=False)
+    plot_curves(run_dir / "metrics.csv", run_dir / "curves.png",
+                title=f"{config.name}: {config.model.learner} / {config.model.backbone}")
+    session = s.elapsed_before - before
+    atomic_write_json(run_dir / "train_summary.json", {
+        "steps": done, "best_val_acc": s.best, "train_seconds_this_session": round(session, 2),
+        "train_seconds_total": round(s.elapsed_before, 2), "device": str(s.device),
+        "precision": s.learner.precision.dtype, "torch": torch.__version__})
+    return TrainResult(run_dir, done, s.best, session)
 
 
 def check_run_dir(run_dir: Path) -> Path:

@@ -75,7 +75,14 @@ def load_results(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def compare_runs(run_dirs: list[Path], out_png: Path) -> str:
-    """A markdown table of every evaluation of every run, and a bar plot of the same numbers."""
+    """A markdown table of every evaluation of every run, and a bar plot of the same numbers;
+    distillation report folders (`<name>-report`) are shown as their report tables."""
+    from fewshot.distill.report import load_report, report_markdown
+
+    reports = [r for r in (load_report(p) for p in run_dirs) if r is not None]
+    run_dirs = [p for p in run_dirs if load_report(p) is None]
+    if not run_dirs:
+        return "\n".join(report_markdown(r) for r in reports)
     rows: list[tuple[str, str, float, float]] = []
     lines = ["| run | learner | backbone | split | task | mode | episodes | accuracy (95% CI) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -94,4 +101,4 @@ def compare_runs(run_dirs: list[Path], out_png: Path) -> str:
                 task_label += f" [{r['split']}]"
             rows.append((r["run"], task_label, 100 * r["mean"], 100 * r["ci95"]))
     plot_comparison(rows, out_png, "few-shot accuracy (95% CI)")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + [report_markdown(r) for r in reports])

@@ -1,0 +1,152 @@
+"""The decision rules: one implementation, used by learners, evaluation, calibration, export and
+the service ("what is evaluated is what is served").
+
+* Nearest prototype (Snell, Swersky & Zemel, "Prototypical Networks for Few-shot Learning",
+  NeurIPS 2017): a class is the mean of its support embeddings; a query's logits are the negative
+  squared Euclidean distances to the prototypes, or scaled cosine similarities ("cosine").
+* Linear probe (Tian et al., "Rethinking Few-Shot Image Classification: a Good Embedding Is All
+  You Need?", ECCV 2020): multinomial logistic regression on L2-normalised embeddings, objective
+  mean cross-entropy + ||W||^2 / (2 C n) (sklearn's, divided by n), bias unpenalised, full-batch
+  L-BFGS from zero weights in fp32: deterministic for a given input.
+
+Everything here is torch in, torch out, fp32; `numpy` callers wrap with `torch.from_numpy`
+(zero copy). No autocast: the rules run in fp32 whatever the backbone's precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fewshot.errors import ConfigError
+
+Metric = Literal["euclidean", "cosine"]
+METRICS: tuple[Metric, ...] = ("euclidean", "cosine")
+Rule = Literal["prototype", "probe"]
+RULES: tuple[Rule, ...] = ("prototype", "probe")
+
+
+def check_metric(metric: str) -> Metric:
+    if metric not in METRICS:
+        raise ConfigError(f"metric {metric!r} is unknown; use one of {list(METRICS)}")
+    return metric  # type: ignore[return-value]
+
+
+def prototypes(z: Tensor, y: Tensor, n_way: int) -> Tensor:
+    """Class means: embeddings z (n, D), labels y (n,) in 0..n_way-1 -> (n_way, D)."""
+    sums = torch.zeros(n_way, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, y, z)
+    counts = torch.bincount(y, minlength=n_way).clamp_min(1).to(z.dtype)
+    return sums / counts[:, None]
+
+
+def prototype_scores(q: Tensor, protos: Tensor, metric: Metric, proto_sq: Tensor | None = None) -> Tensor:
+    """(N, D) queries vs (K, D) prototypes -> (N, K) fp32: squared distances for "euclidean" (lower
+    is closer), cosine similarities for "cosine" (higher is closer). One matrix product (faster than
+    cdist and its backward); `proto_sq` (K,) may pass precomputed squared norms."""
+    q, protos = q.float(), protos.float()
+    if metric == "cosine":
+        return F.normalize(q, dim=-1) @ F.normalize(protos, dim=-1).T
+    sq = protos.pow(2).sum(-1) if proto_sq is None else proto_sq.float()
+    return (q.pow(2).sum(-1, keepdim=True) - 2.0 * q @ protos.T + sq[None, :]).clamp_min(0.0)
+
+
+def scores_to_logits(scores: Tensor, metric: Metric, cosine_scale: float | Tensor = 10.0) -> Tensor:
+    """Prototype scores (N, K) -> logits: -d^2 for "euclidean", scale * cos for "cosine"."""
+    return -scores if metric == "euclidean" else cosine_scale * scores
+
+
+def prototype_logits(
+    q: Tensor, protos: Tensor, metric: Metric, cosine_scale: float | Tensor = 10.0
+) -> Tensor:
+    """Query embeddings (N, D), prototypes (K, D) -> logits (N, K), fp32 (differentiable)."""
+    return scores_to_logits(prototype_scores(q, protos, metric), metric, cosine_scale)
+
+
+def nearest(scores: Tensor, metric: Metric) -> tuple[Tensor, Tensor]:
+    """(N, K) scores -> (index (N,), score (N,)) of the nearest prototype."""
+    if metric == "euclidean":
+        best, idx = scores.min(dim=1)
+    else:
+        best, idx = scores.max(dim=1)
+    return idx, best
+
+
+def accepts(metric: Metric, score: Tensor | float, threshold: float) -> Tensor | bool:
+    """True where a nearest-prototype score counts as a known class under `threshold`."""
+    return score <= threshold if metric == "euclidean" else score >= threshold
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A fitted linear probe: logits = normalize(z) @ weight.T + bias."""
+
+    weight: Tensor  # (K, D)
+    bias: Tensor  # (K,)
+
+    def logits(self, z: Tensor) -> Tensor:
+        """Embeddings (N, D) -> logits (N, K), fp32."""
+        return F.normalize(z.float(), dim=-1) @ self.weight.T + self.bias
+
+
+def fit_probe(z: Tensor, y: Tensor, n_classes: int, *, c: float = 1.0, max_iter: int = 100) -> Probe:
+    """Embeddings z (n, D), labels y (n,) in 0..n_classes-1 -> a fitted `Probe`."""
+    if c <= 0:
+        raise ConfigError(f"probe regularisation C must be > 0; got {c}")
+    if max_iter < 1:
+        raise ConfigError(f"probe max_iter must be >= 1; got {max_iter}")
+    zn = F.normalize(z.detach().float(), dim=-1)
+    y = y.to(zn.device)
+    n, d = zn.shape
+    w = torch.zeros(n_classes, d, device=zn.device, requires_grad=True)
+    b = torch.zeros(n_classes, device=zn.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(zn @ w.T + b, y) + w.pow(2).sum() / (2 * c * n)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad(), torch.autocast(zn.device.type, enabled=False):
+        opt.step(closure)
+    return Probe(w.detach(), b.detach())
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """How a deployed model turns support and query embeddings into logits: the rule stored in a
+    bundle's manifest, applied by evaluation, export checks and the service alike."""
+
+    rule: Rule = "prototype"
+    metric: Metric = "euclidean"
+    cosine_scale: float = 10.0
+    probe_c: float = 1.0
+    probe_max_iter: int = 100
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ConfigError(f"decision rule {self.rule!r} is unknown; use one of {list(RULES)}")
+        check_metric(self.metric)
+
+    def episode_logits(self, zs: Tensor, ys: Tensor, n_way: int, zq: Tensor) -> Tensor:
+        """Support embeddings (S, D) with labels (S,), queries (Q, D) -> logits (Q, n_way)."""
+        if self.rule == "probe":
+            return fit_probe(zs, ys, n_way, c=self.probe_c, max_iter=self.probe_max_iter).logits(zq)
+        return prototype_logits(zq, prototypes(zs.float(), ys, n_way), self.metric, self.cosine_scale)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"rule": self.rule, "metric": self.metric, "cosine_scale": self.cosine_scale,
+                "probe_c": self.probe_c, "probe_max_iter": self.probe_max_iter}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object] | None) -> DecisionRule:
+        if not d:
+            return cls()
+        try:
+            return cls(**d)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise ConfigError(f"decision rule {d!r} has unknown fields ({exc})") from exc

@@ -1,0 +1,193 @@
+"""From a trained run to a served bundle, measured as served.
+
+* `deployable_backbone`: the embedder a learner is served with. ProtoNet and pre-training use the
+  backbone in eval mode. The MAML family and Reptile ran batch norm on support-set statistics,
+  so their running statistics were never trained: they are re-estimated here as the average of
+  support-set statistics over `export.bn_episodes` training episodes of the evaluation shape
+  (the statistics the model saw in training), on training classes only.
+* `choose_rule`: the learner's decision rule; for gradient-based learners (whose own rule is an
+  inner loop the service does not run) the prototype metric that scores best on validation
+  episodes is chosen and recorded.
+* `evaluate_embedder`: the protocol's fixed-seed episodes, run through an `Embedder` (ONNX
+  Runtime, uint8 in) and a `DecisionRule`: the service's path, not the learner's.
+* `export_run`: writes the bundle and refuses it when the bundle as served is more than
+  `export.max_drop` below the learner's own accuracy on the same episodes (unless forced).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fewshot.config import RunConfig, load_config
+from fewshot.decision import METRICS, DecisionRule
+from fewshot.episodes.loader import EpisodeDataset
+from fewshot.episodes.sampling import EpisodeSpec
+from fewshot.episodes.types import Episode
+from fewshot.errors import CheckpointError
+from fewshot.training.data import RunData, load_run_data
+from fewshot.training.evaluate import EvalResult, evaluate_episodes
+
+BN_SEED_OFFSET, RULE_SEED_OFFSET = 200_003, 300_007
+
+
+class ExportRefused(CheckpointError):
+    """The bundle as served is worse than the learner it came from."""
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Episode images (float in [0, 1], from a uint8 cache) back to the exact uint8 pixels."""
+    return (x.detach().cpu().float() * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _plain_copy(backbone: nn.Module) -> nn.Module:
+    """A float32, CPU, contiguous-memory copy (training may have used bf16 / channels-last)."""
+    model = copy.deepcopy(backbone).float().cpu()
+    return model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload, no-any-return]
+
+
+@torch.no_grad()
+def reestimate_batch_norm(backbone: nn.Module, data: RunData, spec: EpisodeSpec, *, episodes: int,
+                          seed: int) -> nn.Module:
+    """A float32 eval-mode copy of `backbone` whose batch-norm running statistics are the mean of
+    the statistics of `episodes` training support sets (cumulative average, momentum=None)."""
+    model = _plain_copy(backbone)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    stream = EpisodeDataset(data.cache, data.pool("train"), spec, seed=seed + BN_SEED_OFFSET)
+    for i in range(episodes):
+        model(stream[i].support_x)
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
+
+
+def deployable_backbone(learner: Any, data: RunData, config: RunConfig) -> nn.Module:
+    """The backbone as it will be served: float32, contiguous, eval mode (see module doc)."""
+    ev = config.eval
+    if learner.deployment.embedder == "bn-reestimated":
+        return reestimate_batch_norm(learner.backbone, data, EpisodeSpec(ev.way, ev.shot, ev.query),
+                                     episodes=config.export.bn_episodes, seed=config.seed)
+    return _plain_copy(learner.backbone).eval()
+
+
+def rule_predictor(embed: Any, rule: DecisionRule) -> Any:
+    """episode -> logits through `embed` (uint8 (N, C, H, W) -> (N, D) numpy) and `rule`."""
+
+    def predict(ep: Episode) -> torch.Tensor:
+        zs = torch.from_numpy(embed(to_uint8(ep.support_x)))
+        zq = torch.from_numpy(embed(to_uint8(ep.query_x)))
+        return rule.episode_logits(zs, ep.support_y.cpu(), ep.n_way, zq).to(ep.query_y.device)
+
+    return predict
+
+
+def evaluate_embedder(embed: Any, rule: DecisionRule, data: RunData, *, split: str, way: int, shot: int,
+                      query: int, episodes: int, seed: int, mode: str = "any") -> EvalResult:
+    """The protocol (same episodes as `fewshot evaluate` with the same seed) through `embed` + `rule`."""
+    return evaluate_episodes(rule_predictor(embed, rule), data.cache, data.pool(split), EpisodeSpec(way, shot, query),
+                             episodes=episodes, seed=seed, mode=mode, progress=False,  # type: ignore[arg-type]
+                             enforce_protocol=False)
+
+
+def choose_rule(learner: Any, backbone: nn.Module, data: RunData, config: RunConfig) -> tuple[DecisionRule, dict[str, float]]:
+    """The learner's rule; for gradient-based learners the better prototype metric on validation."""
+    rule: DecisionRule = learner.deployment.rule
+    if learner.deployment.embedder != "bn-reestimated" or "val" not in data.splits:
+        return rule, {}
+    from fewshot.artifacts.embedders import TorchEmbedder
+
+    pre = data.cache.preprocessing
+    emb = TorchEmbedder(backbone, channels=pre.channels, size=pre.size).embed
+    ev = config.eval
+    scores: dict[str, float] = {m: evaluate_embedder(emb, DecisionRule("prototype", m), data, split="val", way=ev.way, shot=ev.shot,
+                                   query=ev.query, episodes=200, seed=config.seed + RULE_SEED_OFFSET).mean
+              for m in METRICS}
+    best = max(scores, key=lambda m: scores[m])
+    return DecisionRule("prototype", best), scores  # type: ignore[arg-type]
+
+
+def _served_metrics(run_dir: Path, data: RunData, rule: DecisionRule, max_drop: float, force: bool) -> Any:
+    """The `evaluate` callback of `export_bundle`: the ONNX model + rule on every evaluation the
+    run has (same episodes), compared with the learner's accuracy; raises ExportRefused."""
+    from fewshot.training.protocol import load_results
+
+    results = [r for r in load_results(run_dir) if r["split"] == "test"]
+    if not results:
+        raise CheckpointError(f"run {run_dir} has no test evaluation; run `fewshot evaluate {run_dir}` first")
+
+    def evaluate(onnx_embedder: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        worst = None
+        for r in results:
+            served = evaluate_embedder(onnx_embedder.embed, rule, data, split=r["split"], way=r["way"],
+                                       shot=r["shot"], query=r["query"], episodes=r["episodes"],
+                                       seed=r["seed"], mode=r["mode"])
+            key = f"{r['split']}_{r['way']}w{r['shot']}s_{r['mode']}"
+            drop = r["mean"] - served.mean
+            out[key] = {"mean": r["mean"], "ci95": r["ci95"], "episodes": r["episodes"], "seed": r["seed"],
+                        "served_mean": served.mean, "served_ci95": served.ci95, "drop": drop}
+            worst = (key, drop) if worst is None or drop > worst[1] else worst
+        assert worst is not None
+        if worst[1] > max_drop and not force:
+            raise ExportRefused(
+                f"the bundle as served (ONNX Runtime + {rule.rule}/{rule.metric}) scores "
+                f"{100 * out[worst[0]]['served_mean']:.2f}% on {worst[0]}, {100 * worst[1]:.2f} points below the "
+                f"learner's {100 * out[worst[0]]['mean']:.2f}% (limit {100 * max_drop:.2f}); nothing was written. "
+                "Fix the deployment, or pass --force to write it anyway (the manifest records the drop)")
+        return out
+
+    return evaluate
+
+
+def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: int = 0, force: bool = False) -> Path:
+    """Bundle the best checkpoint of a run: weights, manifest, ONNX (parity-checked), calibration,
+    and the accuracy of the bundle as served beside the learner's (refused if it drops too much).
+
+    The unknown-class threshold is calibrated on the validation split (never on test classes).
+    """
+    from fewshot.artifacts.bundle import export_bundle
+    from fewshot.artifacts.calibration import calibrate_unknown_threshold
+    from fewshot.artifacts.embedders import TorchEmbedder
+    from fewshot.pipeline import images_by_class
+    from fewshot.training.loop import check_run_dir, load_trained
+
+    if out.exists():
+        raise CheckpointError(f"{out} already exists; choose a new bundle folder or delete it")
+    config = load_config(check_run_dir(run_dir) / "config.yaml")
+    data = data or load_run_data(config.data, progress=False)
+    learner, manifest = load_trained(run_dir)
+    backbone = deployable_backbone(learner, data, config)
+    rule, rule_scores = choose_rule(learner, backbone, data, config)
+    calib_split = "val" if "val" in data.splits else "test"
+    by_class = images_by_class(data, calib_split, limit=100)
+    pre = data.cache.preprocessing
+    smallest = min(len(v) for v in by_class.values())
+    calibration = calibrate_unknown_threshold(
+        TorchEmbedder(backbone, channels=pre.channels, size=pre.size), by_class, np.random.default_rng(seed),
+        n_way=max(2, min(5, len(by_class) - 1)), n_shot=max(1, min(5, smallest - 1)),
+        n_episodes=config.export.calibration_episodes, target_false_accept=config.export.false_accept_rate,
+    )
+    deployment = {"embedder": learner.deployment.embedder, "rule": rule.to_dict(),
+                  "rule_val_accuracy": rule_scores, "learner": manifest["model"]["learner"]["name"]}
+    if learner.deployment.embedder == "bn-reestimated":
+        deployment["batch_norm"] = (f"running statistics = mean of {config.export.bn_episodes} training support "
+                                    f"sets ({config.eval.way}-way {config.eval.shot}-shot)")
+    sample = np.concatenate([v[:2] for v in list(by_class.values())[:16]])
+    return export_bundle(
+        backbone, out, preprocessing=pre,
+        source={"run": str(run_dir), "name": config.name, "learner": manifest["model"]["learner"],
+                "step": manifest["step"], "calibrated_on": f"{data.scheme}/{calib_split}",
+                "train_classes": data.class_names("train")},
+        metrics={}, data_fingerprint=data.cache.fingerprint, calibration=calibration.to_dict(),
+        sample_images=sample, deployment=deployment,
+        evaluate=_served_metrics(run_dir, data, rule, config.export.max_drop, force),
+    )

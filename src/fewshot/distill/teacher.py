@@ -1,0 +1,167 @@
+"""A frozen teacher from any trained run or bundle, with its own preprocessing.
+
+The teacher sees the student's images converted to its own input: resized (bilinear, antialiased)
+to its side and converted to its channels (grey -> RGB by repetition, RGB -> grey by ITU-R 601
+luma). Its embeddings come from its deployable backbone in eval mode; its episode logits from its
+decision rule (the one its bundle is served with); base-class logits only from a pre-training run
+(its classifier), for KD on base-class logits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fewshot.decision import DecisionRule
+from fewshot.episodes.types import Episode
+from fewshot.errors import CheckpointError, ConfigError
+
+LUMA = (0.299, 0.587, 0.114)
+
+
+def adapt_images(x: Tensor, channels: int, size: int) -> Tensor:
+    """(N, C, H, W) float in [0, 1] -> (N, channels, size, size)."""
+    x = x.float().contiguous()
+    if x.shape[1] != channels:
+        if x.shape[1] == 1 and channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] == 3 and channels == 1:
+            w = x.new_tensor(LUMA).view(1, 3, 1, 1)
+            x = (x * w).sum(1, keepdim=True)
+        else:
+            raise ConfigError(f"cannot convert {x.shape[1]}-channel images to the teacher's {channels} channels")
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def _weights_digest(path: Path) -> str:
+    from fewshot.artifacts.bundle import sha256_file
+
+    return sha256_file(path)
+
+
+@dataclass
+class Teacher:
+    """A frozen embedder + rule (+ optional base-class classifier) with its input format."""
+
+    source: str
+    backbone: nn.Module
+    channels: int
+    size: int
+    rule: DecisionRule
+    train_classes: list[str]
+    digest: str
+    classifier: nn.Module | None = None
+
+    def to(self, device: torch.device) -> Teacher:
+        self.backbone.to(device)
+        if self.classifier is not None:
+            self.classifier.to(device)
+        return self
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.backbone.embedding_dim)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def embed(self, x: Tensor) -> Tensor:
+        """Student-format images (N, C, H, W) -> teacher embeddings (N, D_t), fp32."""
+        dev = next(self.backbone.parameters()).device
+        return self.backbone(adapt_images(x.to(dev), self.channels, self.size)).float()
+
+    @torch.no_grad()
+    def class_logits(self, x: Tensor) -> Tensor:
+        if self.classifier is None:
+            raise ConfigError(f"teacher {self.source} has no base-class classifier (only pre-training runs do); "
+                              "set distill.kd_class_weight=0 or use a 'pretrain' run as teacher")
+        return self.classifier(self.embed(x)).float()
+
+    @torch.no_grad()
+    def episode_logits(self, episodes: list[Episode]) -> list[Tensor]:
+        """The teacher's query logits (n_query, n_way) for each episode, by its decision rule."""
+        parts = [t for ep in episodes for t in (ep.support_x, ep.query_x)]
+        z = self.embed(torch.cat(parts)).split([p.shape[0] for p in parts])
+        return [self.rule.episode_logits(z[2 * i], ep.support_y.to(z[2 * i].device), ep.n_way, z[2 * i + 1])
+                for i, ep in enumerate(episodes)]
+
+    def predict(self, episode: Episode) -> Tensor:
+        return self.episode_logits([episode])[0]
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "weights_sha256": self.digest}
+
+
+def load_teacher(path: str | Path, *, data: Any = None) -> Teacher:
+    """A teacher from a run folder (its best checkpoint) or a bundle folder; `data` (the student's
+    RunData) is only needed for runs whose batch norm must be re-estimated (MAML family)."""
+    p = Path(path)
+    if (p / "manifest.json").is_file() and (p / "model.onnx").is_file():
+        return _from_bundle(p)
+    if (p / "config.yaml").is_file():
+        return _from_run(p, data)
+    raise CheckpointError(f"teacher {p} is neither a run folder (config.yaml) nor a bundle (manifest.json + "
+                          "model.onnx); pass a folder made by `fewshot train`, `fewshot distill` or `fewshot export`")
+
+
+def _frozen(m: nn.Module) -> nn.Module:
+    m.eval()
+    for q in m.parameters():
+        q.requires_grad_(False)
+    return m
+
+
+def _from_bundle(p: Path) -> Teacher:
+    from fewshot.artifacts.bundle import WEIGHTS, load_bundle
+
+    try:
+        bundle = load_bundle(p)
+    except CheckpointError as exc:
+        raise CheckpointError(f"teacher bundle {p} cannot be loaded: {exc}") from exc
+    classes = bundle.manifest.source.get("train_classes")
+    if classes is None:
+        raise CheckpointError(f"teacher bundle {p} does not record its training classes (older export); "
+                              "re-export it with `fewshot export` so the leak check can run")
+    pre = bundle.preprocessing
+    return Teacher(str(p), _frozen(bundle._backbone), pre.channels, pre.size, bundle.decision_rule,
+                   list(classes), _weights_digest(p / WEIGHTS))
+
+
+def _from_run(p: Path, data: Any) -> Teacher:
+    from fewshot.config import load_config
+    from fewshot.deploy import deployable_backbone
+    from fewshot.training.loop import load_trained, train_classes
+
+    try:
+        learner, manifest = load_trained(p)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise CheckpointError(f"teacher run {p} cannot be loaded: {exc}") from exc
+    config = load_config(p / "config.yaml")
+    if learner.deployment.embedder == "bn-reestimated":
+        if data is None:
+            raise CheckpointError(f"teacher run {p} needs its batch norm re-estimated; export it and pass the bundle")
+        backbone = deployable_backbone(learner, data, config)
+    else:
+        backbone = learner.backbone.float().eval()
+    pre = manifest["data"]["preprocessing"]
+    classifier = getattr(learner, "classifier", None)
+    digest = _weights_digest(p / "checkpoints" / "best" / "model.safetensors")
+    return Teacher(str(p), _frozen(backbone), int(3 if pre.get("mode") == "RGB" else 1), int(pre["size"]),
+                   learner.deployment.rule, sorted(train_classes(p)), digest,
+                   _frozen(classifier.float()) if classifier is not None else None)
+
+
+def check_no_leak(teacher: Teacher, test_classes: list[str], split_name: str = "test") -> None:
+    """Refuse a teacher trained on any class of the student's test split, naming the classes."""
+    leaked = sorted(set(teacher.train_classes) & set(test_classes))
+    if leaked:
+        raise ConfigError(
+            f"teacher {teacher.source} was trained on {len(leaked)} classes of the student's {split_name} split "
+            f"(e.g. {json.dumps(leaked[:5])}): distilling from it would leak test classes. Use a teacher trained "
+            "on the student's training classes only")

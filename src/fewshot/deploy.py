@@ -74,7 +74,7 @@ def deployable_backbone(learner: Any, data: RunData, config: RunConfig) -> nn.Mo
     """The backbone as it will be served: float32, contiguous, eval mode (see module doc)."""
     ev = config.eval
     if learner.deployment.embedder == "bn-reestimated":
-        return reestimate_batch_norm(learner.backbone, data, EpisodeSpec(ev.way, ev.shot, ev.query),
+        return reestimate_batch_norm(learner.backbone, data, EpisodeSpec(ev.way, ev.shot, 1),  # support sets only
                                      episodes=config.export.bn_episodes, seed=config.seed)
     return _plain_copy(learner.backbone).eval()
 

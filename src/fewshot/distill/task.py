@@ -57,23 +57,25 @@ class DistillObjective(TrainObjective):
     def _teacher_terms(self, i: int, out: LearnerOutput) -> dict[str, Tensor]:
         cfg, teacher = self.cfg, self.teachers[i]
         terms: dict[str, Tensor] = {}
+        episode_layout = out.images is not None and out.episodes and out.images.shape[0] == sum(
+            e.support_x.shape[0] + e.query_x.shape[0] for e in out.episodes)
+        zt = teacher.embed(out.images) if out.images is not None else None  # one teacher pass per batch
         if cfg.kd_episode_weight > 0:
             if not out.episode_logits:
                 raise ConfigError("this learner gives no episode logits; set distill.kd_episode_weight=0 "
                                   "(KD on episodes needs protonet or the MAML family)")
-            t_logits = teacher.episode_logits(out.episodes)
+            t_logits = teacher.episode_logits(out.episodes, zt if episode_layout else None)
             terms["kd_episode"] = torch.stack([self.kd_episode(s, t.to(s.device))["kd_episode"]
                                                for s, t in zip(out.episode_logits, t_logits)]).mean()
         if cfg.kd_class_weight > 0:
-            if out.class_logits is None or out.images is None:
+            if out.class_logits is None or zt is None:
                 raise ConfigError("KD on base-class logits needs a student that trains on batches ('pretrain'); "
                                   "set distill.kd_class_weight=0")
-            terms.update(self.kd_class(out.class_logits, teacher.class_logits(out.images)))
+            terms.update(self.kd_class(out.class_logits, teacher.class_head(zt)))
         if cfg.hint_weight > 0 or cfg.rkd_distance_weight > 0 or cfg.rkd_angle_weight > 0:
-            if out.embeddings is None or out.images is None:
+            if out.embeddings is None or zt is None:
                 raise ConfigError("this learner gives no embeddings (Reptile, inner-loop MAML); set hint_weight, "
                                   "rkd_distance_weight and rkd_angle_weight to 0")
-            zt = teacher.embed(out.images)
             if cfg.hint_weight > 0:
                 terms.update(self.hints[i](out.embeddings, zt))
             if cfg.rkd_distance_weight > 0:

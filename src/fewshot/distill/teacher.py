@@ -78,16 +78,25 @@ class Teacher:
 
     @torch.no_grad()
     def class_logits(self, x: Tensor) -> Tensor:
+        return self.class_head(self.embed(x))
+
+    @torch.no_grad()
+    def class_head(self, z: Tensor) -> Tensor:
+        """Teacher embeddings (N, D_t) -> base-class logits (N, num_classes)."""
         if self.classifier is None:
             raise ConfigError(f"teacher {self.source} has no base-class classifier (only pre-training runs do); "
                               "set distill.kd_class_weight=0 or use a 'pretrain' run as teacher")
-        return self.classifier(self.embed(x)).float()
+        return self.classifier(z).float()
 
     @torch.no_grad()
-    def episode_logits(self, episodes: list[Episode]) -> list[Tensor]:
-        """The teacher's query logits (n_query, n_way) for each episode, by its decision rule."""
+    def episode_logits(self, episodes: list[Episode], z_all: Tensor | None = None) -> list[Tensor]:
+        """The teacher's query logits (n_query, n_way) for each episode, by its decision rule.
+        `z_all`: teacher embeddings of the episodes' images laid out support, query, support, ...
+        (the layout of a learner's `LearnerOutput.images`), when already computed."""
         parts = [t for ep in episodes for t in (ep.support_x, ep.query_x)]
-        z = self.embed(torch.cat(parts)).split([p.shape[0] for p in parts])
+        if z_all is None:
+            z_all = self.embed(torch.cat(parts))
+        z = z_all.split([p.shape[0] for p in parts])
         return [self.rule.episode_logits(z[2 * i], ep.support_y.to(z[2 * i].device), ep.n_way, z[2 * i + 1])
                 for i, ep in enumerate(episodes)]
 

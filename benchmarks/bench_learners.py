@@ -24,6 +24,7 @@ from _learner_timing import interleaved, machine, random_episode, summary, write
 from fewshot.backbones import create_backbone  # noqa: E402
 from fewshot.learners import create_learner  # noqa: E402
 from fewshot.precision import FP32, PrecisionPolicy, autocast_context, select_precision  # noqa: E402
+from fewshot.training.trainer import Trainer  # noqa: E402
 
 
 def conv4_step(policy: PrecisionPolicy, batch: int, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -78,8 +79,7 @@ def time_learner(
     labels: torch.Tensor,
     repeats: int,
 ) -> dict[str, list[float]]:
-    """Interleaved timings of the learner's train_step and of a plain backbone step on its images."""
-    torch.manual_seed(0)
+    """Interleaved timings of one trainer step of the learner and of a plain backbone step on its images."""
     kw = {"num_classes": 64} if name == "pretrain" else {}
     learner = create_learner(name, create_backbone("conv4", in_channels=1, image_size=28), **kw)
     learner.set_precision(policy)
@@ -94,7 +94,8 @@ def time_learner(
         loss.backward()
         opt.step()
 
-    return interleaved({"step": lambda: learner.train_step(batch, opt), "plain": plain}, repeats)
+    trainer = Trainer(learner, opt)
+    return interleaved({"step": lambda: trainer.step(batch), "plain": plain}, repeats)
 
 
 def overhead_table(repeats: int, policy: PrecisionPolicy) -> dict[str, object]:

@@ -29,7 +29,8 @@ from _learner_timing import interleaved, machine, random_episode, summary, write
 from fewshot.backbones import create_backbone  # noqa: E402
 from fewshot.episodes.types import Episode  # noqa: E402
 from fewshot.learners import create_learner  # noqa: E402
-from fewshot.precision import select_precision  # noqa: E402
+from fewshot.precision import FP32, select_precision  # noqa: E402
+from fewshot.training.trainer import Trainer  # noqa: E402
 
 
 def plain_conv4() -> nn.Module:
@@ -72,21 +73,25 @@ def plain_step(
 def speed(meta_batch: int, repeats: int) -> dict[str, object]:
     g = torch.Generator().manual_seed(0)
     eps = [random_episode(g, 5, 1, 15) for _ in range(meta_batch)]
-    policy = select_precision("cpu")
+    auto = select_precision("cpu")
+    policies = [FP32] + ([auto] if auto != FP32 else [])
     fns = {}
+    group = 1 + len(policies)  # rows per order: the plain loop, then the library per policy
     for order, fo in (("second-order", False), ("first-order", True)):
-        torch.manual_seed(0)
-        net = plain_conv4()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            net = plain_conv4()
         popt = torch.optim.Adam(net.parameters(), 1e-3)
         fns[f"plain fp32 loop, {order}"] = lambda n=net, o=popt, f=fo: plain_step(n, eps, o, 0.4, f)
-        learner = create_learner(
-            "maml", create_backbone("conv4", in_channels=1, image_size=28), first_order=fo
-        )
-        learner.set_precision(policy)
-        lopt = torch.optim.Adam(learner.parameters(), 1e-3)
-        fns[
-            f"fewshot MAML ({policy.dtype}{', channels_last' if policy.channels_last else ''}), {order}"
-        ] = lambda lrn=learner, o=lopt: lrn.train_step(eps, o)
+        for policy in policies:
+            learner = create_learner(
+                "maml", create_backbone("conv4", in_channels=1, image_size=28), first_order=fo
+            )
+            learner.set_precision(policy)
+            trainer = Trainer(learner, torch.optim.Adam(learner.parameters(), 1e-3))
+            fns[
+                f"fewshot MAML ({policy.dtype}{', channels_last' if policy.channels_last else ''}), {order}"
+            ] = lambda t=trainer: t.step(eps)
     times = interleaved(fns, repeats)
     print(
         f"\n### MAML 5-way 1-shot 15-query, Conv-4 28x28, 1 inner step, meta-batch {meta_batch}\n"
@@ -97,12 +102,12 @@ def speed(meta_batch: int, repeats: int) -> dict[str, object]:
     rows = {}
     for i, k in enumerate(keys):
         s = summary(times[k])
-        base = summary(times[keys[i - i % 2]])["median_s"]
+        base = summary(times[keys[i - i % group]])["median_s"]
         rows[k] = {**s, "it_per_s": 1 / s["median_s"], "speedup": base / s["median_s"]}
         print(
             f"| {k} | {1 / s['median_s']:.3f} | {1 / s['min_s']:.3f} | {base / s['median_s']:.2f}x |"
         )
-    return {"policy": str(policy), "rows": rows, "raw_s": times}
+    return {"policies": [str(p) for p in policies], "rows": rows, "raw_s": times}
 
 
 def memory_child(n_way: int, first_order: bool, meta_batch: int) -> None:
@@ -115,7 +120,7 @@ def memory_child(n_way: int, first_order: bool, meta_batch: int) -> None:
     learner.set_precision(select_precision("cpu"))
     opt = torch.optim.Adam(learner.parameters(), 1e-3)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # model and data built, no step yet
-    learner.train_step(eps, opt)
+    Trainer(learner, opt).step(eps)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_growth_mib": (after - before) / 1024, "peak_rss_mib": after / 1024}))
 

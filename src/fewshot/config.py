@@ -130,6 +130,12 @@ class DistillConfig(_Frozen):
     baseline: bool = True
 
 
+class PipelineConfig(_Frozen):
+    # `fewshot pipeline`: a distill config whose student is taught by the run just trained
+    # (its teachers are replaced by that run); None skips the distillation stage
+    distill: str | None = None
+
+
 class RunConfig(_Frozen):
     name: str = "run"
     seed: int = 0
@@ -140,6 +146,7 @@ class RunConfig(_Frozen):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     distill: DistillConfig | None = None
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -1,13 +1,15 @@
-"""The main job: prepare -> train -> evaluate -> export -> a live service check, from one config."""
+"""The main job: prepare -> train -> evaluate -> export -> a live service check -> distillation, from one config."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fewshot.config import RunConfig
+from fewshot.config import RunConfig, TeacherConfig, load_config
+from fewshot.errors import ConfigError
 from fewshot.io import atomic_write_json
 from fewshot.training.data import RunData, load_run_data
 
@@ -22,8 +24,37 @@ def images_by_class(data: RunData, split: str, *, limit: int | None = None) -> d
     return out
 
 
+def _bundle_metrics(bundle_dir: Path) -> dict[str, Any]:
+    from fewshot.artifacts.bundle import load_bundle
+
+    return dict(load_bundle(bundle_dir).manifest.metrics)
+
+
+def distill_stage(config: RunConfig, data: RunData, *, progress: bool = True) -> dict[str, Any]:
+    """Distil the run just trained into the student of `config.pipeline.distill` (and train the same
+    student alone with the same budget); returns the report's accuracy, size and latency rows."""
+    from fewshot.distill import distill
+    from fewshot.distill.report import load_report
+    from fewshot.distill.task import report_dir
+
+    assert config.pipeline.distill is not None
+    student = load_config(config.pipeline.distill, [f"output_dir={config.output_dir}"])
+    if student.distill is None:
+        raise ConfigError(f"{config.pipeline.distill} has no distill section; see configs/quickstart_student.yaml")
+    d = student.distill.model_copy(update={"teachers": [TeacherConfig(path=str(config.run_dir()))]})
+    student = RunConfig.model_validate({**student.to_dict(), "distill": d.model_dump(mode="json")})
+    distill(student, data=data if student.data == config.data else None, progress=progress)
+    report = load_report(report_dir(student)) or {}
+    return {"report": str(report_dir(student)), "rows": [
+        {"model": Path(r["name"]).name, "role": r["role"], "latency_ms": round(r["latency_ms"], 4),
+         "params": int(r["params"]),
+         **{t: f"{100 * a['mean']:.2f} +- {100 * a['ci95']:.2f}" for t, a in r["accuracy"].items()}}
+        for r in report.get("rows", [])]}
+
+
 def run_pipeline(config: RunConfig, *, serve_check: bool = True, progress: bool = True) -> dict[str, Any]:
-    """prepare -> train -> evaluate (protocol) -> export -> start the service and classify for real."""
+    """prepare -> train -> evaluate (protocol) -> export (measured as served) -> start the service and
+    classify for real -> distil the trained model into a smaller student (`pipeline.distill`)."""
     from fewshot.training.loop import train
     from fewshot.training.protocol import evaluate_run
 
@@ -51,6 +82,10 @@ def run_pipeline(config: RunConfig, *, serve_check: bool = True, progress: bool 
             from fewshot.service.smoke import service_smoke_check
 
             summary["service_check"] = service_smoke_check(bundle_dir, images_by_class(data, ev.split, limit=3))
+        summary["bundle_as_served"] = {k: round(100 * m["served_mean"], 2) for k, m in
+                                       _bundle_metrics(bundle_dir).items()}
+    if config.pipeline.distill:
+        summary["distillation"] = distill_stage(config, data, progress=progress)
     summary["total_s"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(config.run_dir() / "pipeline_summary.json", summary)
     return summary

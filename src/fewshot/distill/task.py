@@ -113,7 +113,8 @@ def objective_factory(config: RunConfig, data: RunData) -> Any:
     assert config.distill is not None
 
     def make(learner: Any) -> DistillObjective:
-        teachers = load_teachers(config.distill, data, learner.device)  # type: ignore[arg-type]
+        teachers = [t.set_precision(learner.precision)
+                    for t in load_teachers(config.distill, data, learner.device)]  # type: ignore[arg-type]
         return DistillObjective(config.distill, teachers, embedding_dim_of(learner.backbone), config.seed + 1)  # type: ignore[arg-type]
 
     return make

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from fewshot.decision import DecisionRule
 from fewshot.episodes.types import Episode
 from fewshot.errors import CheckpointError, ConfigError
+from fewshot.precision import FP32, PrecisionPolicy, autocast_context, prepare_input
 
 LUMA = (0.299, 0.587, 0.114)
 
@@ -59,6 +60,15 @@ class Teacher:
     train_classes: list[str]
     digest: str
     classifier: nn.Module | None = None
+    precision: PrecisionPolicy = FP32
+
+    def set_precision(self, policy: PrecisionPolicy) -> Teacher:
+        """Run the teacher's forward pass under `policy` (e.g. the student's bf16 on CPU)."""
+        from fewshot.precision import prepare_model
+
+        self.precision = policy
+        prepare_model(self.backbone, policy)
+        return self
 
     def to(self, device: torch.device) -> Teacher:
         self.backbone.to(device)
@@ -74,7 +84,9 @@ class Teacher:
     def embed(self, x: Tensor) -> Tensor:
         """Student-format images (N, C, H, W) -> teacher embeddings (N, D_t), fp32."""
         dev = next(self.backbone.parameters()).device
-        return self.backbone(adapt_images(x.to(dev), self.channels, self.size)).float()
+        x = prepare_input(adapt_images(x.to(dev), self.channels, self.size), self.precision)
+        with autocast_context(self.precision, dev):
+            return self.backbone(x).float()
 
     @torch.no_grad()
     def class_logits(self, x: Tensor) -> Tensor:

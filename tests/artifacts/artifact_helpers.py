@@ -24,8 +24,7 @@ def sample_images(n: int = 8, seed: int = 0) -> np.ndarray:
 
 
 def tiny_backbone(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return create_backbone("conv4", in_channels=1, image_size=28)
+    return create_backbone("conv4", in_channels=1, image_size=28, generator=torch.Generator().manual_seed(seed))
 
 
 def export_tiny(out: Path, backbone: torch.nn.Module | None = None, **kw: object) -> Path:

@@ -28,20 +28,20 @@ def test_unknown_backbone_lists_valid_names():
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32), (3, 84), (1, 40)])
 def test_embedding_shape(name, channels, size):
-    torch.manual_seed(0)
     net = create_backbone(name, in_channels=channels, image_size=size, width=SMALL[name]).eval()
-    z = net(torch.rand(3, channels, size, size))
+    z = net(torch.rand(3, channels, size, size, generator=torch.Generator().manual_seed(0)))
     assert z.shape == (3, net.embedding_dim)
     assert torch.isfinite(z).all()
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_config_rebuilds_identical_network(name):
-    torch.manual_seed(0)
-    net = create_backbone(name, in_channels=3, image_size=32, width=SMALL[name]).eval()
+    net = create_backbone(name, in_channels=3, image_size=32, width=SMALL[name],
+                          generator=torch.Generator().manual_seed(5)).eval()
     clone = backbone_from_config(net.config).eval()
+    assert not torch.equal(next(clone.parameters()), next(net.parameters()))  # other seed, other weights
     clone.load_state_dict(net.state_dict())
-    x = torch.rand(2, 3, 32, 32)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(clone(x), net(x))
 
 
@@ -69,9 +69,8 @@ def test_bad_width_or_size_is_a_config_error(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_torch_export(name):
-    torch.manual_seed(0)
     net = create_backbone(name, in_channels=1, image_size=28, width=SMALL[name]).eval()
-    x = torch.rand(2, 1, 28, 28)
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     exported = torch.export.export(net, (x,))
     torch.testing.assert_close(exported.module()(x), net(x))
 
@@ -90,3 +89,17 @@ def test_context_statistics_normalise_every_row_with_the_first_rows():
     )
     torch.testing.assert_close(bn(x[:2]), y[:2])  # same as train-mode BN on the context rows
     assert bn.context_rows is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_initialisation_comes_from_the_generator_not_the_global_rng(name):
+    state = torch.get_rng_state()
+    a = create_backbone(name, in_channels=1, image_size=28, width=SMALL[name], generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)  # the process-wide RNG was not advanced
+    with torch.random.fork_rng():
+        torch.manual_seed(123)  # the global seed does not matter
+        b = create_backbone(name, in_channels=1, image_size=28, width=SMALL[name], generator=torch.Generator().manual_seed(3))
+    c = create_backbone(name, in_channels=1, image_size=28, width=SMALL[name], generator=torch.Generator().manual_seed(4))
+    for (k, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pb), k
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))

@@ -13,7 +13,6 @@ from fewshot.training.trainer import Trainer
 
 
 def grads_after_step(name: str, fast: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, torch.Tensor], float]:
-    torch.manual_seed(0)
     backbone = create_backbone("conv4", in_channels=1, image_size=28, width=0.25)
     learner = create_learner(name, backbone, inner_lr=0.4)
     if not fast:

@@ -43,8 +43,8 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 
 def make_tiny_bundle(out: Path, seed: int = 0, hidden: int = 64, calibration: dict | None = None) -> Path:
-    torch.manual_seed(seed)
-    backbone = create_backbone("conv4", in_channels=1, image_size=28, hidden=hidden)
+    backbone = create_backbone("conv4", in_channels=1, image_size=28, hidden=hidden,
+                               generator=torch.Generator().manual_seed(seed))
     samples = np.concatenate([class_images(s, 2) for s in range(4)])
     return export_bundle(backbone, out, preprocessing=Preprocessing("L", 28), source={"run": "test", "seed": seed},
                          metrics={"note": "untrained"}, data_fingerprint="synthetic", calibration=calibration,

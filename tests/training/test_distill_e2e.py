@@ -61,6 +61,14 @@ def test_distilled_student_beats_the_student_alone(tmp_path: Path, teacher: Path
     again = evaluate_episodes(learner.predict, data.cache, data.pool("test"), EpisodeSpec(5, 1, 5), episodes=600,
                               seed=cfg.eval.seed, progress=False)
     assert again.mean == pytest.approx(distilled)
+    # a distilled run exports like any run, measured as served
+    from fewshot.artifacts.bundle import load_bundle
+    from fewshot.deploy import export_run
+    from fewshot.training.protocol import evaluate_run
+
+    evaluate_run(cfg.run_dir(), way=5, shot=1, query=5, episodes=600, data=data, progress=False, device="cpu")
+    bundle = load_bundle(export_run(cfg.run_dir(), tmp_path / "bundle", data=data))
+    assert bundle.manifest.metrics["test_5w1s_any"]["served_mean"] >= distilled - 0.01
 
 
 def test_several_teachers_and_born_again_generations(tmp_path: Path, teacher: Path, data: RunData) -> None:

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `<run>/checkpoints/<tag>/` with
   model.safetensors   the learner's state_dict (backbone and any meta-parameters)
-  state.safetensors   optimizer tensors and RNG states (for exact resume)
+  state.safetensors   optimizer tensors (for exact resume; training uses only explicit generators)
+  objective.safetensors  a distillation objective's projectors (distilled runs only)
   manifest.json       step, model arguments, config, data fingerprint, metrics, versions,
                       and the non-tensor skeleton of the optimizer state
 The folder is written beside its final place and renamed into it, so a kill never leaves a
@@ -51,21 +52,6 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def rng_state() -> dict[str, torch.Tensor]:
-    state = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            state[f"torch_cuda_{i}"] = s
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["torch_cpu"])
-    cuda = [state[k] for k in sorted(state) if k.startswith("torch_cuda_")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
 def versions() -> dict[str, str]:
     return {"fewshot": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
@@ -91,8 +77,6 @@ def save_checkpoint(
             save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp / fname))
         state_tensors: dict[str, torch.Tensor] = {}
         opt_skeleton = _flatten(optimizer.state_dict(), "opt", state_tensors) if optimizer else None
-        for k, v in rng_state().items():
-            state_tensors[f"rng.{k}"] = v
         save_file(state_tensors, str(tmp / "state.safetensors"))
         full = {
             "format": CHECKPOINT_FORMAT,
@@ -142,11 +126,12 @@ def load_weights(path: Path, model: torch.nn.Module, *, name: str = "model.safet
 
 
 def load_training_state(path: Path, optimizer: torch.optim.Optimizer | None) -> None:
-    """Restore optimizer and RNG states saved by `save_checkpoint`."""
+    """Restore the optimizer state saved by `save_checkpoint`."""
     manifest = read_manifest(path)
     tensors = load_file(str(path / "state.safetensors"))
     if optimizer is not None and manifest.get("optimizer") is not None:
         state = _unflatten(manifest["optimizer"], tensors)
         state["state"] = {int(k): v for k, v in state["state"].items()}
         optimizer.load_state_dict(state)
-    set_rng_state({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")})
+    # no RNG state: training draws only from explicit generators (episodes, batches, initialisation),
+    # so a resume never writes the process-wide RNG

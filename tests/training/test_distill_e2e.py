@@ -42,6 +42,7 @@ def student(tmp_path: Path, teacher: Path, **distill: Any) -> RunConfig:
                   query=5, val_every=30, lr=3e-3, extra={"eval": EVAL, "distill": d})
 
 
+@pytest.mark.slow
 def test_distilled_student_beats_the_student_alone(tmp_path: Path, teacher: Path, data: RunData) -> None:
     cfg = student(tmp_path, teacher, rkd_distance_weight=1.0, rkd_angle_weight=2.0, hint_weight=0.1)
     summary = distill(cfg, data=data, progress=False)

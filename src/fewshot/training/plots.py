@@ -25,10 +25,18 @@ def plot_curves(csv_path: Path, out: Path, title: str = "") -> Path:
     cols = _read(csv_path)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     step = cols.get("step", [])
-    ax1.plot(step, cols.get("loss", []), lw=0.8, label="train loss")
+    # every named term the run logged (task loss, distillation terms); the objective "loss" when it is
+    # the only one (Reptile's "loss" is a surrogate whose value means nothing: its "task" is shown)
+    skip = {"step", "lr", "elapsed_s", "val_acc", "val_ci95", "acc"}
+    terms = [k for k in cols if k not in skip and k != "loss"] or ["loss"]
+    positive = True
+    for k in terms:
+        ax1.plot(step, cols[k], lw=0.8, label=f"train {k}")
+        positive = positive and all(v > 0 for v in cols[k] if v == v)
     ax1.set_xlabel("step")
-    ax1.set_ylabel("loss")
-    ax1.set_yscale("log")
+    ax1.set_ylabel("loss terms")
+    if positive:
+        ax1.set_yscale("log")
     ax1.legend()
     ax2.plot(step, [100 * a for a in cols.get("acc", [])], lw=0.8, alpha=0.6, label="train query acc")
     val = [(s, 100 * v, 100 * c) for s, v, c in zip(step, cols.get("val_acc", []), cols.get("val_ci95", [])) if v == v]

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fewshot.backbones.init import built_quietly, reset_parameters
-from fewshot.config import DistillConfig, RunConfig
+from fewshot.config import DistillConfig, RunConfig, TeacherConfig
 from fewshot.distill.losses import HintLoss, RKDAngle, RKDDistance, SoftLogitKD
 from fewshot.distill.teacher import Teacher, check_no_leak, load_teacher
 from fewshot.errors import ConfigError
@@ -129,7 +129,7 @@ def generation_configs(config: RunConfig) -> list[RunConfig]:
         return [config]
     out, prev = [], None
     for g in range(1, d.generations + 1):
-        teachers = d.teachers if prev is None else [{"path": str(prev.run_dir()), "weight": 1.0}]
+        teachers = d.teachers if prev is None else [TeacherConfig(path=str(prev.run_dir()), weight=1.0)]
         cfg = config.model_copy(update={"name": f"{config.name}-gen{g}",
                                         "distill": d.model_copy(update={"teachers": teachers})})
         cfg = RunConfig.model_validate(cfg.to_dict())  # re-validate the nested update

@@ -3,7 +3,7 @@
 (1) Conv-4 + linear head, cross-entropy, SGD step on B Omniglot-sized images (1x28x28), fp32
     eager vs channels_last vs bf16 autocast vs both vs the policy `select_precision` picks.
     Target: the chosen policy >= 2.5x fp32 eager.
-(2) For every learner: train_step time minus a plain backbone forward+backward+step on the same
+(2) For every learner: one trainer step (learner.compute + Trainer) minus a plain backbone forward+backward+step on the same
     images, as a fraction of the plain time. Target: <= 10% for ProtoNet.
 
     .venv/bin/python benchmarks/bench_learners.py [--batch 200] [--repeats 7] [--out ...]
@@ -107,7 +107,7 @@ def overhead_table(repeats: int, policy: PrecisionPolicy) -> dict[str, object]:
     print(
         f"\n### Step overhead vs plain backbone forward+backward+step ({images.shape[0]} images, {policy.dtype})\n"
     )
-    print("| learner | train_step ms | plain fwd+bwd ms | overhead |")
+    print("| learner | trainer step ms | plain fwd+bwd ms | overhead |")
     print("| --- | ---: | ---: | ---: |")
     for name in ["protonet", "anil", "fomaml", "maml", "metasgd", "reptile", "pretrain"]:
         times = time_learner(name, policy, meta, images, labels, repeats)

@@ -138,11 +138,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fewshot.artifacts.bundle import load_bundle
+    from fewshot.artifacts.bundle import Manifest
     from fewshot.deploy import export_run
 
     out = export_run(Path(args.run), Path(args.out), force=args.force)
-    manifest = load_bundle(out).manifest
+    manifest = Manifest.read(out)
     rule = (manifest.deployment or {}).get("rule", {})
     print(f"bundle written to {out} (embedder: {(manifest.deployment or {}).get('embedder')}, rule: "
           f"{rule.get('rule')}/{rule.get('metric')})")

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from fewshot.artifacts.bundle import Manifest
 from fewshot.config import RunConfig, TeacherConfig, load_config
 from fewshot.errors import ConfigError
 from fewshot.io import atomic_write_json
@@ -22,12 +23,6 @@ def images_by_class(data: RunData, split: str, *, limit: int | None = None) -> d
         if limit is not None and len(out) >= limit:
             break
     return out
-
-
-def _bundle_metrics(bundle_dir: Path) -> dict[str, Any]:
-    from fewshot.artifacts.bundle import load_bundle
-
-    return dict(load_bundle(bundle_dir).manifest.metrics)
 
 
 def distill_stage(config: RunConfig, data: RunData, *, progress: bool = True) -> dict[str, Any]:
@@ -83,7 +78,7 @@ def run_pipeline(config: RunConfig, *, serve_check: bool = True, progress: bool 
 
             summary["service_check"] = service_smoke_check(bundle_dir, images_by_class(data, ev.split, limit=3))
         summary["bundle_as_served"] = {k: round(100 * m["served_mean"], 2) for k, m in
-                                       _bundle_metrics(bundle_dir).items()}
+                                       Manifest.read(bundle_dir).metrics.items()}
     if config.pipeline.distill:
         summary["distillation"] = distill_stage(config, data, progress=progress)
     summary["total_s"] = round(time.perf_counter() - t0, 2)

@@ -89,6 +89,14 @@ class Manifest:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
 
     @classmethod
+    def read(cls, bundle_dir: str | Path) -> Manifest:
+        """The manifest of a bundle folder, without loading or verifying the model (see load_bundle)."""
+        root = Path(bundle_dir)
+        if not (root / MANIFEST).is_file():
+            raise CheckpointError(f"{root} is not a bundle (no {MANIFEST}); pass the directory export_bundle wrote")
+        return cls.from_json((root / MANIFEST).read_text(), where=str(root))
+
+    @classmethod
     def from_json(cls, text: str, *, where: str) -> Manifest:
         try:
             d = json.loads(text)
@@ -250,9 +258,7 @@ def _load_backbone(root: Path, manifest: Manifest) -> nn.Module:
 def load_bundle(path: str | Path, *, intra_op_threads: int | None = None, verify_parity: bool = True) -> Bundle:
     """Load and verify a bundle (hashes, then ONNX-vs-weights parity on the stored samples)."""
     root = Path(path)
-    if not (root / MANIFEST).is_file():
-        raise CheckpointError(f"{root} is not a bundle (no {MANIFEST}); pass the directory export_bundle wrote")
-    manifest = Manifest.from_json((root / MANIFEST).read_text(), where=str(root))
+    manifest = Manifest.read(root)
     _verify_hashes(root, manifest)
     backbone = _load_backbone(root, manifest)
     pre = Preprocessing.from_dict(manifest.preprocessing)

@@ -164,12 +164,9 @@ def _from_run(p: Path, data: Any) -> Teacher:
     except (CheckpointError, FileNotFoundError) as exc:
         raise CheckpointError(f"teacher run {p} cannot be loaded: {exc}") from exc
     config = load_config(p / "config.yaml")
-    if learner.deployment.embedder == "bn-reestimated":
-        if data is None:
-            raise CheckpointError(f"teacher run {p} needs its batch norm re-estimated; export it and pass the bundle")
-        backbone = deployable_backbone(learner, data, config)
-    else:
-        backbone = learner.backbone.float().eval()
+    if learner.deployment.embedder == "bn-reestimated" and data is None:
+        raise CheckpointError(f"teacher run {p} needs its batch norm re-estimated; export it and pass the bundle")
+    backbone = deployable_backbone(learner, data, config)
     pre = manifest["data"]["preprocessing"]
     classifier = getattr(learner, "classifier", None)
     digest = _weights_digest(p / "checkpoints" / "best" / "model.safetensors")

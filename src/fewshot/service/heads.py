@@ -30,10 +30,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def prototype_scores(q: np.ndarray, protos: np.ndarray, metric: Metric, proto_sq: np.ndarray | None = None) -> np.ndarray:
     """(N, D) queries vs (K, D) prototypes -> (N, K): squared distances or cosine similarities."""
     sq = None if proto_sq is None else _t(proto_sq)

@@ -29,7 +29,6 @@ from fewshot.service.heads import (
     prototype_logits,
     prototype_scores,
     softmax,
-    unit_rows,
 )
 from fewshot.service.images import array_thumbnail
 from fewshot.service.store import (
@@ -100,7 +99,6 @@ class Prototypes:
     counts: np.ndarray  # (K,) int64
     means: np.ndarray  # (K, D) float32 prototypes
     sq_norms: np.ndarray  # (K,) float32 ||mu_k||^2
-    units: np.ndarray  # (K, D) float32 mu_k / ||mu_k||
     index: dict[str, int] = field(repr=False)
 
     @classmethod
@@ -108,7 +106,7 @@ class Prototypes:
               sums: np.ndarray, counts: np.ndarray) -> Prototypes:
         means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
         return cls(version, tuple(ids), tuple(labels), tuple(versions), sums, counts, means,
-                   (means * means).sum(1), unit_rows(means), {c: i for i, c in enumerate(ids)})
+                   (means * means).sum(1), {c: i for i, c in enumerate(ids)})
 
     @classmethod
     def empty(cls, dim: int, version: int = -1) -> Prototypes:
@@ -132,16 +130,15 @@ class Prototypes:
     def _update_in_place(self, version: int, rows: dict[str, tuple[str, int, np.ndarray, int]]) -> Prototypes:
         """Copy-on-write update of existing classes: only their rows are recomputed."""
         sums, counts, means = self.sums.copy(), self.counts.copy(), self.means.copy()
-        sq, units = self.sq_norms.copy(), self.units.copy()
+        sq = self.sq_norms.copy()
         labels, vers = list(self.labels), list(self.class_versions)
         for cid, (label, ver, s, n) in rows.items():
             i = self.index[cid]
             sums[i], counts[i], labels[i], vers[i] = s, n, label, ver
             means[i] = (s / max(n, 1)).astype(np.float32)
             sq[i] = float(means[i] @ means[i])
-            units[i] = means[i] / max(float(np.sqrt(sq[i])), 1e-12)
         return replace(self, version=version, labels=tuple(labels), class_versions=tuple(vers),
-                       sums=sums, counts=counts, means=means, sq_norms=sq, units=units)
+                       sums=sums, counts=counts, means=means, sq_norms=sq)
 
 
 @dataclass(frozen=True)

@@ -337,10 +337,9 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     data = data or load_run_data(config.data, progress=progress)
     s = _setup(config, data, objective_factory)
-    before = s.elapsed_before
     if resume:
         _restore(s)
-        before = s.elapsed_before
+    before = s.elapsed_before
     dump_config(config, run_dir / "config.yaml")
     atomic_write_json(run_dir / "train_classes.json", {"split": data.scheme, "classes": data.class_names("train")})
     done, metrics = _run_steps(s, progress, on_step)

@@ -79,8 +79,9 @@ def compare_runs(run_dirs: list[Path], out_png: Path) -> str:
     distillation report folders (`<name>-report`) are shown as their report tables."""
     from fewshot.distill.report import load_report, report_markdown
 
-    reports = [r for r in (load_report(p) for p in run_dirs) if r is not None]
-    run_dirs = [p for p in run_dirs if load_report(p) is None]
+    found = {p: load_report(p) for p in run_dirs}
+    reports = [r for r in found.values() if r is not None]
+    run_dirs = [p for p, r in found.items() if r is None]
     if not run_dirs:
         return "\n".join(report_markdown(r) for r in reports)
     rows: list[tuple[str, str, float, float]] = []

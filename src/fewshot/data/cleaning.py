@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import ImageOps, UnidentifiedImageError
 
-from fewshot.data.imageio import Preprocessing, normalise_mode, open_image, to_array
+from fewshot.data.imageio import Preprocessing, draft_size, normalise_mode, open_image, to_array
 from fewshot.errors import ConfigError, DataError, ImageError
 
 KEPT = "kept"
@@ -88,7 +88,7 @@ def inspect_batch(
         images=np.zeros((n, pre.channels, pre.size, pre.size), dtype=np.uint8),
     )
     for i, (data, name) in enumerate(zip(datas, names)):
-        reason, detail, img = _decode_checked(data, name, min_side)
+        reason, detail, img = _decode_checked(data, name, min_side, draft_size(pre))
         if img is None:
             out.status[i], out.detail[i] = reason, detail
             continue
@@ -100,12 +100,12 @@ def inspect_batch(
     return out
 
 
-def _decode_checked(data: bytes, name: str, min_side: int) -> tuple[str, str, Any]:
+def _decode_checked(data: bytes, name: str, min_side: int, draft_to: int) -> tuple[str, str, Any]:
     """(reason, detail, None) for a file to drop, or ("", "", oriented image) for a usable one."""
     if len(data) == 0:
         return "zero_size", "file is empty (0 bytes)", None
     try:
-        img = open_image(data, name=name)
+        img = open_image(data, name=name, draft_to=draft_to)
     except ImageError as exc:
         return _classify(exc), str(exc), None
     img = ImageOps.exif_transpose(img) or img

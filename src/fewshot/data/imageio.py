@@ -4,6 +4,12 @@ Every input (PNG, JPEG, WebP, BMP, GIF first frame; grayscale, RGB, palette, alp
 decoded with Pillow, flattened onto white where it has alpha, converted to the configured mode
 ("L" = 1 channel, "RGB" = 3 channels) and resized to `size x size`. The result is a uint8 array of
 shape (C, H, W). Formats are checked by content, never by file name.
+
+Decoding is bounded before any pixel is decoded: at most `max_pixels` pixels, an aspect ratio of at
+most 20:1, the first frame only. JPEGs decode at a reduced scale (>= 4x the input side); large images
+are box-reduced before orientation, mode and alpha handling, and 16-bit images are converted with
+integer arithmetic. Pillow holds at most 4 bytes a decoded pixel, so one image costs at most about
+4 x max_pixels bytes plus small copies (see benchmarks/bench_decode_memory.py).
 """
 
 from __future__ import annotations
@@ -14,13 +20,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fewshot.errors import ImageError
 
 Mode = Literal["L", "RGB"]
 
-ACCEPTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF"})
+ACCEPTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF"})  # MPO: phone-camera JPEG
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: far above any photo a user teaches with
 
 
@@ -56,43 +62,121 @@ _RESAMPLE = {
 }
 
 
-def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
-    """Open and fully decode `data`, refusing non-images, unknown formats and decompression bombs."""
+MAX_ASPECT_RATIO = 20  # longest / shortest side; a 1 x 20,000,000 "image" is not a picture
+DRAFT_FACTOR = 4  # JPEG decodes at 1/2, 1/4 or 1/8 scale while staying >= 4x the model's input side
+REDUCE_GAP = 2  # larger images are box-reduced to >= 2x the input side before any other copy
+
+
+class ImageTooLarge(ImageError):
+    """More pixels (or a more extreme shape) than decoding is allowed to cost."""
+
+
+class UnsupportedImage(ImageError):
+    """Not an image, or a format that is not accepted."""
+
+
+def draft_size(pre: Preprocessing) -> int:
+    """The smallest side a JPEG is decoded at for `pre` (the same in `prepare` and the service)."""
+    return DRAFT_FACTOR * pre.size
+
+
+def _check_shape(name: str, w: int, h: int, max_pixels: int) -> None:
+    if w < 1 or h < 1:
+        raise ImageTooLarge(f"{name}: {w}x{h} has no pixels; upload a real image")
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}; "
+                            "downscale the image before uploading")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ImageTooLarge(f"{name}: {w}x{h} is more than {MAX_ASPECT_RATIO}:1; crop it to the object "
+                            "before uploading")
+
+
+def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image",
+               draft_to: int | None = None) -> Image.Image:
+    """Open and decode the first frame of `data`, refusing non-images, unknown formats, decompression
+    bombs, more than `max_pixels` pixels and extreme aspect ratios *before* decoding any pixel data.
+    draft_to: JPEGs are decoded at the smallest 1/2^k scale whose sides stay >= draft_to, and the
+    pixel limit applies to that reduced size (a 48 MP phone photo decodes at 1/8 scale)."""
     if len(data) == 0:
         raise ImageError(f"{name}: file is empty (zero bytes); upload a PNG, JPEG, WebP, BMP or GIF")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # reads the header only
             fmt = img.format or "unknown"
             if fmt not in ACCEPTED_FORMATS:
-                raise ImageError(
-                    f"{name}: format {fmt} is not accepted; use one of {sorted(ACCEPTED_FORMATS)}"
-                )
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError(
-                    f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}; "
-                    "downscale the image before uploading"
-                )
-            img.seek(0)  # GIF: first frame
-            img.load()
+                raise UnsupportedImage(f"{name}: format {fmt} is not accepted; use one of {sorted(ACCEPTED_FORMATS)}")
+            if draft_to and fmt in ("JPEG", "MPO"):  # the pixel limit applies to the reduced decode
+                img.draft(img.mode, (draft_to, draft_to))
+            _check_shape(name, *img.size, max_pixels)
+            img.load()  # the first frame only (GIF, WebP, MPO): later frames are never decoded
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name}: refused as a decompression bomb ({exc})") from exc
+        raise ImageTooLarge(f"{name}: refused as a decompression bomb ({exc}); images may have at most "
+                            f"{max_pixels:,} pixels") from exc
+    except UnidentifiedImageError as exc:
+        raise UnsupportedImage(f"{name}: not an image in an accepted format; use one of "
+                               f"{sorted(ACCEPTED_FORMATS)}") from exc
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from exc
     return img
 
 
+def _to_8bit(img: Image.Image, hi: float | None = None) -> Image.Image:
+    """16/32-bit grayscale -> "L" with integer arithmetic: v * 255 // 65535 when the image uses more
+    than 8 bits (`hi`: its maximum, if known), else unchanged; never a float64 copy."""
+    arr = np.array(img)  # uint16 / int32 / float32 copy: at most 4 bytes a pixel
+    if hi is None:
+        hi = float(arr.max()) if arr.size else 0.0
+    if arr.dtype.kind == "f":
+        arr = np.clip(np.nan_to_num(arr, nan=0.0), 0, 65535).astype(np.uint16 if hi > 255 else np.uint8)
+    if hi > 255:
+        np.floor_divide(arr, 257, out=arr)  # 255 / 65535 == 1 / 257
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+
+
+_STRIP_BYTES = 4 << 20  # shrink works on horizontal strips of about this many decoded bytes
+
+
+def _reducible(strip: Image.Image, hi: float | None) -> Image.Image:
+    """A strip in a mode `Image.reduce` takes (it refuses 1, P and 16-bit)."""
+    if strip.mode in ("I;16", "I;16B", "I;16L"):
+        return _to_8bit(strip, hi)
+    if strip.mode == "1":
+        return strip.convert("L")
+    if strip.mode == "P":
+        return strip.convert("RGBA")
+    return strip
+
+
+def shrink(img: Image.Image, size: int) -> Image.Image:
+    """Box-reduce by whole factors so no side is more than 2x `size` larger than needed, strip by
+    strip: no full-size copy is ever made (Pillow's own reduce of RGBA copies the whole image), every
+    later step (orientation, mode, alpha) works on a small image, and resampling kernels stay short.
+    Blocks never straddle strips, so the result equals one `Image.reduce` of the whole image."""
+    w, h = img.size
+    fx, fy = max(1, w // (REDUCE_GAP * size)), max(1, h // (REDUCE_GAP * size))
+    if fx == 1 and fy == 1:
+        return img
+    hi = None
+    if img.mode in ("I;16", "I;16B", "I;16L"):
+        hi = float(img.getextrema()[1])  # type: ignore[index]  # the whole image decides the 8-bit scale
+    rows = max(fy, (_STRIP_BYTES // (4 * w)) // fy * fy)
+    out: Image.Image | None = None
+    for y0 in range(0, h, rows):
+        part = _reducible(img.crop((0, y0, w, min(h, y0 + rows))), hi).reduce((fx, fy))
+        if out is None:
+            out = Image.new(part.mode, (-(-w // fx), -(-h // fy)))
+        out.paste(part, (0, y0 // fy))
+    assert out is not None
+    return out
+
+
 def normalise_mode(img: Image.Image, mode: Mode) -> Image.Image:
     """Convert any Pillow mode (1, L, P, RGBA, LA, I;16, I, F, CMYK...) to `mode`; alpha goes onto white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = float(arr.max()) if arr.size else 0.0
-        scale = 255.0 / (65535.0 if hi > 255 else max(hi, 255.0))
-        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), mode="L")
+        img = _to_8bit(img)
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -104,6 +188,7 @@ def normalise_mode(img: Image.Image, mode: Mode) -> Image.Image:
 
 def to_array(img: Image.Image, pre: Preprocessing) -> np.ndarray:
     """Resize an opened image and return uint8 (C, H, W)."""
+    img = shrink(img, pre.size)
     img = ImageOps.exif_transpose(img) or img
     img = normalise_mode(img, pre.mode)
     if img.size != (pre.size, pre.size):
@@ -120,7 +205,7 @@ def decode_image(
     data: bytes, pre: Preprocessing, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image"
 ) -> np.ndarray:
     """Bytes -> uint8 (C, H, W) under `pre`. Raises ImageError with the reason and the fix."""
-    return to_array(open_image(data, max_pixels=max_pixels, name=name), pre)
+    return to_array(open_image(data, max_pixels=max_pixels, name=name, draft_to=draft_size(pre)), pre)
 
 
 def to_float(batch_u8: np.ndarray) -> np.ndarray:

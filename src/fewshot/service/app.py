@@ -8,12 +8,17 @@ Routes (JSON; errors are `{"error": {"code", "message"}}`):
   POST /workspaces/{ws}/classes/{cid}/images
   POST /workspaces/{ws}/classify, /workspaces/{ws}/explain
   GET  /workspaces/{ws}/examples/{eid}/thumbnail.png
-Workspace routes take `Authorization: Bearer <key>` (or `X-API-Key`); the admin key opens all.
+Workspace routes take `Authorization: Bearer <key>` (keys are accepted in no other place, and a
+key-like query parameter is refused so it never reaches an access log); the admin key opens all.
+Security defaults: /metrics needs the admin key (`metrics_public`), /docs is off (`docs`), failed
+admin-key attempts are throttled per client (429 + Retry-After). A store outage is a 503 with
+Retry-After and no URL or credentials; /readyz reports it.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -33,24 +38,33 @@ from starlette.exceptions import HTTPException
 from fewshot.artifacts.bundle import Bundle, load_bundle
 from fewshot.artifacts.calibration import Calibration
 from fewshot.errors import FewshotError
-from fewshot.service.auth import hash_key, key_matches, secret_matches
+from fewshot.service.auth import FailureThrottle, hash_key, key_matches, secret_matches
 from fewshot.service.images import UploadError, decode_upload
-from fewshot.service.middleware import BodyLimitMiddleware, Metrics, MetricsMiddleware
+from fewshot.service.middleware import (
+    BodyLimitMiddleware,
+    Metrics,
+    MetricsMiddleware,
+    RedactQueryFilter,
+)
 from fewshot.service.recogniser import (
     Explanation,
     Prediction,
     Recogniser,
     RecogniserConfig,
     WorkspaceSettings,
+    check_label,
 )
 from fewshot.service.settings import ServiceSettings
 from fewshot.service.store import (
     ClassRecord,
     ConflictError,
+    InvalidInput,
     ModelIdentity,
     NotFoundError,
     Store,
     StoreError,
+    StoreUnavailable,
+    is_id,
     open_store,
 )
 
@@ -60,10 +74,13 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
                  422: "invalid_request", 500: "internal_error", 503: "not_ready"}
 
 
+SENSITIVE_QUERY = ("api_key", "apikey", "key", "token", "access_token", "admin_key", "password")
+
+
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
 @dataclass
@@ -91,7 +108,7 @@ class WorkspaceOut(BaseModel):
 class SettingsIn(BaseModel):
     metric: str | None = None
     head: str | None = None
-    threshold: float | None = None
+    threshold: float | None = Field(None, allow_inf_nan=False)
     clear_threshold: bool = False
 
 
@@ -161,37 +178,62 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
 def _presented_key(request: Request) -> str:
+    """The bearer key of `Authorization`; keys in the query string are refused (they get logged)."""
+    leaked = [k for k in request.query_params if k.lower() in SENSITIVE_QUERY]
+    if leaked:
+        raise ApiError(400, "key_in_url", f"query parameter {leaked[0]!r} looks like a key; keys in URLs end up "
+                       "in logs and browser history: send 'Authorization: Bearer <key>' instead (and rotate it)")
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
-    return request.headers.get("x-api-key", "").strip()
+    return ""
 
 
-def require_admin(request: Request, settings: SettingsDep) -> None:
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def check_admin(request: Request, settings: ServiceSettings) -> None:
+    """The admin key, or 401/403/429: failed attempts are throttled per client address."""
     key = _presented_key(request)
     if not settings.admin_key:
         raise ApiError(403, "forbidden", "workspace creation is disabled: set FEWSHOT_ADMIN_KEY on the server")
+    throttle: FailureThrottle = request.app.state.admin_throttle
+    wait = throttle.retry_after(_client(request))
+    if wait:
+        raise ApiError(429, "too_many_attempts", f"too many failed admin-key attempts from this address; retry "
+                       f"in {wait} s", headers={"Retry-After": str(wait)})
     if not key:
         raise ApiError(401, "unauthorized", "missing admin key; send 'Authorization: Bearer <admin key>'")
     if not secret_matches(key, settings.admin_key):
+        throttle.failed(_client(request))
         raise ApiError(401, "unauthorized", "wrong admin key")
+
+
+def require_admin(request: Request, settings: SettingsDep) -> None:
+    check_admin(request, settings)
 
 
 def workspace_access(request: Request, ws: Annotated[str, PathParam(max_length=64)],
                      state: StateDep, settings: SettingsDep) -> str:
-    """The workspace id, if the presented key opens it: no/unknown key 401, another workspace's key 403."""
+    """The workspace id, if the presented key opens it: no/unknown key 401; a valid key of another
+    workspace: 403 if `ws` exists, 404 if not; the admin key: 404 for a workspace that does not exist."""
     key = _presented_key(request)
     if not key:
         raise ApiError(401, "unauthorized", "missing API key; send 'Authorization: Bearer <workspace key>'")
-    record = state.store.get_workspace(ws)
+    record = state.store.get_workspace(ws) if is_id(ws, "ws") else None  # ids are checked before any query
     if record is not None and key_matches(key, record.key_hash):
         return ws
+    missing = ApiError(404, "not_found", f"workspace {ws!r} does not exist; list yours with the key it came with")
     if secret_matches(key, settings.admin_key):
         if record is None:
-            raise ApiError(404, "not_found", f"workspace {ws!r} does not exist")
+            raise missing
         return ws
-    if state.store.workspace_by_key_hash(hash_key(key)) is not None:
-        raise ApiError(403, "forbidden", "this API key belongs to another workspace")
+    own = state.store.workspace_by_key_hash(hash_key(key))
+    if own is not None:
+        if record is None:
+            raise missing
+        raise ApiError(403, "forbidden", f"this API key opens workspace {own.id!r}, not {ws!r}")
     raise ApiError(401, "unauthorized", "wrong API key for this workspace")
 
 
@@ -235,10 +277,6 @@ def _explain_out(name: str, e: Explanation) -> ExplainOut:
                      thumbnail_png_base64=base64.b64encode(n.thumbnail_png).decode()) for n in e.neighbours])
 
 
-def _update_gauge(request: Request, state: ServiceState, ws: str) -> None:
-    request.app.state.metrics.classes.labels(ws).set(state.recogniser.class_count(ws))
-
-
 def _calibration(bundle: Bundle, s: ServiceSettings) -> Calibration | None:
     """The bundle's calibration with the service-level threshold overrides applied."""
     overrides = {m: t for m, t in (("euclidean", s.euclidean_threshold), ("cosine", s.cosine_threshold)) if t is not None}
@@ -274,8 +312,6 @@ def open_state(settings: ServiceSettings) -> ServiceState:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = open_state(app.state.settings)
     app.state.service = state
-    for ws in state.store.list_workspaces():
-        app.state.metrics.classes.labels(ws.id).set(state.recogniser.class_count(ws.id))
     try:
         yield
     finally:
@@ -289,7 +325,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return body(exc.status, exc.code, exc.message)
+        response = body(exc.status, exc.code, exc.message)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
@@ -308,6 +346,12 @@ def _install_error_handlers(app: FastAPI) -> None:
             return body(404, "not_found", str(exc))
         if isinstance(exc, ConflictError):
             return body(409, "conflict", str(exc))
+        if isinstance(exc, StoreUnavailable):  # a server fault; the message holds no URL or credentials
+            response = body(503, "store_unavailable", str(exc))
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+            return response
+        if isinstance(exc, InvalidInput):
+            return body(400, "invalid_input", str(exc))
         if isinstance(exc, StoreError):
             return body(400, "store_error", str(exc))
         return body(400, "invalid_argument", str(exc))
@@ -320,8 +364,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The ASGI app; nothing is loaded until the lifespan starts (TestClient context / uvicorn)."""
     app = FastAPI(title="fewshot recogniser", version="1", lifespan=lifespan,
-                  description="Teach image classes from a few examples; classify, explain, reject unknowns.")
+                  description="Teach image classes from a few examples; classify, explain, reject unknowns.",
+                  docs_url="/docs" if settings.docs else None, redoc_url="/redoc" if settings.docs else None)
     app.state.settings = settings
+    app.state.admin_throttle = FailureThrottle(limit=settings.admin_failures_per_minute, window_s=60.0)
     app.state.service = None
     app.state.metrics = Metrics()
     _install_error_handlers(app)
@@ -337,6 +383,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
 def create_app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory` / several workers: settings from FEWSHOT_* variables."""
+    logging.getLogger("uvicorn.access").addFilter(RedactQueryFilter())
     return create_app(ServiceSettings.from_env())
 
 
@@ -352,15 +399,16 @@ def _add_system_routes(app: FastAPI) -> None:
 
     @app.get("/readyz", tags=["system"])
     def readyz(state: StateDep) -> dict[str, Any]:
-        """The model is loaded and the store answers."""
-        try:
-            state.store.model_identity()
-        except Exception as exc:
-            raise ApiError(503, "not_ready", f"store unavailable ({type(exc).__name__})") from exc
+        """The model is loaded and the store answers (503 with Retry-After while it does not)."""
+        state.store.model_identity()
         return {"status": "ready", "bundle_id": state.bundle.bundle_id}
 
     @app.get("/metrics", tags=["system"], include_in_schema=False)
-    def metrics(request: Request) -> Response:
+    def metrics(request: Request, settings: SettingsDep) -> Response:
+        """Prometheus metrics (request counts and latencies by route; no per-workspace labels).
+        Needs the admin key unless the service runs with metrics_public."""
+        if not settings.metrics_public:
+            check_admin(request, settings)
         return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/model", tags=["system"])
@@ -397,9 +445,8 @@ def _add_workspace_routes(app: FastAPI) -> None:
         return _ws_out(state.recogniser.update_settings(ws, WorkspaceSettings.from_dict(merged)))
 
     @app.delete("/workspaces/{ws}", status_code=204, tags=["workspaces"])
-    def delete_workspace(request: Request, ws: WorkspaceDep, state: StateDep) -> Response:
+    def delete_workspace(ws: WorkspaceDep, state: StateDep) -> Response:
         state.recogniser.delete_workspace(ws)
-        request.app.state.metrics.classes.labels(ws).set(0)
         return Response(status_code=204)
 
 
@@ -413,12 +460,13 @@ def _add_class_routes(app: FastAPI) -> None:
 
     @app.post("/workspaces/{ws}/classes", status_code=201, tags=["classes"])
     def add_class(request: Request, ws: WorkspaceDep, state: StateDep, settings: SettingsDep,
-                  label: Annotated[str, Form(min_length=1, max_length=200)], images: Images) -> ClassOut:
-        """Teach a new class from 1..K images (multipart: `label`, `images`)."""
+                  images: Images, label: Annotated[str | None, Form(max_length=1000)] = None) -> ClassOut:
+        """Teach a new class from 1..K images (multipart: `label`, `images`). Labels are stored in
+        Unicode NFC, trimmed; "unknown" (any letter case) is reserved."""
+        label = check_label("" if label is None else label)  # 400 naming the fix, before any decoding
         arr, thumbs, _ = _decode_all(images, state, settings)
         rec = state.recogniser.add_class(ws, label, arr, thumbs)
         request.app.state.metrics.images.labels("register").inc(len(arr))
-        _update_gauge(request, state, ws)
         return _class_out(rec)
 
     @app.get("/workspaces/{ws}/classes/{cid}", tags=["classes"])
@@ -431,9 +479,8 @@ def _add_class_routes(app: FastAPI) -> None:
         return _class_out(state.recogniser.rename_class(ws, cid, body.label))
 
     @app.delete("/workspaces/{ws}/classes/{cid}", status_code=204, tags=["classes"])
-    def delete_class(request: Request, ws: WorkspaceDep, cid: str, state: StateDep) -> Response:
+    def delete_class(ws: WorkspaceDep, cid: str, state: StateDep) -> Response:
         state.recogniser.delete_class(ws, cid)
-        _update_gauge(request, state, ws)
         return Response(status_code=204)
 
     @app.post("/workspaces/{ws}/classes/{cid}/images", tags=["classes"])
@@ -453,7 +500,8 @@ def _add_class_routes(app: FastAPI) -> None:
 def _add_inference_routes(app: FastAPI) -> None:
     @app.post("/workspaces/{ws}/classify", tags=["inference"])
     def classify(request: Request, ws: WorkspaceDep, state: StateDep, settings: SettingsDep, images: Images,
-                 top_k: Annotated[int, Form(ge=1)] = 5, threshold: Annotated[float | None, Form()] = None) -> ClassifyOut:
+                 top_k: Annotated[int, Form(ge=1)] = 5,
+                 threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None) -> ClassifyOut:
         """Top-k classes per image; `label` is "unknown" when the nearest class fails the threshold."""
         if top_k > settings.max_top_k:
             raise ApiError(400, "invalid_argument", f"top_k {top_k} exceeds the limit of {settings.max_top_k}")
@@ -465,7 +513,8 @@ def _add_inference_routes(app: FastAPI) -> None:
 
     @app.post("/workspaces/{ws}/explain", tags=["inference"])
     def explain(ws: WorkspaceDep, state: StateDep, settings: SettingsDep, image: Annotated[UploadFile, File()],
-                k: Annotated[int, Form(ge=1, le=50)] = 3, threshold: Annotated[float | None, Form()] = None) -> ExplainOut:
+                k: Annotated[int, Form(ge=1, le=50)] = 3,
+                threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None) -> ExplainOut:
         """The prediction for one image and the `k` nearest stored examples (ids + PNG thumbnails)."""
         arr, _, names = _decode_all([image], state, settings, thumbnails=False)
         return _explain_out(names[0], state.recogniser.explain(ws, arr[0], k=k, threshold=threshold))
@@ -478,6 +527,7 @@ def serve(bundle_path: str | Path, db_url: str, host: str = "127.0.0.1", port: i
 
     import uvicorn
 
+    logging.getLogger("uvicorn.access").addFilter(RedactQueryFilter())
     settings = ServiceSettings.from_env(bundle_path=str(bundle_path), db_url=db_url, admin_key=admin_key)
     if not settings.torch_threads:
         settings = replace(settings, torch_threads=1)

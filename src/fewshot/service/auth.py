@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from collections.abc import Callable
 
 KEY_PREFIX = "fsk_"
 
@@ -29,3 +32,38 @@ def key_matches(key: str, key_hash: str) -> bool:
 def secret_matches(given: str, expected: str) -> bool:
     """Constant-time comparison of two secrets (the admin key)."""
     return bool(expected) and hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+class FailureThrottle:
+    """Refuse a client after `limit` failed attempts within `window_s` seconds, until the oldest
+    failure leaves the window (per client address; a success does not reset the count)."""
+
+    def __init__(self, limit: int = 5, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 max_clients: int = 10_000) -> None:
+        self.limit, self.window_s, self.clock, self.max_clients = limit, window_s, clock, max_clients
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> list[float]:
+        times = [t for t in self._failures.get(client, []) if now - t < self.window_s]
+        if times:
+            self._failures[client] = times
+        else:
+            self._failures.pop(client, None)
+        return times
+
+    def retry_after(self, client: str) -> int:
+        """Seconds until `client` may try again; 0 when it may try now."""
+        with self._lock:
+            now = self.clock()
+            times = self._recent(client, now)
+            if len(times) < self.limit:
+                return 0
+            return max(1, int(times[-self.limit] + self.window_s - now + 0.999))
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            if len(self._failures) >= self.max_clients and client not in self._failures:
+                self._failures.pop(next(iter(self._failures)))  # bounded memory under a spray of addresses
+            self._recent(client, self.clock())
+            self._failures.setdefault(client, []).append(self.clock())

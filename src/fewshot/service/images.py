@@ -1,17 +1,27 @@
-"""Upload decoding for the service: classify *why* an upload is refused (HTTP status + code), then
-decode it with the shared preprocessing path (`fewshot.data.imageio`) and make a PNG thumbnail."""
+"""Upload decoding for the service: decode with the shared preprocessing path (`fewshot.data.imageio`),
+say *why* an upload is refused (HTTP status + code), make a PNG thumbnail and a small RGB preview."""
 
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from fewshot.data.imageio import ACCEPTED_FORMATS, Preprocessing, open_image, to_array
+from fewshot.data.imageio import (
+    ImageTooLarge,
+    Preprocessing,
+    UnsupportedImage,
+    draft_size,
+    normalise_mode,
+    open_image,
+    shrink,
+    to_array,
+)
 from fewshot.errors import ImageError
+
+PREVIEW_SIDE = 32
 
 
 class UploadError(ImageError):
@@ -26,34 +36,13 @@ class UploadError(ImageError):
 class DecodedImage:
     array: np.ndarray  # uint8 (C, H, W) under the bundle's preprocessing
     thumbnail_png: bytes  # empty when not asked for (classification needs none)
-
-
-def _probe(data: bytes, max_pixels: int, name: str) -> None:
-    """Header-only checks: not an image / refused format -> 415; too many pixels -> 413."""
-    if not data:
-        raise UploadError(400, "empty_image", f"{name}: file is empty (zero bytes); upload a PNG, JPEG, WebP, BMP or GIF")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                fmt, (w, h) = img.format or "unknown", img.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise UploadError(413, "image_too_large", f"{name}: refused as a decompression bomb ({exc}); "
-                          f"images may have at most {max_pixels:,} pixels") from exc
-    except Exception as exc:
-        raise UploadError(415, "unsupported_media_type", f"{name}: not an image in an accepted format "
-                          f"({type(exc).__name__}); upload one of {sorted(ACCEPTED_FORMATS)}") from exc
-    if fmt not in ACCEPTED_FORMATS:
-        raise UploadError(415, "unsupported_media_type", f"{name}: format {fmt} is not accepted; "
-                          f"upload one of {sorted(ACCEPTED_FORMATS)}")
-    if w * h > max_pixels:
-        raise UploadError(413, "image_too_large", f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit "
-                          f"of {max_pixels:,}; downscale the image before uploading")
+    preview: np.ndarray  # uint8 (h, w, 3), longest side <= PREVIEW_SIDE: the upload as sent
 
 
 def thumbnail_png(img: Image.Image, size: int) -> bytes:
-    """A PNG at most `size` pixels on its longest side (RGB or L)."""
-    t = img.convert("RGB" if img.mode not in ("L", "1") else "L")
+    """A PNG at most `size` pixels on its longest side (RGB or L), made from a reduced copy."""
+    t = shrink(img, size)
+    t = normalise_mode(t, "L" if t.mode in ("L", "1", "I;16", "I;16B", "I;16L", "I", "F") else "RGB")
     t.thumbnail((size, size))
     buf = io.BytesIO()
     t.save(buf, format="PNG", optimize=False)
@@ -66,17 +55,34 @@ def array_thumbnail(arr: np.ndarray, size: int) -> bytes:
     return thumbnail_png(img, size)
 
 
+def preview_rgb(img: Image.Image, side: int = PREVIEW_SIDE) -> np.ndarray:
+    """The upload as a small RGB uint8 (H, W, 3) array (longest side <= `side`), before any
+    conversion to the model's mode: what out-of-domain checks look at (a colour photo stays colour)."""
+    t = normalise_mode(shrink(img, side), "RGB")
+    t.thumbnail((side, side))
+    return np.asarray(t, dtype=np.uint8)
+
+
 def decode_upload(
     data: bytes, pre: Preprocessing, *, max_pixels: int, thumbnail_size: int, name: str,
     thumbnail: bool = True,
 ) -> DecodedImage:
-    """Bytes -> model input + thumbnail; raises UploadError (400/413/415) naming the file and fix."""
-    _probe(data, max_pixels, name)
+    """Bytes -> model input + thumbnail + small RGB preview; raises UploadError naming the file and
+    the fix: 400 empty or corrupt, 413 too many pixels or too extreme a shape, 415 not an accepted
+    image. Decoding cost is bounded before decoding (see `fewshot.data.imageio.open_image`)."""
+    if not data:
+        raise UploadError(400, "empty_image", f"{name}: file is empty (zero bytes); upload a PNG, JPEG, WebP, BMP or GIF")
     try:
-        img = open_image(data, max_pixels=max_pixels, name=name)
-        return DecodedImage(to_array(img, pre), thumbnail_png(img, thumbnail_size) if thumbnail else b"")
-    except UploadError:
-        raise
-    except Exception as exc:  # truncated or corrupt pixel data
-        raise UploadError(400, "corrupt_image", f"{exc}" if isinstance(exc, ImageError) else
-                          f"{name}: image data is corrupt ({type(exc).__name__}: {exc})") from exc
+        img = open_image(data, max_pixels=max_pixels, name=name, draft_to=draft_size(pre))
+        array = to_array(img, pre)
+        preview = preview_rgb(img)
+        thumb = thumbnail_png(img, thumbnail_size) if thumbnail else b""
+    except ImageTooLarge as exc:
+        raise UploadError(413, "image_too_large", str(exc)) from exc
+    except UnsupportedImage as exc:
+        raise UploadError(415, "unsupported_media_type", str(exc)) from exc
+    except ImageError as exc:
+        raise UploadError(400, "corrupt_image", str(exc)) from exc
+    except Exception as exc:  # truncated or corrupt pixel data found while converting
+        raise UploadError(400, "corrupt_image", f"{name}: image data is corrupt ({type(exc).__name__})") from exc
+    return DecodedImage(array, thumb, preview)

@@ -1,13 +1,16 @@
 """ASGI middleware: request-body limit (413 before reading, and while streaming), Prometheus
-metrics and a `Server-Timing` header with the server-side duration."""
+metrics and a `Server-Timing` header with the server-side duration; an access-log filter that
+never writes a query string's values."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -72,8 +75,6 @@ class Metrics:
                                 registry=self.registry)
         self.latency = Histogram("fewshot_http_request_duration_seconds", "Server-side request duration",
                                  ["method", "route"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
-        self.classes = Gauge("fewshot_workspace_classes", "Classes per workspace", ["workspace"],
-                             registry=self.registry)
         self.images = Counter("fewshot_images_embedded_total", "Images embedded", ["operation"],
                               registry=self.registry)
 
@@ -106,3 +107,24 @@ class MetricsMiddleware:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+
+
+_QUERY = re.compile(r"\?[^ \"]*")
+
+
+class RedactQueryFilter(logging.Filter):
+    """Drop query-string values from access-log lines (uvicorn.access): a key pasted into a URL
+    must not end up in logs. Paths are kept; `?a=1&b=2` becomes `?a=...&b=...`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def _redact(text: str) -> str:
+    def one(m: re.Match[str]) -> str:
+        pairs = m.group(0)[1:].split("&")
+        return "?" + "&".join(p.split("=", 1)[0] + "=..." if "=" in p else "..." for p in pairs)
+
+    return _QUERY.sub(one, text)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 
@@ -73,9 +74,14 @@ class WorkspaceSettings:
         if head not in ("prototype", "logistic"):
             raise ConfigError(f"head {head!r} is not supported; use 'prototype' or 'logistic'")
         t = d.get("threshold")
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not np.isfinite(t)):
-            raise ConfigError(f"threshold {t!r} must be a finite number or null")
-        return cls(metric=metric, head=head, threshold=None if t is None else float(t))
+        return cls(metric=metric, head=head, threshold=None if t is None else check_threshold(t))
+
+
+def check_threshold(t: object) -> float:
+    """A finite number (nan and +-inf would silently reject or accept everything)."""
+    if isinstance(t, bool) or not isinstance(t, int | float | np.floating) or not np.isfinite(t):
+        raise ConfigError(f"threshold {t!r} must be a finite number; omit it to use the calibrated one")
+    return float(t)
 
 
 @dataclass(frozen=True)
@@ -88,57 +94,69 @@ class RecogniserConfig:
 
 
 @dataclass(frozen=True)
+class Row:
+    """One class in memory: what its prototype and spread are computed from."""
+
+    label: str
+    version: int
+    total: np.ndarray  # (D,) float64 sum of example embeddings
+    sq_total: float  # sum of the examples' squared norms
+    count: int
+
+    @classmethod
+    def of(cls, label: str, version: int, emb: np.ndarray) -> Row:
+        e = emb.astype(np.float64)
+        return cls(label, version, e.sum(0), float((e * e).sum()), len(e))
+
+    def plus(self, label: str, version: int, emb: np.ndarray) -> Row:
+        more = Row.of(label, version, emb)
+        return Row(label, version, self.total + more.total, self.sq_total + more.sq_total, self.count + more.count)
+
+
+@dataclass(frozen=True)
 class Prototypes:
     """Immutable snapshot of one workspace's class memory; replaced, never mutated."""
 
     version: int
     class_ids: tuple[str, ...]
-    labels: tuple[str, ...]
-    class_versions: tuple[int, ...]
-    sums: np.ndarray  # (K, D) float64 sum of example embeddings
-    counts: np.ndarray  # (K,) int64
+    rows: tuple[Row, ...]
     means: np.ndarray  # (K, D) float32 prototypes
     sq_norms: np.ndarray  # (K,) float32 ||mu_k||^2
+    counts: np.ndarray  # (K,) int64
+    spreads: np.ndarray  # (K,) float64 mean squared distance of a class's examples to its prototype
     index: dict[str, int] = field(repr=False)
 
-    @classmethod
-    def build(cls, version: int, ids: Sequence[str], labels: Sequence[str], versions: Sequence[int],
-              sums: np.ndarray, counts: np.ndarray) -> Prototypes:
-        means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
-        return cls(version, tuple(ids), tuple(labels), tuple(versions), sums, counts, means,
-                   (means * means).sum(1), {c: i for i, c in enumerate(ids)})
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(r.label for r in self.rows)
 
     @classmethod
-    def empty(cls, dim: int, version: int = -1) -> Prototypes:
-        return cls.build(version, [], [], [], np.zeros((0, dim)), np.zeros(0, np.int64))
+    def build(cls, version: int, rows: dict[str, Row]) -> Prototypes:
+        ids, rs = tuple(rows), tuple(rows.values())
+        dim = rs[0].total.shape[0] if rs else 0
+        counts = np.asarray([r.count for r in rs], np.int64)
+        n = np.maximum(counts, 1)
+        means64 = np.asarray([r.total for r in rs], np.float64).reshape(len(rs), dim) / n[:, None]
+        sq_means = (means64 * means64).sum(1)
+        spreads = np.maximum(np.asarray([r.sq_total for r in rs], np.float64) / n - sq_means, 0.0)
+        means = means64.astype(np.float32)
+        return cls(version, ids, rs, means, (means * means).sum(1), counts, spreads,
+                   {c: i for i, c in enumerate(ids)})
 
-    def with_rows(self, version: int, rows: dict[str, tuple[str, int, np.ndarray, int]],
-                  removed: set[str] = frozenset()) -> Prototypes:  # type: ignore[assignment]
-        """Replace or append rows (class id -> (label, class version, sum, count)); drop `removed`."""
-        if not removed and all(c in self.index for c in rows):
-            return self._update_in_place(version, rows)
-        keep = [i for i, c in enumerate(self.class_ids) if c not in removed and c not in rows]
-        ids = [self.class_ids[i] for i in keep] + list(rows)
-        labels = [self.labels[i] for i in keep] + [r[0] for r in rows.values()]
-        vers = [self.class_versions[i] for i in keep] + [r[1] for r in rows.values()]
-        dim = self.sums.shape[1]
-        new_sums = np.asarray([r[2] for r in rows.values()], np.float64).reshape(-1, dim)
-        sums = np.concatenate([self.sums[keep], new_sums])
-        counts = np.concatenate([self.counts[keep], np.asarray([r[3] for r in rows.values()], np.int64)])
-        return Prototypes.build(version, ids, labels, vers, sums, counts)
+    @classmethod
+    def empty(cls, version: int = -1) -> Prototypes:
+        return cls.build(version, {})
 
-    def _update_in_place(self, version: int, rows: dict[str, tuple[str, int, np.ndarray, int]]) -> Prototypes:
-        """Copy-on-write update of existing classes: only their rows are recomputed."""
-        sums, counts, means = self.sums.copy(), self.counts.copy(), self.means.copy()
-        sq = self.sq_norms.copy()
-        labels, vers = list(self.labels), list(self.class_versions)
-        for cid, (label, ver, s, n) in rows.items():
-            i = self.index[cid]
-            sums[i], counts[i], labels[i], vers[i] = s, n, label, ver
-            means[i] = (s / max(n, 1)).astype(np.float32)
-            sq[i] = float(means[i] @ means[i])
-        return replace(self, version=version, labels=tuple(labels), class_versions=tuple(vers),
-                       sums=sums, counts=counts, means=means, sq_norms=sq)
+    def as_dict(self) -> dict[str, Row]:
+        return dict(zip(self.class_ids, self.rows))
+
+    def with_rows(self, version: int, rows: dict[str, Row], removed: Iterable[str] = ()) -> Prototypes:
+        """Replace or append rows; drop `removed` (order: kept classes first, then new ones)."""
+        current = self.as_dict()
+        for c in removed:
+            current.pop(c, None)
+        current.update(rows)
+        return Prototypes.build(version, current)
 
 
 @dataclass(frozen=True)
@@ -201,6 +219,7 @@ class Recogniser:
     # -- workspaces ------------------------------------------------------------------------------
     def create_workspace(self, name: str, settings: WorkspaceSettings | None = None) -> tuple[WorkspaceRecord, str]:
         """A new isolated workspace and its API key (returned once; only its hash is stored)."""
+        name = normalise_text(name, "workspace name")
         key = new_api_key()
         ws = self.store.create_workspace(name, hash_key(key), (settings or self.defaults).to_dict())
         return ws, key
@@ -231,43 +250,51 @@ class Recogniser:
             return mem
         version = self.store.workspace_version(workspace_id)
         if version is None:
-            with self._mem_lock:
-                self._mem.pop(workspace_id, None)
-            raise NotFoundError(f"workspace {workspace_id!r} does not exist; create it with POST /workspaces")
+            self._forget(workspace_id)
         if mem is None:
             with self._mem_lock:
-                mem = self._mem.setdefault(workspace_id, _Memory(Prototypes.empty(self.dim), now, threading.Lock()))
+                mem = self._mem.setdefault(workspace_id, _Memory(Prototypes.empty(), now, threading.Lock()))
         if mem.protos.version != version:
             with mem.lock:
                 if mem.protos.version != version:
-                    mem.protos = self._sync(workspace_id, mem.protos, version)
+                    mem.protos = self._sync(workspace_id, mem.protos)
         mem.checked_at = now
         return mem
 
-    def _sync(self, workspace_id: str, protos: Prototypes, version: int) -> Prototypes:
-        """Fetch only classes that are new or whose version changed; drop deleted ones."""
-        current = self.store.class_versions(workspace_id)
-        changed = [c for c, (_, v) in current.items()
-                   if c not in protos.index or protos.class_versions[protos.index[c]] != v]
-        removed = set(protos.class_ids) - set(current)
-        ex = self.store.examples(workspace_id, changed)
-        rows: dict[str, tuple[str, int, np.ndarray, int]] = {}
-        cls_of = np.asarray(ex.class_ids)
-        for c in changed:
-            e = ex.embeddings[cls_of == c] if len(ex.ids) else np.zeros((0, self.dim), np.float32)
+    def _forget(self, workspace_id: str) -> NoReturn:
+        with self._mem_lock:
+            self._mem.pop(workspace_id, None)
+        raise NotFoundError(f"workspace {workspace_id!r} does not exist; create it with POST /workspaces")
+
+    def _sync(self, workspace_id: str, protos: Prototypes) -> Prototypes:
+        """Fetch only classes that are new or whose version changed, drop deleted ones: one
+        consistent read, so the snapshot's version always matches its rows."""
+        known = {c: r.version for c, r in zip(protos.class_ids, protos.rows)}
+        ch = self.store.changes(workspace_id, known)
+        if ch is None:
+            self._forget(workspace_id)
+        cls_of = np.asarray(ch.examples.class_ids)
+        rows: dict[str, Row] = {}
+        for c in ch.changed:
+            e = ch.examples.embeddings[cls_of == c] if len(ch.examples.ids) else np.zeros((0, self.dim), np.float32)
             if len(e) and e.shape[1] != self.dim:
                 raise ConflictError(f"class {c!r} holds {e.shape[1]}-d embeddings; this model makes {self.dim}-d")
-            rows[c] = (current[c][0], current[c][1], e.astype(np.float64).sum(0) if len(e) else np.zeros(self.dim), len(e))
-        return protos.with_rows(version, rows, removed)
+            label, version = ch.classes[c]
+            rows[c] = Row.of(label, version, e) if len(e) else Row(label, version, np.zeros(self.dim), 0.0, 0)
+        return protos.with_rows(ch.version, rows, set(protos.class_ids) - set(ch.classes))
 
-    def _apply_local(self, workspace_id: str, new_version: int, rows: dict[str, tuple[str, int, np.ndarray, int]],
-                     removed: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-        """Apply our own change without a store round trip, when no other writer got in between."""
+    def _apply_local(self, workspace_id: str, new_version: int,
+                     change: Callable[[Prototypes], tuple[dict[str, Row], set[str]]]) -> None:
+        """Apply our own committed change (version `new_version`) without a store round trip, if
+        the memory holds exactly the state before it. `change` computes the new rows from the
+        memory *under its lock*, so two writers never apply stale copies over each other; any
+        other case is left to the next call's re-sync."""
         mem = self._mem.get(workspace_id)
         if mem is None:
             return
         with mem.lock:
             if mem.protos.version == new_version - 1:
+                rows, removed = change(mem.protos)
                 mem.protos = mem.protos.with_rows(new_version, rows, removed)
 
     def _embed_examples(self, images_u8: np.ndarray, thumbnails: Sequence[bytes] | None) -> tuple[np.ndarray, list[bytes]]:
@@ -286,33 +313,38 @@ class Recogniser:
     def add_class(self, workspace_id: str, label: str, images_u8: np.ndarray,
                   thumbnails: Sequence[bytes] | None = None) -> ClassRecord:
         """A new class from 1..K images (uint8 (K, C, H, W)); one store transaction."""
-        label = _check_label(label)
+        label = check_label(label)
         self._memory(workspace_id)  # loaded first, so our own change can be applied locally
         emb, thumbs = self._embed_examples(images_u8, thumbnails)
-        rec, _ = self.store.add_class(workspace_id, label, (NewExample(e, t) for e, t in zip(emb, thumbs)))
-        row = (rec.label, rec.version, emb.astype(np.float64).sum(0), len(emb))
-        self._apply_local(workspace_id, rec.version, {rec.id: row})
+        rec, _ = self.store.add_class(workspace_id, label, [NewExample(e, t) for e, t in zip(emb, thumbs)])
+        self._apply_local(workspace_id, rec.version, lambda p: ({rec.id: Row.of(rec.label, rec.version, emb)}, set()))
         return rec
 
     def add_images(self, workspace_id: str, class_id: str, images_u8: np.ndarray,
                    thumbnails: Sequence[bytes] | None = None) -> ClassRecord:
         """More images for a class: only that class's prototype row is updated."""
-        mem = self._memory(workspace_id)
+        self._memory(workspace_id)
         emb, thumbs = self._embed_examples(images_u8, thumbnails)
-        rec, _ = self.store.add_examples(workspace_id, class_id, (NewExample(e, t) for e, t in zip(emb, thumbs)))
-        p = mem.protos
-        if class_id in p.index:
-            i = p.index[class_id]
-            row = (rec.label, rec.version, p.sums[i] + emb.astype(np.float64).sum(0), int(p.counts[i]) + len(emb))
-            self._apply_local(workspace_id, rec.version, {class_id: row})
+        rec, _ = self.store.add_examples(workspace_id, class_id, [NewExample(e, t) for e, t in zip(emb, thumbs)])
+
+        def change(p: Prototypes) -> tuple[dict[str, Row], set[str]]:
+            old = p.rows[p.index[class_id]]
+            return {class_id: old.plus(rec.label, rec.version, emb)}, set()
+
+        self._apply_local_if_known(workspace_id, class_id, rec.version, change)
         return rec
 
+    def _apply_local_if_known(self, workspace_id: str, class_id: str, version: int,
+                              change: Callable[[Prototypes], tuple[dict[str, Row], set[str]]]) -> None:
+        self._apply_local(workspace_id, version, lambda p: change(p) if class_id in p.index else ({}, set()))
+
     def rename_class(self, workspace_id: str, class_id: str, label: str) -> ClassRecord:
-        rec = self.store.rename_class(workspace_id, class_id, _check_label(label))
-        p = self._mem[workspace_id].protos if workspace_id in self._mem else None
-        if p is not None and class_id in p.index:
-            i = p.index[class_id]
-            self._apply_local(workspace_id, rec.version, {class_id: (rec.label, rec.version, p.sums[i], int(p.counts[i]))})
+        rec = self.store.rename_class(workspace_id, class_id, check_label(label))
+
+        def change(p: Prototypes) -> tuple[dict[str, Row], set[str]]:
+            return {class_id: replace(p.rows[p.index[class_id]], label=rec.label, version=rec.version)}, set()
+
+        self._apply_local_if_known(workspace_id, class_id, rec.version, change)
         return rec
 
     def delete_class(self, workspace_id: str, class_id: str) -> None:
@@ -332,7 +364,7 @@ class Recogniser:
     # -- classification ------------------------------------------------------------------------------
     def _threshold(self, settings: WorkspaceSettings, override: float | None) -> float | None:
         if override is not None:
-            return float(override)
+            return check_threshold(override)
         if settings.threshold is not None:
             return settings.threshold
         return self.calibration.threshold(settings.metric) if self.calibration else None
@@ -351,8 +383,9 @@ class Recogniser:
             raise ConfigError(f"the logistic head is limited to {self.config.max_logistic_classes} classes "
                               f"(workspace has {len(p.class_ids)}); use head='prototype'")
         ex = self._examples(workspace_id, mem)
-        y = np.asarray([p.index[c] for c in ex.class_ids], np.int64)
-        head = fit_logistic(ex.embeddings, y, len(p.class_ids))
+        keep = np.asarray([c in p.index for c in ex.class_ids], bool)  # a class added since is not in `p`
+        y = np.asarray([p.index[c] for c in ex.class_ids if c in p.index], np.int64)
+        head = fit_logistic(ex.embeddings[keep], y, len(p.class_ids))
         mem.logistic = (p.version, head)
         return head
 
@@ -415,10 +448,27 @@ class Recogniser:
         yield from self.store.list_workspaces()
 
 
-def _check_label(label: str) -> str:
-    label = label.strip() if isinstance(label, str) else ""
-    if not label or len(label) > 200:
-        raise ConfigError(f"class label {label!r} must be 1..200 characters")
-    if label == UNKNOWN:
-        raise ConfigError(f"class label {UNKNOWN!r} is reserved for rejected images; choose another label")
-    return label
+MAX_LABEL_CHARS = 200
+
+
+def normalise_text(value: object, what: str, max_chars: int = MAX_LABEL_CHARS) -> str:
+    """Unicode NFC, trimmed; refuses empty, over-long and control-character text (naming the fix)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be text, got {type(value).__name__}")
+    text = unicodedata.normalize("NFC", value).strip()
+    if not text:
+        raise ConfigError(f"{what} is empty; give 1 to {max_chars} characters")
+    if len(text) > max_chars:
+        raise ConfigError(f"{what} has {len(text)} characters; give at most {max_chars}")
+    bad = sorted({f"U+{ord(ch):04X}" for ch in text if unicodedata.category(ch) in ("Cc", "Cs")})
+    if bad:
+        raise ConfigError(f"{what} {text[:40]!r} contains control characters ({', '.join(bad)}); remove them")
+    return text
+
+
+def check_label(label: object) -> str:
+    """A class label as stored: NFC, trimmed, not the reserved word "unknown" in any letter case."""
+    text = normalise_text(label, "class label")
+    if text.casefold() == UNKNOWN:
+        raise ConfigError(f"class label {text!r} is reserved for rejected images; choose another label")
+    return text

@@ -27,9 +27,13 @@ class ServiceSettings:
     euclidean_threshold: float | None = None  # service-wide override of the bundle's calibration
     cosine_threshold: float | None = None
     static_dir: str = ""  # empty: the package's service/static
+    metrics_public: bool = False  # False: /metrics needs the admin key (Prometheus: bearer_token)
+    docs: bool = False  # True: /docs (Swagger UI from a CDN) and /redoc; /openapi.json is always served
+    admin_failures_per_minute: int = 5  # failed admin-key attempts per client address before 429
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_images_per_request", "max_image_pixels", "max_top_k", "thumbnail_size"):
+        for name in ("max_body_bytes", "max_images_per_request", "max_image_pixels", "max_top_k", "thumbnail_size",
+                     "admin_failures_per_minute"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name}={getattr(self, name)} must be >= 1")
 
@@ -55,6 +59,11 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
             return int(raw)
         if type_name.startswith("float"):
             return float(raw)
+        if type_name.startswith("bool"):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
     except ValueError as exc:
-        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a {type_name.split(' ')[0]}") from exc
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a {type_name.split(' ')[0]}"
+                          f"{' (use 1 or 0)' if type_name.startswith('bool') else ''}") from exc
     return raw

@@ -5,28 +5,41 @@ workspace when its `version` (bumped in the same transaction as every change) mo
 is one transaction, so a crash or exception mid-registration leaves no half class.
 
 Backends: `SQLiteStore` (default; WAL, one connection per thread) and `PostgresStore`
-(psycopg 3, one connection per thread). Both run the same SQL, written with `?` placeholders.
+(psycopg 3 through psycopg_pool: connections checked on checkout, reconnected with a short backoff).
+Both run the same SQL, written with `?` placeholders.
+
+Failures: an unreachable or failing database (PostgreSQL down or restarting, SQLite disk full or
+read-only) raises `StoreUnavailable`, whose message never holds the URL or credentials; a dropped
+connection is retried once, except at COMMIT, where the outcome is unknown and a retry could apply
+a change twice. Text containing NUL is refused as `InvalidInput` on both backends (PostgreSQL
+cannot store it; SQLite could, so the two behave the same).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import re
 import secrets
 import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from fewshot.errors import FewshotError
 
 SCHEMA_VERSION = 1
+RETRY_AFTER_S = 2  # what a 503 tells clients while the store is down
+log = logging.getLogger("fewshot.service.store")
+F = TypeVar("F")
 
 
 class StoreError(FewshotError):
@@ -39,6 +52,19 @@ class NotFoundError(StoreError):
 
 class ConflictError(StoreError):
     """A change conflicts with what is stored (e.g. a duplicate class label)."""
+
+
+class InvalidInput(StoreError):
+    """A value the store cannot hold (e.g. text with a NUL character)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or cannot write right now: a server fault (HTTP 503).
+    The message is safe to show to clients: no URL, user or password."""
+
+    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ModelMismatchError(StoreError):
@@ -89,6 +115,58 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
 
+_ID = re.compile(r"(ws|cls|ex)_[0-9a-f]{16}")
+
+
+def is_id(value: str, prefix: str) -> bool:
+    """Whether `value` has the shape of an id made by `new_id(prefix)` (checked before any query)."""
+    m = _ID.fullmatch(value)
+    return m is not None and m.group(1) == prefix
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password: postgresql://user:***@host/db (for operator logs)."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def _check_params(params: Sequence[Any]) -> None:
+    for p in params:
+        if isinstance(p, str) and "\x00" in p:
+            raise InvalidInput(f"text {p[:40]!r} contains a NUL character (\\x00); remove control characters")
+
+
+class _CommitUnknown(Exception):
+    """The connection failed during COMMIT: the change may or may not be stored."""
+
+
+def _guarded(method: F) -> F:
+    """Map backend failures to StoreUnavailable; retry once after a dropped connection."""
+
+    @functools.wraps(method)  # type: ignore[arg-type]
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        for attempt in (1, 2):
+            try:
+                return method(self, *args, **kwargs)  # type: ignore[operator]
+            except StoreError:
+                raise
+            except _CommitUnknown as exc:
+                log.warning("store %s: connection lost during COMMIT (%s)", self.safe_url, exc.__cause__)
+                raise StoreUnavailable("the database connection was lost while saving; the change may not "
+                                       "have been applied: check before retrying") from exc
+            except Exception as exc:
+                kind = self._failure_kind(exc)
+                if kind is None:
+                    raise
+                if kind == "connection" and attempt == 1:
+                    log.warning("store %s: %s; retrying once", self.safe_url, type(exc).__name__)
+                    continue
+                log.error("store %s unavailable: %s: %s", self.safe_url, type(exc).__name__, exc)
+                raise StoreUnavailable(self._unavailable_message(exc)) from exc
+        raise AssertionError("unreachable")
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _schema(blob: str) -> list[str]:
     return [
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -124,7 +202,23 @@ class Store(ABC):
     @abstractmethod
     def _is_unique_violation(self, exc: BaseException) -> bool: ...
 
-    # -- one connection per thread -------------------------------------------------------------
+    @abstractmethod
+    @contextmanager
+    def _snapshot(self) -> Iterator[Any]:
+        """A read-only transaction: every read inside sees the same committed state."""
+
+    def _failure_kind(self, exc: BaseException) -> str | None:
+        """"connection" (retry once), "unavailable" (503 now) or None (a bug: let it raise)."""
+        return None
+
+    def _unavailable_message(self, exc: BaseException) -> str:
+        return "the database is unavailable; retry shortly"
+
+    @property
+    def safe_url(self) -> str:
+        return redact_url(self.url)
+
+    # -- connections (SQLite: one per thread; PostgreSQL overrides with a pool) ------------------
     def _init_connections(self) -> None:
         self._local = threading.local()
         self._all: list[Any] = []
@@ -141,7 +235,7 @@ class Store(ABC):
 
     @contextmanager
     def _read(self) -> Iterator[Any]:
-        """A connection for reads."""
+        """A connection for one read statement."""
         yield self._conn()
 
     def close(self) -> None:
@@ -155,9 +249,11 @@ class Store(ABC):
         return sql
 
     def _exec(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
+        _check_params(params)
         return conn.execute(self._sql(sql), tuple(params))
 
     # -- model identity ----------------------------------------------------------------------
+    @_guarded
     def check_model(self, model: ModelIdentity) -> None:
         """Record the model on first use; refuse a store filled by another model."""
         with self._tx() as c:
@@ -170,15 +266,16 @@ class Store(ABC):
         dim, bid = int(rows["embedding_dim"]), rows["bundle_id"]
         if dim != model.embedding_dim:
             raise ModelMismatchError(
-                f"store {self.url} holds {dim}-d embeddings but the bundle makes "
+                f"store {self.safe_url} holds {dim}-d embeddings but the bundle makes "
                 f"{model.embedding_dim}-d ones; use a new database for this bundle or serve bundle {bid}"
             )
         if bid != model.bundle_id:
             raise ModelMismatchError(
-                f"store {self.url} was filled by bundle {bid}, not {model.bundle_id}: embeddings of "
+                f"store {self.safe_url} was filled by bundle {bid}, not {model.bundle_id}: embeddings of "
                 "different models are not comparable; use a new database or serve the original bundle"
             )
 
+    @_guarded
     def model_identity(self) -> ModelIdentity | None:
         with self._read() as c:
             rows = dict(self._exec(c, "SELECT key, value FROM meta").fetchall())
@@ -187,6 +284,7 @@ class Store(ABC):
         return ModelIdentity(int(rows["embedding_dim"]), rows["bundle_id"])
 
     # -- workspaces ----------------------------------------------------------------------------
+    @_guarded
     def create_workspace(self, name: str, key_hash: str, settings: dict[str, Any]) -> WorkspaceRecord:
         ws = WorkspaceRecord(new_id("ws"), name, key_hash, dict(settings), 0)
         with self._tx() as c:
@@ -194,23 +292,29 @@ class Store(ABC):
                        "VALUES (?, ?, ?, ?, 0, ?)", (ws.id, name, key_hash, json.dumps(settings), time.time()))
         return ws
 
-    def _ws_row(self, where: str, value: str) -> WorkspaceRecord | None:
-        with self._read() as c:
-            row = self._exec(c, f"SELECT id, name, key_hash, settings, version FROM workspaces WHERE {where} = ?",
-                             (value,)).fetchone()
+    _WS_SELECT = "SELECT id, name, key_hash, settings, version FROM workspaces"
+
+    def _ws_row(self, c: Any, where: str, value: str) -> WorkspaceRecord | None:
+        row = self._exec(c, f"{self._WS_SELECT} WHERE {where} = ?", (value,)).fetchone()
         return None if row is None else WorkspaceRecord(row[0], row[1], row[2], json.loads(row[3]), int(row[4]))
 
+    @_guarded
     def get_workspace(self, workspace_id: str) -> WorkspaceRecord | None:
-        return self._ws_row("id", workspace_id)
+        with self._read() as c:
+            return self._ws_row(c, "id", workspace_id)
 
+    @_guarded
     def workspace_by_key_hash(self, key_hash: str) -> WorkspaceRecord | None:
-        return self._ws_row("key_hash", key_hash)
+        with self._read() as c:
+            return self._ws_row(c, "key_hash", key_hash)
 
+    @_guarded
     def list_workspaces(self) -> list[WorkspaceRecord]:
         with self._read() as c:
-            rows = self._exec(c, "SELECT id, name, key_hash, settings, version FROM workspaces ORDER BY created_unix").fetchall()
+            rows = self._exec(c, f"{self._WS_SELECT} ORDER BY created_unix").fetchall()
         return [WorkspaceRecord(r[0], r[1], r[2], json.loads(r[3]), int(r[4])) for r in rows]
 
+    @_guarded
     def workspace_version(self, workspace_id: str) -> int | None:
         """The cheap change check: one indexed row read."""
         with self._read() as c:
@@ -224,14 +328,16 @@ class Store(ABC):
             raise NotFoundError(f"workspace {workspace_id!r} does not exist; create it with POST /workspaces")
         return int(row[0])
 
+    @_guarded
     def update_workspace_settings(self, workspace_id: str, settings: dict[str, Any]) -> WorkspaceRecord:
         with self._tx() as c:
             self._bump(c, workspace_id)
             self._exec(c, "UPDATE workspaces SET settings = ? WHERE id = ?", (json.dumps(settings), workspace_id))
-        ws = self.get_workspace(workspace_id)
+            ws = self._ws_row(c, "id", workspace_id)
         assert ws is not None
         return ws
 
+    @_guarded
     def delete_workspace(self, workspace_id: str) -> None:
         with self._tx() as c:
             self._exec(c, "DELETE FROM examples WHERE workspace_id = ?", (workspace_id,))
@@ -240,9 +346,9 @@ class Store(ABC):
                 raise NotFoundError(f"workspace {workspace_id!r} does not exist")
 
     # -- classes and examples ----------------------------------------------------------------------
-    def _insert_examples(self, c: Any, workspace_id: str, class_id: str, examples: Iterable[NewExample]) -> list[str]:
+    def _insert_examples(self, c: Any, workspace_id: str, class_id: str, examples: Sequence[NewExample]) -> list[str]:
         ids = []
-        for ex in examples:  # may be a generator: a failure midway rolls the whole transaction back
+        for ex in examples:
             eid = new_id("ex")
             emb = np.ascontiguousarray(ex.embedding, dtype=np.float32).tobytes()
             self._exec(c, "INSERT INTO examples (id, class_id, workspace_id, embedding, thumbnail, created_unix) "
@@ -252,8 +358,10 @@ class Store(ABC):
             raise StoreError("a class needs at least one image; upload 1 or more")
         return ids
 
+    @_guarded
     def add_class(self, workspace_id: str, label: str, examples: Iterable[NewExample]) -> tuple[ClassRecord, list[str]]:
         """Create a class with its examples in one transaction; returns it and the example ids."""
+        examples = list(examples)  # a retry after a dropped connection needs them again
         cid = new_id("cls")
         try:
             with self._tx() as c:
@@ -268,32 +376,37 @@ class Store(ABC):
             raise
         return ClassRecord(cid, label, v, len(ids)), ids
 
+    @_guarded
     def add_examples(self, workspace_id: str, class_id: str, examples: Iterable[NewExample]) -> tuple[ClassRecord, list[str]]:
+        examples = list(examples)
         with self._tx() as c:
             v = self._bump(c, workspace_id)
             self._require_class(c, workspace_id, class_id)
             self._exec(c, "UPDATE classes SET version = ? WHERE id = ?", (v, class_id))
             ids = self._insert_examples(c, workspace_id, class_id, examples)
-        return self.get_class(workspace_id, class_id), ids
+            rec = self._class_row(c, workspace_id, class_id)
+        return rec, ids
 
     def _require_class(self, c: Any, workspace_id: str, class_id: str) -> None:
         row = self._exec(c, "SELECT 1 FROM classes WHERE id = ? AND workspace_id = ?", (class_id, workspace_id)).fetchone()
         if row is None:
             raise NotFoundError(f"class {class_id!r} does not exist in workspace {workspace_id!r}; list classes first")
 
+    @_guarded
     def rename_class(self, workspace_id: str, class_id: str, label: str) -> ClassRecord:
         try:
             with self._tx() as c:
                 v = self._bump(c, workspace_id)
                 self._require_class(c, workspace_id, class_id)
                 self._exec(c, "UPDATE classes SET label = ?, version = ? WHERE id = ?", (label, v, class_id))
+                return self._class_row(c, workspace_id, class_id)
         except Exception as exc:
             if self._is_unique_violation(exc):
                 raise ConflictError(f"class label {label!r} already exists in workspace {workspace_id!r}; "
                                     "choose another label") from exc
             raise
-        return self.get_class(workspace_id, class_id)
 
+    @_guarded
     def delete_class(self, workspace_id: str, class_id: str) -> None:
         with self._tx() as c:
             self._bump(c, workspace_id)
@@ -304,28 +417,36 @@ class Store(ABC):
     _CLASS_SELECT = ("SELECT c.id, c.label, c.version, COUNT(e.id) FROM classes c "
                      "LEFT JOIN examples e ON e.class_id = c.id WHERE c.workspace_id = ? ")
 
+    @_guarded
     def list_classes(self, workspace_id: str) -> list[ClassRecord]:
         with self._read() as c:
             rows = self._exec(c, self._CLASS_SELECT + "GROUP BY c.id, c.label, c.version, c.created_unix "
                               "ORDER BY c.created_unix, c.id", (workspace_id,)).fetchall()
         return [ClassRecord(r[0], r[1], int(r[2]), int(r[3])) for r in rows]
 
+    def _class_versions(self, c: Any, workspace_id: str) -> dict[str, tuple[str, int]]:
+        rows = self._exec(c, "SELECT id, label, version FROM classes WHERE workspace_id = ?", (workspace_id,)).fetchall()
+        return {r[0]: (r[1], int(r[2])) for r in rows}
+
+    @_guarded
     def class_versions(self, workspace_id: str) -> dict[str, tuple[str, int]]:
         """class id -> (label, version): what a sync compares against its cache."""
         with self._read() as c:
-            rows = self._exec(c, "SELECT id, label, version FROM classes WHERE workspace_id = ?", (workspace_id,)).fetchall()
-        return {r[0]: (r[1], int(r[2])) for r in rows}
+            return self._class_versions(c, workspace_id)
 
-    def get_class(self, workspace_id: str, class_id: str) -> ClassRecord:
-        with self._read() as c:
-            row = self._exec(c, self._CLASS_SELECT + "AND c.id = ? GROUP BY c.id, c.label, c.version",
-                             (workspace_id, class_id)).fetchone()
+    def _class_row(self, c: Any, workspace_id: str, class_id: str) -> ClassRecord:
+        row = self._exec(c, self._CLASS_SELECT + "AND c.id = ? GROUP BY c.id, c.label, c.version",
+                         (workspace_id, class_id)).fetchone()
         if row is None:
             raise NotFoundError(f"class {class_id!r} does not exist in workspace {workspace_id!r}; list classes first")
         return ClassRecord(row[0], row[1], int(row[2]), int(row[3]))
 
-    def examples(self, workspace_id: str, class_ids: Sequence[str] | None = None) -> ExampleSet:
-        """Embeddings of the given classes (all classes when None), ordered by class then insertion."""
+    @_guarded
+    def get_class(self, workspace_id: str, class_id: str) -> ClassRecord:
+        with self._read() as c:
+            return self._class_row(c, workspace_id, class_id)
+
+    def _examples(self, c: Any, workspace_id: str, class_ids: Sequence[str] | None) -> ExampleSet:
         sql = "SELECT id, class_id, embedding FROM examples WHERE workspace_id = ?"
         params: list[Any] = [workspace_id]
         if class_ids is not None:
@@ -333,13 +454,32 @@ class Store(ABC):
                 return ExampleSet([], [], np.zeros((0, 0), np.float32))
             sql += f" AND class_id IN ({', '.join('?' * len(class_ids))})"
             params += list(class_ids)
-        with self._read() as c:
-            rows = self._exec(c, sql + " ORDER BY class_id, created_unix, id", params).fetchall()
+        rows = self._exec(c, sql + " ORDER BY class_id, created_unix, id", params).fetchall()
         if not rows:
             return ExampleSet([], [], np.zeros((0, 0), np.float32))
         emb = np.stack([np.frombuffer(bytes(r[2]), dtype=np.float32) for r in rows])
         return ExampleSet([r[0] for r in rows], [r[1] for r in rows], emb)
 
+    @_guarded
+    def examples(self, workspace_id: str, class_ids: Sequence[str] | None = None) -> ExampleSet:
+        """Embeddings of the given classes (all classes when None), ordered by class then insertion."""
+        with self._read() as c:
+            return self._examples(c, workspace_id, class_ids)
+
+    @_guarded
+    def changes(self, workspace_id: str, known: dict[str, int]) -> WorkspaceChanges | None:
+        """One consistent read of what changed since `known` (class id -> version): the workspace
+        version, every class's (label, version), and the examples of new or changed classes.
+        None when the workspace does not exist."""
+        with self._snapshot() as c:
+            row = self._exec(c, "SELECT version FROM workspaces WHERE id = ?", (workspace_id,)).fetchone()
+            if row is None:
+                return None
+            classes = self._class_versions(c, workspace_id)
+            changed = [cid for cid, (_, v) in classes.items() if known.get(cid) != v]
+            return WorkspaceChanges(int(row[0]), classes, changed, self._examples(c, workspace_id, changed))
+
+    @_guarded
     def thumbnails(self, workspace_id: str, example_ids: Sequence[str]) -> dict[str, bytes]:
         if not example_ids:
             return {}
@@ -348,11 +488,20 @@ class Store(ABC):
                               f"({', '.join('?' * len(example_ids))})", (workspace_id, *example_ids)).fetchall()
         return {r[0]: bytes(r[1]) for r in rows}
 
+    @_guarded
     def class_example_ids(self, workspace_id: str, class_id: str) -> list[str]:
         with self._read() as c:
             rows = self._exec(c, "SELECT id FROM examples WHERE workspace_id = ? AND class_id = ? "
                               "ORDER BY created_unix, id", (workspace_id, class_id)).fetchall()
         return [r[0] for r in rows]
+
+
+@dataclass(frozen=True)
+class WorkspaceChanges:
+    version: int
+    classes: dict[str, tuple[str, int]]  # every class: id -> (label, version)
+    changed: list[str]  # classes new or changed since the caller's view
+    examples: ExampleSet  # the examples of `changed`
 
 
 class SQLiteStore(Store):
@@ -376,51 +525,129 @@ class SQLiteStore(Store):
         return conn
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(begin)
         try:
             yield conn
+            conn.execute("COMMIT")  # a failed COMMIT (disk full) leaves the transaction open
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._transaction("BEGIN IMMEDIATE") as conn:
+            yield conn
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        with self._transaction("BEGIN DEFERRED") as conn:  # WAL: reads see one snapshot
+            yield conn
 
     def _is_unique_violation(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
 
+    def _failure_kind(self, exc: BaseException) -> str | None:
+        # disk full, read-only file system, locked past busy_timeout, I/O error: not the client's fault
+        return "unavailable" if isinstance(exc, sqlite3.OperationalError) else None
+
+    def _unavailable_message(self, exc: BaseException) -> str:
+        text = str(exc).lower()
+        if "full" in text:
+            return "the database disk is full; nothing was saved: free space on the server, then retry"
+        if "readonly" in text or "read-only" in text:
+            return "the database is read-only; nothing was saved: the operator must make it writable"
+        if "locked" in text or "busy" in text:
+            return "the database is busy; nothing was saved: retry shortly"
+        return "the database failed; nothing was saved: retry shortly"
+
 
 class PostgresStore(Store):
-    """PostgreSQL through psycopg 3; one autocommit connection per thread, explicit transactions."""
+    """PostgreSQL through psycopg 3 and a psycopg_pool connection pool.
 
-    def __init__(self, url: str) -> None:
+    Connections are checked on checkout (a dead one, e.g. after a server restart, is replaced,
+    not handed out); reconnection backs off at most `reconnect_s` before the pool gives up and
+    grows again on the next request, so service recovers within seconds of the server's return.
+    A request waits at most `timeout_s` for a connection, then gets `StoreUnavailable` (503).
+    """
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 16, timeout_s: float = 3.0,
+                 reconnect_s: float = 3.0) -> None:
         import psycopg
+        from psycopg_pool import ConnectionPool
 
         self.url = url
         self._psycopg = psycopg
-        self._init_connections()
+        self._pool = ConnectionPool(url, min_size=min_size, max_size=max_size, timeout=timeout_s,
+                                    reconnect_timeout=reconnect_s, kwargs={"autocommit": True},
+                                    check=ConnectionPool.check_connection, open=False, name="fewshot")
+        try:
+            self._pool.open(wait=True, timeout=timeout_s + reconnect_s)
+        except Exception as exc:
+            self._pool.close()
+            raise StoreError(f"cannot connect to PostgreSQL at {self.safe_url} ({type(exc).__name__}); "
+                             "check that the server runs and the URL, user and password") from exc
         with self._tx() as c:
             c.execute("SELECT pg_advisory_xact_lock(4242001)")  # concurrent first starts create once
             for stmt in _schema("BYTEA"):
                 c.execute(stmt)
 
     def _connect(self) -> Any:
-        try:
-            return self._psycopg.connect(self.url, autocommit=True)
-        except self._psycopg.OperationalError as exc:
-            raise StoreError(f"cannot connect to PostgreSQL at {self.url} ({exc}); check the URL and server") from exc
+        raise AssertionError("PostgresStore takes connections from its pool")
+
+    def close(self) -> None:
+        self._pool.close()
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
 
     @contextmanager
+    def _read(self) -> Iterator[Any]:
+        with self._pool.connection() as conn:
+            yield conn
+
+    @contextmanager
+    def _transaction(self, begin: str) -> Iterator[Any]:
+        with self._pool.connection() as conn:
+            conn.execute(begin)
+            try:
+                yield conn
+            except BaseException:
+                if not conn.closed:
+                    with suppress(self._psycopg.Error):  # a broken connection is discarded by the pool
+                        conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except self._psycopg.OperationalError as exc:
+                raise _CommitUnknown() from exc
+
+    @contextmanager
     def _tx(self) -> Iterator[Any]:
-        conn = self._conn()
-        with conn.transaction():
+        with self._transaction("BEGIN") as conn:
+            yield conn
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Any]:
+        with self._transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") as conn:
             yield conn
 
     def _is_unique_violation(self, exc: BaseException) -> bool:
         return isinstance(exc, self._psycopg.errors.UniqueViolation)
+
+    def _failure_kind(self, exc: BaseException) -> str | None:
+        from psycopg_pool import PoolTimeout
+
+        if isinstance(exc, PoolTimeout):
+            return "unavailable"
+        if isinstance(exc, self._psycopg.OperationalError | self._psycopg.InterfaceError):
+            return "connection"  # server restarted (AdminShutdown), connection dropped
+        return None
+
+    def _unavailable_message(self, exc: BaseException) -> str:
+        return "the database is unavailable (PostgreSQL does not answer); retry shortly"
 
 
 def open_store(url: str | Path) -> Store:
@@ -431,5 +658,5 @@ def open_store(url: str | Path) -> Store:
     if s.startswith("sqlite:///"):
         return SQLiteStore(s[len("sqlite:///"):])
     if "://" in s:
-        raise StoreError(f"store URL {s!r} is not supported; use sqlite:///path/to.db or postgresql://...")
+        raise StoreError(f"store URL {redact_url(s)!r} is not supported; use sqlite:///path/to.db or postgresql://...")
     return SQLiteStore(s)

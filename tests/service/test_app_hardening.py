@@ -1,0 +1,146 @@
+"""Regression tests for the HTTP service under attack: NUL bytes, non-finite thresholds, labels,
+unknown workspaces, keys in URLs, admin-key guessing, metrics and docs defaults, store failures."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from hostile_images import mpo_bytes, tiny_wide_png
+from service_helpers import class_images
+from test_app import ADMIN, assert_error, auth, files, new_workspace, settings_for, teach
+
+from fewshot.service.app import create_app
+from fewshot.service.middleware import RedactQueryFilter
+from fewshot.service.store import SQLiteStore
+
+
+@pytest.fixture
+def any_client(tiny_bundle: Path, tmp_path: Path, store_url: str) -> Iterator[TestClient]:
+    """The app over each store backend (PostgreSQL rejects NUL where SQLite stores it)."""
+    with TestClient(create_app(settings_for(tiny_bundle, tmp_path, db_url=store_url)),
+                    raise_server_exceptions=False) as c:
+        yield c
+
+
+def test_nul_bytes_anywhere_are_4xx_on_every_backend(any_client: TestClient) -> None:
+    c = any_client
+    ws, key = new_workspace(c)
+    cid = teach(c, ws, key, "a", 0)["id"]
+    for h in (auth("whatever"), auth(key)):  # without and with a valid key
+        assert c.get("/workspaces/ws%00x/classes", headers=h).status_code in (401, 404)
+        assert c.get(f"/workspaces/{ws}/classes/cls%00x", headers=h).status_code in (400, 401, 404)
+        assert c.get(f"/workspaces/{ws}/examples/ex%00x/thumbnail.png", headers=h).status_code in (400, 401, 404)
+    bad = [c.post(f"/workspaces/{ws}/classes", data={"label": "a\x00b"}, files=files(class_images(1, 1)), headers=auth(key)),
+           c.patch(f"/workspaces/{ws}/classes/{cid}", json={"label": "x\x00"}, headers=auth(key)),
+           c.post("/workspaces", json={"name": "n\x00m"}, headers=auth(ADMIN)),
+           c.patch(f"/workspaces/{ws}", json={"metric": "euclidean\x00"}, headers=auth(key))]
+    for r in bad:
+        assert_error(r, 400)
+    assert [x["label"] for x in c.get(f"/workspaces/{ws}/classes", headers=auth(key)).json()] == ["a"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "Infinity"])
+@pytest.mark.parametrize("route", ["classify", "explain"])
+def test_non_finite_thresholds_are_refused(any_client: TestClient, value: str, route: str) -> None:
+    ws, key = new_workspace(any_client)
+    teach(any_client, ws, key, "a", 0)
+    field = "images" if route == "classify" else "image"
+    r = any_client.post(f"/workspaces/{ws}/{route}", data={"threshold": value},
+                        files=files(class_images(0, 1), field), headers=auth(key))
+    err = assert_error(r, 422, "invalid_request")
+    assert "threshold" in err["message"]
+
+
+def test_labels_empty_reserved_and_unicode_forms(any_client: TestClient) -> None:
+    c = any_client
+    ws, key = new_workspace(c)
+    one = files(class_images(0, 2))
+    for label in ("", "   "):
+        err = assert_error(c.post(f"/workspaces/{ws}/classes", data={"label": label}, files=one, headers=auth(key)), 400)
+        assert "empty" in err["message"]
+    for label in ("unknown", "Unknown", "UNKNOWN"):
+        assert "reserved" in assert_error(c.post(f"/workspaces/{ws}/classes", data={"label": label}, files=one,
+                                                 headers=auth(key)), 400)["message"]
+    assert teach(c, ws, key, "caf\u00e9", 0)["label"] == "caf\u00e9"
+    r = c.post(f"/workspaces/{ws}/classes", data={"label": "cafe\u0301"}, files=one, headers=auth(key))
+    assert_error(r, 409, "conflict")  # NFD is the same label
+
+
+def test_keys_only_in_the_authorization_header(any_client: TestClient) -> None:
+    ws, key = new_workspace(any_client)
+    for q in ("api_key", "key", "token"):
+        err = assert_error(any_client.get(f"/workspaces/{ws}/classes?{q}={key}"), 400, "key_in_url")
+        assert key not in err["message"]
+
+
+def test_access_log_never_holds_query_values(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("uvicorn.access.test")
+    log.addFilter(RedactQueryFilter())
+    with caplog.at_level(logging.INFO, logger="uvicorn.access.test"):
+        log.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1", "GET", "/workspaces/ws_1/classes?api_key=fsk_SECRET&x=1",
+                 "1.1", 400)
+    assert "fsk_SECRET" not in caplog.text and "?api_key=...&x=..." in caplog.text
+
+
+def test_failed_admin_attempts_are_throttled(tiny_bundle: Path, tmp_path: Path) -> None:
+    with TestClient(create_app(settings_for(tiny_bundle, tmp_path, admin_failures_per_minute=3))) as c:
+        for _ in range(3):
+            assert_error(c.post("/workspaces", json={"name": "x"}, headers=auth("guess")), 401)
+        r = c.post("/workspaces", json={"name": "x"}, headers=auth(ADMIN))  # even the right key, for a while
+        assert_error(r, 429, "too_many_attempts")
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert_error(c.get("/metrics", headers=auth("guess")), 429)
+
+
+def test_metrics_and_docs_defaults_and_switches(tiny_bundle: Path, tmp_path: Path) -> None:
+    with TestClient(create_app(settings_for(tiny_bundle, tmp_path))) as c:
+        assert_error(c.get("/metrics"), 401)
+        assert c.get("/docs").status_code == 404 and c.get("/redoc").status_code == 404
+        assert c.get("/openapi.json").status_code == 200
+    with TestClient(create_app(settings_for(tiny_bundle, tmp_path, metrics_public=True, docs=True))) as c:
+        assert c.get("/metrics").status_code == 200 and c.get("/docs").status_code == 200
+
+
+def test_mpo_uploads_are_taught_and_forged_pngs_refused(any_client: TestClient) -> None:
+    ws, key = new_workspace(any_client)
+    r = any_client.post(f"/workspaces/{ws}/classes", data={"label": "photo"},
+                        files=[("images", ("phone.jpg", mpo_bytes(), "image/jpeg"))], headers=auth(key))
+    assert r.status_code == 201, r.text
+    r = any_client.post(f"/workspaces/{ws}/classify", files=[("images", ("wide.png", tiny_wide_png(), "image/png"))],
+                        headers=auth(key))
+    assert_error(r, 413, "image_too_large")
+
+
+class BrokenDisk(SQLiteStore):
+    """An SQLite store whose every statement fails as a full disk would (after it opened)."""
+
+    broken = False
+
+    def _exec(self, conn, sql, params=()):  # type: ignore[no-untyped-def]
+        if self.broken:
+            raise sqlite3.OperationalError("database or disk is full")
+        return super()._exec(conn, sql, params)
+
+
+def test_a_failing_store_is_a_503_with_retry_after_and_no_path(tiny_bundle: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import fewshot.service.app as app_module
+
+    db = tmp_path / "secret-location" / "svc.db"
+    monkeypatch.setattr(app_module, "open_store", lambda url: BrokenDisk(db))
+    with TestClient(create_app(settings_for(tiny_bundle, tmp_path)), raise_server_exceptions=False) as c:
+        ws, key = new_workspace(c)
+        c.app.state.service.store.broken = True  # type: ignore[attr-defined]
+        for r in (c.get("/readyz"), c.get(f"/workspaces/{ws}/classes", headers=auth("made-up")),
+                  c.post(f"/workspaces/{ws}/classes", data={"label": "a"}, files=files(class_images(0, 1)),
+                         headers=auth(key))):
+            err = assert_error(r, 503, "store_unavailable")
+            assert r.headers["retry-after"] == "2" and "secret-location" not in err["message"]
+        c.app.state.service.store.broken = False  # type: ignore[attr-defined]
+        assert c.get("/readyz").status_code == 200  # recovers without a restart
+        assert c.get(f"/workspaces/{ws}/classes", headers=auth(key)).json() == []

@@ -152,10 +152,11 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     """Bundle the best checkpoint of a run: weights, manifest, ONNX (parity-checked), calibration,
     and the accuracy of the bundle as served beside the learner's (refused if it drops too much).
 
-    The unknown-class threshold is calibrated on the validation split (never on test classes).
+    The unknown-class rules (`fewshot.openset`) and legacy thresholds are calibrated on the validation
+    split (never on test classes).
     """
     from fewshot.artifacts.bundle import export_bundle
-    from fewshot.artifacts.calibration import calibrate_unknown_threshold
+    from fewshot.artifacts.calibration import calibrate_open_set
     from fewshot.artifacts.embedders import TorchEmbedder
     from fewshot.pipeline import images_by_class
     from fewshot.training.loop import check_run_dir, load_trained
@@ -168,12 +169,13 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     backbone = deployable_backbone(learner, data, config)
     rule, rule_scores = choose_rule(learner, backbone, data, config)
     calib_split = "val" if "val" in data.splits else "test"
-    by_class = images_by_class(data, calib_split, limit=100)
+    by_class = images_by_class(data, calib_split)  # all of them: the open-set threshold moves with the classes seen
     pre = data.cache.preprocessing
     smallest = min(len(v) for v in by_class.values())
-    calibration = calibrate_unknown_threshold(
+    n_shot = max(1, min(5, smallest - 1))
+    calibration = calibrate_open_set(  # rules at 95% of correct answers kept / 80% of unknowns rejected
         TorchEmbedder(backbone, channels=pre.channels, size=pre.size), by_class, np.random.default_rng(seed),
-        n_way=max(2, min(5, len(by_class) - 1)), n_shot=max(1, min(5, smallest - 1)),
+        n_way=max(2, min(5, len(by_class) - 1)), n_shot=n_shot, n_query=max(1, min(15, smallest - n_shot)),
         n_episodes=config.export.calibration_episodes, target_false_accept=config.export.false_accept_rate,
     )
     deployment = {"embedder": learner.deployment.embedder, "rule": rule.to_dict(),

@@ -1,12 +1,25 @@
-"""Unknown-threshold calibration on open-set episodes with a toy embedder whose geometry we know."""
+"""Unknown-rejection calibration (legacy thresholds and open-set rules) on open-set episodes with
+toy embedders whose geometry we know."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
-from fewshot.artifacts.calibration import accepts, calibrate_unknown_threshold, nearest_scores
+from fewshot.artifacts.calibration import (
+    Calibration,
+    OpenSetScores,
+    accepts,
+    calibrate_open_set,
+    calibrate_unknown_threshold,
+    nearest_scores,
+    operating_point,
+    sample_open_set,
+)
 from fewshot.errors import ConfigError
+from fewshot.openset import OpenSetRule
 
 
 class IdentityEmbedder:
@@ -54,3 +67,100 @@ def test_errors_name_the_problem() -> None:
         calibrate_unknown_threshold(IdentityEmbedder(), clustered(3, 8, 2), np.random.default_rng(0))
     with pytest.raises(ConfigError, match="too few"):
         calibrate_unknown_threshold(IdentityEmbedder(), clustered(8, 3, 2), np.random.default_rng(0))
+
+
+# -- open-set rules --------------------------------------------------------------------------------
+def mixed_spread(n_classes: int, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Overlapping Gaussian classes in 8-d, alternately tight (std 2) and loose (std 12)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n_classes):
+        centre, std = rng.uniform(100, 150, 8), (2.0 if i % 2 else 12.0)
+        x = np.round(centre + std * rng.standard_normal((n, 8)))
+        out[f"c{i}"] = np.clip(x, 0, 255).astype(np.uint8).reshape(n, 1, 1, 8)
+    return out
+
+
+class IdentityEmbedder8(IdentityEmbedder):
+    embedding_dim = 8
+
+
+@pytest.fixture(scope="module")
+def open_set_calibration() -> Calibration:
+    return calibrate_open_set(IdentityEmbedder8(), mixed_spread(24, 16, 0), np.random.default_rng(0), n_way=5,
+                              n_shot=5, n_query=10, n_episodes=80)
+
+
+def fresh_scores(seed: int, n_shot: int = 5) -> OpenSetScores:
+    emb = [IdentityEmbedder8().embed(v) for v in mixed_spread(24, 16, seed).values()]
+    return sample_open_set(emb, np.random.default_rng(seed), n_way=5, n_shot=n_shot, n_query=10,
+                           n_episodes=100)["euclidean"]
+
+
+def test_open_set_rule_separates_unknowns_better_than_a_global_threshold(open_set_calibration: Calibration) -> None:
+    cal = open_set_calibration
+    rule = cal.rule("euclidean")
+    assert rule is not None and rule.kind == "spread"
+    flat = OpenSetRule("global", "euclidean", cal.open_set["measured"]["euclidean"]["global"]["threshold"])
+    s = fresh_scores(seed=7)  # classes and episodes never seen by the calibration
+    mine, theirs = operating_point(rule, s), operating_point(flat, s)
+    # class spreads differ 6x by construction: measuring distance in each class's spread must help
+    assert mine["auroc"] > theirs["auroc"] + 0.02
+    assert mine["true_accept"] > 0.85 and mine["unknown_rejection"] > 0.65
+    # on its own episodes, the shot penalty makes 1-shot classes reject unknowns as often as 5-shot ones
+    measured = cal.open_set["measured"]["euclidean"]["spread"]
+    assert abs(measured["5w1s"]["unknown_rejection"] - measured["5w5s"]["unknown_rejection"]) < 0.03
+
+
+def test_open_set_calibration_records_its_targets_and_round_trips(open_set_calibration: Calibration) -> None:
+    cal = open_set_calibration
+    assert set(cal.rules) == {"euclidean", "cosine"} and set(cal.thresholds) == {"euclidean", "cosine"}
+    assert cal.open_set["target_true_accept"] == 0.95 and cal.open_set["target_rejection"] == 0.8
+    measured = cal.open_set["measured"]["euclidean"]["spread"]["5w5s"]
+    assert 0.0 < measured["true_accept"] <= 1.0 and 0.0 < measured["unknown_rejection"] <= 1.0
+    assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
+    assert cal.threshold("euclidean") == cal.thresholds["euclidean"]  # legacy callers keep working
+
+
+def test_open_set_calibration_is_deterministic_given_rng() -> None:
+    data = mixed_spread(10, 10, 1)
+    a, b = (calibrate_open_set(IdentityEmbedder8(), data, np.random.default_rng(3), n_way=3, n_shot=3, n_query=5,
+                               n_episodes=20) for _ in range(2))
+    assert a == b
+
+
+def test_open_set_calibration_errors_name_the_value() -> None:
+    data = mixed_spread(10, 10, 1)
+    with pytest.raises(ConfigError, match="target_rejection 1.2 must be in"):
+        calibrate_open_set(IdentityEmbedder8(), data, np.random.default_rng(0), n_way=3, target_rejection=1.2)
+    with pytest.raises(ConfigError, match="at least n_way \\+ 1 = 11"):
+        calibrate_open_set(IdentityEmbedder8(), data, np.random.default_rng(0), n_way=10)
+
+
+OLD_MANIFEST_CALIBRATION = {  # as written by bundles before open-set rules (runs/quickstart, 2026-11)
+    "n_episodes": 200, "n_query": 5, "n_shot": 5, "n_way": 5, "target_false_accept": 0.05,
+    "thresholds": {"cosine": 0.9568591117858887, "euclidean": 7.39666748046875},
+    "true_accept": {"cosine": 0.749, "euclidean": 0.7348},
+}
+
+
+def test_old_manifests_read_as_global_rules_with_the_same_decisions() -> None:
+    cal = Calibration.from_dict(OLD_MANIFEST_CALIBRATION)
+    assert cal.rules == {} and cal.threshold("euclidean") == 7.39666748046875
+    rng = np.random.default_rng(0)
+    for metric, scores in (("euclidean", rng.uniform(0, 15, 500)), ("cosine", rng.uniform(0.9, 1.0, 500))):
+        rule = cal.rule(metric)  # type: ignore[arg-type]
+        assert rule is not None and rule.kind == "global"
+        got = rule.accepts(rule.novelty(scores, np.full(500, 5), np.full(500, 5.0)))
+        assert np.array_equal(got, accepts(metric, scores, OLD_MANIFEST_CALIBRATION["thresholds"][metric]))  # type: ignore[arg-type, index]
+    assert Calibration.from_dict({**OLD_MANIFEST_CALIBRATION, "thresholds": {}}).rule("euclidean") is None
+
+
+def test_malformed_rules_are_refused(open_set_calibration: Calibration) -> None:
+    d = open_set_calibration.to_dict()
+    with pytest.raises(ConfigError, match="rule for 'euclidean' has metric 'cosine'"):
+        Calibration.from_dict({**d, "rules": {"euclidean": d["rules"]["cosine"]}})
+    with pytest.raises(ConfigError, match="prior_spread -1.0"):
+        Calibration.from_dict({**d, "rules": {"euclidean": {**d["rules"]["euclidean"], "prior_spread": -1.0}}})
+    with pytest.raises(ConfigError, match="malformed"):
+        Calibration.from_dict({**d, "rules": ["spread"]})

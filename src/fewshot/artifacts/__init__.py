@@ -1,5 +1,5 @@
 """artifacts stage: self-describing bundles (safetensors + ONNX + JSON manifest), parity checks,
-unknown-threshold calibration and the embedders the service runs."""
+unknown-rejection calibration (open-set rules) and the embedders the service runs."""
 
 from fewshot.artifacts.bundle import (
     BUNDLE_FORMAT_VERSION,
@@ -8,12 +8,16 @@ from fewshot.artifacts.bundle import (
     export_bundle,
     load_bundle,
 )
-from fewshot.artifacts.calibration import Calibration, calibrate_unknown_threshold
+from fewshot.artifacts.calibration import (
+    Calibration,
+    calibrate_open_set,
+    calibrate_unknown_threshold,
+)
 from fewshot.artifacts.embedders import Embedder, OnnxEmbedder, TorchEmbedder
 from fewshot.artifacts.onnx_export import PARITY_TOLERANCE, ParityError, check_parity, export_onnx
 
 __all__ = [
     "BUNDLE_FORMAT_VERSION", "PARITY_TOLERANCE", "Bundle", "Calibration", "Embedder", "Manifest",
-    "OnnxEmbedder", "ParityError", "TorchEmbedder", "calibrate_unknown_threshold", "check_parity",
-    "export_bundle", "export_onnx", "load_bundle",
+    "OnnxEmbedder", "ParityError", "TorchEmbedder", "calibrate_open_set", "calibrate_unknown_threshold",
+    "check_parity", "export_bundle", "export_onnx", "load_bundle",
 ]

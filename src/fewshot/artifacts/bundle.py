@@ -30,6 +30,7 @@ from torch import nn
 
 import fewshot
 from fewshot.artifacts.calibration import Calibration
+from fewshot.artifacts.domain import DomainSummary
 from fewshot.artifacts.embedders import OnnxEmbedder, TorchEmbedder
 from fewshot.artifacts.onnx_export import (
     PARITY_TOLERANCE,
@@ -84,6 +85,8 @@ class Manifest:
     created_unix: float = field(default_factory=time.time)
     # how the bundle is served: {"embedder": ..., "rule": DecisionRule.to_dict(), ...}
     deployment: dict[str, Any] | None = None
+    # the training domain (DomainSummary.to_dict()); None in bundles exported before it existed
+    domain: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
@@ -129,6 +132,15 @@ def _check_inputs(backbone: nn.Module, pre: Preprocessing, sample_images: np.nda
         )
 
 
+def _check_domain(domain: dict[str, Any], pre: Preprocessing, embedding_dim: int) -> None:
+    d = DomainSummary.from_dict(domain)
+    if (d.mode, d.size, d.embedding.dim) != (pre.mode, pre.size, embedding_dim):
+        raise CheckpointError(
+            f"domain summary is of mode {d.mode!r}, size {d.size}, {d.embedding.dim}-d embeddings but the "
+            f"bundle is {pre.mode!r}, {pre.size}, {embedding_dim}-d; build it with this model and preprocessing"
+        )
+
+
 def _write_files(
     tmp: Path, backbone: nn.Module, pre: Preprocessing, sample_images: np.ndarray, tolerance: float
 ) -> dict[str, Any]:
@@ -152,12 +164,15 @@ def export_bundle(
     sample_images: np.ndarray, tolerance: float = PARITY_TOLERANCE,
     deployment: dict[str, Any] | None = None,
     evaluate: Callable[[OnnxEmbedder], dict[str, Any]] | None = None,
+    domain: dict[str, Any] | None = None,
 ) -> Path:
     """Write the bundle atomically; refuse it (nothing at `out_dir`) if ONNX and PyTorch disagree,
     or if `evaluate` (called with the written ONNX model as the service will run it) raises.
 
     sample_images: uint8 (N, C, H, W) real images under `preprocessing`, for the parity check.
     evaluate: -> metrics of the bundle as served, merged into the manifest's `metrics`.
+    domain: `DomainSummary.to_dict()` of the training images (fewshot.artifacts.domain), checked
+    against `preprocessing` and the embedding size.
     """
     out = Path(out_dir)
     if out.exists():
@@ -165,6 +180,8 @@ def export_bundle(
     _check_inputs(backbone, preprocessing, sample_images)
     if calibration is not None:
         Calibration.from_dict(calibration)  # validate before writing anything
+    if domain is not None:
+        _check_domain(domain, preprocessing, int(backbone.embedding_dim))  # type: ignore[arg-type]
     backbone = backbone.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -181,7 +198,7 @@ def export_bundle(
             backbone=dict(backbone.config), preprocessing=preprocessing.to_dict(),  # type: ignore[arg-type]
             embedding_dim=int(backbone.embedding_dim), source=source,  # type: ignore[arg-type]
             data_fingerprint=data_fingerprint, metrics=metrics, calibration=calibration,
-            versions=_versions(), sha256=hashes, parity=parity, deployment=deployment,
+            versions=_versions(), sha256=hashes, parity=parity, deployment=deployment, domain=domain,
         )
         (tmp / MANIFEST).write_text(manifest.to_json())
         for f in tmp.iterdir():
@@ -219,6 +236,13 @@ class Bundle:
     def calibration(self) -> Calibration | None:
         c = self.manifest.calibration
         return None if c is None else Calibration.from_dict(c)
+
+    @cached_property
+    def domain(self) -> DomainSummary | None:
+        """The training domain, to flag far-out uploads (None for bundles exported without one);
+        parsed once."""
+        d = self.manifest.domain
+        return None if d is None else DomainSummary.from_dict(d)
 
     @property
     def decision_rule(self) -> DecisionRule:

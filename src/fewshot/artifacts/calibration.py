@@ -1,16 +1,22 @@
-"""Unknown-rejection threshold from held-out open-set episodes.
+"""Unknown-rejection calibration from held-out open-set episodes.
 
 Each episode draws `n_way` support classes plus one more class that is *left out* of the support
-set. Queries of the support classes give "known" scores, queries of the left-out class give
-"unknown" scores; the score of a query is its distance (or similarity) to the nearest prototype.
-The threshold is the score at which at most `target_false_accept` of the unknown queries would be
-accepted. One pass gives thresholds for both metrics (squared Euclidean, cosine).
+set. Queries of the support classes are "known", queries of the left-out class "unknown"; each
+query is scored against its nearest prototype.
+
+* `calibrate_open_set` (what export uses): chooses an `OpenSetRule` per metric (`fewshot.openset`)
+  on validation classes against two targets at once: keep `target_true_accept` of the answers that
+  forced choice gets right, and reject `target_rejection` of the queries whose class was never
+  taught. The default threshold maximises the smaller of the two margins (so when both targets
+  cannot be met, it misses them by the same amount). It also keeps the legacy per-metric
+  `thresholds` (raw score at `target_false_accept` of unknowns accepted).
+* `calibrate_unknown_threshold`: the legacy thresholds alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +25,10 @@ import torch
 from fewshot.artifacts.embedders import Embedder
 from fewshot.decision import METRICS, Metric, accepts, nearest, prototype_scores
 from fewshot.errors import ConfigError
+from fewshot.openset import OpenSetRule
+
+PRIOR_STRENGTHS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)  # examples the prior spread is worth
+SHOT_PENALTIES = tuple(round(0.05 * i, 2) for i in range(41))  # gamma in 1 + gamma / n_k: 0 .. 2
 
 
 def nearest_scores(queries: np.ndarray, prototypes: np.ndarray, metric: Metric) -> np.ndarray:
@@ -31,7 +41,9 @@ def nearest_scores(queries: np.ndarray, prototypes: np.ndarray, metric: Metric) 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Thresholds per metric plus how they were obtained; stored in the bundle manifest."""
+    """Thresholds and open-set rules per metric plus how they were obtained; stored in the bundle
+    manifest. `rules` (metric -> `OpenSetRule.to_dict()`) is what the service should apply;
+    `thresholds` are the legacy raw-score thresholds (accept d^2 <= t, or cos >= t)."""
 
     thresholds: dict[str, float]
     target_false_accept: float
@@ -40,9 +52,20 @@ class Calibration:
     n_way: int
     n_shot: int
     n_query: int
+    rules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    open_set: dict[str, Any] = field(default_factory=dict)  # targets, episodes, measured operating points
 
     def threshold(self, metric: Metric) -> float | None:
+        """The legacy raw-score threshold; prefer `rule(metric)`."""
         return self.thresholds.get(metric)
+
+    def rule(self, metric: Metric) -> OpenSetRule | None:
+        """The open-set rule for `metric`; a bundle calibrated before rules existed gets a "global"
+        rule with its threshold (same decisions); None when the metric was never calibrated."""
+        if metric in self.rules:
+            return OpenSetRule.from_dict(self.rules[metric])
+        t = self.thresholds.get(metric)
+        return None if t is None else OpenSetRule.from_legacy_threshold(metric, t)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,20 +73,246 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
         try:
-            return cls(
+            cal = cls(
                 thresholds={str(k): float(v) for k, v in d["thresholds"].items()},
                 target_false_accept=float(d["target_false_accept"]),
                 true_accept={str(k): float(v) for k, v in d.get("true_accept", {}).items()},
                 n_episodes=int(d["n_episodes"]), n_way=int(d["n_way"]),
                 n_shot=int(d["n_shot"]), n_query=int(d["n_query"]),
+                rules={str(k): dict(v) for k, v in d.get("rules", {}).items()},
+                open_set=dict(d.get("open_set", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(
                 f"calibration {dict(d)!r} is malformed ({exc}); produce it with "
-                "fewshot.artifacts.calibrate_unknown_threshold(...).to_dict()"
+                "fewshot.artifacts.calibrate_open_set(...).to_dict()"
             ) from exc
+        for metric, r in cal.rules.items():
+            if OpenSetRule.from_dict(r).metric != metric:
+                raise ConfigError(f"calibration rule for {metric!r} has metric {r.get('metric')!r}; "
+                                  "store each rule under its own metric")
+        return cal
 
 
+# -- open-set episodes ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OpenSetScores:
+    """Per query of open-set episodes, for one metric: what the service sees about the nearest class."""
+
+    score: np.ndarray  # (N,) score of the nearest prototype
+    second: np.ndarray  # (N,) score of the second-nearest prototype (for reference rules only)
+    count: np.ndarray  # (N,) n_k of the nearest class
+    spread: np.ndarray  # (N,) spread_k of the nearest class
+    known: np.ndarray  # (N,) bool: the query's class was taught
+    correct: np.ndarray  # (N,) bool: known and forced choice picked its class
+
+    def novelty(self, rule: OpenSetRule) -> np.ndarray:
+        return rule.novelty(self.score, self.count, self.spread)
+
+    @classmethod
+    def concat(cls, parts: Sequence[OpenSetScores]) -> OpenSetScores:
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
+
+
+def _support_stats(support: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Support sets [(n_k, D)] -> prototypes (K, D) float32, counts (K,), spreads (K,) float64."""
+    protos = np.stack([s.mean(0) for s in support]).astype(np.float32)
+    spread = np.array([((s.astype(np.float64) - s.mean(0, dtype=np.float64)) ** 2).sum(-1).mean() for s in support])
+    return protos, np.array([len(s) for s in support], np.float64), spread
+
+
+def _scores(queries: np.ndarray, labels: np.ndarray, protos: np.ndarray, counts: np.ndarray,
+            spreads: np.ndarray, metric: Metric) -> OpenSetScores:
+    """Queries (Q, D) with labels (Q,) (label K = untaught) against K prototypes -> OpenSetScores."""
+    s = prototype_scores(torch.from_numpy(queries), torch.from_numpy(protos), metric)
+    top_t, idx_t = torch.topk(s, min(2, s.shape[1]), dim=1, largest=metric == "cosine")
+    top, idx = top_t.double().numpy(), idx_t.numpy()
+    second = top[:, 1] if top.shape[1] > 1 else np.full(len(top), np.nan)
+    known = labels < len(protos)
+    return OpenSetScores(top[:, 0], second, counts[idx[:, 0]], spreads[idx[:, 0]], known, known & (idx[:, 0] == labels))
+
+
+def open_set_episode(emb_by_class: Sequence[np.ndarray], rng: np.random.Generator, *, n_way: int,
+                     n_shot: int | tuple[int, int], n_query: int) -> dict[Metric, OpenSetScores]:
+    """One episode: `n_way` taught classes with `n_shot` examples each (a (low, high) pair draws each
+    class's count uniformly from low..high) and `n_query` queries each, plus `n_query` queries of
+    one untaught class -> per metric OpenSetScores. emb_by_class: [(n_i, D)] embeddings."""
+    lo, hi = (n_shot, n_shot) if isinstance(n_shot, int) else n_shot
+    chosen = rng.choice(len(emb_by_class), size=n_way + 1, replace=False)
+    shots = rng.integers(lo, hi + 1, size=n_way)
+    support, queries = [], []
+    for i, c in enumerate(chosen):
+        x = emb_by_class[c][rng.permutation(len(emb_by_class[c]))]
+        k = int(shots[i]) if i < n_way else 0
+        support += [x[:k]] if i < n_way else []
+        queries.append(x[k : k + n_query])
+    labels = np.concatenate([np.full(len(q), i) for i, q in enumerate(queries)])
+    q = np.ascontiguousarray(np.concatenate(queries), np.float32)
+    protos, counts, spreads = _support_stats(support)
+    return {m: _scores(q, labels, protos, counts, spreads, m) for m in METRICS}
+
+
+def sample_open_set(emb_by_class: Sequence[np.ndarray], rng: np.random.Generator, *, n_way: int,
+                    n_shot: int | tuple[int, int], n_query: int, n_episodes: int) -> dict[Metric, OpenSetScores]:
+    """`n_episodes` open-set episodes (see `open_set_episode`), concatenated per metric."""
+    eps = [open_set_episode(emb_by_class, rng, n_way=n_way, n_shot=n_shot, n_query=n_query) for _ in range(n_episodes)]
+    return {m: OpenSetScores.concat([e[m] for e in eps]) for m in METRICS}
+
+
+# -- trade-off between kept correct answers and rejected unknowns --------------------------------
+def trade_off(kept: np.ndarray, unknown: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Novelty of correct known queries (A,) and of unknown queries (B,) -> every distinct threshold
+    (T,) with the fraction of correct answers kept (novelty <= t) and of unknowns rejected (> t)."""
+    if len(kept) == 0 or len(unknown) == 0:
+        raise ValueError(f"need correct known and unknown queries; got {len(kept)} and {len(unknown)}")
+    k, u = np.sort(kept), np.sort(unknown)
+    t = np.unique(np.concatenate([k, u]))
+    return t, np.searchsorted(k, t, "right") / len(k), 1.0 - np.searchsorted(u, t, "right") / len(u)
+
+
+def auroc(kept: np.ndarray, unknown: np.ndarray) -> float:
+    """P(an unknown query's novelty > a correct known query's), ties counting one half."""
+    u = np.sort(unknown)
+    below, above = np.searchsorted(u, kept, "left"), np.searchsorted(u, kept, "right")
+    return float(np.mean((len(u) - above) + 0.5 * (above - below)) / len(u))
+
+
+def balanced_threshold(kept: np.ndarray, unknown: np.ndarray, target_true_accept: float,
+                       target_rejection: float) -> float:
+    """The threshold maximising min(kept - target_true_accept, rejected - target_rejection); the
+    middle of the best plateau."""
+    t, ta, rej = trade_off(kept, unknown)
+    margin = np.minimum(ta - target_true_accept, rej - target_rejection)
+    best = np.flatnonzero(margin == margin.max())
+    return float(t[best[len(best) // 2]])
+
+
+def operating_point(rule: OpenSetRule, s: OpenSetScores, threshold: float | None = None) -> dict[str, float]:
+    """Fraction of correct answers kept and of unknown queries rejected at the rule's threshold, the
+    AUROC, and forced-choice accuracy on known queries."""
+    nov = s.novelty(rule)
+    keep = rule.accepts(nov, threshold)
+    return {"true_accept": float(keep[s.correct].mean()), "unknown_rejection": float(1.0 - keep[~s.known].mean()),
+            "auroc": auroc(nov[s.correct], nov[~s.known]), "accuracy": float(s.correct[s.known].mean())}
+
+
+def at_threshold(rule: OpenSetRule, s: OpenSetScores, target_true_accept: float,
+                 target_rejection: float) -> OpenSetRule:
+    """`rule` with its balanced threshold on `s`."""
+    nov = s.novelty(rule)
+    return replace(rule, threshold=balanced_threshold(nov[s.correct], nov[~s.known], target_true_accept, target_rejection))
+
+
+# -- choosing a rule ------------------------------------------------------------------------------
+def prior_spread(emb_by_class: Sequence[np.ndarray]) -> float:
+    """Median over classes of the unbiased per-example variance n / (n - 1) * mean ||x - mean||^2."""
+    v = [len(e) / (len(e) - 1) * ((e - e.mean(0)) ** 2).sum(-1).mean() for e in emb_by_class if len(e) > 1]
+    if not v:
+        raise ConfigError("the prior spread needs classes with >= 2 images; pass more images per class")
+    return float(np.median(np.asarray(v, np.float64)))
+
+
+def fit_spread_rule(by_shot: Mapping[int, OpenSetScores], metric: Metric, n_shot: int, spread0: float, *,
+                    target_true_accept: float, target_rejection: float,
+                    prior_strengths: Sequence[float] = PRIOR_STRENGTHS,
+                    shot_penalties: Sequence[float] = SHOT_PENALTIES) -> OpenSetRule:
+    """The "spread" rule on validation episodes: `prior_strength` maximises AUROC on `n_shot`-shot
+    episodes (largest on ties); `shot_penalty` makes 1-shot episodes reject unknowns as often as
+    `n_shot`-shot ones at the same threshold (smallest on ties; 1 when `n_shot` is 1); the threshold
+    is balanced on `n_shot`-shot episodes."""
+    main = by_shot[n_shot]
+    base = OpenSetRule("spread", metric, 0.0, prior_spread=spread0)
+
+    def auc(lam: float) -> float:
+        nov = main.novelty(replace(base, prior_strength=lam))
+        return auroc(nov[main.correct], nov[~main.known])
+
+    lam = max(sorted(prior_strengths, reverse=True), key=auc) if n_shot > 1 else base.prior_strength
+    base = replace(base, prior_strength=float(lam))
+
+    if n_shot == 1 or 1 not in by_shot:  # the penalty is not identifiable: keep the isotropic model's 1
+        return at_threshold(base, main, target_true_accept, target_rejection)
+
+    def fitted(gamma: float) -> tuple[float, OpenSetRule]:
+        rule = at_threshold(replace(base, shot_penalty=float(gamma)), main, target_true_accept, target_rejection)
+        gap = operating_point(rule, by_shot[1])["unknown_rejection"] - operating_point(rule, main)["unknown_rejection"]
+        return abs(gap), rule
+
+    return min((fitted(g) for g in sorted(shot_penalties)), key=lambda x: x[0])[1]
+
+
+def fit_open_set_rules(emb_by_class: Sequence[np.ndarray], rng: np.random.Generator, *, n_way: int, n_shot: int,
+                       n_query: int, n_episodes: int, target_true_accept: float = 0.95,
+                       target_rejection: float = 0.80, prior_strengths: Sequence[float] = PRIOR_STRENGTHS,
+                       ) -> tuple[dict[Metric, OpenSetRule], dict[str, Any], dict[Metric, OpenSetScores]]:
+    """Per metric the "spread" rule chosen on `n_episodes` episodes of `n_way`-way `n_shot`-shot
+    (and 1-shot, for the shot penalty) -> (rules, report of the targets and the measured operating
+    points of the rule and of a "global" rule balanced the same way, the `n_shot` episodes)."""
+    shots = sorted({1, n_shot})
+    by_shot = {k: sample_open_set(emb_by_class, rng, n_way=n_way, n_shot=k, n_query=n_query, n_episodes=n_episodes)
+               for k in shots}
+    spread0 = prior_spread(emb_by_class)
+    rules: dict[Metric, OpenSetRule] = {}
+    measured: dict[str, Any] = {}
+    for m in METRICS:
+        one = {k: s[m] for k, s in by_shot.items()}
+        rules[m] = fit_spread_rule(one, m, n_shot, spread0, target_true_accept=target_true_accept,
+                                   target_rejection=target_rejection, prior_strengths=prior_strengths)
+        flat = at_threshold(OpenSetRule("global", m, 0.0), one[n_shot], target_true_accept, target_rejection)
+        measured[m] = {r.kind: {"threshold": r.threshold, **{f"{n_way}w{k}s": operating_point(r, s) for k, s in one.items()}}
+                       for r in (rules[m], flat)}
+    report = {"target_true_accept": target_true_accept, "target_rejection": target_rejection, "n_way": n_way,
+              "shots": shots, "n_query": n_query, "n_episodes": n_episodes, "prior_spread": spread0,
+              "measured": measured}
+    return rules, report, {m: by_shot[n_shot][m] for m in METRICS}
+
+
+def _check_classes(images_by_class: Mapping[str, np.ndarray], n_way: int, n_shot: int) -> None:
+    if len(images_by_class) < n_way + 1:
+        raise ConfigError(
+            f"calibration needs at least n_way + 1 = {n_way + 1} held-out classes; got "
+            f"{len(images_by_class)}: pass more classes or lower n_way"
+        )
+    small = {k: len(v) for k, v in images_by_class.items() if len(v) < n_shot + 1}
+    if small:
+        raise ConfigError(f"calibration classes need >= n_shot + 1 = {n_shot + 1} images; too few: {small}")
+
+
+def _check_rate(name: str, value: float, example: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"{name} {value} must be in (0, 1), e.g. {example}")
+
+
+def calibrate_open_set(
+    embedder: Embedder, images_by_class: Mapping[str, np.ndarray], rng: np.random.Generator, *,
+    n_way: int = 5, n_shot: int = 5, n_query: int = 15, n_episodes: int = 200,
+    target_true_accept: float = 0.95, target_rejection: float = 0.80, target_false_accept: float = 0.05,
+) -> Calibration:
+    """Open-set rules per metric (see module doc) plus the legacy thresholds at `target_false_accept`.
+
+    images_by_class: held-out (validation) class name -> uint8 (n_i, C, H, W) with n_i >= n_shot + 1.
+    """
+    _check_classes(images_by_class, n_way, n_shot)
+    for name, value, example in (("target_true_accept", target_true_accept, 0.95),
+                                 ("target_rejection", target_rejection, 0.8),
+                                 ("target_false_accept", target_false_accept, 0.05)):
+        _check_rate(name, value, example)
+    emb = [embedder.embed(images_by_class[k]) for k in sorted(images_by_class)]
+    rules, report, main = fit_open_set_rules(emb, rng, n_way=n_way, n_shot=n_shot, n_query=n_query,
+                                             n_episodes=n_episodes, target_true_accept=target_true_accept,
+                                             target_rejection=target_rejection)
+    thresholds: dict[str, float] = {m: _threshold_at(m, main[m].score[~main[m].known], target_false_accept) for m in METRICS}
+    true_accept: dict[str, float] = {
+        m: float(np.mean(accepts(m, main[m].score[main[m].known], thresholds[m]))) for m in METRICS  # type: ignore[arg-type]
+    }
+    return Calibration(
+        thresholds=thresholds, target_false_accept=target_false_accept, true_accept=true_accept,
+        n_episodes=n_episodes, n_way=n_way, n_shot=n_shot, n_query=n_query,
+        rules={m: r.to_dict() for m, r in rules.items()}, open_set=report,
+    )
+
+
+# -- legacy: one raw-score threshold per metric ---------------------------------------------------
 def _episode_scores(
     emb_by_class: list[np.ndarray], rng: np.random.Generator, n_way: int, n_shot: int, n_query: int
 ) -> dict[Metric, tuple[np.ndarray, np.ndarray]]:
@@ -96,16 +345,8 @@ def calibrate_unknown_threshold(
 
     images_by_class: held-out class name -> uint8 (n_i, C, H, W) with n_i >= n_shot + 1.
     """
-    if len(images_by_class) < n_way + 1:
-        raise ConfigError(
-            f"calibration needs at least n_way + 1 = {n_way + 1} held-out classes; got "
-            f"{len(images_by_class)}: pass more classes or lower n_way"
-        )
-    small = {k: len(v) for k, v in images_by_class.items() if len(v) < n_shot + 1}
-    if small:
-        raise ConfigError(f"calibration classes need >= n_shot + 1 = {n_shot + 1} images; too few: {small}")
-    if not 0.0 < target_false_accept < 1.0:
-        raise ConfigError(f"target_false_accept {target_false_accept} must be in (0, 1), e.g. 0.05")
+    _check_classes(images_by_class, n_way, n_shot)
+    _check_rate("target_false_accept", target_false_accept, 0.05)
     emb = [embedder.embed(images_by_class[k]) for k in sorted(images_by_class)]
     known: dict[Metric, list[np.ndarray]] = {m: [] for m in METRICS}
     unknown: dict[Metric, list[np.ndarray]] = {m: [] for m in METRICS}

@@ -161,7 +161,7 @@ def shrink(img: Image.Image, size: int) -> Image.Image:
         return img
     hi = None
     if img.mode in ("I;16", "I;16B", "I;16L"):
-        hi = float(img.getextrema()[1])  # type: ignore[index]  # the whole image decides the 8-bit scale
+        hi = float(img.getextrema()[1])  # type: ignore[arg-type,index]  # the whole image decides the 8-bit scale
     rows = max(fy, (_STRIP_BYTES // (4 * w)) // fy * fy)
     out: Image.Image | None = None
     for y0 in range(0, h, rows):

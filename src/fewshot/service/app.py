@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException
 from fewshot.artifacts.bundle import Bundle, load_bundle
 from fewshot.artifacts.calibration import Calibration
 from fewshot.errors import FewshotError
+from fewshot.openset import OpenSetRule
 from fewshot.service.auth import FailureThrottle, hash_key, key_matches, secret_matches
 from fewshot.service.images import UploadError, decode_upload
 from fewshot.service.middleware import (
@@ -137,8 +138,11 @@ class PredictionOut(BaseModel):
     class_id: str | None
     known: bool
     probability: float
-    score: float
+    score: float = Field(description="the nearest prototype's score: squared distance or cosine similarity")
+    novelty: float | None = Field(description="how unlike its nearest class the image is (open-set rule); "
+                                  "known when novelty <= threshold")
     threshold: float | None
+    rule: str | None = Field(None, description="the open-set rule's kind, e.g. 'spread'")
     metric: str
     top_k: list[CandidateOut]
 
@@ -267,7 +271,7 @@ def _class_out(rec: ClassRecord, example_ids: list[str] | None = None) -> ClassO
 
 def _prediction_out(name: str, p: Prediction) -> PredictionOut:
     return PredictionOut(image=name, label=p.label, class_id=p.class_id, known=p.known, probability=p.probability,
-                         score=p.score, threshold=p.threshold, metric=p.metric,
+                         score=p.score, novelty=p.novelty, threshold=p.threshold, rule=p.rule, metric=p.metric,
                          top_k=[CandidateOut(**c.__dict__) for c in p.top_k])
 
 
@@ -278,14 +282,18 @@ def _explain_out(name: str, e: Explanation) -> ExplainOut:
 
 
 def _calibration(bundle: Bundle, s: ServiceSettings) -> Calibration | None:
-    """The bundle's calibration with the service-level threshold overrides applied."""
+    """The bundle's calibration with the service-level threshold overrides applied to its open-set
+    rules (on their novelty scale)."""
     overrides = {m: t for m, t in (("euclidean", s.euclidean_threshold), ("cosine", s.cosine_threshold)) if t is not None}
     base = bundle.calibration
     if not overrides:
         return base
-    if base is None:
-        return Calibration(overrides, 0.0, {}, 0, 0, 0, 0)
-    return replace(base, thresholds={**base.thresholds, **overrides})
+    base = base or Calibration({}, 0.0, {}, 0, 0, 0, 0)
+    rules = dict(base.rules)
+    for m, t in overrides.items():
+        rule = base.rule(m)  # type: ignore[arg-type]
+        rules[m] = (replace(rule, threshold=t) if rule else OpenSetRule("global", m, t)).to_dict()  # type: ignore[arg-type]
+    return replace(base, rules=rules)
 
 
 # -- app -----------------------------------------------------------------------------------------

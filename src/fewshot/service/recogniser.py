@@ -19,10 +19,11 @@ from typing import Any, Literal, NoReturn
 
 import numpy as np
 
-from fewshot.artifacts.calibration import METRICS, Calibration, Metric, accepts
+from fewshot.artifacts.calibration import METRICS, Calibration, Metric
 from fewshot.artifacts.embedders import Embedder
 from fewshot.decision import DecisionRule
 from fewshot.errors import ConfigError
+from fewshot.openset import OpenSetRule
 from fewshot.service.auth import hash_key, new_api_key
 from fewshot.service.heads import (
     LogisticHead,
@@ -173,10 +174,12 @@ class Prediction:
     class_id: str | None
     known: bool
     probability: float
-    score: float  # the nearest prototype's score, compared with `threshold`
-    threshold: float | None
+    score: float  # the nearest prototype's score (squared distance or cosine similarity)
+    novelty: float | None  # the open-set rule's novelty of the query for its nearest class
+    threshold: float | None  # accepted when novelty <= threshold; None: no rule, always accepted
     metric: Metric
     top_k: list[Candidate]
+    rule: str | None = None  # the open-set rule's kind ("spread", "global")
 
 
 @dataclass(frozen=True)
@@ -362,12 +365,16 @@ class Recogniser:
         return len(self._memory(workspace_id).protos.class_ids)
 
     # -- classification ------------------------------------------------------------------------------
-    def _threshold(self, settings: WorkspaceSettings, override: float | None) -> float | None:
-        if override is not None:
-            return check_threshold(override)
-        if settings.threshold is not None:
-            return settings.threshold
-        return self.calibration.threshold(settings.metric) if self.calibration else None
+    def rule(self, settings: WorkspaceSettings, override: float | None = None) -> OpenSetRule | None:
+        """The open-set rule that decides "unknown": the bundle's calibrated rule for the workspace's
+        metric, at the threshold of (call override > workspace setting > calibration). Thresholds are
+        on the rule's novelty scale. Without a calibration, a threshold makes a "global" rule
+        (novelty = squared distance, or 1 - cosine); without either, every answer is accepted."""
+        base = self.calibration.rule(settings.metric) if self.calibration else None
+        t = check_threshold(override) if override is not None else settings.threshold
+        if t is None:
+            return base
+        return replace(base, threshold=t) if base is not None else OpenSetRule("global", settings.metric, t)
 
     def _examples(self, workspace_id: str, mem: _Memory) -> ExampleSet:
         if mem.examples is None or mem.examples_version != mem.protos.version:
@@ -406,20 +413,26 @@ class Recogniser:
             probs = self._logistic(workspace_id, mem).probabilities(q)
         else:
             probs = softmax(prototype_logits(scores, settings.metric, self.config.cosine_scale))
-        t = self._threshold(settings, threshold)
-        return [self._prediction(p, scores[i], probs[i], settings.metric, t, top_k) for i in range(len(q))]
+        rule = self.rule(settings, threshold)
+        idx = scores.argmin(1) if settings.metric == "euclidean" else scores.argmax(1)
+        best = scores[np.arange(len(q)), idx]
+        novelty = None if rule is None else rule.novelty(best, np.maximum(p.counts[idx], 1), p.spreads[idx])
+        return [self._prediction(p, scores[i], probs[i], settings.metric, rule,
+                                 None if novelty is None else float(novelty[i]), top_k) for i in range(len(q))]
 
     def _prediction(self, p: Prototypes, scores: np.ndarray, probs: np.ndarray, metric: Metric,
-                    threshold: float | None, top_k: int) -> Prediction:
+                    rule: OpenSetRule | None, novelty: float | None, top_k: int) -> Prediction:
         k = min(top_k, len(probs))
         top = np.argpartition(-probs, k - 1)[:k] if k < len(probs) else np.arange(len(probs))
         top = top[np.argsort(-probs[top], kind="stable")]
         cands = [Candidate(p.class_ids[j], p.labels[j], float(probs[j]), float(scores[j])) for j in top]
         nearest = int(scores.argmin() if metric == "euclidean" else scores.argmax())
-        known = threshold is None or bool(accepts(metric, float(scores[nearest]), threshold))
+        known = rule is None or novelty is None or bool(rule.accepts(np.asarray([novelty]))[0])
         best = cands[0]
         return Prediction(best.label if known else UNKNOWN, best.class_id if known else None, known,
-                          best.probability, float(scores[nearest]), threshold, metric, cands)
+                          best.probability, float(scores[nearest]), novelty,
+                          None if rule is None else rule.threshold, metric, cands,
+                          None if rule is None else rule.kind)
 
     def explain(self, workspace_id: str, image_u8: np.ndarray, *, k: int = 3,
                 threshold: float | None = None) -> Explanation:

@@ -95,7 +95,7 @@ class EvalConfig(_Frozen):
 
 class ExportConfig(_Frozen):
     enabled: bool = True
-    calibration_episodes: int = Field(200, ge=10)
+    calibration_episodes: int = Field(600, ge=10)
     false_accept_rate: float = Field(0.05, gt=0, lt=1)
     # `fewshot export` measures the bundle as served (ONNX Runtime + the service's rule) on the
     # run's test episodes and refuses it when it is more than this below the learner (unless forced)

@@ -29,7 +29,7 @@ from fewshot.decision import METRICS, DecisionRule
 from fewshot.episodes.loader import EpisodeDataset
 from fewshot.episodes.sampling import EpisodeSpec
 from fewshot.episodes.types import Episode
-from fewshot.errors import CheckpointError
+from fewshot.errors import CheckpointError, FewshotError
 from fewshot.training.data import RunData, load_run_data
 from fewshot.training.evaluate import EvalResult, evaluate_episodes
 
@@ -184,12 +184,40 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
         deployment["batch_norm"] = (f"running statistics = mean of {config.export.bn_episodes} training support "
                                     f"sets ({config.eval.way}-way {config.eval.shot}-shot)")
     sample = np.concatenate([v[:2] for v in list(by_class.values())[:16]])
+    domain = domain_summary(config, data, TorchEmbedder(backbone, channels=pre.channels, size=pre.size), seed)
     return export_bundle(
         backbone, out, preprocessing=pre,
         source={"run": str(run_dir), "name": config.name, "learner": manifest["model"]["learner"],
                 "step": manifest["step"], "calibrated_on": f"{data.scheme}/{calib_split}",
                 "train_classes": data.class_names("train")},
         metrics={}, data_fingerprint=data.cache.fingerprint, calibration=calibration.to_dict(),
-        sample_images=sample, deployment=deployment,
+        sample_images=sample, deployment=deployment, domain=domain.to_dict(),
         evaluate=_served_metrics(run_dir, data, rule, config.export.max_drop, force),
     )
+
+
+def domain_summary(config: RunConfig, data: RunData, embedder: Any, seed: int, *, n_originals: int = 3000,
+                   n_embedded: int = 8000) -> Any:
+    """What the bundle knows of its training domain (`fewshot.artifacts.domain`): statistics of
+    `n_originals` training files as a user would upload them (read from the raw source; the
+    packed model inputs when the source cannot be read) and the embedding distribution of about
+    `n_embedded` training images, the same number from each class. The service flags uploads far
+    outside it."""
+    from fewshot.artifacts.domain import model_image_statistics, summarise_domain, upload_statistics
+    from fewshot.training.data import source_of
+
+    rng = np.random.default_rng(seed)
+    classes = list(dict.fromkeys(int(c) for c in data.splits["train"].class_ids))
+    per_class = max(1, -(-n_embedded // len(classes)))
+    train = np.concatenate([np.asarray(data.cache.class_images(c)[:per_class]) for c in classes])
+    pre = data.cache.preprocessing
+    names = set(data.class_names("train"))
+    try:
+        source = source_of(config.data)
+        entries = [e for e in source.entries() if e.class_name in names]
+        picked = rng.choice(len(entries), size=min(n_originals, len(entries)), replace=False)
+        stats, origin = [upload_statistics(source.read(entries[i]), name=entries[i].source_id) for i in picked], "originals"
+    except (OSError, FewshotError):  # the raw files are gone: the packed (already converted) images
+        stats, origin = model_image_statistics(train[rng.permutation(len(train))[:n_originals]]), "model inputs"
+    return summarise_domain(embedder, train, stats, mode=pre.mode, size=pre.size, rng=rng,
+                            trained_on=f"{config.data.dataset} training images", image_stats_from=origin)

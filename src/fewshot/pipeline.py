@@ -76,7 +76,8 @@ def run_pipeline(config: RunConfig, *, serve_check: bool = True, progress: bool 
         if serve_check:
             from fewshot.service.smoke import service_smoke_check
 
-            summary["service_check"] = service_smoke_check(bundle_dir, images_by_class(data, ev.split, limit=3))
+            summary["service_check"] = service_smoke_check(bundle_dir, images_by_class(data, ev.split, limit=3),
+                                                           foreign=foreign_photos(config.data.data_root()))
         summary["bundle_as_served"] = {k: round(100 * m["served_mean"], 2) for k, m in
                                        Manifest.read(bundle_dir).metrics.items()}
     if config.pipeline.distill:
@@ -84,3 +85,20 @@ def run_pipeline(config: RunConfig, *, serve_check: bool = True, progress: bool 
     summary["total_s"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(config.run_dir() / "pipeline_summary.json", summary)
     return summary
+
+
+def foreign_photos(data_root: Path, n: int = 20) -> list[bytes]:
+    """Up to `n` CIFAR-10 test JPEGs (two per class) from `<data_root>/cifar10-subset`, if present:
+    colour photos the service check sends to a character model, expecting them flagged."""
+    import zipfile
+
+    path = data_root / "cifar10-subset" / "cifar10_subset.zip"
+    if not path.is_file():
+        return []
+    with zipfile.ZipFile(path) as z:
+        names = sorted(m for m in z.namelist() if "/test/" in m and m.endswith(".jpg"))
+        by_class: dict[str, list[str]] = {}
+        for m in names:
+            by_class.setdefault(m.split("/")[-2], []).append(m)
+        picked = [m for ms in by_class.values() for m in ms[:2]][:n]
+        return [z.read(m) for m in picked]

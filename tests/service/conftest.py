@@ -34,6 +34,12 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def domain_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle's model with a domain summary (grayscale noise patterns)."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "domain", domain=True)
+
+
+@pytest.fixture(scope="session")
 def other_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle of another model: 32-d embeddings instead of 64-d."""
     return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "other", seed=1, hidden=32)

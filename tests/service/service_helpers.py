@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from fewshot.artifacts import export_bundle
-from fewshot.artifacts.embedders import check_batch
+from fewshot.artifacts.domain import model_image_statistics, summarise_domain
+from fewshot.artifacts.embedders import TorchEmbedder, check_batch
 from fewshot.backbones import create_backbone
 from fewshot.data.imageio import Preprocessing
 
@@ -42,10 +43,28 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_tiny_bundle(out: Path, seed: int = 0, hidden: int = 64, calibration: dict | None = None) -> Path:
+def make_tiny_bundle(out: Path, seed: int = 0, hidden: int = 64, calibration: dict | None = None,
+                     domain: bool = False) -> Path:
+    """An untrained Conv-4 bundle; `domain`: with a domain summary of grayscale noise-pattern images."""
     backbone = create_backbone("conv4", in_channels=1, image_size=28, hidden=hidden,
                                generator=torch.Generator().manual_seed(seed))
     samples = np.concatenate([class_images(s, 2) for s in range(4)])
+    summary = None
+    if domain:
+        train = np.concatenate([class_images(100 + s, 25) for s in range(48)])
+        summary = summarise_domain(TorchEmbedder(backbone, channels=1, size=28), train, model_image_statistics(train),
+                                   mode="L", size=28, rng=np.random.default_rng(seed), trained_on="noise patterns",
+                                   image_stats_from="model inputs").to_dict()
     return export_bundle(backbone, out, preprocessing=Preprocessing("L", 28), source={"run": "test", "seed": seed},
                          metrics={"note": "untrained"}, data_fingerprint="synthetic", calibration=calibration,
-                         sample_images=samples)
+                         sample_images=samples, domain=summary)
+
+
+def colour_photo_jpeg(side: int = 48, seed: int = 0) -> bytes:
+    """A saturated colour 'photo' (smooth colour gradients), as a JPEG."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side] / side
+    rgb = np.stack([np.sin(6 * x + rng.uniform(0, 3)), np.cos(5 * y), np.sin(4 * (x + y))], -1)
+    buf = io.BytesIO()
+    Image.fromarray(((rgb + 1) * 127.5).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()

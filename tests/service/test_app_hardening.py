@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from hostile_images import mpo_bytes, tiny_wide_png
-from service_helpers import class_images
+from service_helpers import class_images, colour_photo_jpeg, png_bytes
 from test_app import ADMIN, assert_error, auth, files, new_workspace, settings_for, teach
 
 from fewshot.service.app import create_app
@@ -144,3 +144,34 @@ def test_a_failing_store_is_a_503_with_retry_after_and_no_path(tiny_bundle: Path
         c.app.state.service.store.broken = False  # type: ignore[attr-defined]
         assert c.get("/readyz").status_code == 200  # recovers without a restart
         assert c.get(f"/workspaces/{ws}/classes", headers=auth(key)).json() == []
+
+
+def test_colour_photos_are_flagged_out_of_domain_but_still_answered(domain_bundle: Path, tmp_path: Path) -> None:
+    with TestClient(create_app(settings_for(domain_bundle, tmp_path))) as c:
+        assert c.get("/model").json()["domain"] == {"mode": "L", "size": 28, "trained_on": "noise patterns"}
+        ws, key = new_workspace(c)
+        teach(c, ws, key, "a", 100)
+        teach(c, ws, key, "b", 101)
+        photos = [("images", (f"p{i}.jpg", colour_photo_jpeg(seed=i), "image/jpeg")) for i in range(3)]
+        inside = [("images", (f"q{i}.png", png_bytes(a), "image/png")) for i, a in enumerate(class_images(100, 8)[5:])]
+        preds = c.post(f"/workspaces/{ws}/classify", files=photos + inside, headers=auth(key)).json()["predictions"]
+        assert [p["out_of_domain"] for p in preds] == [True] * 3 + [False] * 3
+        assert all(any("colour" in r for r in p["domain_reasons"]) for p in preds[:3])
+        assert all(p["top_k"] and p["domain_score"] is not None for p in preds)  # flagged, not hidden
+        one = c.post(f"/workspaces/{ws}/explain", files=[("image", ("p.jpg", colour_photo_jpeg(), "image/jpeg"))],
+                     headers=auth(key)).json()
+        assert one["prediction"]["out_of_domain"]
+
+
+def test_bundles_without_a_domain_summary_flag_nothing(client_factory_bundle: Path, tmp_path: Path) -> None:
+    with TestClient(create_app(settings_for(client_factory_bundle, tmp_path))) as c:
+        ws, key = new_workspace(c)
+        teach(c, ws, key, "a", 0)
+        p = c.post(f"/workspaces/{ws}/classify", files=[("images", ("p.jpg", colour_photo_jpeg(), "image/jpeg"))],
+                   headers=auth(key)).json()["predictions"][0]
+        assert not p["out_of_domain"] and p["domain_score"] is None and p["domain_reasons"] == []
+
+
+@pytest.fixture
+def client_factory_bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle

@@ -221,3 +221,39 @@ def test_errors_are_shown_and_page_recovers(page: Any, omniglot_classes: dict[st
     page.get_by_label("API key").fill("wrong-key")
     page.get_by_role("button", name="Open workspace").click()
     _expect_message(page, "error", "wrong API key")
+
+
+@pytest.fixture
+def domain_page(browser: Any, domain_bundle: Path, tmp_path: Path) -> Iterator[Any]:
+    settings = ServiceSettings(bundle_path=str(domain_bundle), db_url=f"sqlite:///{tmp_path / 'page.db'}",
+                               admin_key=ADMIN_KEY)
+    with live_server(create_app(settings)) as base:
+        context = browser.new_context(viewport={"width": 1100, "height": 900}, base_url=base)
+        context.set_default_timeout(10_000)
+        pg = context.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        yield pg
+        context.close()
+        assert not errors, f"uncaught JavaScript errors in the page: {errors}"
+
+
+def test_an_out_of_domain_image_shows_a_warning(domain_page: Any, tmp_path: Path) -> None:
+    from service_helpers import class_images, colour_photo_jpeg, png_bytes
+
+    _create_workspace(domain_page)
+    teach_files = []
+    for i, a in enumerate(class_images(100, 5)):
+        teach_files.append(tmp_path / f"t{i}.png")
+        teach_files[-1].write_bytes(png_bytes(a))
+    _teach(domain_page, "pattern", teach_files)
+    inside = tmp_path / "inside.png"
+    inside.write_bytes(png_bytes(class_images(100, 7)[6]))
+    domain_page.locator("#classify-file").set_input_files(str(inside))
+    domain_page.wait_for_function("document.getElementById('result-verdict').textContent.length > 0")
+    assert domain_page.locator("#result-domain").is_hidden()
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(colour_photo_jpeg())
+    domain_page.locator("#classify-file").set_input_files(str(photo))
+    domain_page.locator("#result-domain").wait_for(state="visible")
+    assert "colour" in domain_page.locator("#result-domain").inner_text()

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException
 
 from fewshot.artifacts.bundle import Bundle, load_bundle
 from fewshot.artifacts.calibration import Calibration
+from fewshot.artifacts.domain import STATS_SIDE
 from fewshot.errors import FewshotError
 from fewshot.openset import OpenSetRule
 from fewshot.service.auth import FailureThrottle, hash_key, key_matches, secret_matches
@@ -145,6 +146,10 @@ class PredictionOut(BaseModel):
     rule: str | None = Field(None, description="the open-set rule's kind, e.g. 'spread'")
     metric: str
     top_k: list[CandidateOut]
+    out_of_domain: bool = Field(False, description="the image is far outside what the model was trained on; "
+                                "the answer is given but should not be trusted")
+    domain_score: float | None = Field(None, description="> 1: out of domain; null when the bundle has no domain summary")
+    domain_reasons: list[str] = Field(default_factory=list)
 
 
 class ClassifyOut(BaseModel):
@@ -245,24 +250,35 @@ WorkspaceDep = Annotated[str, Depends(workspace_access)]
 
 
 # -- helpers -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Uploads:
+    arrays: np.ndarray  # uint8 (N, C, H, W) under the bundle's preprocessing
+    thumbnails: list[bytes]
+    names: list[str]
+    previews: list[np.ndarray]  # each upload as a small RGB array, for the out-of-domain check
+
+
 def _decode_all(files: list[UploadFile], state: ServiceState, settings: ServiceSettings, *,
-                thumbnails: bool = True) -> tuple[np.ndarray, list[bytes], list[str]]:
-    """Uploads -> uint8 (N, C, H, W), thumbnails, file names; refuses the request on any bad image."""
+                thumbnails: bool = True) -> Uploads:
+    """Uploads, decoded one at a time; refuses the request on any bad image."""
     if not files:
         raise ApiError(400, "no_images", "no images in the request; send one or more 'images' file fields")
     if len(files) > settings.max_images_per_request:
         raise ApiError(413, "too_many_images", f"{len(files)} images exceed the limit of "
                        f"{settings.max_images_per_request} per request; split the upload")
     pre = state.bundle.preprocessing
-    arrays, thumbs, names = [], [], []
+    domain = state.recogniser.domain
+    side = domain.stats_side if domain is not None else STATS_SIDE
+    arrays, thumbs, names, previews = [], [], [], []
     for i, f in enumerate(files):
         name = f.filename or f"image {i}"
         d = decode_upload(f.file.read(), pre, max_pixels=settings.max_image_pixels,
-                          thumbnail_size=settings.thumbnail_size, name=name, thumbnail=thumbnails)
+                          thumbnail_size=settings.thumbnail_size, name=name, thumbnail=thumbnails, preview_side=side)
         arrays.append(d.array)
         thumbs.append(d.thumbnail_png)
         names.append(name)
-    return np.stack(arrays), thumbs, names
+        previews.append(d.preview)
+    return Uploads(np.stack(arrays), thumbs, names, previews)
 
 
 def _class_out(rec: ClassRecord, example_ids: list[str] | None = None) -> ClassOut:
@@ -272,6 +288,8 @@ def _class_out(rec: ClassRecord, example_ids: list[str] | None = None) -> ClassO
 def _prediction_out(name: str, p: Prediction) -> PredictionOut:
     return PredictionOut(image=name, label=p.label, class_id=p.class_id, known=p.known, probability=p.probability,
                          score=p.score, novelty=p.novelty, threshold=p.threshold, rule=p.rule, metric=p.metric,
+                         out_of_domain=p.out_of_domain, domain_score=p.domain_score,
+                         domain_reasons=list(p.domain_reasons),
                          top_k=[CandidateOut(**c.__dict__) for c in p.top_k])
 
 
@@ -312,7 +330,7 @@ def open_state(settings: ServiceSettings) -> ServiceState:
     config = RecogniserConfig(thumbnail_size=settings.thumbnail_size, sync_interval_s=settings.sync_interval_s)
     defaults = WorkspaceSettings.from_rule(bundle.decision_rule)
     recogniser = Recogniser(bundle.onnx_embedder, store, calibration=_calibration(bundle, settings), config=config,
-                            defaults=defaults)
+                            defaults=defaults, domain=bundle.domain)
     return ServiceState(settings, bundle, store, recogniser)
 
 
@@ -426,7 +444,9 @@ def _add_system_routes(app: FastAPI) -> None:
         cal = state.recogniser.calibration
         return {"bundle_id": m.bundle_id, "backbone": m.backbone, "preprocessing": m.preprocessing,
                 "embedding_dim": m.embedding_dim, "metrics": m.metrics, "source": m.source,
-                "calibration": cal.to_dict() if cal else None}
+                "calibration": cal.to_dict() if cal else None,
+                "domain": None if m.domain is None else {k: m.domain[k] for k in ("mode", "size", "trained_on")
+                                                         if k in m.domain}}
 
 
 def _ws_out(rec: Any, api_key: str | None = None) -> WorkspaceOut:
@@ -472,9 +492,9 @@ def _add_class_routes(app: FastAPI) -> None:
         """Teach a new class from 1..K images (multipart: `label`, `images`). Labels are stored in
         Unicode NFC, trimmed; "unknown" (any letter case) is reserved."""
         label = check_label("" if label is None else label)  # 400 naming the fix, before any decoding
-        arr, thumbs, _ = _decode_all(images, state, settings)
-        rec = state.recogniser.add_class(ws, label, arr, thumbs)
-        request.app.state.metrics.images.labels("register").inc(len(arr))
+        up = _decode_all(images, state, settings)
+        rec = state.recogniser.add_class(ws, label, up.arrays, up.thumbnails)
+        request.app.state.metrics.images.labels("register").inc(len(up.arrays))
         return _class_out(rec)
 
     @app.get("/workspaces/{ws}/classes/{cid}", tags=["classes"])
@@ -495,9 +515,9 @@ def _add_class_routes(app: FastAPI) -> None:
     def add_images(request: Request, ws: WorkspaceDep, cid: str, state: StateDep, settings: SettingsDep,
                    images: Images) -> ClassOut:
         """Add images to a class; only its prototype is updated."""
-        arr, thumbs, _ = _decode_all(images, state, settings)
-        rec = state.recogniser.add_images(ws, cid, arr, thumbs)
-        request.app.state.metrics.images.labels("register").inc(len(arr))
+        up = _decode_all(images, state, settings)
+        rec = state.recogniser.add_images(ws, cid, up.arrays, up.thumbnails)
+        request.app.state.metrics.images.labels("register").inc(len(up.arrays))
         return _class_out(rec)
 
     @app.get("/workspaces/{ws}/examples/{eid}/thumbnail.png", tags=["classes"], response_class=Response)
@@ -513,10 +533,10 @@ def _add_inference_routes(app: FastAPI) -> None:
         """Top-k classes per image; `label` is "unknown" when the nearest class fails the threshold."""
         if top_k > settings.max_top_k:
             raise ApiError(400, "invalid_argument", f"top_k {top_k} exceeds the limit of {settings.max_top_k}")
-        arr, _, names = _decode_all(images, state, settings, thumbnails=False)
-        preds = state.recogniser.classify(ws, arr, top_k=top_k, threshold=threshold)
-        request.app.state.metrics.images.labels("classify").inc(len(arr))
-        return ClassifyOut(predictions=[_prediction_out(n, p) for n, p in zip(names, preds)],
+        up = _decode_all(images, state, settings, thumbnails=False)
+        preds = state.recogniser.classify(ws, up.arrays, top_k=top_k, threshold=threshold, previews=up.previews)
+        request.app.state.metrics.images.labels("classify").inc(len(up.arrays))
+        return ClassifyOut(predictions=[_prediction_out(n, p) for n, p in zip(up.names, preds)],
                            bundle_id=state.bundle.bundle_id)
 
     @app.post("/workspaces/{ws}/explain", tags=["inference"])
@@ -524,8 +544,9 @@ def _add_inference_routes(app: FastAPI) -> None:
                 k: Annotated[int, Form(ge=1, le=50)] = 3,
                 threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None) -> ExplainOut:
         """The prediction for one image and the `k` nearest stored examples (ids + PNG thumbnails)."""
-        arr, _, names = _decode_all([image], state, settings, thumbnails=False)
-        return _explain_out(names[0], state.recogniser.explain(ws, arr[0], k=k, threshold=threshold))
+        up = _decode_all([image], state, settings, thumbnails=False)
+        return _explain_out(up.names[0], state.recogniser.explain(ws, up.arrays[0], k=k, threshold=threshold,
+                                                                  preview=up.previews[0]))
 
 
 def serve(bundle_path: str | Path, db_url: str, host: str = "127.0.0.1", port: int = 8000, *,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from fewshot.artifacts.domain import STATS_SIDE, small_rgb
 from fewshot.data.imageio import (
     ImageTooLarge,
     Preprocessing,
@@ -20,8 +21,6 @@ from fewshot.data.imageio import (
     to_array,
 )
 from fewshot.errors import ImageError
-
-PREVIEW_SIDE = 32
 
 
 class UploadError(ImageError):
@@ -36,7 +35,8 @@ class UploadError(ImageError):
 class DecodedImage:
     array: np.ndarray  # uint8 (C, H, W) under the bundle's preprocessing
     thumbnail_png: bytes  # empty when not asked for (classification needs none)
-    preview: np.ndarray  # uint8 (h, w, 3), longest side <= PREVIEW_SIDE: the upload as sent
+    preview: np.ndarray  # uint8 (h, w, 3), longest side <= preview_side: the upload as sent, for
+    # the out-of-domain check (a colour photo stays colour; see fewshot.artifacts.domain)
 
 
 def thumbnail_png(img: Image.Image, size: int) -> bytes:
@@ -55,17 +55,9 @@ def array_thumbnail(arr: np.ndarray, size: int) -> bytes:
     return thumbnail_png(img, size)
 
 
-def preview_rgb(img: Image.Image, side: int = PREVIEW_SIDE) -> np.ndarray:
-    """The upload as a small RGB uint8 (H, W, 3) array (longest side <= `side`), before any
-    conversion to the model's mode: what out-of-domain checks look at (a colour photo stays colour)."""
-    t = normalise_mode(shrink(img, side), "RGB")
-    t.thumbnail((side, side))
-    return np.asarray(t, dtype=np.uint8)
-
-
 def decode_upload(
     data: bytes, pre: Preprocessing, *, max_pixels: int, thumbnail_size: int, name: str,
-    thumbnail: bool = True,
+    thumbnail: bool = True, preview_side: int = STATS_SIDE,
 ) -> DecodedImage:
     """Bytes -> model input + thumbnail + small RGB preview; raises UploadError naming the file and
     the fix: 400 empty or corrupt, 413 too many pixels or too extreme a shape, 415 not an accepted
@@ -75,7 +67,7 @@ def decode_upload(
     try:
         img = open_image(data, max_pixels=max_pixels, name=name, draft_to=draft_size(pre))
         array = to_array(img, pre)
-        preview = preview_rgb(img)
+        preview = small_rgb(img, preview_side)
         thumb = thumbnail_png(img, thumbnail_size) if thumbnail else b""
     except ImageTooLarge as exc:
         raise UploadError(413, "image_too_large", str(exc)) from exc

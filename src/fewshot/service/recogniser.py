@@ -20,6 +20,7 @@ from typing import Any, Literal, NoReturn
 import numpy as np
 
 from fewshot.artifacts.calibration import METRICS, Calibration, Metric
+from fewshot.artifacts.domain import DomainSummary, image_statistics
 from fewshot.artifacts.embedders import Embedder
 from fewshot.decision import DecisionRule
 from fewshot.errors import ConfigError
@@ -180,6 +181,9 @@ class Prediction:
     metric: Metric
     top_k: list[Candidate]
     rule: str | None = None  # the open-set rule's kind ("spread", "global")
+    out_of_domain: bool = False  # far outside the images the model was trained on (still classified)
+    domain_score: float | None = None  # > 1: out of domain; None: the bundle has no domain summary
+    domain_reasons: tuple[str, ...] = ()  # for end users, e.g. "a colour image sent to a model trained on ..."
 
 
 @dataclass(frozen=True)
@@ -211,8 +215,9 @@ class Recogniser:
     """Teach classes from a few images and classify new ones, per workspace."""
 
     def __init__(self, embedder: Embedder, store: Store, *, calibration: Calibration | None = None,
-                 config: RecogniserConfig | None = None, defaults: WorkspaceSettings | None = None) -> None:
-        self.embedder, self.store, self.calibration = embedder, store, calibration
+                 config: RecogniserConfig | None = None, defaults: WorkspaceSettings | None = None,
+                 domain: DomainSummary | None = None) -> None:
+        self.embedder, self.store, self.calibration, self.domain = embedder, store, calibration, domain
         self.config = config or RecogniserConfig()
         self.defaults = defaults or WorkspaceSettings()  # the bundle's decision rule
         self.dim = int(embedder.embedding_dim)
@@ -397,9 +402,11 @@ class Recogniser:
         return head
 
     def classify(self, workspace_id: str, images_u8: np.ndarray, *, top_k: int = 5,
-                 threshold: float | None = None) -> list[Prediction]:
-        """Top-k classes with probabilities for each image; "unknown" when the nearest prototype
-        fails the threshold (call override > workspace setting > bundle calibration > none)."""
+                 threshold: float | None = None, previews: Sequence[np.ndarray] | None = None) -> list[Prediction]:
+        """Top-k classes with probabilities for each image; "unknown" when the open-set rule rejects
+        the nearest class (threshold: call override > workspace setting > bundle calibration > none).
+        previews: each upload as a small RGB array (`fewshot.artifacts.domain.small_rgb`); with the
+        bundle's domain summary, images far outside the training domain are flagged."""
         settings = self.settings(workspace_id)
         mem = self._memory(workspace_id)
         p = mem.protos
@@ -417,8 +424,18 @@ class Recogniser:
         idx = scores.argmin(1) if settings.metric == "euclidean" else scores.argmax(1)
         best = scores[np.arange(len(q)), idx]
         novelty = None if rule is None else rule.novelty(best, np.maximum(p.counts[idx], 1), p.spreads[idx])
-        return [self._prediction(p, scores[i], probs[i], settings.metric, rule,
-                                 None if novelty is None else float(novelty[i]), top_k) for i in range(len(q))]
+        preds = [self._prediction(p, scores[i], probs[i], settings.metric, rule,
+                                  None if novelty is None else float(novelty[i]), top_k) for i in range(len(q))]
+        return self._flag_out_of_domain(preds, q, previews)
+
+    def _flag_out_of_domain(self, preds: list[Prediction], q: np.ndarray,
+                            previews: Sequence[np.ndarray] | None) -> list[Prediction]:
+        if self.domain is None:
+            return preds
+        stats = None if previews is None else [image_statistics(pv) for pv in previews]
+        verdicts = self.domain.check(q, stats)
+        return [replace(p, out_of_domain=v.out_of_domain, domain_score=v.score, domain_reasons=v.reasons)
+                for p, v in zip(preds, verdicts)]
 
     def _prediction(self, p: Prototypes, scores: np.ndarray, probs: np.ndarray, metric: Metric,
                     rule: OpenSetRule | None, novelty: float | None, top_k: int) -> Prediction:
@@ -434,10 +451,11 @@ class Recogniser:
                           None if rule is None else rule.threshold, metric, cands,
                           None if rule is None else rule.kind)
 
-    def explain(self, workspace_id: str, image_u8: np.ndarray, *, k: int = 3,
-                threshold: float | None = None) -> Explanation:
+    def explain(self, workspace_id: str, image_u8: np.ndarray, *, k: int = 3, threshold: float | None = None,
+                preview: np.ndarray | None = None) -> Explanation:
         """The prediction for one image (C, H, W) and its `k` nearest stored examples."""
-        pred = self.classify(workspace_id, image_u8[None], top_k=k, threshold=threshold)[0]
+        pred = self.classify(workspace_id, image_u8[None], top_k=k, threshold=threshold,
+                             previews=None if preview is None else [preview])[0]
         mem = self._memory(workspace_id)
         ex = self._examples(workspace_id, mem)
         metric = pred.metric

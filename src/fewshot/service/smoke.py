@@ -65,9 +65,12 @@ def _png(image_u8: np.ndarray) -> bytes:
 
 
 def service_smoke_check(
-    bundle_dir: Path, images_by_class: dict[str, np.ndarray], *, shots: int = 5, timeout_s: float = 60.0
+    bundle_dir: Path, images_by_class: dict[str, np.ndarray], *, shots: int = 5, timeout_s: float = 60.0,
+    foreign: list[bytes] | None = None,
 ) -> dict[str, Any]:
-    """Teach each class `shots` images over HTTP, classify the rest; returns accuracy and latencies."""
+    """Teach each class `shots` images over HTTP, classify the rest; returns accuracy, how many
+    answers were "unknown" or flagged out of domain, and latencies. `foreign`: image files from
+    another domain (e.g. colour photos for a character model): the share flagged out of domain."""
     import httpx
 
     from fewshot.service.app import create_app
@@ -84,7 +87,7 @@ def service_smoke_check(
             for label, imgs in images_by_class.items():
                 files = [("images", (f"{label}-{i}.png", _png(im), "image/png")) for i, im in enumerate(imgs[:shots])]
                 client.post(f"/workspaces/{ws}/classes", data={"label": label}, files=files, headers=auth).raise_for_status()
-            correct, top1, rejected, total, latencies = 0, 0, 0, 0, []
+            correct, top1, rejected, flagged, total, latencies = 0, 0, 0, 0, 0, []
             for label, imgs in images_by_class.items():
                 for i, im in enumerate(imgs[shots:]):
                     t0 = time.perf_counter()
@@ -96,7 +99,14 @@ def service_smoke_check(
                     correct += int(pred["label"] == label)
                     top1 += int(bool(pred["top_k"]) and pred["top_k"][0]["label"] == label)
                     rejected += int(not pred["known"])
+                    flagged += int(pred["out_of_domain"])
                     total += 1
+            foreign_flagged = 0
+            for i, data in enumerate(foreign or []):
+                r = client.post(f"/workspaces/{ws}/classify", files=[("images", (f"f{i}.jpg", data, "image/jpeg"))],
+                                headers=auth)
+                r.raise_for_status()
+                foreign_flagged += int(r.json()["predictions"][0]["out_of_domain"])
     return {
         "classes": len(images_by_class),
         "shots": shots,
@@ -104,6 +114,9 @@ def service_smoke_check(
         "accuracy": round(correct / max(1, total), 4),  # "unknown" counts as wrong
         "top1_accuracy_ignoring_unknown": round(top1 / max(1, total), 4),
         "rejected_as_unknown": round(rejected / max(1, total), 4),
+        "flagged_out_of_domain": round(flagged / max(1, total), 4),
+        "foreign_images": len(foreign or []),
+        "foreign_flagged_out_of_domain": round(foreign_flagged / max(1, len(foreign or [])), 4) if foreign else None,
         "classify_median_ms": round(statistics.median(latencies), 2) if latencies else None,
         "url": base,
     }

@@ -10,6 +10,7 @@ from fewshot.config import DataConfig
 from fewshot.data.cache import PackedCache
 from fewshot.data.imageio import Preprocessing
 from fewshot.data.prepare import PreparedData
+from fewshot.data.sources import Source
 from fewshot.episodes.materialise import pool_from_split
 from fewshot.episodes.sampling import ClassPool
 from fewshot.errors import ConfigError
@@ -40,21 +41,25 @@ def preprocessing_of(cfg: DataConfig) -> Preprocessing:
     return Preprocessing(mode=cfg.mode, size=cfg.image_size)
 
 
-def prepare_data(cfg: DataConfig, *, progress: bool = True, force: bool = False) -> PreparedData:
-    """Prepare (or reuse) the packed cache that `cfg` describes: Omniglot or an image folder / zip."""
-    from fewshot.data.prepare import prepare, prepare_omniglot
-    from fewshot.data.sources import ImageFolderSource
+def source_of(cfg: DataConfig) -> Source:
+    """The raw source `cfg` names: the Omniglot zips, or an image folder / zip."""
+    from fewshot.data.sources import ImageFolderSource, OmniglotSource
 
     root = cfg.data_root()
-    cache_root = Path(cfg.cache_dir)
-    pre = preprocessing_of(cfg)
     if cfg.dataset == "omniglot":
-        return prepare_omniglot(root, cache_root, pre, progress=progress, force=force)
+        return OmniglotSource(root)
     path = Path(cfg.dataset)
     if not path.is_absolute() and not path.exists():
         path = root / path
-    source = ImageFolderSource(path, first_level=cfg.first_level)
-    return prepare(source, cache_root, pre, min_images_per_class=cfg.min_images_per_class,
+    return ImageFolderSource(path, first_level=cfg.first_level)
+
+
+def prepare_data(cfg: DataConfig, *, progress: bool = True, force: bool = False) -> PreparedData:
+    """Prepare (or reuse) the packed cache that `cfg` describes: Omniglot or an image folder / zip."""
+    from fewshot.data.prepare import prepare
+
+    return prepare(source_of(cfg), Path(cfg.cache_dir), preprocessing_of(cfg),
+                   min_images_per_class=cfg.min_images_per_class if cfg.dataset != "omniglot" else 2,
                    progress=progress, force=force)
 
 

@@ -279,7 +279,12 @@ async function classify(file) {
   verdict.className = p.known ? "verdict known" : "verdict unknown";
   $("result-detail").textContent = p.known
     ? `${percent(p.probability)} confident`
-    : `no class is close enough (nearest: ${p.top_k[0]?.label ?? "none"}, score ${p.score.toFixed(3)} vs threshold ${p.threshold?.toFixed(3)})`;
+    : `no class is close enough (nearest: ${p.top_k[0]?.label ?? "none"}, novelty ${p.novelty?.toFixed(2)} vs threshold ${p.threshold?.toFixed(2)})`;
+  const warning = $("result-domain");
+  warning.hidden = !p.out_of_domain;
+  warning.textContent = p.out_of_domain
+    ? `Warning: this image looks unlike what the model was trained on (${(p.domain_reasons || []).join("; ") || "far from its training images"}); do not trust the answer.`
+    : "";
   $("result-top").replaceChildren(...p.top_k.map((c) => {
     const li = document.createElement("li");
     const name = document.createElement("span");

@@ -204,6 +204,8 @@ def main() -> None:
     stats = {"originals": [upload_statistics(read(f)) for f in picked],
              "model inputs": model_image_statistics(train[rng.choice(len(train), args.n_stats, replace=False)])}
     summaries = {src: build(bundle, train, st, src, args.seed) for src, st in stats.items()}
+    if bundle.domain is not None:  # what the service applies: the summary export wrote into the bundle
+        summaries = {"the bundle's own summary (as served)": bundle.domain, **summaries}
     sets = evaluation_sets(data, args.data, bundle.preprocessing, args.n_eval, rng)
     emb = {k: embed(bundle, x) for k, (x, _) in sets.items()}
     results = {src: {k: rates(s, emb[k], sets[k][1]) for k in sets} for src, s in summaries.items()}
@@ -213,7 +215,7 @@ def main() -> None:
           f"{len(train)} training images ({emb_summary.n_held_out} held out), "
           f"{len(json.dumps(summaries['originals'].to_dict()))} bytes of JSON\n")
     for src, res in results.items():
-        print(f"image statistics from training {src}:\n")
+        print(f"{src if src.startswith('the bundle') else 'image statistics from training ' + src}:\n")
         print("| images | n | flagged % | by image statistics % | by embedding % | median score | top reasons |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
         for name, r in res.items():

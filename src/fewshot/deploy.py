@@ -185,39 +185,51 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
                                     f"sets ({config.eval.way}-way {config.eval.shot}-shot)")
     sample = np.concatenate([v[:2] for v in list(by_class.values())[:16]])
     domain = domain_summary(config, data, TorchEmbedder(backbone, channels=pre.channels, size=pre.size), seed)
+    if domain is None:
+        deployment["domain"] = "no summary: too few training images; out-of-domain images are not flagged"
     return export_bundle(
         backbone, out, preprocessing=pre,
         source={"run": str(run_dir), "name": config.name, "learner": manifest["model"]["learner"],
                 "step": manifest["step"], "calibrated_on": f"{data.scheme}/{calib_split}",
                 "train_classes": data.class_names("train")},
         metrics={}, data_fingerprint=data.cache.fingerprint, calibration=calibration.to_dict(),
-        sample_images=sample, deployment=deployment, domain=domain.to_dict(),
+        sample_images=sample, deployment=deployment, domain=None if domain is None else domain.to_dict(),
         evaluate=_served_metrics(run_dir, data, rule, config.export.max_drop, force),
     )
 
 
 def domain_summary(config: RunConfig, data: RunData, embedder: Any, seed: int, *, n_originals: int = 3000,
-                   n_embedded: int = 8000) -> Any:
+                   n_embedded: int = 8000) -> Any | None:
     """What the bundle knows of its training domain (`fewshot.artifacts.domain`): statistics of
     `n_originals` training files as a user would upload them (read from the raw source; the
     packed model inputs when the source cannot be read) and the embedding distribution of about
     `n_embedded` training images, the same number from each class. The service flags uploads far
-    outside it."""
-    from fewshot.artifacts.domain import model_image_statistics, summarise_domain, upload_statistics
+    outside it. None when the training split is too small to calibrate a threshold."""
+    from fewshot.artifacts.domain import (
+        min_training_images,
+        model_image_statistics,
+        summarise_domain,
+        upload_statistics,
+    )
     from fewshot.training.data import source_of
 
     rng = np.random.default_rng(seed)
     classes = list(dict.fromkeys(int(c) for c in data.splits["train"].class_ids))
     per_class = max(1, -(-n_embedded // len(classes)))
     train = np.concatenate([np.asarray(data.cache.class_images(c)[:per_class]) for c in classes])
+    if len(train) < min_training_images():
+        return None  # too few to calibrate a threshold: the bundle flags nothing (recorded in deployment)
     pre = data.cache.preprocessing
     names = set(data.class_names("train"))
+    stats, origin = [], "originals"
     try:
         source = source_of(config.data)
         entries = [e for e in source.entries() if e.class_name in names]
         picked = rng.choice(len(entries), size=min(n_originals, len(entries)), replace=False)
-        stats, origin = [upload_statistics(source.read(entries[i]), name=entries[i].source_id) for i in picked], "originals"
-    except (OSError, FewshotError):  # the raw files are gone: the packed (already converted) images
+        stats = [upload_statistics(source.read(entries[i]), name=entries[i].source_id) for i in picked]
+    except (OSError, FewshotError):
+        stats = []
+    if not stats:  # the raw files are gone or renamed: the packed (already converted) images
         stats, origin = model_image_statistics(train[rng.permutation(len(train))[:n_originals]]), "model inputs"
     return summarise_domain(embedder, train, stats, mode=pre.mode, size=pre.size, rng=rng,
                             trained_on=f"{config.data.dataset} training images", image_stats_from=origin)

@@ -147,3 +147,43 @@ def test_bundles_without_a_domain_summary_flag_nothing(client_factory_bundle: Pa
 @pytest.fixture
 def client_factory_bundle(tiny_bundle: Path) -> Path:
     return tiny_bundle
+
+
+def test_admin_key_guesses_on_workspace_routes_are_throttled_too(tiny_bundle: Path, tmp_path: Path) -> None:
+    with TestClient(create_app(settings_for(tiny_bundle, tmp_path, admin_failures_per_minute=3))) as c:
+        for _ in range(3):
+            assert_error(c.get("/workspaces/ws_0000000000000000", headers=auth("guess")), 401)
+        r = c.get("/workspaces/ws_0000000000000000", headers=auth(ADMIN))
+        assert_error(r, 429, "too_many_attempts")
+
+
+def test_metrics_labels_stay_bounded_whatever_the_method(tiny_bundle: Path, tmp_path: Path) -> None:
+    with TestClient(create_app(settings_for(tiny_bundle, tmp_path))) as c:
+        for i in range(5):
+            c.request(f"X{i}FOO", "/healthz")
+        text = c.get("/metrics", headers=auth(ADMIN)).text
+        assert "X0FOO" not in text and 'method="other"' in text
+        assert c.head("/healthz").status_code == 200
+
+
+def test_a_request_has_a_total_pixel_budget(tiny_bundle: Path, tmp_path: Path) -> None:
+    with TestClient(create_app(settings_for(tiny_bundle, tmp_path, max_request_pixels=2000))) as c:
+        ws, key = new_workspace(c)
+        r = c.post(f"/workspaces/{ws}/classes", data={"label": "a"}, files=files(class_images(0, 4)),
+                   headers=auth(key))  # 4 x 784 px > 2000
+        assert_error(r, 413)
+
+
+def test_access_log_hides_a_key_pasted_into_the_path(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("uvicorn.access.test2")
+    log.addFilter(RedactQueryFilter())
+    with caplog.at_level(logging.INFO, logger="uvicorn.access.test2"):
+        log.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1", "GET", "/workspaces/fsk_SECRETKEY-abc/classes", "1.1", 401)
+    assert "SECRETKEY" not in caplog.text
+
+
+def test_unknown_patch_fields_are_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    with TestClient(create_app(settings_for(tiny_bundle, tmp_path))) as c:
+        ws, key = new_workspace(c)
+        assert_error(c.patch(f"/workspaces/{ws}", json={"bogus": 1}, headers=auth(key)), 422)
+        assert_error(c.patch(f"/workspaces/{ws}", json={"threshold": True}, headers=auth(key)), 422)

@@ -54,17 +54,17 @@ def test_pixel_limit_applies_before_decoding_and_truncated_data_is_a_400() -> No
     assert e.value.status == 400 and e.value.code == "corrupt_image"
 
 
-def test_sixteen_bit_images_scale_like_before_without_float_copies() -> None:
+def test_sixteen_bit_images_scale_by_their_bit_depth_without_float_copies() -> None:
     deep = np.array([[0, 257, 40_000, 65_535]], np.uint16).repeat(4, 0)
     buf = io.BytesIO()
     Image.fromarray(deep).save(buf, format="PNG")
     got = decode(buf.getvalue(), Preprocessing(mode="L", size=4, resample="nearest")).array[0]
     np.testing.assert_array_equal(got[0], [0, 1, 155, 255])  # v * 255 // 65535
-    shallow = np.array([[0, 7, 200, 255]], np.uint16).repeat(4, 0)  # fits in 8 bits: kept as is
-    buf = io.BytesIO()
-    Image.fromarray(shallow).save(buf, format="PNG")
+    dark = np.array([[0, 255, 256, 514]], np.uint16).repeat(4, 0)  # a dark 16-bit image stays dark:
+    buf = io.BytesIO()  # the scale is 16 bits whatever the content (no cliff between 255 and 256)
+    Image.fromarray(dark).save(buf, format="PNG")
     got = decode(buf.getvalue(), Preprocessing(mode="L", size=4, resample="nearest")).array[0]
-    np.testing.assert_array_equal(got[0], [0, 7, 200, 255])
+    np.testing.assert_array_equal(got[0], [0, 0, 0, 2])
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
@@ -97,3 +97,41 @@ def test_no_upload_raises_peak_memory_by_200_mb(case: str, tmp_path: object) -> 
     for mode, size in (("L", 28), ("RGB", 84)):
         peak_mb, _, outcome = decode_cost(data, str(tmp_path), mode, size)
         assert peak_mb < 200, f"{case} ({mode} {size}): peak +{peak_mb:.0f} MB ({outcome})"
+
+
+def _jpeg(w: int, h: int, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (90, 120, 30)).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_progressive_jpegs_get_no_reduced_scale_allowance() -> None:
+    """libjpeg keeps a progressive file's full-size coefficients: its declared size must fit the limit."""
+    assert decode(_jpeg(2000, 1000), max_pixels=1_000_000).array.shape == (1, 28, 28)  # baseline: drafted
+    with pytest.raises(UploadError) as e:
+        decode(_jpeg(2000, 1000, progressive=True), max_pixels=1_000_000)
+    assert e.value.status == 413
+
+
+@pytest.mark.parametrize("w, h", [(40, 30), (400, 300), (4000, 3000)])
+def test_exif_orientation_is_applied_at_every_size(w: int, h: int) -> None:
+    """Left half black, right half white, stored with orientation 6 (rotate 90 clockwise to display):
+    the model input has black on top whatever the resolution (the reduced copy has no EXIF)."""
+    img = Image.new("L", (w, h), 255)
+    img.paste(0, (0, 0, w // 2, h))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    d = decode_upload(buf.getvalue(), Preprocessing(mode="L", size=28), max_pixels=25_000_000,
+                      thumbnail_size=64, name="rotated.jpg")
+    a = d.array[0].astype(int)
+    assert a[:10].mean() < 60 and a[-10:].mean() > 200, (a[:10].mean(), a[-10:].mean())
+    thumb = Image.open(io.BytesIO(d.thumbnail_png))
+    assert thumb.size[1] > thumb.size[0]  # displayed upright: taller than wide
+
+
+@pytest.mark.parametrize("w, h, want", [(640, 480, (64, 48)), (1000, 300, (64, 19)), (4000, 3000, (64, 48))])
+def test_thumbnails_keep_the_aspect_ratio(w: int, h: int, want: tuple[int, int]) -> None:
+    d = decode(_jpeg(w, h))
+    assert Image.open(io.BytesIO(d.thumbnail_png)).size == want

@@ -95,3 +95,57 @@ def test_nul_in_any_text_is_refused_by_both_backends(store: Store) -> None:
     with pytest.raises(InvalidInput, match="NUL"):
         store.create_workspace("a\x00b", "h" * 64, {})
     assert store.list_workspaces() == []
+
+
+def test_spoofed_and_invisible_labels_are_refused() -> None:
+    for bad in ("unknown\u200b", "\uff55\uff4e\uff4b\uff4e\uff4f\uff57\uff4e", "\u200b", "\u202enwonknu", "a\u2066b"):
+        with pytest.raises(ConfigError, match="reserved|invisible"):
+            check_label(bad)
+
+
+@pytest.mark.parametrize("value", [10 ** 400, -(10 ** 400), True])
+def test_overflowing_and_boolean_thresholds_are_refused(value: object) -> None:
+    from fewshot.service.recogniser import check_threshold
+
+    with pytest.raises(ConfigError, match="finite"):
+        check_threshold(value)
+
+
+def test_images_per_class_limit_holds_across_calls(sqlite_store: Store) -> None:
+    from fewshot.service.recogniser import RecogniserConfig
+    from fewshot.service.store import ConflictError
+
+    r = Recogniser(ToyEmbedder(), sqlite_store, config=RecogniserConfig(max_images_per_class=5))
+    ws, _ = r.create_workspace("cap")
+    cid = r.add_class(ws.id, "a", class_images(0, 3)).id
+    r.add_images(ws.id, cid, class_images(1, 2))
+    with pytest.raises(ConflictError, match="limit of 5"):
+        r.add_images(ws.id, cid, class_images(2, 1))
+    assert r.store.get_class(ws.id, cid).n_examples == 5
+
+
+def test_concurrent_partial_setting_updates_never_overwrite_each_other(store: Store) -> None:
+    r = Recogniser(ToyEmbedder(), store)
+    for round_ in range(10):
+        ws, _ = r.create_workspace(f"patch{round_}")
+        start = threading.Barrier(2)
+
+        def patch(given: dict, ws_id: str, start: threading.Barrier) -> None:  # type: ignore[type-arg]
+            start.wait()
+            r.patch_settings(ws_id, given)
+
+        threads = [threading.Thread(target=patch, args=(g, ws.id, start))
+                   for g in ({"head": "logistic"}, {"threshold": 1.5})]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert r.settings(ws.id).head == "logistic" and r.settings(ws.id).threshold == 1.5
+
+
+def test_changing_the_metric_clears_a_threshold_of_the_old_scale(sqlite_store: Store) -> None:
+    r = Recogniser(ToyEmbedder(), sqlite_store)
+    ws, _ = r.create_workspace("m")
+    r.patch_settings(ws.id, {"threshold": 2.5})
+    assert r.patch_settings(ws.id, {"metric": "cosine"}).settings["threshold"] is None
+    assert r.patch_settings(ws.id, {"metric": "euclidean", "threshold": 3.0}).settings["threshold"] == 3.0

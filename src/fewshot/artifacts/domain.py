@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from fewshot.artifacts.embedders import Embedder
-from fewshot.data.imageio import normalise_mode, open_image, shrink
+from fewshot.data.imageio import normalise_mode, open_image, shrink_oriented
 from fewshot.errors import CheckpointError
 
 STATS_SIDE = 32  # the small RGB copy's longest side (as the service's upload preview)
@@ -99,7 +99,7 @@ def image_statistics(img_rgb_u8: np.ndarray) -> ImageStats:
 def small_rgb(img: Image.Image, max_side: int = STATS_SIDE) -> np.ndarray:
     """An opened upload (any Pillow mode; alpha onto white as in decoding) -> uint8 (h, w, 3),
     at most `max_side` px a side; the copy `image_statistics` expects."""
-    t = normalise_mode(shrink(img, max_side), "RGB")  # box-reduced strip-wise first: bounded cost
+    t = normalise_mode(shrink_oriented(img, max_side, keep_aspect=True), "RGB")  # strip-wise reduce: bounded cost
     t.thumbnail((max_side, max_side))
     return np.asarray(t, dtype=np.uint8)
 
@@ -227,6 +227,11 @@ def _quantized_pca(fit: np.ndarray, components: int) -> tuple[np.ndarray, np.nda
     k = min(components, fit.shape[1] - 1)
     basis = v[:, :k].T.astype(np.float16).astype(np.float32)
     return mean, basis, np.maximum(w[:k], floor), max(float(w[k:].sum()), floor)
+
+
+def min_training_images(held_out: float = 0.2, threshold_quantile: float = 0.995) -> int:
+    """The fewest training images `summarise_domain` can summarise with these settings."""
+    return math.ceil(math.ceil(1.0 / (1.0 - threshold_quantile)) / held_out)
 
 
 def summarise_embeddings(fit: np.ndarray, held: np.ndarray, *, components: int = 16,

@@ -65,6 +65,7 @@ _RESAMPLE = {
 MAX_ASPECT_RATIO = 20  # longest / shortest side; a 1 x 20,000,000 "image" is not a picture
 DRAFT_FACTOR = 4  # JPEG decodes at 1/2, 1/4 or 1/8 scale while staying >= 4x the model's input side
 REDUCE_GAP = 2  # larger images are box-reduced to >= 2x the input side before any other copy
+JPEG_DRAFT_PIXELS = 4  # a baseline JPEG may declare 4x max_pixels: it decodes at a reduced scale
 
 
 class ImageTooLarge(ImageError):
@@ -106,7 +107,10 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str =
             fmt = img.format or "unknown"
             if fmt not in ACCEPTED_FORMATS:
                 raise UnsupportedImage(f"{name}: format {fmt} is not accepted; use one of {sorted(ACCEPTED_FORMATS)}")
-            if draft_to and fmt in ("JPEG", "MPO"):  # the pixel limit applies to the reduced decode
+            if draft_to and fmt in ("JPEG", "MPO"):  # the pixel limit applies to the reduced decode ...
+                progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+                # ... of a baseline JPEG only: libjpeg keeps a progressive file's full-size coefficients
+                _check_shape(name, *img.size, max_pixels * (1 if progressive else JPEG_DRAFT_PIXELS))
                 img.draft(img.mode, (draft_to, draft_to))
             _check_shape(name, *img.size, max_pixels)
             img.load()  # the first frame only (GIF, WebP, MPO): later frames are never decoded
@@ -124,9 +128,12 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str =
 
 
 def _to_8bit(img: Image.Image, hi: float | None = None) -> Image.Image:
-    """16/32-bit grayscale -> "L" with integer arithmetic: v * 255 // 65535 when the image uses more
-    than 8 bits (`hi`: its maximum, if known), else unchanged; never a float64 copy."""
+    """Deep grayscale -> "L" with integer arithmetic, never a float64 copy: 16-bit images always
+    v * 255 // 65535 (their scale is 16 bits whatever the content); 32-bit integer and float
+    images the same when their maximum `hi` exceeds 255, else unchanged."""
     arr = np.array(img)  # uint16 / int32 / float32 copy: at most 4 bytes a pixel
+    if img.mode in ("I;16", "I;16B", "I;16L"):
+        hi = 65535.0
     if hi is None:
         hi = float(arr.max()) if arr.size else 0.0
     if arr.dtype.kind == "f":
@@ -150,17 +157,19 @@ def _reducible(strip: Image.Image, hi: float | None) -> Image.Image:
     return strip
 
 
-def shrink(img: Image.Image, size: int) -> Image.Image:
+def shrink(img: Image.Image, size: int, *, keep_aspect: bool = False) -> Image.Image:
     """Box-reduce by whole factors so no side is more than 2x `size` larger than needed, strip by
     strip: no full-size copy is ever made (Pillow's own reduce of RGBA copies the whole image), every
     later step (orientation, mode, alpha) works on a small image, and resampling kernels stay short.
     Blocks never straddle strips, so the result equals one `Image.reduce` of the whole image."""
     w, h = img.size
     fx, fy = max(1, w // (REDUCE_GAP * size)), max(1, h // (REDUCE_GAP * size))
+    if keep_aspect:  # thumbnails and previews: one factor (model inputs are squashed to a square anyway)
+        fx = fy = min(fx, fy)
     if fx == 1 and fy == 1:
         return img
     hi = None
-    if img.mode in ("I;16", "I;16B", "I;16L"):
+    if img.mode in ("I", "F"):
         hi = float(img.getextrema()[1])  # type: ignore[arg-type,index]  # the whole image decides the 8-bit scale
     rows = max(fy, (_STRIP_BYTES // (4 * w)) // fy * fy)
     out: Image.Image | None = None
@@ -171,6 +180,22 @@ def shrink(img: Image.Image, size: int) -> Image.Image:
         out.paste(part, (0, y0 // fy))
     assert out is not None
     return out
+
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def shrink_oriented(img: Image.Image, size: int, *, keep_aspect: bool = False) -> Image.Image:
+    """`shrink`, then the EXIF orientation of the original applied to the small result (the
+    reduced copy carries no EXIF, so orientation is read first)."""
+    orientation = img.getexif().get(0x0112, 1)
+    small = shrink(img, size, keep_aspect=keep_aspect)
+    if small is img:
+        return ImageOps.exif_transpose(img) or img
+    method = _TRANSPOSE.get(orientation)
+    return small.transpose(method) if method is not None else small
 
 
 def normalise_mode(img: Image.Image, mode: Mode) -> Image.Image:
@@ -188,8 +213,7 @@ def normalise_mode(img: Image.Image, mode: Mode) -> Image.Image:
 
 def to_array(img: Image.Image, pre: Preprocessing) -> np.ndarray:
     """Resize an opened image and return uint8 (C, H, W)."""
-    img = shrink(img, pre.size)
-    img = ImageOps.exif_transpose(img) or img
+    img = shrink_oriented(img, pre.size)
     img = normalise_mode(img, pre.mode)
     if img.size != (pre.size, pre.size):
         img = img.resize((pre.size, pre.size), _RESAMPLE[pre.resample])

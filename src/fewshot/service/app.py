@@ -32,7 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from fewshot.artifacts.bundle import Bundle, load_bundle
@@ -108,9 +108,18 @@ class WorkspaceOut(BaseModel):
 
 
 class SettingsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     metric: str | None = None
     head: str | None = None
     threshold: float | None = Field(None, allow_inf_nan=False)
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("threshold must be a number, not true/false")
+        return v
     clear_threshold: bool = False
 
 
@@ -188,7 +197,7 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 
 def _presented_key(request: Request) -> str:
     """The bearer key of `Authorization`; keys in the query string are refused (they get logged)."""
-    leaked = [k for k in request.query_params if k.lower() in SENSITIVE_QUERY]
+    leaked = [k for k in request.query_params if k.lower().replace("-", "_") in SENSITIVE_QUERY]
     if leaked:
         raise ApiError(400, "key_in_url", f"query parameter {leaked[0]!r} looks like a key; keys in URLs end up "
                        "in logs and browser history: send 'Authorization: Bearer <key>' instead (and rotate it)")
@@ -206,7 +215,8 @@ def check_admin(request: Request, settings: ServiceSettings) -> None:
     """The admin key, or 401/403/429: failed attempts are throttled per client address."""
     key = _presented_key(request)
     if not settings.admin_key:
-        raise ApiError(403, "forbidden", "workspace creation is disabled: set FEWSHOT_ADMIN_KEY on the server")
+        raise ApiError(403, "forbidden", "admin routes (workspace creation, /metrics) are disabled: set "
+                       "FEWSHOT_ADMIN_KEY on the server (or FEWSHOT_METRICS_PUBLIC=1 for /metrics)")
     throttle: FailureThrottle = request.app.state.admin_throttle
     wait = throttle.retry_after(_client(request))
     if wait:
@@ -233,7 +243,12 @@ def workspace_access(request: Request, ws: Annotated[str, PathParam(max_length=6
     record = state.store.get_workspace(ws) if is_id(ws, "ws") else None  # ids are checked before any query
     if record is not None and key_matches(key, record.key_hash):
         return ws
-    missing = ApiError(404, "not_found", f"workspace {ws!r} does not exist; list yours with the key it came with")
+    missing = ApiError(404, "not_found", f"workspace {_short(ws)!r} does not exist; list yours with the key it came with")
+    throttle: FailureThrottle = request.app.state.admin_throttle
+    wait = throttle.retry_after(_client(request))  # the admin key opens every route: guesses count everywhere
+    if wait:
+        raise ApiError(429, "too_many_attempts", f"too many failed key attempts from this address; retry in "
+                       f"{wait} s", headers={"Retry-After": str(wait)})
     if secret_matches(key, settings.admin_key):
         if record is None:
             raise missing
@@ -242,8 +257,14 @@ def workspace_access(request: Request, ws: Annotated[str, PathParam(max_length=6
     if own is not None:
         if record is None:
             raise missing
-        raise ApiError(403, "forbidden", f"this API key opens workspace {own.id!r}, not {ws!r}")
+        raise ApiError(403, "forbidden", f"this API key opens workspace {own.id!r}, not {_short(ws)!r}")
+    throttle.failed(_client(request))
     raise ApiError(401, "unauthorized", "wrong API key for this workspace")
+
+
+def _short(text: str, n: int = 80) -> str:
+    """User-given text echoed in an error, cut to `n` characters."""
+    return text if len(text) <= n else text[:n] + "..."
 
 
 WorkspaceDep = Annotated[str, Depends(workspace_access)]
@@ -270,10 +291,15 @@ def _decode_all(files: list[UploadFile], state: ServiceState, settings: ServiceS
     domain = state.recogniser.domain
     side = domain.stats_side if domain is not None else STATS_SIDE
     arrays, thumbs, names, previews = [], [], [], []
+    budget = settings.max_request_pixels
     for i, f in enumerate(files):
-        name = f.filename or f"image {i}"
-        d = decode_upload(f.file.read(), pre, max_pixels=settings.max_image_pixels,
+        if budget <= 0:
+            raise ApiError(413, "request_too_large", f"the images of this request decode to more than "
+                           f"{settings.max_request_pixels:,} pixels in all; send fewer large images per request")
+        name = _short(f.filename or f"image {i}")
+        d = decode_upload(f.file.read(), pre, max_pixels=min(settings.max_image_pixels, budget),
                           thumbnail_size=settings.thumbnail_size, name=name, thumbnail=thumbnails, preview_side=side)
+        budget -= d.pixels
         arrays.append(d.array)
         thumbs.append(d.thumbnail_png)
         names.append(name)
@@ -374,7 +400,8 @@ def _install_error_handlers(app: FastAPI) -> None:
             return body(409, "conflict", str(exc))
         if isinstance(exc, StoreUnavailable):  # a server fault; the message holds no URL or credentials
             response = body(503, "store_unavailable", str(exc))
-            response.headers["Retry-After"] = str(exc.retry_after_s)
+            if exc.retry_after_s:  # 0: the outcome is unknown; an automatic retry could apply it twice
+                response.headers["Retry-After"] = str(exc.retry_after_s)
             return response
         if isinstance(exc, InvalidInput):
             return body(400, "invalid_input", str(exc))
@@ -418,7 +445,7 @@ def _add_system_routes(app: FastAPI) -> None:
     def root() -> RedirectResponse:
         return RedirectResponse("/ui/")
 
-    @app.get("/healthz", tags=["system"])
+    @app.api_route("/healthz", methods=["GET", "HEAD"], tags=["system"])
     def healthz() -> dict[str, str]:
         """The process is up (no dependencies checked)."""
         return {"status": "ok"}
@@ -442,8 +469,9 @@ def _add_system_routes(app: FastAPI) -> None:
         """What the service runs: bundle id, backbone, preprocessing, metrics, calibration."""
         m = state.bundle.manifest
         cal = state.recogniser.calibration
+        source = {k: v for k, v in m.source.items() if k in ("name", "learner", "step", "calibrated_on")}
         return {"bundle_id": m.bundle_id, "backbone": m.backbone, "preprocessing": m.preprocessing,
-                "embedding_dim": m.embedding_dim, "metrics": m.metrics, "source": m.source,
+                "embedding_dim": m.embedding_dim, "metrics": m.metrics, "source": source,
                 "calibration": cal.to_dict() if cal else None,
                 "domain": None if m.domain is None else {k: m.domain[k] for k in ("mode", "size", "trained_on")
                                                          if k in m.domain}}
@@ -467,10 +495,8 @@ def _add_workspace_routes(app: FastAPI) -> None:
     @app.patch("/workspaces/{ws}", tags=["workspaces"])
     def patch_workspace(ws: WorkspaceDep, body: SettingsIn, state: StateDep) -> WorkspaceOut:
         """Change the decision rule (metric, head) or the unknown threshold of this workspace."""
-        current = state.recogniser.settings(ws).to_dict()
         given = body.model_dump(exclude_none=True, exclude={"clear_threshold"})
-        merged = {**current, **given, **({"threshold": None} if body.clear_threshold else {})}
-        return _ws_out(state.recogniser.update_settings(ws, WorkspaceSettings.from_dict(merged)))
+        return _ws_out(state.recogniser.patch_settings(ws, given, clear_threshold=body.clear_threshold))
 
     @app.delete("/workspaces/{ws}", status_code=204, tags=["workspaces"])
     def delete_workspace(ws: WorkspaceDep, state: StateDep) -> Response:
@@ -560,10 +586,13 @@ def serve(bundle_path: str | Path, db_url: str, host: str = "127.0.0.1", port: i
     settings = ServiceSettings.from_env(bundle_path=str(bundle_path), db_url=db_url, admin_key=admin_key)
     if not settings.torch_threads:
         settings = replace(settings, torch_threads=1)
+    # X-Forwarded-For is trusted only when FORWARDED_ALLOW_IPS names the proxy: otherwise any local
+    # process (an ssh tunnel, a port-forward) could pick its client address and dodge the throttle.
+    proxy_headers = bool(os.environ.get("FORWARDED_ALLOW_IPS"))
     if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, proxy_headers=proxy_headers)
         return
     os.environ.update({"FEWSHOT_BUNDLE_PATH": settings.bundle_path, "FEWSHOT_DB_URL": settings.db_url,
                        "FEWSHOT_ADMIN_KEY": settings.admin_key, "FEWSHOT_TORCH_THREADS": str(settings.torch_threads)})
     uvicorn.run("fewshot.service.app:create_app_from_env", factory=True, host=host, port=port,
-                workers=workers, log_level=log_level)
+                workers=workers, log_level=log_level, proxy_headers=proxy_headers)

@@ -17,7 +17,7 @@ from fewshot.data.imageio import (
     draft_size,
     normalise_mode,
     open_image,
-    shrink,
+    shrink_oriented,
     to_array,
 )
 from fewshot.errors import ImageError
@@ -35,13 +35,14 @@ class UploadError(ImageError):
 class DecodedImage:
     array: np.ndarray  # uint8 (C, H, W) under the bundle's preprocessing
     thumbnail_png: bytes  # empty when not asked for (classification needs none)
+    pixels: int  # decoded width x height (after JPEG's reduced-scale decoding): the request's budget
     preview: np.ndarray  # uint8 (h, w, 3), longest side <= preview_side: the upload as sent, for
     # the out-of-domain check (a colour photo stays colour; see fewshot.artifacts.domain)
 
 
 def thumbnail_png(img: Image.Image, size: int) -> bytes:
     """A PNG at most `size` pixels on its longest side (RGB or L), made from a reduced copy."""
-    t = shrink(img, size)
+    t = shrink_oriented(img, size, keep_aspect=True)
     t = normalise_mode(t, "L" if t.mode in ("L", "1", "I;16", "I;16B", "I;16L", "I", "F") else "RGB")
     t.thumbnail((size, size))
     buf = io.BytesIO()
@@ -77,4 +78,4 @@ def decode_upload(
         raise UploadError(400, "corrupt_image", str(exc)) from exc
     except Exception as exc:  # truncated or corrupt pixel data found while converting
         raise UploadError(400, "corrupt_image", f"{name}: image data is corrupt ({type(exc).__name__})") from exc
-    return DecodedImage(array, thumb, preview)
+    return DecodedImage(array, thumb, img.size[0] * img.size[1], preview)

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
@@ -105,16 +106,18 @@ class MetricsMiddleware:
             await self.app(scope, receive, timed_send)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"  # bounded label values
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
 
 
 _QUERY = re.compile(r"\?[^ \"]*")
 
 
 class RedactQueryFilter(logging.Filter):
-    """Drop query-string values from access-log lines (uvicorn.access): a key pasted into a URL
-    must not end up in logs. Paths are kept; `?a=1&b=2` becomes `?a=...&b=...`."""
+    """Drop query-string values and anything shaped like a workspace key from access-log lines
+    (uvicorn.access): a key pasted into a URL must not end up in logs. `?a=1&b=2` becomes
+    `?a=...&b=...`; `/workspaces/fsk_abc/...` becomes `/workspaces/fsk_.../...`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
@@ -122,9 +125,12 @@ class RedactQueryFilter(logging.Filter):
         return True
 
 
+_KEY_LIKE = re.compile(r"fsk_[A-Za-z0-9_-]+")
+
+
 def _redact(text: str) -> str:
     def one(m: re.Match[str]) -> str:
         pairs = m.group(0)[1:].split("&")
         return "?" + "&".join(p.split("=", 1)[0] + "=..." if "=" in p else "..." for p in pairs)
 
-    return _QUERY.sub(one, text)
+    return _KEY_LIKE.sub("fsk_...", _QUERY.sub(one, text))  # a key pasted into the path, too

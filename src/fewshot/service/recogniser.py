@@ -10,6 +10,7 @@ other's classes.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import unicodedata
@@ -81,9 +82,13 @@ class WorkspaceSettings:
 
 def check_threshold(t: object) -> float:
     """A finite number (nan and +-inf would silently reject or accept everything)."""
-    if isinstance(t, bool) or not isinstance(t, int | float | np.floating) or not np.isfinite(t):
-        raise ConfigError(f"threshold {t!r} must be a finite number; omit it to use the calibrated one")
-    return float(t)
+    try:
+        f = float(t) if not isinstance(t, bool) and isinstance(t, int | float | np.floating) else math.nan
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise ConfigError(f"threshold {str(t)[:40]!r} must be a finite number; omit it to use the calibrated one")
+    return f
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,19 @@ class Recogniser:
     def update_settings(self, workspace_id: str, settings: WorkspaceSettings) -> WorkspaceRecord:
         return self.store.update_workspace_settings(workspace_id, settings.to_dict())
 
+    def patch_settings(self, workspace_id: str, given: dict[str, Any], *, clear_threshold: bool = False) -> WorkspaceRecord:
+        """Change some settings atomically. A threshold is on one metric's novelty scale: changing the
+        metric without giving a threshold clears it (back to the bundle's calibrated one)."""
+
+        def merge(current: dict[str, Any]) -> dict[str, Any]:
+            cur = WorkspaceSettings.from_dict(current)
+            d = {**cur.to_dict(), **given}
+            if clear_threshold or (d["metric"] != cur.metric and "threshold" not in given):
+                d["threshold"] = None
+            return WorkspaceSettings.from_dict(d).to_dict()
+
+        return self.store.merge_workspace_settings(workspace_id, merge)
+
     def delete_workspace(self, workspace_id: str) -> None:
         self.store.delete_workspace(workspace_id)
         with self._mem_lock:
@@ -281,10 +299,11 @@ class Recogniser:
         ch = self.store.changes(workspace_id, known)
         if ch is None:
             self._forget(workspace_id)
-        cls_of = np.asarray(ch.examples.class_ids)
+        spans = _class_spans(ch.examples.class_ids)  # examples come ordered by class: one slice each
         rows: dict[str, Row] = {}
         for c in ch.changed:
-            e = ch.examples.embeddings[cls_of == c] if len(ch.examples.ids) else np.zeros((0, self.dim), np.float32)
+            a, b = spans.get(c, (0, 0))
+            e = ch.examples.embeddings[a:b] if b > a else np.zeros((0, self.dim), np.float32)
             if len(e) and e.shape[1] != self.dim:
                 raise ConflictError(f"class {c!r} holds {e.shape[1]}-d embeddings; this model makes {self.dim}-d")
             label, version = ch.classes[c]
@@ -333,7 +352,8 @@ class Recogniser:
         """More images for a class: only that class's prototype row is updated."""
         self._memory(workspace_id)
         emb, thumbs = self._embed_examples(images_u8, thumbnails)
-        rec, _ = self.store.add_examples(workspace_id, class_id, [NewExample(e, t) for e, t in zip(emb, thumbs)])
+        rec, _ = self.store.add_examples(workspace_id, class_id, [NewExample(e, t) for e, t in zip(emb, thumbs)],
+                                         max_per_class=self.config.max_images_per_class)
 
         def change(p: Prototypes) -> tuple[dict[str, Row], set[str]]:
             old = p.rows[p.index[class_id]]
@@ -457,17 +477,20 @@ class Recogniser:
         pred = self.classify(workspace_id, image_u8[None], top_k=k, threshold=threshold,
                              previews=None if preview is None else [preview])[0]
         mem = self._memory(workspace_id)
+        protos = mem.protos
         ex = self._examples(workspace_id, mem)
-        metric = pred.metric
+        known = [i for i, c in enumerate(ex.class_ids) if c in protos.index]  # classes of this snapshot only
+        if not known:
+            return Explanation(pred, [])
+        emb = ex.embeddings[known]
         q = self.embedder.embed(image_u8[None])
-        sq = (ex.embeddings * ex.embeddings).sum(1)
-        s = prototype_scores(q, ex.embeddings, metric, sq)[0]
-        order = np.argsort(s if metric == "euclidean" else -s, kind="stable")[:k]
-        ids = [ex.ids[i] for i in order]
-        thumbs = self.store.thumbnails(workspace_id, ids)
-        labels = dict(zip(mem.protos.class_ids, mem.protos.labels))
-        return Explanation(pred, [Neighbour(ex.ids[i], ex.class_ids[i], labels.get(ex.class_ids[i], "?"),
-                                            float(s[i]), thumbs.get(ex.ids[i], b"")) for i in order])
+        s = prototype_scores(q, emb, pred.metric, (emb * emb).sum(1))[0]
+        order = [known[j] for j in np.argsort(s if pred.metric == "euclidean" else -s, kind="stable")[:k]]
+        score = dict(zip(known, s.tolist()))
+        thumbs = self.store.thumbnails(workspace_id, [ex.ids[i] for i in order])
+        return Explanation(pred, [Neighbour(ex.ids[i], ex.class_ids[i], protos.labels[protos.index[ex.class_ids[i]]],
+                                            float(score[i]), thumbs[ex.ids[i]]) for i in order
+                                  if ex.ids[i] in thumbs])  # an example deleted meanwhile is left out
 
     def thumbnail(self, workspace_id: str, example_id: str) -> bytes:
         t = self.store.thumbnails(workspace_id, [example_id])
@@ -482,6 +505,17 @@ class Recogniser:
 MAX_LABEL_CHARS = 200
 
 
+def _class_spans(class_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """class id -> (start, stop) of its run in `class_ids`, which is grouped by class."""
+    spans: dict[str, tuple[int, int]] = {}
+    start = 0
+    for i in range(1, len(class_ids) + 1):
+        if i == len(class_ids) or class_ids[i] != class_ids[start]:
+            spans[class_ids[start]] = (start, i)
+            start = i
+    return spans
+
+
 def normalise_text(value: object, what: str, max_chars: int = MAX_LABEL_CHARS) -> str:
     """Unicode NFC, trimmed; refuses empty, over-long and control-character text (naming the fix)."""
     if not isinstance(value, str):
@@ -491,15 +525,16 @@ def normalise_text(value: object, what: str, max_chars: int = MAX_LABEL_CHARS) -
         raise ConfigError(f"{what} is empty; give 1 to {max_chars} characters")
     if len(text) > max_chars:
         raise ConfigError(f"{what} has {len(text)} characters; give at most {max_chars}")
-    bad = sorted({f"U+{ord(ch):04X}" for ch in text if unicodedata.category(ch) in ("Cc", "Cs")})
-    if bad:
-        raise ConfigError(f"{what} {text[:40]!r} contains control characters ({', '.join(bad)}); remove them")
+    bad = sorted({f"U+{ord(ch):04X}" for ch in text if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn")})
+    if bad:  # control, format (zero-width, bidi overrides), surrogate, private-use, unassigned
+        raise ConfigError(f"{what} {text[:40]!r} contains control or invisible characters ({', '.join(bad[:5])}); "
+                          "remove them")
     return text
 
 
 def check_label(label: object) -> str:
     """A class label as stored: NFC, trimmed, not the reserved word "unknown" in any letter case."""
     text = normalise_text(label, "class label")
-    if text.casefold() == UNKNOWN:
+    if unicodedata.normalize("NFKC", text).casefold() == UNKNOWN:  # fullwidth forms too
         raise ConfigError(f"class label {text!r} is reserved for rejected images; choose another label")
     return text

@@ -19,6 +19,7 @@ class ServiceSettings:
     max_body_bytes: int = 16 * 1024 * 1024
     max_images_per_request: int = 64
     max_image_pixels: int = 25_000_000
+    max_request_pixels: int = 100_000_000  # decoded pixels of all images of one request
     max_top_k: int = 100
     thumbnail_size: int = 64
     ort_threads: int = 1  # per request; concurrency comes from parallel requests (0: min(2, cores))
@@ -32,7 +33,8 @@ class ServiceSettings:
     admin_failures_per_minute: int = 5  # failed admin-key attempts per client address before 429
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_images_per_request", "max_image_pixels", "max_top_k", "thumbnail_size",
+        for name in ("max_body_bytes", "max_images_per_request", "max_image_pixels", "max_request_pixels", "max_top_k",
+                     "thumbnail_size",
                      "admin_failures_per_minute"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name}={getattr(self, name)} must be >= 1")

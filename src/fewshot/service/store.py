@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +152,7 @@ def _guarded(method: F) -> F:
             except _CommitUnknown as exc:
                 log.warning("store %s: connection lost during COMMIT (%s)", self.safe_url, exc.__cause__)
                 raise StoreUnavailable("the database connection was lost while saving; the change may not "
-                                       "have been applied: check before retrying") from exc
+                                       "have been applied: check before retrying", retry_after_s=0) from exc
             except Exception as exc:
                 kind = self._failure_kind(exc)
                 if kind is None:
@@ -338,6 +338,20 @@ class Store(ABC):
         return ws
 
     @_guarded
+    def merge_workspace_settings(self, workspace_id: str,
+                                 merge: Callable[[dict[str, Any]], dict[str, Any]]) -> WorkspaceRecord:
+        """Read-modify-write of a workspace's settings in one transaction (the version bump locks
+        the row first), so concurrent partial updates never overwrite each other."""
+        with self._tx() as c:
+            self._bump(c, workspace_id)
+            row = self._exec(c, "SELECT settings FROM workspaces WHERE id = ?", (workspace_id,)).fetchone()
+            self._exec(c, "UPDATE workspaces SET settings = ? WHERE id = ?",
+                       (json.dumps(merge(json.loads(row[0]))), workspace_id))
+            ws = self._ws_row(c, "id", workspace_id)
+        assert ws is not None
+        return ws
+
+    @_guarded
     def delete_workspace(self, workspace_id: str) -> None:
         with self._tx() as c:
             self._exec(c, "DELETE FROM examples WHERE workspace_id = ?", (workspace_id,))
@@ -377,11 +391,18 @@ class Store(ABC):
         return ClassRecord(cid, label, v, len(ids)), ids
 
     @_guarded
-    def add_examples(self, workspace_id: str, class_id: str, examples: Iterable[NewExample]) -> tuple[ClassRecord, list[str]]:
+    def add_examples(self, workspace_id: str, class_id: str, examples: Iterable[NewExample], *,
+                     max_per_class: int | None = None) -> tuple[ClassRecord, list[str]]:
+        """More examples for a class; refused (ConflictError) past `max_per_class` stored examples."""
         examples = list(examples)
         with self._tx() as c:
             v = self._bump(c, workspace_id)
             self._require_class(c, workspace_id, class_id)
+            if max_per_class is not None:
+                n = int(self._exec(c, "SELECT COUNT(*) FROM examples WHERE class_id = ?", (class_id,)).fetchone()[0])
+                if n + len(examples) > max_per_class:
+                    raise ConflictError(f"class {class_id!r} holds {n} images; {len(examples)} more would exceed the "
+                                        f"limit of {max_per_class} per class")
             self._exec(c, "UPDATE classes SET version = ? WHERE id = ?", (v, class_id))
             ids = self._insert_examples(c, workspace_id, class_id, examples)
             rec = self._class_row(c, workspace_id, class_id)
@@ -477,7 +498,9 @@ class Store(ABC):
                 return None
             classes = self._class_versions(c, workspace_id)
             changed = [cid for cid, (_, v) in classes.items() if known.get(cid) != v]
-            return WorkspaceChanges(int(row[0]), classes, changed, self._examples(c, workspace_id, changed))
+            everything = len(changed) == len(classes)  # a first load: no IN list (bounded parameter counts)
+            return WorkspaceChanges(int(row[0]), classes, changed,
+                                    self._examples(c, workspace_id, None if everything else changed))
 
     @_guarded
     def thumbnails(self, workspace_id: str, example_ids: Sequence[str]) -> dict[str, bytes]:
@@ -651,7 +674,7 @@ class PostgresStore(Store):
         return None
 
     def _unavailable_message(self, exc: BaseException) -> str:
-        return "the database is unavailable (PostgreSQL does not answer); retry shortly"
+        return "the database is unavailable or overloaded (no PostgreSQL connection in time); retry shortly"
 
 
 def open_store(url: str | Path) -> Store:

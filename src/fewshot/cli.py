@@ -8,27 +8,30 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fewshot.errors import FewshotError
+from fewshot.errors import DataError, FewshotError
 
 
 def _data_config(args: argparse.Namespace) -> Any:
     """The data section from command-line options, validated like a config file's."""
     from fewshot.config import config_from_dict
 
-    fields: dict[str, Any] = {"dataset": args.dataset, "image_size": args.size, "mode": args.mode,
-                              "cache_dir": args.cache_dir, "split": getattr(args, "split", "vinyals"),
-                              "first_level": args.first_level,
-                              "min_images_per_class": getattr(args, "min_images", 2)}
-    if args.data:
-        fields["root"] = args.data
+    given = {"dataset": args.dataset, "image_size": args.size, "mode": args.mode, "cache_dir": args.cache_dir,
+             "split": getattr(args, "split", None), "splits_dir": args.splits_dir, "first_level": args.first_level,
+             "min_images_per_class": getattr(args, "min_images", 2), "root": args.data or None}
+    fields = {k: v for k, v in given.items() if v is not None}  # absent: the dataset's defaults apply
     return config_from_dict({"data": fields}, "<command line>").data
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="data root (default: $FEWSHOT_DATA)")
-    p.add_argument("--dataset", default="omniglot", help="'omniglot' or a path to an image folder or zip")
-    p.add_argument("--size", type=int, default=28, help="image side in pixels (default 28)")
-    p.add_argument("--mode", choices=["L", "RGB"], default="L")
+    p.add_argument("--dataset", default="omniglot",
+                   help="'omniglot', 'miniimagenet', or a path to an image folder or zip")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels (default: the dataset's; 28, miniimagenet 84)")
+    p.add_argument("--mode", choices=["L", "RGB"], default=None, help="default: the dataset's (L, miniimagenet RGB)")
+    p.add_argument("--splits-dir", default=None,
+                   help="folder of split files train.csv / val.csv / test.csv (filename,label) for the image "
+                        "folder or zip (default for miniimagenet: <data>/miniimagenet/splits/ravi)")
     p.add_argument("--cache-dir", default=".fewshot-cache")
     p.add_argument("--first-level", choices=["domain", "subset"], default="domain",
                    help="image folders: is root/<X>/<class> a knowledge domain or a subset (train/test)?")
@@ -40,6 +43,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = _data_config(args)
     if args.download:
         from fewshot.data.download import download_omniglot
+
+        if cfg.dataset != "omniglot":
+            raise DataError(f"--download fetches the Omniglot zips only; put dataset {cfg.dataset!r} in place "
+                            "by hand (for miniimagenet: see the error `fewshot prepare --dataset miniimagenet` gives)")
 
         download_omniglot(cfg.data_root())
     prepared = prepare_data(cfg, force=args.force)
@@ -185,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="domains, classes, counts, splits, and a PNG of an episode")
     _add_data_args(p)
-    p.add_argument("--split", default="vinyals", help="split scheme: lake | vinyals | domains | classes")
+    p.add_argument("--split", default=None,
+                   help="split scheme: lake | vinyals | csv | domains | classes (default: vinyals; "
+                        "csv for miniimagenet or with --splits-dir)")
     p.add_argument("--episode-split", default="train")
     p.add_argument("--way", type=int, default=5)
     p.add_argument("--shot", type=int, default=1)

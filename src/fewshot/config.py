@@ -20,12 +20,24 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# Defaults a named dataset brings, for the fields a config leaves out (explicit values win).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "miniimagenet": {"image_size": 84, "mode": "RGB", "split": "csv"},
+}
+
+
 class DataConfig(_Frozen):
     root: str | None = None  # data root; default: $FEWSHOT_DATA
-    dataset: str = "omniglot"  # "omniglot", or a path to an image folder / zip
+    # "omniglot", "miniimagenet" (<root>/miniimagenet/miniimagenet84.zip + splits/ravi/*.csv),
+    # or a path to an image folder / zip (with splits_dir: class folders listed in split files)
+    dataset: str = "omniglot"
     image_size: int = Field(28, ge=8, le=512)
     mode: Literal["L", "RGB"] = "L"
-    split: str = "vinyals"  # lake | vinyals | domains | classes
+    split: str = "vinyals"  # lake | vinyals | csv | domains | classes
+    # folder of split files {train,val,test}.csv (`filename,label`) for split "csv"; a relative path
+    # that does not exist from the working directory is taken under the data root. miniimagenet's
+    # default: <root>/miniimagenet/splits/ravi. Setting it makes "csv" the default split.
+    splits_dir: str | None = None
     split_seed: int = 0
     train_rotations: bool = False  # add 90/180/270 rotations of train classes as new classes
     cache_dir: str = ".fewshot-cache"
@@ -34,6 +46,23 @@ class DataConfig(_Frozen):
     # split "lake": validation characters held out from each of the 30 background alphabets
     # (seeded); every alphabet stays in training. 0 = no validation split (train on all 964).
     lake_val_fraction: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        defaults = dict(DATASET_DEFAULTS.get(str(data.get("dataset")), {}))
+        if data.get("splits_dir") is not None:
+            defaults.setdefault("split", "csv")
+        return {**defaults, **data}
+
+    @model_validator(mode="after")
+    def _check_split_files(self) -> DataConfig:
+        if self.split == "csv" and self.splits_dir is None and self.dataset not in DATASET_DEFAULTS:
+            raise ValueError(f"split 'csv' reads train.csv / val.csv / test.csv from data.splits_dir, which is not "
+                             f"set for dataset {self.dataset!r}; set splits_dir to that folder")
+        return self
 
     def data_root(self) -> Path:
         root = self.root or os.environ.get("FEWSHOT_DATA")

@@ -32,8 +32,8 @@ def _ids(split: Split) -> list[int]:
 
 
 def test_schemes_listed_and_unknown_scheme_names_them(domains_cache: PackedCache) -> None:
-    assert list_split_schemes() == ["classes", "domains", "lake", "vinyals"]
-    with pytest.raises(ConfigError, match=r"unknown split scheme 'random'.*'classes', 'domains', 'lake', 'vinyals'"):
+    assert list_split_schemes() == ["classes", "csv", "domains", "lake", "vinyals"]
+    with pytest.raises(ConfigError, match=r"unknown split scheme 'random'.*'classes', 'csv', 'domains', 'lake', 'vinyals'"):
         make_splits(domains_cache, "random")
 
 

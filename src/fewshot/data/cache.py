@@ -144,7 +144,7 @@ def write_cache(
     tmp.mkdir()
     try:
         with open(tmp / IMAGES_NAME, "wb") as fh:
-            fh.write(np.ascontiguousarray(images).tobytes())
+            fh.write(np.ascontiguousarray(images).data)  # the buffer, not a bytes copy (60k RGB 84x84: 1.3 GB)
             fh.flush()
             os.fsync(fh.fileno())
         domains = sorted({c.domain for c in classes})

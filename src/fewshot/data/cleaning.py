@@ -1,19 +1,25 @@
 """Cleaning: every input file is kept or dropped with a named reason, and the report says which.
 
 Per file (`inspect_batch`, runs in worker processes): zero_size, not_an_image, truncated,
-unreadable, too_small. Per class (`apply_class_rules`, after all files are inspected): duplicate
-(identical full-resolution pixels within a class; the first file is kept and named), then
-class_too_small (fewer than `min_images_per_class` files left; all its files dropped).
+unreadable, too_small. For sources with split files (`apply_split_rules`, after all files are
+inspected): not_in_split (no split file lists it), split_duplicate (identical pixels to an image
+kept in an earlier split, train < val < test: the copy in the later split is dropped, so no image
+is in two splits). Per class (`apply_class_rules`, last): duplicate (identical full-resolution
+pixels within a class; the first file is kept and named), then class_too_small (fewer than
+`min_images_per_class` files left; all its files dropped). Identical images in two classes of one
+split are kept and reported as warnings (label noise, not leakage).
 
 Exact duplicates compare the full-resolution image after mode conversion, not the resized one:
 two drawings that only coincide after downscaling are different data. Omniglot's one known pair
 (Braille/character01 0192_03 and 0192_19, both a single dot) is pixel-identical at 105x105, so
-0192_19 is dropped as a duplicate of 0192_03. Perceptual hashes (64-bit dHash) are kept per image
+0192_19 is dropped as a duplicate of 0192_03. miniImageNet's six validation images that repeat a
+training image are dropped as split_duplicate (SOURCES.md lists them). Perceptual hashes (64-bit dHash) are kept per image
 for the cross-split near-duplicate warnings in `splits.check_leakage`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -38,6 +44,8 @@ REASONS: tuple[str, ...] = (
     "zero_size",
     "duplicate",
     "too_small",
+    "not_in_split",
+    "split_duplicate",
     "class_too_small",
 )
 REPORT_FORMAT = 1
@@ -96,7 +104,10 @@ def inspect_batch(
         pixels = np.asarray(full, dtype=np.uint8)
         out.content_hash[i] = pixel_hash(pixels)
         out.phash[i] = dhash64(pixels)
-        out.images[i] = to_array(full, pre)
+        if full.size == (pre.size, pre.size):  # already the cache's size (miniImageNet): no resize
+            out.images[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        else:
+            out.images[i] = to_array(full, pre)
     return out
 
 
@@ -131,6 +142,9 @@ def pixel_hash(pixels: np.ndarray) -> str:
     return h.hexdigest()
 
 
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights, as Pillow's "L" conversion
+
+
 def dhash64(pixels: np.ndarray) -> int:
     """64-bit difference hash (Krawetz, "Kind of like that", 2013) of a (H, W[, 3]) uint8 image.
 
@@ -139,7 +153,7 @@ def dhash64(pixels: np.ndarray) -> int:
     """
     gray = pixels.astype(np.float64)
     if gray.ndim == 3:
-        gray = gray @ np.array([0.299, 0.587, 0.114])
+        gray = gray @ _LUMA
     reps = (max(1, -(-8 // gray.shape[0])), max(1, -(-9 // gray.shape[1])))
     if reps != (1, 1):  # tiny images: repeat pixels so every cell covers at least one
         gray = np.repeat(np.repeat(gray, reps[0], axis=0), reps[1], axis=1)
@@ -149,11 +163,58 @@ def dhash64(pixels: np.ndarray) -> int:
 
 
 def _block_mean(a: np.ndarray, n: int, axis: int) -> np.ndarray:
-    edges = np.linspace(0, a.shape[axis], n + 1).astype(np.int64)
-    sums = np.add.reduceat(a, edges[:-1], axis=axis)
+    starts, sizes = _blocks(int(a.shape[axis]), n, axis)
+    return np.add.reduceat(a, starts, axis=axis) / sizes
+
+
+@functools.lru_cache(maxsize=64)
+def _blocks(length: int, n: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """First index and size of `n` near-equal blocks over `length` (sizes shaped to broadcast on `axis`)."""
+    edges = np.linspace(0, length, n + 1).astype(np.int64)
     shape = [1, 1]
     shape[axis] = n
-    return sums / np.diff(edges).reshape(shape)
+    return edges[:-1], np.diff(edges).reshape(shape)
+
+
+# --------------------------------------------------------------------------- split files
+
+
+@dataclass(frozen=True)
+class SplitDuplicate:
+    """An image found in two splits: the copy in `dropped_split` was dropped, `kept` stays."""
+
+    dropped: str  # source id
+    dropped_split: str
+    kept: str
+    kept_split: str
+
+
+def apply_split_rules(
+    subsets: Sequence[str],
+    source_ids: Sequence[str],
+    status: list[str],
+    detail: list[str],
+    content_hash: Sequence[str],
+    split_order: Sequence[str],
+) -> list[SplitDuplicate]:
+    """Mark kept files in no split (not_in_split) and copies of an image kept in an earlier split
+    (split_duplicate), in place; returns the duplicates. `subsets[i]` is file i's split ("" = none)."""
+    rank = {name: k for k, name in enumerate(split_order)}
+    files = ", ".join(f"{name}.csv" for name in split_order)
+    for i, subset in enumerate(subsets):
+        if status[i] == KEPT and subset not in rank:
+            status[i] = "not_in_split"
+            detail[i] = f"listed in none of the split files ({files}); add it to one, or delete the file"
+    first_with: dict[str, int] = {}
+    found = []
+    for i in sorted((i for i, st in enumerate(status) if st == KEPT), key=lambda i: (rank[subsets[i]], i)):
+        kept = first_with.setdefault(content_hash[i], i)
+        if subsets[kept] != subsets[i]:
+            status[i] = "split_duplicate"
+            detail[i] = (f"identical pixels to {source_ids[kept]} in split {subsets[kept]!r} (kept: of an image "
+                         f"in two splits, the copy in the earlier split stays)")
+            found.append(SplitDuplicate(source_ids[i], subsets[i], source_ids[kept], subsets[kept]))
+    return found
 
 
 # --------------------------------------------------------------------------- per class

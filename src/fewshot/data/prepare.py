@@ -5,24 +5,32 @@ fingerprint, the preprocessing, the cleaning settings and the cache format. An u
 served from that folder (no decoding); any change gives a new key and a rebuild. Writes are atomic
 (`write_cache`, then `report.json` by rename); a folder without a readable report is rebuilt.
 
+A source with split files (`source.split_order`, e.g. miniImageNet) also has its files in no split
+and its cross-split copies dropped and reported (`cleaning.apply_split_rules`); the dropped copies
+are listed in the cache index so the leakage check can report them.
+
 Decoding runs in a "spawn" process pool when the source is large enough for it to pay; the
-images go straight into one preallocated uint8 array (n_files, C, H, W), compacted in place to the
-kept files, which are class-contiguous because sources list them that way.
+workers write the images straight into one preallocated uint8 rows file (n_files, C, H, W; in
+/dev/shm where there is room), which is compacted in place to the kept files (class-contiguous
+because sources list them that way) and written once into the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +44,9 @@ from fewshot.data.cleaning import (
     CleaningReport,
     FileRecord,
     InspectedBatch,
+    SplitDuplicate,
     apply_class_rules,
+    apply_split_rules,
     cross_class_duplicates,
     inspect_batch,
 )
@@ -149,10 +159,32 @@ def _build(
     workers: int | None,
 ) -> PreparedData:
     entries = source.entries()
-    images = np.zeros((len(entries), pre.channels, pre.size, pre.size), dtype=np.uint8)  # (N, C, H, W)
-    status, detail, hashes, phash = _inspect_all(source, entries, pre, cfg, images, progress, workers)
+    if not entries:
+        raise DataError(f"{source.describe()['root']} holds no files; nothing to prepare")
+    with _scratch_rows(path.parent, (len(entries), pre.channels, pre.size, pre.size)) as rows:
+        return _build_from(source, entries, rows, path, key, source_fp, pre, cfg, progress, workers)
+
+
+def _build_from(
+    source: Source,
+    entries: list[Entry],
+    rows: _Rows,
+    path: Path,
+    key: str,
+    source_fp: str,
+    pre: Preprocessing,
+    cfg: CleaningConfig,
+    progress: bool,
+    workers: int | None,
+) -> PreparedData:
+    status, detail, hashes, phash = _inspect_all(source, entries, pre, cfg, rows, progress, workers)
+    images = rows.open()  # (N, C, H, W), filled by the decoding processes
     class_names = [e.class_name for e in entries]
     source_ids = [e.source_id for e in entries]
+    split_dups: list[SplitDuplicate] = []
+    if source.split_order:  # before the class rules: a class left too small by them is then dropped
+        split_dups = apply_split_rules([e.subset for e in entries], source_ids, status, detail, hashes,
+                                       source.split_order)
     apply_class_rules(class_names, source_ids, status, detail, hashes, cfg.min_images_per_class)
     report = CleaningReport(
         records=tuple(
@@ -173,6 +205,7 @@ def _build(
         "source": source.describe(),
         "source_fingerprint": source_fp,
         "cleaning": cfg.to_dict(),
+        "split_duplicates": [asdict(d) for d in split_dups],  # reported by splits.check_leakage
     }
     write_cache(
         path,
@@ -187,41 +220,106 @@ def _build(
     return PreparedData(PackedCache.open(path), report, reused=False)
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """A uint8 file of shape (N, C, H, W) that decoding processes write image rows into (so no
+    image bytes travel back through pipes); `open()` maps it."""
+
+    path: str
+    shape: tuple[int, int, int, int]
+
+    def open(self) -> np.ndarray:
+        return np.memmap(self.path, dtype=np.uint8, mode="r+", shape=self.shape)
+
+
+SCRATCH_PREFIX = ".fewshot-rows-"
+
+
+@contextlib.contextmanager
+def _scratch_rows(fallback_dir: Path, shape: tuple[int, int, int, int]) -> Iterator[_Rows]:
+    """A scratch rows file, in RAM (/dev/shm) where there is room for it, else in `fallback_dir`;
+    removed afterwards, or by a later prepare when this process was killed (the name holds its pid)."""
+    nbytes = int(np.prod(shape))
+    shm = Path("/dev/shm")
+    in_ram = shm.is_dir() and os.access(shm, os.W_OK)
+    fallback_dir.mkdir(parents=True, exist_ok=True)
+    for place in (shm, fallback_dir) if in_ram else (fallback_dir,):
+        _remove_stale_scratch(place)
+    folder = shm if in_ram and shutil.disk_usage(shm).free > 2 * nbytes else fallback_dir
+    fd, name = tempfile.mkstemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", suffix=".u8", dir=folder)
+    try:
+        os.ftruncate(fd, nbytes)
+        os.close(fd)
+        yield _Rows(name, shape)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def _remove_stale_scratch(folder: Path) -> None:
+    """Delete scratch rows files left in `folder` by prepare processes that no longer run."""
+    for p in folder.glob(f"{SCRATCH_PREFIX}*-*.u8"):
+        pid = p.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: assume alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its file
+    return True
+
+
+def inspect_into(datas: Sequence[bytes], names: Sequence[str], pre: Preprocessing, min_side: int,
+                 rows: _Rows, start: int) -> InspectedBatch:
+    """`inspect_batch`, with the images written to rows `start ..` of `rows` and left out of the
+    result. Top-level so spawn-started workers can run it."""
+    batch = inspect_batch(datas, names, pre, min_side)
+    out = rows.open()
+    out[start : start + len(names)] = batch.images
+    del out  # unmapped; the pages stay in the shared file
+    return replace(batch, images=batch.images[:0])
+
+
 def _inspect_all(
     source: Source,
     entries: Sequence[Entry],
     pre: Preprocessing,
     cfg: CleaningConfig,
-    images: np.ndarray,
+    rows: _Rows,
     progress: bool,
     workers: int | None,
 ) -> tuple[list[str], list[str], list[str], np.ndarray]:
-    """Inspect every entry, writing resized images into `images` rows; returns per-file results."""
+    """Inspect every entry, writing resized images into `rows`; returns per-file results."""
     n = len(entries)
     n_workers = _n_workers(workers, n)
     chunk = max(256, min(2048, -(-n // max(1, n_workers * 8))))
     status, detail, hashes = [""] * n, [""] * n, [""] * n
     phash = np.zeros(n, dtype=np.uint64)
     try:
-        _fill(source, entries, pre, cfg, images, progress, chunk, n_workers, (status, detail, hashes, phash))
+        _fill(source, entries, pre, cfg, rows, progress, chunk, n_workers, (status, detail, hashes, phash))
     except BrokenProcessPool:
         # spawn workers re-import __main__; code run from stdin or some embedders cannot be
         # re-imported. Decoding in this process gives the same cache, only slower.
         warnings.warn("worker processes could not start (run from a file with an `if __name__ == "
                       "'__main__':` guard to use them); decoding in this process", stacklevel=2)
-        _fill(source, entries, pre, cfg, images, progress, chunk, 1, (status, detail, hashes, phash))
+        _fill(source, entries, pre, cfg, rows, progress, chunk, 1, (status, detail, hashes, phash))
     return status, detail, hashes, phash
 
 
 def _fill(
-    source: Source, entries: Sequence[Entry], pre: Preprocessing, cfg: CleaningConfig, images: np.ndarray,
+    source: Source, entries: Sequence[Entry], pre: Preprocessing, cfg: CleaningConfig, rows: _Rows,
     progress: bool, chunk: int, n_workers: int, out: tuple[list[str], list[str], list[str], np.ndarray],
 ) -> None:
     status, detail, hashes, phash = out
     with tqdm(total=len(entries), unit="img", desc=f"prepare {source.name}", disable=not progress) as bar:
-        for start, batch in _run_batches(source, entries, pre, cfg.min_side, chunk, n_workers):
+        for start, batch in _run_batches(source, entries, pre, cfg.min_side, rows, chunk, n_workers):
             stop = start + len(batch.status)
-            images[start:stop] = batch.images
             status[start:stop], detail[start:stop] = batch.status, batch.detail
             hashes[start:stop], phash[start:stop] = batch.content_hash, batch.phash
             bar.update(stop - start)
@@ -243,9 +341,11 @@ def _usable_cpus() -> int:
 
 
 def _run_batches(
-    source: Source, entries: Sequence[Entry], pre: Preprocessing, min_side: int, chunk: int, n_workers: int
+    source: Source, entries: Sequence[Entry], pre: Preprocessing, min_side: int, rows: _Rows, chunk: int,
+    n_workers: int,
 ) -> Iterator[tuple[int, InspectedBatch]]:
-    """(start, batch) in input order. Reading stays in this process; decoding goes to workers."""
+    """(start, batch) in input order. Reading stays in this process; decoding goes to workers,
+    which write the images into `rows`."""
     starts = range(0, len(entries), chunk)
 
     def read(start: int) -> tuple[list[bytes], list[str]]:
@@ -254,13 +354,13 @@ def _run_batches(
 
     if n_workers <= 1:
         for start in starts:
-            yield start, inspect_batch(*read(start), pre, min_side)
+            yield start, inspect_into(*read(start), pre, min_side, rows, start)
         return
     ctx = multiprocessing.get_context("spawn")  # the same on Linux, macOS and Windows
     with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
         pending: deque[tuple[int, Future[InspectedBatch]]] = deque()
         for start in starts:
-            pending.append((start, pool.submit(inspect_batch, *read(start), pre, min_side)))
+            pending.append((start, pool.submit(inspect_into, *read(start), pre, min_side, rows, start)))
             if len(pending) >= 2 * n_workers:  # bound the bytes held in flight
                 s, fut = pending.popleft()
                 yield s, fut.result()

@@ -13,13 +13,17 @@ Two kinds:
 - `ImageFolderSource`: `root/<domain>/<class>/<image>` or `root/<class>/<image>` (one domain named
   after the root), as a folder or a zip; or, with `first_level="subset"`,
   `root/<subset>/<class>/<image>` (e.g. CIFAR-10's train/test) where one class spans subsets.
+- `splitfiles.SplitFileSource`: class folders plus split files `{train,val,test}.csv` (miniImageNet);
+  its `split_order` is non-empty, and its items' subsets are their splits.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,6 +67,9 @@ class Entry:
 
 class Source(Protocol):
     name: str
+    # non-empty when the subsets are few-shot splits, earliest first: prepare then drops files in
+    # no split and the copy of an image in a later split (cleaning.apply_split_rules)
+    split_order: tuple[str, ...]
 
     def entries(self) -> list[Entry]: ...
 
@@ -106,6 +113,9 @@ class _Container:
             return (self.path / name).read_bytes()
         if self._zip is None:
             self._zip = zipfile.ZipFile(self.path)
+        info = self._zip.getinfo(name)
+        if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1 and hasattr(os, "pread"):
+            return _read_stored(self._zip.fp.fileno(), info, self.path)  # type: ignore[union-attr]
         return self._zip.read(name)
 
     def fingerprint_into(self, h: hashlib._Hash) -> None:
@@ -122,6 +132,20 @@ class _Container:
         return {**self.__dict__, "_zip": None}
 
 
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature .. name length, extra length
+
+
+def _read_stored(fd: int, info: zipfile.ZipInfo, path: Path) -> bytes:
+    """A stored (uncompressed) member read in place: two preads and a CRC check instead of
+    zipfile's reader object per member (several times faster for 60,000 small JPEGs)."""
+    sig, n_name, n_extra = _LOCAL_HEADER.unpack(os.pread(fd, _LOCAL_HEADER.size, info.header_offset))
+    start = info.header_offset + _LOCAL_HEADER.size + n_name + n_extra
+    data = os.pread(fd, info.compress_size, start) if sig == b"PK\x03\x04" else b""
+    if len(data) != info.compress_size or zlib.crc32(data) != info.CRC:
+        raise DataError(f"{path}: member {info.filename!r} is damaged (bad local header or CRC); replace the zip")
+    return data
+
+
 def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -132,6 +156,7 @@ def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 class _BaseSource:
     name: str
+    split_order: tuple[str, ...] = ()
 
     def entries(self) -> list[Entry]:
         raise NotImplementedError

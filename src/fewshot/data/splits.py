@@ -8,11 +8,15 @@ A split is a list of few-shot classes: (cache class id, quarter-turn rotation) p
   held out as val; with `fractions[1] == 0` there is no val split. Rotations optional.
 - "vinyals": the class lists of Vinyals et al. 2016 (`splits/vinyals/{train,val,test}.txt`, lines
   `Alphabet/characterNN/rotDDD`), each rotation its own class: 1028 / 172 / 423 characters x 4.
+- "csv": the class split of split files `{train,val,test}.csv` (`filename,label`; e.g. Ravi &
+  Larochelle's miniImageNet 64 / 16 / 20 classes), read from `splits_dir` (default: the folder the
+  cache's source was prepared with). Each label is a cache class; val.csv may be absent.
 - "domains": whole domains held out, seeded, in proportions `fractions`.
 - "classes": the classes of every domain split in proportions `fractions`, seeded.
 
 `check_leakage` refuses splits that share a cache class or an identical image, and reports
-perceptual near-duplicates (dHash within `max_distance` bits) across splits as warnings.
+perceptual near-duplicates (dHash within `max_distance` bits) across splits as warnings, and the
+identical images across split files that `prepare` already resolved (the later split's copy dropped).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from fewshot.data.cache import PackedCache
+from fewshot.data.cleaning import SplitDuplicate
+from fewshot.data.splitfiles import read_split_files
 from fewshot.errors import CacheError, ConfigError, DataError
 
 SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
@@ -69,7 +75,8 @@ def make_splits(
 
     `rotations`: None = the scheme's default (vinyals: on, as listed in its files; others: off);
     True = every class under 4 quarter turns, all in the class's split.
-    `splits_dir`: folder of the vinyals files (default: `<omniglot>/splits/vinyals` of the source).
+    `splits_dir`: folder of the vinyals files (default: `<omniglot>/splits/vinyals` of the source) or
+    of the csv files (default: the split folder the cache's source was prepared with).
     """
     if scheme not in _SCHEMES:
         raise ConfigError(f"unknown split scheme {scheme!r}; valid schemes: {list_split_schemes()}")
@@ -178,6 +185,39 @@ def _vinyals_dir(cache: PackedCache, splits_dir: Path | None) -> Path:
     )
 
 
+def _csv(
+    cache: PackedCache,
+    rng: np.random.Generator,
+    fractions: tuple[float, float, float],
+    rotations: bool | None,
+    splits_dir: Path | None,
+) -> dict[str, Split]:
+    folder = splits_dir or cache.index.get("source", {}).get("splits_dir")
+    if folder is None:
+        raise DataError(f"scheme 'csv' needs the folder of its split files (train.csv, val.csv, test.csv); cache "
+                        f"{cache.path} was not prepared with one: pass splits_dir= (config: data.splits_dir)")
+    files = read_split_files(Path(folder))
+    lookup = _class_lookup(cache)
+    ids: dict[str, list[int]] = {name: [] for name in files.splits}
+    for label, listing in files.class_splits().items():
+        if label not in lookup:
+            raise DataError(
+                f"{files.folder / listing.where}: class {label!r} is not in cache {cache.path} "
+                f"({len(cache.classes)} classes, e.g. {[c.name for c in cache.classes[:3]]}): prepare the "
+                "collection these split files describe (or all its images were dropped: see the cleaning report)"
+            )
+        ids[listing.split].append(lookup[label])
+    return {name: _split(name, ids[name], bool(rotations)) for name in files.splits}
+
+
+def _class_lookup(cache: PackedCache) -> dict[str, int]:
+    """Class name -> id; the last path part also names a class when it is unique ("dom/cls" -> "cls")."""
+    short: dict[str, list[int]] = {}
+    for i, c in enumerate(cache.classes):
+        short.setdefault(c.name.rsplit("/", 1)[-1], []).append(i)
+    return {**{k: v[0] for k, v in short.items() if len(v) == 1}, **{c.name: i for i, c in enumerate(cache.classes)}}
+
+
 def _domains(
     cache: PackedCache,
     rng: np.random.Generator,
@@ -238,6 +278,7 @@ def _fraction_counts(n: int, fractions: tuple[float, float, float], *, at_least_
 _SCHEMES: dict[str, Callable[..., dict[str, Split]]] = {
     "lake": _lake,
     "vinyals": _vinyals,
+    "csv": _csv,
     "domains": _domains,
     "classes": _classes,
 }
@@ -264,17 +305,26 @@ class LeakageReport:
     max_distance: int
     n_near_duplicates: int
     near_duplicates: tuple[NearDuplicate, ...]  # the first `max_listed`, closest first
+    # identical images across the source's split files, resolved by prepare (later split's copy dropped)
+    resolved_duplicates: tuple[SplitDuplicate, ...] = ()
 
     def __str__(self) -> str:
         sizes = ", ".join(f"{k} {self.classes_per_split[k]} classes / {self.images_per_split[k]} images" for k in self.classes_per_split)
         return (
             f"no shared class or identical image across splits ({sizes}); "
+            f"{len(self.resolved_duplicates)} identical image(s) across the split files removed by prepare "
+            f"(the copy in the later split dropped); "
             f"{self.n_near_duplicates} near-duplicate pair(s) across splits within {self.max_distance} dHash bits"
         )
 
     @property
     def warnings(self) -> list[str]:
-        return [
+        resolved = [
+            f"identical image across splits, resolved by prepare: {d.dropped} [{d.dropped_split}] dropped, "
+            f"{d.kept} [{d.kept_split}] kept"
+            for d in self.resolved_duplicates
+        ]
+        return resolved + [
             f"near-duplicate across splits ({d.distance} of 64 dHash bits differ): "
             f"{d.file_a} [{d.split_a}] ~ {d.file_b} [{d.split_b}]"
             for d in self.near_duplicates
@@ -295,6 +345,7 @@ def check_leakage(
         max_distance=max_distance,
         n_near_duplicates=n_near,
         near_duplicates=near,
+        resolved_duplicates=tuple(SplitDuplicate(**d) for d in cache.index.get("split_duplicates", [])),
     )
 
 
@@ -332,7 +383,8 @@ def _check_identical_images(cache: PackedCache, rows: dict[str, np.ndarray]) -> 
             if first[0] != name:
                 raise DataError(
                     f"leak: identical image in {first[0]!r} ({cache.files[first[1]]}) and {name!r} "
-                    f"({cache.files[row]}); remove one of them from the source and re-run `fewshot prepare`"
+                    f"({cache.files[row]}); remove one of them from the source and re-run `fewshot prepare` (a source with "
+                    "split files, data.splits_dir, has the copy in the later split dropped by prepare)"
                 )
 
 

@@ -41,21 +41,43 @@ def preprocessing_of(cfg: DataConfig) -> Preprocessing:
     return Preprocessing(mode=cfg.mode, size=cfg.image_size)
 
 
+def _under_root(cfg: DataConfig, value: str) -> Path:
+    """`value` as given when absolute or present from the working directory, else under the data root."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or path.exists() else cfg.data_root() / path
+
+
+def splits_dir_of(cfg: DataConfig) -> Path | None:
+    """The folder of split files `cfg` names (split "csv" / split-file sources); None when none."""
+    if cfg.splits_dir is not None:
+        return _under_root(cfg, cfg.splits_dir)
+    if cfg.dataset == "miniimagenet":
+        from fewshot.data.splitfiles import MINIIMAGENET_SPLITS, miniimagenet_dir
+
+        return miniimagenet_dir(cfg.data_root()) / MINIIMAGENET_SPLITS
+    return None
+
+
 def source_of(cfg: DataConfig) -> Source:
-    """The raw source `cfg` names: the Omniglot zips, or an image folder / zip."""
+    """The raw source `cfg` names: the Omniglot zips, miniImageNet, or an image folder / zip (with
+    split files when `cfg.splits_dir` is set)."""
     from fewshot.data.sources import ImageFolderSource, OmniglotSource
+    from fewshot.data.splitfiles import SplitFileSource, miniimagenet_source
 
     root = cfg.data_root()
     if cfg.dataset == "omniglot":
         return OmniglotSource(root)
-    path = Path(cfg.dataset)
-    if not path.is_absolute() and not path.exists():
-        path = root / path
+    if cfg.dataset == "miniimagenet":
+        return miniimagenet_source(root, splits_dir_of(cfg))
+    path = _under_root(cfg, cfg.dataset)
+    splits_dir = splits_dir_of(cfg)
+    if splits_dir is not None:
+        return SplitFileSource(path, splits_dir)
     return ImageFolderSource(path, first_level=cfg.first_level)
 
 
 def prepare_data(cfg: DataConfig, *, progress: bool = True, force: bool = False) -> PreparedData:
-    """Prepare (or reuse) the packed cache that `cfg` describes: Omniglot or an image folder / zip."""
+    """Prepare (or reuse) the packed cache that `cfg` describes (see `source_of`)."""
     from fewshot.data.prepare import prepare
 
     return prepare(source_of(cfg), Path(cfg.cache_dir), preprocessing_of(cfg),
@@ -68,7 +90,11 @@ def load_run_data(cfg: DataConfig, *, progress: bool = True) -> RunData:
     from fewshot.data.splits import make_splits
 
     prepared = prepare_data(cfg, progress=progress)
-    splits_dir = cfg.data_root() / "omniglot" / "splits" / "vinyals" if cfg.dataset == "omniglot" else None
+    splits_dir: Path | None
+    if cfg.dataset == "omniglot":
+        splits_dir = cfg.data_root() / "omniglot" / "splits" / "vinyals"
+    else:
+        splits_dir = splits_dir_of(cfg)
     kwargs: dict[str, Any] = {}
     if cfg.split == "lake":
         kwargs["fractions"] = (1.0 - cfg.lake_val_fraction, cfg.lake_val_fraction, 0.0)

@@ -2,6 +2,8 @@
 
 Registered: conv4 (Conv-4), resnet12 (ResNet-12), inception (small GoogLeNet). All take `width`
 (channel multiplier: small students, large teachers) and use EpisodicBatchNorm2d (see norm.py).
+efficientnet_lite0 (EfficientNet-Lite0, 1280-d; no `width`; `pretrained=True` loads its ImageNet
+weights from the `photos` extra) uses them too.
 
 One factory, `create_backbone(name, in_channels=..., image_size=..., **kwargs)`; every backbone
 exposes `embedding_dim` and `config` (the exact arguments that rebuild it), so checkpoints and
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from fewshot.backbones.conv4 import Conv4
+from fewshot.backbones.efficientnet import EfficientNetLite0
 from fewshot.backbones.inception import InceptionNet
 from fewshot.backbones.init import built_quietly, reset_parameters
 from fewshot.backbones.resnet12 import ResNet12
@@ -26,6 +29,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "conv4": Conv4,
     "resnet12": ResNet12,
     "inception": InceptionNet,
+    "efficientnet_lite0": EfficientNetLite0,
 }
 
 

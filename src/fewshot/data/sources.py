@@ -169,6 +169,19 @@ class _BaseSource:
             yield RawItem(e.domain, e.class_name, e.subset, e.source_id, self.read(e))
 
 
+class _ContainerSource(_BaseSource):
+    """A source whose files all live in one `_Container` (a folder or a zip), listed in `_entries`."""
+
+    _entries: list[Entry]
+    _container: _Container
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries)
+
+    def read(self, entry: Entry) -> bytes:
+        return self._container.read(entry.location)
+
+
 # --------------------------------------------------------------------------- Omniglot
 
 
@@ -273,7 +286,7 @@ def _check_omniglot_counts(path: Path, subset: str, entries: list[Entry]) -> Non
 # --------------------------------------------------------------------------- image folders
 
 
-class ImageFolderSource(_BaseSource):
+class ImageFolderSource(_ContainerSource):
     """A folder or zip of images: `<domain>/<class>/<file>` or `<class>/<file>`.
 
     With `first_level="subset"` the layout must be `<subset>/<class>/<file>`: the first level
@@ -321,12 +334,6 @@ class ImageFolderSource(_BaseSource):
         # classes contiguous: a class spanning subsets must not be interleaved with others
         entries.sort(key=lambda e: (e.domain, e.class_name, e.subset, e.source_id))
         return entries
-
-    def entries(self) -> list[Entry]:
-        return list(self._entries)
-
-    def read(self, entry: Entry) -> bytes:
-        return self._container.read(entry.location)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"image-folder-v1 {self.first_level}\n".encode())

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from fewshot.data.sources import Entry, _BaseSource, _Container
+from fewshot.data.sources import Entry, _Container, _ContainerSource
 from fewshot.errors import DataError
 
 SPLIT_ORDER: tuple[str, ...] = ("train", "val", "test")  # an image in two splits is kept in the first
@@ -116,7 +116,7 @@ def _rows(path: Path, split: str) -> list[tuple[Listing, str]]:
     return out
 
 
-class SplitFileSource(_BaseSource):
+class SplitFileSource(_ContainerSource):
     """Class folders (`[<folders>/]<class>/<image>`, a zip or a folder) with split files.
 
     Every file is yielded (so the cleaning report accounts for all of them) with `subset` = its
@@ -176,12 +176,6 @@ class SplitFileSource(_BaseSource):
             entries.append(Entry(self.name, cls, split, f"{cls}/{filename}", location))
         entries.sort(key=lambda e: (e.class_name, e.source_id))  # classes contiguous
         return entries
-
-    def entries(self) -> list[Entry]:
-        return list(self._entries)
-
-    def read(self, entry: Entry) -> bytes:
-        return self._container.read(entry.location)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(b"split-file-source-v1\n")

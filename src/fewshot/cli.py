@@ -162,7 +162,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from fewshot.service.app import serve
 
-    serve(Path(args.bundle), db_url=args.db, host=args.host, port=args.port, admin_key=args.admin_key)
+    serve(args.bundles, db_url=args.db, host=args.host, port=args.port, admin_key=args.admin_key)
     return 0
 
 
@@ -243,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the bundle even if it scores more than export.max_drop below the learner")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="run the recogniser service on a bundle")
-    p.add_argument("bundle")
+    p = sub.add_parser("serve", help="run the recogniser service on one or more bundles (models)")
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE",
+                   help="bundle folder, or NAME=PATH to serve it under another model name; the first is the default")
     p.add_argument("--db", default="fewshot.db", help="SQLite path or postgresql:// URL (default: fewshot.db)")
     p.add_argument("--admin-key", default=None, help="admin key (default: $FEWSHOT_ADMIN_KEY)")
     p.add_argument("--host", default="127.0.0.1")

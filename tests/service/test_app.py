@@ -337,7 +337,8 @@ def test_metrics(client: TestClient) -> None:
 def test_store_from_a_different_model_is_refused(tiny_bundle: Path, other_bundle: Path, tmp_path: Path) -> None:
     with TestClient(create_app(settings_for(tiny_bundle, tmp_path))) as c:
         new_workspace(c)
-    with pytest.raises(ModelMismatchError, match="holds 64-d embeddings but the bundle makes 32-d"), \
+    with pytest.raises(ModelMismatchError, match=r"of bundle \w+ \(64-d embeddings\), but this service serves only "
+                       r"\w+ \(32-d\)"), \
             TestClient(create_app(settings_for(other_bundle, tmp_path))):
         pass
 

@@ -93,7 +93,7 @@ def test_nul_in_any_text_is_refused_by_both_backends(store: Store) -> None:
     with pytest.raises(InvalidInput, match="NUL"):
         store.get_workspace("ws\x00x")
     with pytest.raises(InvalidInput, match="NUL"):
-        store.create_workspace("a\x00b", "h" * 64, {})
+        store.create_workspace("a\x00b", "h" * 64, {}, "aaaa")
     assert store.list_workspaces() == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ import pytest
 
 from fewshot.service.store import (
     ConflictError,
+    InvalidInput,
     ModelIdentity,
     ModelMismatchError,
     NewExample,
@@ -36,14 +38,66 @@ def test_model_identity_recorded_and_mismatch_refused(store: Store) -> None:
     store.check_model(ModelIdentity(64, "aaaa"))
     store.check_model(ModelIdentity(64, "aaaa"))  # idempotent
     assert store.model_identity() == ModelIdentity(64, "aaaa")
-    with pytest.raises(ModelMismatchError, match="holds 64-d embeddings but the bundle makes 32-d"):
+    store.check_model(ModelIdentity(32, "bbbb"))  # no workspace holds embeddings yet: any model may serve
+    store.create_workspace("w", "h", {}, "aaaa")
+    with pytest.raises(ModelMismatchError, match=r"1 workspace\(s\) of bundle aaaa \(64-d embeddings\), but this "
+                       r"service serves only bbbb \(32-d\).*serve that bundle too"):
         store.check_model(ModelIdentity(32, "bbbb"))
-    with pytest.raises(ModelMismatchError, match="filled by bundle aaaa"):
-        store.check_model(ModelIdentity(64, "bbbb"))
+    store.check_models([(ModelIdentity(32, "bbbb"), "photos"), (ModelIdentity(64, "aaaa"), "characters")])
+
+
+def test_workspaces_record_their_model(store: Store) -> None:
+    a = store.create_workspace("a", "ha", {}, "aaaa")
+    b = store.create_workspace("b", "hb", {}, "bbbb")
+    assert store.get_workspace(a.id).bundle_id == "aaaa" and store.get_workspace(b.id).bundle_id == "bbbb"  # type: ignore[union-attr]
+    assert [w.bundle_id for w in store.list_workspaces()] == ["aaaa", "bbbb"]
+    with pytest.raises(InvalidInput, match="needs the bundle id"):
+        store.create_workspace("c", "hc", {}, "")
+
+
+SCHEMA_1 = [  # the tables as schema version 1 made them (before workspaces recorded their model)
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE workspaces (id TEXT PRIMARY KEY, name TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE, "
+    "settings TEXT NOT NULL, version BIGINT NOT NULL, created_unix DOUBLE PRECISION NOT NULL)",
+    "INSERT INTO meta VALUES ('schema_version', '1'), ('embedding_dim', '64'), ('bundle_id', 'aaaa')",
+    "INSERT INTO workspaces VALUES ('ws_0123456789abcdef', 'old', 'h-old', '{}', 3, 1.0)",
+]
+
+
+def _schema_1(url: str) -> None:
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url[len("sqlite:///"):]) as conn:
+            for stmt in SCHEMA_1:
+                conn.execute(stmt)
+        return
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        for stmt in SCHEMA_1:
+            conn.execute(stmt)
+
+
+def test_schema_1_store_migrates_to_its_one_model(store_url: str) -> None:
+    _schema_1(store_url)
+    s = open_store(store_url)
+    try:
+        old = s.get_workspace("ws_0123456789abcdef")
+        assert old is not None and old.bundle_id == "aaaa" and old.version == 3  # the bundle that filled it
+        with pytest.raises(ModelMismatchError, match="1 workspace\\(s\\) of bundle aaaa"):
+            s.check_models([(ModelIdentity(32, "bbbb"), "photos")])
+        s.check_models([(ModelIdentity(64, "aaaa"), "characters"), (ModelIdentity(32, "bbbb"), "photos")])
+        assert s.create_workspace("new", "h-new", {}, "bbbb").bundle_id == "bbbb"
+    finally:
+        s.close()
+    s = open_store(store_url)  # a second open finds the migrated schema and changes nothing
+    try:
+        assert [w.bundle_id for w in s.list_workspaces()] == ["aaaa", "bbbb"]
+    finally:
+        s.close()
 
 
 def test_class_lifecycle_and_versions(store: Store) -> None:
-    ws = store.create_workspace("birds", "hash1", {"metric": "euclidean"})
+    ws = store.create_workspace("birds", "hash1", {"metric": "euclidean"}, "aaaa")
     assert store.get_workspace(ws.id) == ws and store.workspace_by_key_hash("hash1") == ws
     v0 = store.workspace_version(ws.id)
     rec, ids = store.add_class(ws.id, "robin", examples(3))
@@ -72,8 +126,8 @@ def test_class_lifecycle_and_versions(store: Store) -> None:
 
 
 def test_workspaces_are_isolated(store: Store) -> None:
-    a = store.create_workspace("a", "ha", {})
-    b = store.create_workspace("b", "hb", {})
+    a = store.create_workspace("a", "ha", {}, "aaaa")
+    b = store.create_workspace("b", "hb", {}, "aaaa")
     rec, ids = store.add_class(a.id, "cat", examples(2))
     assert store.list_classes(b.id) == []
     with pytest.raises(NotFoundError):
@@ -96,7 +150,7 @@ def failing_after(n_ok: int, items: list[NewExample]) -> Iterator[NewExample]:
 
 
 def test_failure_mid_registration_leaves_no_half_class(store: Store) -> None:
-    ws = store.create_workspace("w", "h", {})
+    ws = store.create_workspace("w", "h", {}, "aaaa")
     v = store.workspace_version(ws.id)
     with pytest.raises(RuntimeError, match="injected"):
         store.add_class(ws.id, "half", failing_after(3, examples(5)))
@@ -126,7 +180,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 def test_kill_mid_registration_leaves_no_half_class(store: Store, store_url: str) -> None:
-    ws = store.create_workspace("w", "h", {})
+    ws = store.create_workspace("w", "h", {}, "aaaa")
     r = subprocess.run([sys.executable, "-c", KILL_SCRIPT, store_url, ws.id], capture_output=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert r.returncode == -signal.SIGKILL, r.stderr
@@ -149,7 +203,7 @@ WRITER_SCRIPT = textwrap.dedent("""
 
 
 def test_concurrent_processes_see_each_others_classes(store: Store, store_url: str) -> None:
-    ws = store.create_workspace("shared", "h", {})
+    ws = store.create_workspace("shared", "h", {}, "aaaa")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, store_url, ws.id, "10", f"p{p}"], env=env,
                               stderr=subprocess.PIPE) for p in range(3)]

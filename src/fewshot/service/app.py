@@ -1,13 +1,16 @@
 """HTTP service: FastAPI app over the recogniser. The bundle and store are opened once in `lifespan`.
 
 Routes (JSON; errors are `{"error": {"code", "message"}}`):
-  GET  /healthz, /readyz, /metrics, /model, /docs, /ui/ (static web page)
-  POST /workspaces (admin key) -> workspace id + its API key (shown once)
+  GET  /healthz, /readyz, /metrics, /models, /model (the default model), /docs, /ui/ (static web page)
+  POST /workspaces (admin key) -> workspace id + its API key (shown once); body `model` picks one of /models
   GET/PATCH/DELETE /workspaces/{ws}
   GET/POST /workspaces/{ws}/classes; GET/PATCH/DELETE /workspaces/{ws}/classes/{cid}
   POST /workspaces/{ws}/classes/{cid}/images
   POST /workspaces/{ws}/classify, /workspaces/{ws}/explain
   GET  /workspaces/{ws}/examples/{eid}/thumbnail.png
+  GET  /workspaces/{ws}/export -> zip: model.onnx (standalone classifier) + labels.json
+Several models may be served (`serve BUNDLE [BUNDLE ...]`); each workspace runs on the model it
+was created with (`fewshot.service.models`).
 Workspace routes take `Authorization: Bearer <key>` (keys are accepted in no other place, and a
 key-like query parameter is refused so it never reaches an access log); the admin key opens all.
 Security defaults: /metrics needs the admin key (`metrics_public`), /docs is off (`docs`), failed
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,11 +38,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
-from fewshot.artifacts.bundle import Bundle, load_bundle
-from fewshot.artifacts.calibration import Calibration
+from fewshot.artifacts.bundle import Bundle
 from fewshot.artifacts.domain import STATS_SIDE
-from fewshot.errors import FewshotError
-from fewshot.openset import OpenSetRule
+from fewshot.errors import ConfigError, FewshotError
 from fewshot.service.auth import FailureThrottle, hash_key, key_matches, secret_matches
 from fewshot.service.images import UploadError, decode_upload
 from fewshot.service.middleware import (
@@ -48,11 +49,11 @@ from fewshot.service.middleware import (
     MetricsMiddleware,
     RedactQueryFilter,
 )
+from fewshot.service.models import ModelSet, ServedModel, UnknownModelError, load_models
 from fewshot.service.recogniser import (
     Explanation,
     Prediction,
     Recogniser,
-    RecogniserConfig,
     WorkspaceSettings,
     check_label,
 )
@@ -61,7 +62,6 @@ from fewshot.service.store import (
     ClassRecord,
     ConflictError,
     InvalidInput,
-    ModelIdentity,
     NotFoundError,
     Store,
     StoreError,
@@ -88,15 +88,17 @@ class ApiError(Exception):
 @dataclass
 class ServiceState:
     settings: ServiceSettings
-    bundle: Bundle
+    bundle: Bundle  # the default model's
     store: Store
-    recogniser: Recogniser
+    recogniser: Recogniser  # the default model's; a workspace's own is `ModelDep` / `models.of_workspace`
+    models: ModelSet
 
 
 # -- response models (the OpenAPI schema the web page codes against) -----------------------------
 class WorkspaceIn(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     settings: dict[str, Any] = Field(default_factory=dict)
+    model: str | None = Field(None, max_length=200, description="one of GET /models; omitted: the default model")
 
 
 class WorkspaceOut(BaseModel):
@@ -104,6 +106,7 @@ class WorkspaceOut(BaseModel):
     name: str
     settings: dict[str, Any]
     version: int
+    model: str = Field(description="the model the workspace runs on (fixed at creation)")
     api_key: str | None = None  # only in the response that created the workspace
 
 
@@ -164,6 +167,7 @@ class PredictionOut(BaseModel):
 class ClassifyOut(BaseModel):
     predictions: list[PredictionOut]
     bundle_id: str
+    model: str
 
 
 class NeighbourOut(BaseModel):
@@ -241,6 +245,7 @@ def workspace_access(request: Request, ws: Annotated[str, PathParam(max_length=6
     if not key:
         raise ApiError(401, "unauthorized", "missing API key; send 'Authorization: Bearer <workspace key>'")
     record = state.store.get_workspace(ws) if is_id(ws, "ws") else None  # ids are checked before any query
+    request.state.workspace = record
     if record is not None and key_matches(key, record.key_hash):
         return ws
     missing = ApiError(404, "not_found", f"workspace {_short(ws)!r} does not exist; list yours with the key it came with")
@@ -270,6 +275,14 @@ def _short(text: str, n: int = 80) -> str:
 WorkspaceDep = Annotated[str, Depends(workspace_access)]
 
 
+def workspace_model(request: Request, ws: WorkspaceDep, state: StateDep) -> ServedModel:
+    """The model the (authorised) workspace was created with."""
+    return state.models.of_workspace(request.state.workspace)
+
+
+ModelDep = Annotated[ServedModel, Depends(workspace_model)]
+
+
 # -- helpers -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Uploads:
@@ -279,7 +292,7 @@ class Uploads:
     previews: list[np.ndarray]  # each upload as a small RGB array, for the out-of-domain check
 
 
-def _decode_all(files: list[UploadFile], state: ServiceState, settings: ServiceSettings, *,
+def _decode_all(files: list[UploadFile], model: ServedModel, settings: ServiceSettings, *,
                 thumbnails: bool = True) -> Uploads:
     """Uploads, decoded one at a time; refuses the request on any bad image."""
     if not files:
@@ -287,8 +300,8 @@ def _decode_all(files: list[UploadFile], state: ServiceState, settings: ServiceS
     if len(files) > settings.max_images_per_request:
         raise ApiError(413, "too_many_images", f"{len(files)} images exceed the limit of "
                        f"{settings.max_images_per_request} per request; split the upload")
-    pre = state.bundle.preprocessing
-    domain = state.recogniser.domain
+    pre = model.bundle.preprocessing
+    domain = model.recogniser.domain
     side = domain.stats_side if domain is not None else STATS_SIDE
     arrays, thumbs, names, previews = [], [], [], []
     budget = settings.max_request_pixels
@@ -325,39 +338,19 @@ def _explain_out(name: str, e: Explanation) -> ExplainOut:
                      thumbnail_png_base64=base64.b64encode(n.thumbnail_png).decode()) for n in e.neighbours])
 
 
-def _calibration(bundle: Bundle, s: ServiceSettings) -> Calibration | None:
-    """The bundle's calibration with the service-level threshold overrides applied to its open-set
-    rules (on their novelty scale)."""
-    overrides = {m: t for m, t in (("euclidean", s.euclidean_threshold), ("cosine", s.cosine_threshold)) if t is not None}
-    base = bundle.calibration
-    if not overrides:
-        return base
-    base = base or Calibration({}, 0.0, {}, 0, 0, 0, 0)
-    rules = dict(base.rules)
-    for m, t in overrides.items():
-        rule = base.rule(m)  # type: ignore[arg-type]
-        rules[m] = (replace(rule, threshold=t) if rule else OpenSetRule("global", m, t)).to_dict()  # type: ignore[arg-type]
-    return replace(base, rules=rules)
-
-
 # -- app -----------------------------------------------------------------------------------------
 def open_state(settings: ServiceSettings) -> ServiceState:
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    bundle = load_bundle(settings.bundle_path, intra_op_threads=settings.ort_threads or None)
     store = open_store(settings.db_url)
     try:
-        store.check_model(ModelIdentity(bundle.embedding_dim, bundle.bundle_id))
+        models = load_models(settings, store)
     except BaseException:
         store.close()
         raise
-    config = RecogniserConfig(thumbnail_size=settings.thumbnail_size, sync_interval_s=settings.sync_interval_s)
-    defaults = WorkspaceSettings.from_rule(bundle.decision_rule)
-    recogniser = Recogniser(bundle.onnx_embedder, store, calibration=_calibration(bundle, settings), config=config,
-                            defaults=defaults, domain=bundle.domain)
-    return ServiceState(settings, bundle, store, recogniser)
+    return ServiceState(settings, models.default.bundle, store, models.default.recogniser, models)
 
 
 @asynccontextmanager
@@ -464,9 +457,15 @@ def _add_system_routes(app: FastAPI) -> None:
             check_admin(request, settings)
         return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/models", tags=["system"])
+    def models(state: StateDep) -> list[dict[str, Any]]:
+        """The served models a workspace may choose at creation (the first is the default): name,
+        bundle id, image mode and size, embedding size, backbone, whether trained here."""
+        return state.models.describe()
+
     @app.get("/model", tags=["system"])
     def model(state: StateDep) -> dict[str, Any]:
-        """What the service runs: bundle id, backbone, preprocessing, metrics, calibration."""
+        """What the service runs by default: bundle id, backbone, preprocessing, metrics, calibration."""
         m = state.bundle.manifest
         cal = state.recogniser.calibration
         source = {k: v for k, v in m.source.items() if k in ("name", "learner", "step", "calibrated_on")}
@@ -477,30 +476,37 @@ def _add_system_routes(app: FastAPI) -> None:
                                                          if k in m.domain}}
 
 
-def _ws_out(rec: Any, api_key: str | None = None) -> WorkspaceOut:
-    return WorkspaceOut(id=rec.id, name=rec.name, settings=rec.settings, version=rec.version, api_key=api_key)
+def _ws_out(rec: Any, model: ServedModel, api_key: str | None = None) -> WorkspaceOut:
+    return WorkspaceOut(id=rec.id, name=rec.name, settings=rec.settings, version=rec.version, model=model.name,
+                        api_key=api_key)
 
 
 def _add_workspace_routes(app: FastAPI) -> None:
     @app.post("/workspaces", status_code=201, tags=["workspaces"], dependencies=[Depends(require_admin)])
     def create_workspace(body: WorkspaceIn, state: StateDep) -> WorkspaceOut:
-        """Create a workspace (admin key); the response holds its API key, shown only once."""
-        ws, key = state.recogniser.create_workspace(body.name, WorkspaceSettings.from_dict(body.settings, state.recogniser.defaults))
-        return _ws_out(ws, key)
+        """Create a workspace (admin key) on one of the served models (`model`, default: the first of
+        GET /models); the response holds its API key, shown only once."""
+        try:
+            model = state.models.get(body.model)
+        except UnknownModelError as exc:
+            raise ApiError(400, "unknown_model", str(exc)) from exc
+        rec = model.recogniser
+        ws, key = rec.create_workspace(body.name, WorkspaceSettings.from_dict(body.settings, rec.defaults))
+        return _ws_out(ws, model, key)
 
     @app.get("/workspaces/{ws}", tags=["workspaces"])
-    def get_workspace(ws: WorkspaceDep, state: StateDep) -> WorkspaceOut:
-        return _ws_out(state.recogniser.workspace(ws))
+    def get_workspace(ws: WorkspaceDep, model: ModelDep) -> WorkspaceOut:
+        return _ws_out(model.recogniser.workspace(ws), model)
 
     @app.patch("/workspaces/{ws}", tags=["workspaces"])
-    def patch_workspace(ws: WorkspaceDep, body: SettingsIn, state: StateDep) -> WorkspaceOut:
+    def patch_workspace(ws: WorkspaceDep, body: SettingsIn, model: ModelDep) -> WorkspaceOut:
         """Change the decision rule (metric, head) or the unknown threshold of this workspace."""
         given = body.model_dump(exclude_none=True, exclude={"clear_threshold"})
-        return _ws_out(state.recogniser.patch_settings(ws, given, clear_threshold=body.clear_threshold))
+        return _ws_out(model.recogniser.patch_settings(ws, given, clear_threshold=body.clear_threshold), model)
 
     @app.delete("/workspaces/{ws}", status_code=204, tags=["workspaces"])
-    def delete_workspace(ws: WorkspaceDep, state: StateDep) -> Response:
-        state.recogniser.delete_workspace(ws)
+    def delete_workspace(ws: WorkspaceDep, model: ModelDep) -> Response:
+        model.recogniser.delete_workspace(ws)
         return Response(status_code=204)
 
 
@@ -509,81 +515,86 @@ Images = Annotated[list[UploadFile], File(description="one or more image files (
 
 def _add_class_routes(app: FastAPI) -> None:
     @app.get("/workspaces/{ws}/classes", tags=["classes"])
-    def list_classes(ws: WorkspaceDep, state: StateDep) -> list[ClassOut]:
-        return [_class_out(c) for c in state.recogniser.list_classes(ws)]
+    def list_classes(ws: WorkspaceDep, model: ModelDep) -> list[ClassOut]:
+        return [_class_out(c) for c in model.recogniser.list_classes(ws)]
 
     @app.post("/workspaces/{ws}/classes", status_code=201, tags=["classes"])
-    def add_class(request: Request, ws: WorkspaceDep, state: StateDep, settings: SettingsDep,
+    def add_class(request: Request, ws: WorkspaceDep, model: ModelDep, settings: SettingsDep,
                   images: Images, label: Annotated[str | None, Form(max_length=1000)] = None) -> ClassOut:
         """Teach a new class from 1..K images (multipart: `label`, `images`). Labels are stored in
         Unicode NFC, trimmed; "unknown" (any letter case) is reserved."""
         label = check_label("" if label is None else label)  # 400 naming the fix, before any decoding
-        up = _decode_all(images, state, settings)
-        rec = state.recogniser.add_class(ws, label, up.arrays, up.thumbnails)
+        up = _decode_all(images, model, settings)
+        rec = model.recogniser.add_class(ws, label, up.arrays, up.thumbnails)
         request.app.state.metrics.images.labels("register").inc(len(up.arrays))
         return _class_out(rec)
 
     @app.get("/workspaces/{ws}/classes/{cid}", tags=["classes"])
-    def get_class(ws: WorkspaceDep, cid: str, state: StateDep) -> ClassOut:
-        rec, ids = state.recogniser.get_class(ws, cid)
+    def get_class(ws: WorkspaceDep, cid: str, model: ModelDep) -> ClassOut:
+        rec, ids = model.recogniser.get_class(ws, cid)
         return _class_out(rec, ids)
 
     @app.patch("/workspaces/{ws}/classes/{cid}", tags=["classes"])
-    def rename_class(ws: WorkspaceDep, cid: str, body: RenameIn, state: StateDep) -> ClassOut:
-        return _class_out(state.recogniser.rename_class(ws, cid, body.label))
+    def rename_class(ws: WorkspaceDep, cid: str, body: RenameIn, model: ModelDep) -> ClassOut:
+        return _class_out(model.recogniser.rename_class(ws, cid, body.label))
 
     @app.delete("/workspaces/{ws}/classes/{cid}", status_code=204, tags=["classes"])
-    def delete_class(ws: WorkspaceDep, cid: str, state: StateDep) -> Response:
-        state.recogniser.delete_class(ws, cid)
+    def delete_class(ws: WorkspaceDep, cid: str, model: ModelDep) -> Response:
+        model.recogniser.delete_class(ws, cid)
         return Response(status_code=204)
 
     @app.post("/workspaces/{ws}/classes/{cid}/images", tags=["classes"])
-    def add_images(request: Request, ws: WorkspaceDep, cid: str, state: StateDep, settings: SettingsDep,
+    def add_images(request: Request, ws: WorkspaceDep, cid: str, model: ModelDep, settings: SettingsDep,
                    images: Images) -> ClassOut:
         """Add images to a class; only its prototype is updated."""
-        up = _decode_all(images, state, settings)
-        rec = state.recogniser.add_images(ws, cid, up.arrays, up.thumbnails)
+        up = _decode_all(images, model, settings)
+        rec = model.recogniser.add_images(ws, cid, up.arrays, up.thumbnails)
         request.app.state.metrics.images.labels("register").inc(len(up.arrays))
         return _class_out(rec)
 
     @app.get("/workspaces/{ws}/examples/{eid}/thumbnail.png", tags=["classes"], response_class=Response)
-    def thumbnail(ws: WorkspaceDep, eid: str, state: StateDep) -> Response:
-        return Response(state.recogniser.thumbnail(ws, eid), media_type="image/png")
+    def thumbnail(ws: WorkspaceDep, eid: str, model: ModelDep) -> Response:
+        return Response(model.recogniser.thumbnail(ws, eid), media_type="image/png")
 
 
 def _add_inference_routes(app: FastAPI) -> None:
     @app.post("/workspaces/{ws}/classify", tags=["inference"])
-    def classify(request: Request, ws: WorkspaceDep, state: StateDep, settings: SettingsDep, images: Images,
+    def classify(request: Request, ws: WorkspaceDep, model: ModelDep, settings: SettingsDep, images: Images,
                  top_k: Annotated[int, Form(ge=1)] = 5,
                  threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None) -> ClassifyOut:
         """Top-k classes per image; `label` is "unknown" when the nearest class fails the threshold."""
         if top_k > settings.max_top_k:
             raise ApiError(400, "invalid_argument", f"top_k {top_k} exceeds the limit of {settings.max_top_k}")
-        up = _decode_all(images, state, settings, thumbnails=False)
-        preds = state.recogniser.classify(ws, up.arrays, top_k=top_k, threshold=threshold, previews=up.previews)
+        up = _decode_all(images, model, settings, thumbnails=False)
+        preds = model.recogniser.classify(ws, up.arrays, top_k=top_k, threshold=threshold, previews=up.previews)
         request.app.state.metrics.images.labels("classify").inc(len(up.arrays))
         return ClassifyOut(predictions=[_prediction_out(n, p) for n, p in zip(up.names, preds)],
-                           bundle_id=state.bundle.bundle_id)
+                           bundle_id=model.bundle_id, model=model.name)
 
     @app.post("/workspaces/{ws}/explain", tags=["inference"])
-    def explain(ws: WorkspaceDep, state: StateDep, settings: SettingsDep, image: Annotated[UploadFile, File()],
+    def explain(ws: WorkspaceDep, model: ModelDep, settings: SettingsDep, image: Annotated[UploadFile, File()],
                 k: Annotated[int, Form(ge=1, le=50)] = 3,
                 threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None) -> ExplainOut:
         """The prediction for one image and the `k` nearest stored examples (ids + PNG thumbnails)."""
-        up = _decode_all([image], state, settings, thumbnails=False)
-        return _explain_out(up.names[0], state.recogniser.explain(ws, up.arrays[0], k=k, threshold=threshold,
+        up = _decode_all([image], model, settings, thumbnails=False)
+        return _explain_out(up.names[0], model.recogniser.explain(ws, up.arrays[0], k=k, threshold=threshold,
                                                                   preview=up.previews[0]))
 
 
-def serve(bundle_path: str | Path, db_url: str, host: str = "127.0.0.1", port: int = 8000, *,
+def serve(bundles: str | Path | Sequence[str | Path], db_url: str, host: str = "127.0.0.1", port: int = 8000, *,
           admin_key: str | None = None, workers: int = 1, log_level: str = "info") -> None:
-    """Run the service under uvicorn (blocking). Other settings come from FEWSHOT_* variables."""
+    """Run the service under uvicorn (blocking) on one or more bundles (each a folder or NAME=PATH;
+    the first is the default model). Other settings come from FEWSHOT_* variables."""
     import os
 
     import uvicorn
 
     logging.getLogger("uvicorn.access").addFilter(RedactQueryFilter())
-    settings = ServiceSettings.from_env(bundle_path=str(bundle_path), db_url=db_url, admin_key=admin_key)
+    specs = [str(bundles)] if isinstance(bundles, str | Path) else [str(b) for b in bundles]
+    if not specs:
+        raise ConfigError("no bundle given; pass one or more bundle folders (or NAME=PATH)")
+    settings = ServiceSettings.from_env(bundle_path=specs[0], extra_bundles=tuple(specs[1:]) or None, db_url=db_url,
+                                        admin_key=admin_key)
     if not settings.torch_threads:
         settings = replace(settings, torch_threads=1)
     # X-Forwarded-For is trusted only when FORWARDED_ALLOW_IPS names the proxy: otherwise any local
@@ -592,7 +603,8 @@ def serve(bundle_path: str | Path, db_url: str, host: str = "127.0.0.1", port: i
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, proxy_headers=proxy_headers)
         return
-    os.environ.update({"FEWSHOT_BUNDLE_PATH": settings.bundle_path, "FEWSHOT_DB_URL": settings.db_url,
+    os.environ.update({"FEWSHOT_BUNDLE_PATH": settings.bundle_path,
+                       "FEWSHOT_EXTRA_BUNDLES": os.pathsep.join(settings.extra_bundles), "FEWSHOT_DB_URL": settings.db_url,
                        "FEWSHOT_ADMIN_KEY": settings.admin_key, "FEWSHOT_TORCH_THREADS": str(settings.torch_threads)})
     uvicorn.run("fewshot.service.app:create_app_from_env", factory=True, host=host, port=port,
                 workers=workers, log_level=log_level, proxy_headers=proxy_headers)

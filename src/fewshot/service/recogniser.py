@@ -206,6 +206,18 @@ class Explanation:
     neighbours: list[Neighbour]
 
 
+@dataclass(frozen=True)
+class DecisionState:
+    """A workspace's decision as `classify` makes it: its settings, class memory, open-set rule
+    (None: every answer accepted), fitted probe (the "logistic" head with 2+ classes, else None)."""
+
+    settings: WorkspaceSettings
+    protos: Prototypes
+    rule: OpenSetRule | None
+    head: LogisticHead | None
+    cosine_scale: float
+
+
 @dataclass
 class _Memory:
     protos: Prototypes
@@ -221,8 +233,9 @@ class Recogniser:
 
     def __init__(self, embedder: Embedder, store: Store, *, calibration: Calibration | None = None,
                  config: RecogniserConfig | None = None, defaults: WorkspaceSettings | None = None,
-                 domain: DomainSummary | None = None) -> None:
+                 domain: DomainSummary | None = None, bundle_id: str = "local") -> None:
         self.embedder, self.store, self.calibration, self.domain = embedder, store, calibration, domain
+        self.bundle_id = bundle_id  # recorded with each workspace made here; others' are refused
         self.config = config or RecogniserConfig()
         self.defaults = defaults or WorkspaceSettings()  # the bundle's decision rule
         self.dim = int(embedder.embedding_dim)
@@ -234,14 +247,21 @@ class Recogniser:
         """A new isolated workspace and its API key (returned once; only its hash is stored)."""
         name = normalise_text(name, "workspace name")
         key = new_api_key()
-        ws = self.store.create_workspace(name, hash_key(key), (settings or self.defaults).to_dict())
+        ws = self.store.create_workspace(name, hash_key(key), (settings or self.defaults).to_dict(), self.bundle_id)
         return ws, key
 
     def workspace(self, workspace_id: str) -> WorkspaceRecord:
         ws = self.store.get_workspace(workspace_id)
         if ws is None:
             raise NotFoundError(f"workspace {workspace_id!r} does not exist; create it with POST /workspaces")
+        self._check_model(ws)
         return ws
+
+    def _check_model(self, ws: WorkspaceRecord) -> None:
+        """Refuse a workspace of another model: its embeddings are not comparable with ours."""
+        if ws.bundle_id != self.bundle_id:
+            raise ConflictError(f"workspace {ws.id!r} holds embeddings of model bundle {ws.bundle_id}, not "
+                                f"{self.bundle_id}; use the recogniser of its model")
 
     def settings(self, workspace_id: str) -> WorkspaceSettings:
         return WorkspaceSettings.from_dict(self.workspace(workspace_id).settings)
@@ -278,6 +298,7 @@ class Recogniser:
         if version is None:
             self._forget(workspace_id)
         if mem is None:
+            self.workspace(workspace_id)  # first sight: the workspace must be of this model
             with self._mem_lock:
                 mem = self._mem.setdefault(workspace_id, _Memory(Prototypes.empty(), now, threading.Lock()))
         if mem.protos.version != version:
@@ -388,6 +409,16 @@ class Recogniser:
 
     def class_count(self, workspace_id: str) -> int:
         return len(self._memory(workspace_id).protos.class_ids)
+
+    def decision_state(self, workspace_id: str) -> DecisionState:
+        """Everything `classify` decides with, for one consistent class memory (for export)."""
+        settings = self.settings(workspace_id)
+        mem = self._memory(workspace_id)
+        with mem.lock:
+            protos = mem.protos
+            head = (self._logistic(workspace_id, mem) if settings.head == "logistic" and len(protos.class_ids) > 1
+                    else None)
+        return DecisionState(settings, protos, self.rule(settings), head, self.config.cosine_scale)
 
     # -- classification ------------------------------------------------------------------------------
     def rule(self, settings: WorkspaceSettings, override: float | None = None) -> OpenSetRule | None:

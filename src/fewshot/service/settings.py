@@ -13,7 +13,8 @@ ENV_PREFIX = "FEWSHOT_"
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    bundle_path: str
+    bundle_path: str  # the default model: a bundle folder, or NAME=PATH
+    extra_bundles: tuple[str, ...] = ()  # more models (FEWSHOT_EXTRA_BUNDLES: separated by os.pathsep)
     db_url: str = "fewshot.db"  # sqlite path / sqlite:///path / postgresql://...
     admin_key: str = ""  # empty: creating workspaces over HTTP is disabled
     max_body_bytes: int = 16 * 1024 * 1024
@@ -39,6 +40,11 @@ class ServiceSettings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name}={getattr(self, name)} must be >= 1")
 
+    @property
+    def model_specs(self) -> tuple[str, ...]:
+        """Every served model's `PATH` or `NAME=PATH`, the default first."""
+        return (self.bundle_path, *self.extra_bundles)
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> ServiceSettings:
         """FEWSHOT_BUNDLE_PATH, FEWSHOT_DB_URL, FEWSHOT_ADMIN_KEY, FEWSHOT_MAX_BODY_BYTES, ..."""
@@ -57,6 +63,8 @@ class ServiceSettings:
 
 def _parse(name: str, type_name: str, raw: str) -> Any:
     try:
+        if type_name.startswith("tuple"):
+            return tuple(p for p in raw.split(os.pathsep) if p)
         if type_name.startswith("int"):
             return int(raw)
         if type_name.startswith("float"):

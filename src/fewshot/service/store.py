@@ -36,7 +36,7 @@ import numpy as np
 
 from fewshot.errors import FewshotError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: each workspace records its model (workspaces.bundle_id, table models)
 RETRY_AFTER_S = 2  # what a 503 tells clients while the store is down
 log = logging.getLogger("fewshot.service.store")
 F = TypeVar("F")
@@ -84,6 +84,7 @@ class WorkspaceRecord:
     key_hash: str
     settings: dict[str, Any]
     version: int
+    bundle_id: str = ""  # the model whose embeddings the workspace holds (fixed at creation)
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,9 @@ def _schema(blob: str) -> list[str]:
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS workspaces (id TEXT PRIMARY KEY, name TEXT NOT NULL, "
         "key_hash TEXT NOT NULL UNIQUE, settings TEXT NOT NULL, version BIGINT NOT NULL, "
-        "created_unix DOUBLE PRECISION NOT NULL)",
+        "created_unix DOUBLE PRECISION NOT NULL, bundle_id TEXT)",
+        "CREATE TABLE IF NOT EXISTS models (bundle_id TEXT PRIMARY KEY, embedding_dim BIGINT NOT NULL, "
+        "name TEXT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS classes (id TEXT PRIMARY KEY, "
         "workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE, label TEXT NOT NULL, "
         "version BIGINT NOT NULL, created_unix DOUBLE PRECISION NOT NULL, UNIQUE (workspace_id, label))",
@@ -253,30 +256,63 @@ class Store(ABC):
         return conn.execute(self._sql(sql), tuple(params))
 
     # -- model identity ----------------------------------------------------------------------
-    @_guarded
+    @abstractmethod
+    def _columns(self, c: Any, table: str) -> set[str]:
+        """The column names of `table`."""
+
+    def _migrate(self, c: Any) -> None:
+        """Schema 1 -> 2: stores of one model gain `workspaces.bundle_id`; their workspaces are
+        assigned the one bundle recorded in `meta` (the bundle that filled them)."""
+        if "bundle_id" not in self._columns(c, "workspaces"):
+            self._exec(c, "ALTER TABLE workspaces ADD COLUMN bundle_id TEXT")
+        meta = dict(self._exec(c, "SELECT key, value FROM meta").fetchall())
+        if "bundle_id" in meta:
+            self._exec(c, "INSERT INTO models (bundle_id, embedding_dim, name) SELECT ?, ?, '' WHERE NOT EXISTS "
+                       "(SELECT 1 FROM models WHERE bundle_id = ?)",
+                       (meta["bundle_id"], int(meta["embedding_dim"]), meta["bundle_id"]))
+            self._exec(c, "UPDATE workspaces SET bundle_id = ? WHERE bundle_id IS NULL", (meta["bundle_id"],))
+
     def check_model(self, model: ModelIdentity) -> None:
-        """Record the model on first use; refuse a store filled by another model."""
+        """`check_models` of a service serving one model."""
+        self.check_models([(model, "")])
+
+    @_guarded
+    def check_models(self, models: Sequence[tuple[ModelIdentity, str]]) -> None:
+        """Record the served models ((identity, name), the first is the default); refuse a store
+        holding workspaces of a model that is not among them (their embeddings are meaningless to
+        the others)."""
         with self._tx() as c:
-            rows = dict(self._exec(c, "SELECT key, value FROM meta").fetchall())
-            if "embedding_dim" not in rows:
-                for k, v in (("schema_version", SCHEMA_VERSION), ("embedding_dim", model.embedding_dim),
-                             ("bundle_id", model.bundle_id)):
+            meta = dict(self._exec(c, "SELECT key, value FROM meta").fetchall())
+            if "embedding_dim" not in meta:  # the first model to fill the store (read by schema-1 code)
+                first = models[0][0]
+                for k, v in (("schema_version", SCHEMA_VERSION), ("embedding_dim", first.embedding_dim),
+                             ("bundle_id", first.bundle_id)):
                     self._exec(c, "INSERT INTO meta (key, value) VALUES (?, ?)", (k, str(v)))
-                return
-        dim, bid = int(rows["embedding_dim"]), rows["bundle_id"]
-        if dim != model.embedding_dim:
-            raise ModelMismatchError(
-                f"store {self.safe_url} holds {dim}-d embeddings but the bundle makes "
-                f"{model.embedding_dim}-d ones; use a new database for this bundle or serve bundle {bid}"
-            )
-        if bid != model.bundle_id:
-            raise ModelMismatchError(
-                f"store {self.safe_url} was filled by bundle {bid}, not {model.bundle_id}: embeddings of "
-                "different models are not comparable; use a new database or serve the original bundle"
-            )
+            self._exec(c, "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            stored = {r[0]: int(r[1]) for r in self._exec(c, "SELECT bundle_id, embedding_dim FROM models").fetchall()}
+            for m, name in models:
+                if m.bundle_id in stored:
+                    self._exec(c, "UPDATE models SET name = ? WHERE bundle_id = ?", (name, m.bundle_id))
+                else:
+                    self._exec(c, "INSERT INTO models (bundle_id, embedding_dim, name) VALUES (?, ?, ?)",
+                               (m.bundle_id, m.embedding_dim, name))
+            used = self._exec(c, "SELECT bundle_id, COUNT(*) FROM workspaces GROUP BY bundle_id").fetchall()
+        served = {m.bundle_id for m, _ in models}
+        missing = {(r[0] or "none"): int(r[1]) for r in used if r[0] not in served}
+        if missing:
+            raise ModelMismatchError(self._missing_models_message(missing, stored, models))
+
+    def _missing_models_message(self, missing: dict[str, int], stored: dict[str, int],
+                                models: Sequence[tuple[ModelIdentity, str]]) -> str:
+        held = ", ".join(f"{n} workspace(s) of bundle {b} ({stored.get(b, '?')}-d embeddings)" for b, n in missing.items())
+        serving = ", ".join(f"{m.bundle_id} ({m.embedding_dim}-d)" for m, _ in models)
+        return (f"store {self.safe_url} holds {held}, but this service serves only {serving}: embeddings of different "
+                "models are not comparable; serve that bundle too (fewshot serve BUNDLE [BUNDLE ...]) or use a new "
+                "database")
 
     @_guarded
     def model_identity(self) -> ModelIdentity | None:
+        """The first model recorded in the store (schema 1's one model)."""
         with self._read() as c:
             rows = dict(self._exec(c, "SELECT key, value FROM meta").fetchall())
         if "embedding_dim" not in rows:
@@ -285,18 +321,22 @@ class Store(ABC):
 
     # -- workspaces ----------------------------------------------------------------------------
     @_guarded
-    def create_workspace(self, name: str, key_hash: str, settings: dict[str, Any]) -> WorkspaceRecord:
-        ws = WorkspaceRecord(new_id("ws"), name, key_hash, dict(settings), 0)
+    def create_workspace(self, name: str, key_hash: str, settings: dict[str, Any], bundle_id: str) -> WorkspaceRecord:
+        """A new workspace holding embeddings of model `bundle_id` (fixed for its life)."""
+        if not bundle_id:
+            raise InvalidInput("a workspace needs the bundle id of its model; pass the served bundle's id")
+        ws = WorkspaceRecord(new_id("ws"), name, key_hash, dict(settings), 0, bundle_id)
         with self._tx() as c:
-            self._exec(c, "INSERT INTO workspaces (id, name, key_hash, settings, version, created_unix) "
-                       "VALUES (?, ?, ?, ?, 0, ?)", (ws.id, name, key_hash, json.dumps(settings), time.time()))
+            self._exec(c, "INSERT INTO workspaces (id, name, key_hash, settings, version, created_unix, bundle_id) "
+                       "VALUES (?, ?, ?, ?, 0, ?, ?)",
+                       (ws.id, name, key_hash, json.dumps(settings), time.time(), bundle_id))
         return ws
 
-    _WS_SELECT = "SELECT id, name, key_hash, settings, version FROM workspaces"
+    _WS_SELECT = "SELECT id, name, key_hash, settings, version, bundle_id FROM workspaces"
 
     def _ws_row(self, c: Any, where: str, value: str) -> WorkspaceRecord | None:
         row = self._exec(c, f"{self._WS_SELECT} WHERE {where} = ?", (value,)).fetchone()
-        return None if row is None else WorkspaceRecord(row[0], row[1], row[2], json.loads(row[3]), int(row[4]))
+        return None if row is None else WorkspaceRecord(row[0], row[1], row[2], json.loads(row[3]), int(row[4]), row[5] or "")
 
     @_guarded
     def get_workspace(self, workspace_id: str) -> WorkspaceRecord | None:
@@ -312,7 +352,7 @@ class Store(ABC):
     def list_workspaces(self) -> list[WorkspaceRecord]:
         with self._read() as c:
             rows = self._exec(c, f"{self._WS_SELECT} ORDER BY created_unix").fetchall()
-        return [WorkspaceRecord(r[0], r[1], r[2], json.loads(r[3]), int(r[4])) for r in rows]
+        return [WorkspaceRecord(r[0], r[1], r[2], json.loads(r[3]), int(r[4]), r[5] or "") for r in rows]
 
     @_guarded
     def workspace_version(self, workspace_id: str) -> int | None:
@@ -539,6 +579,7 @@ class SQLiteStore(Store):
         with self._tx() as c:
             for stmt in _schema("BLOB"):
                 c.execute(stmt)
+            self._migrate(c)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -575,6 +616,9 @@ class SQLiteStore(Store):
 
     def _is_unique_violation(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
+
+    def _columns(self, c: Any, table: str) -> set[str]:
+        return {r[1] for r in c.execute(f"PRAGMA table_info({table})").fetchall()}
 
     def _failure_kind(self, exc: BaseException) -> str | None:
         # disk full, read-only file system, locked past busy_timeout, I/O error: not the client's fault
@@ -620,6 +664,7 @@ class PostgresStore(Store):
             c.execute("SELECT pg_advisory_xact_lock(4242001)")  # concurrent first starts create once
             for stmt in _schema("BYTEA"):
                 c.execute(stmt)
+            self._migrate(c)
 
     def _connect(self) -> Any:
         raise AssertionError("PostgresStore takes connections from its pool")
@@ -663,6 +708,11 @@ class PostgresStore(Store):
 
     def _is_unique_violation(self, exc: BaseException) -> bool:
         return isinstance(exc, self._psycopg.errors.UniqueViolation)
+
+    def _columns(self, c: Any, table: str) -> set[str]:
+        rows = self._exec(c, "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+                          "AND table_name = ?", (table,)).fetchall()
+        return {r[0] for r in rows}
 
     def _failure_kind(self, exc: BaseException) -> str | None:
         from psycopg_pool import PoolTimeout

@@ -1,0 +1,162 @@
+"""The models one service serves: each bundle under a name ("characters", "photos"), one recogniser
+per model over the shared store. A workspace chooses its model at creation; the store records the
+model's bundle id with it, and every operation of the workspace runs on that model, so embeddings
+of different models never meet.
+
+Names come from the bundle's manifest (`source.name`), else its folder name; `NAME=PATH` on the
+command line renames. The first model is the default (for `POST /workspaces` without `model`, and
+`GET /model`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from fewshot.artifacts.bundle import Bundle, Manifest, load_bundle
+from fewshot.artifacts.calibration import Calibration
+from fewshot.errors import ConfigError
+from fewshot.openset import OpenSetRule
+from fewshot.service.recogniser import Recogniser, RecogniserConfig, WorkspaceSettings
+from fewshot.service.settings import ServiceSettings
+from fewshot.service.store import ConflictError, ModelIdentity, Store, WorkspaceRecord
+
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
+class UnknownModelError(ConfigError):
+    """A workspace asked for a model the service does not serve."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One `serve` argument: a bundle folder and the name to serve it under (None: from the bundle)."""
+
+    path: Path
+    name: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSpec:
+        """`PATH` or `NAME=PATH`; a path that exists as written is never split at its '='."""
+        name, sep, path = spec.partition("=")
+        if not sep or Path(spec).exists():
+            return cls(Path(spec))
+        return cls(Path(path), check_model_name(name, where=f"model spec {spec!r}"))
+
+
+def check_model_name(name: str, *, where: str) -> str:
+    if not MODEL_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: model name {name[:80]!r} must be 1-64 lower-case letters, digits, '_', '.' or "
+                          "'-' starting with a letter or digit; rename it with NAME=PATH, e.g. photos=bundles/photos")
+    return name
+
+
+def default_model_name(manifest: Manifest, path: Path) -> str:
+    """The manifest's `source.name` when it is a valid model name, else the bundle folder's name."""
+    for candidate in (str(manifest.source.get("name", "")), path.resolve().name.lower()):
+        if MODEL_NAME.fullmatch(candidate):
+            return candidate
+    return check_model_name(path.name, where=f"bundle {path}")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    bundle: Bundle
+    recogniser: Recogniser
+
+    @property
+    def bundle_id(self) -> str:
+        return self.bundle.bundle_id
+
+    def describe(self, *, default: bool) -> dict[str, Any]:
+        """What a client may know of the model (no file paths)."""
+        m = self.bundle.manifest
+        pre = self.bundle.preprocessing
+        trained = m.source.get("trained_here", "learner" in m.source)
+        return {"name": self.name, "default": default, "bundle_id": m.bundle_id, "mode": pre.mode, "size": pre.size,
+                "embedding_dim": m.embedding_dim, "backbone": m.backbone.get("name"), "trained": bool(trained),
+                "calibrated": self.recogniser.calibration is not None,
+                "trained_on": None if m.domain is None else m.domain.get("trained_on")}
+
+
+class ModelSet:
+    """The served models, by name and by bundle id; the first is the default."""
+
+    def __init__(self, models: Sequence[ServedModel]) -> None:
+        if not models:
+            raise ConfigError("no models to serve; pass one or more bundle folders")
+        self.models = tuple(models)
+        self._by_name: dict[str, ServedModel] = {}
+        self._by_bundle: dict[str, ServedModel] = {}
+        for m in self.models:
+            if m.name in self._by_name:
+                raise ConfigError(f"two bundles are named {m.name!r}; give one another name with NAME=PATH, "
+                                  f"e.g. {m.name}2=PATH")
+            if m.bundle_id in self._by_bundle:
+                raise ConfigError(f"models {self._by_bundle[m.bundle_id].name!r} and {m.name!r} are the same bundle "
+                                  f"{m.bundle_id}; serve each bundle once")
+            self._by_name[m.name], self._by_bundle[m.bundle_id] = m, m
+
+    @property
+    def default(self) -> ServedModel:
+        return self.models[0]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def get(self, name: str | None) -> ServedModel:
+        """The model called `name` (None: the default), or UnknownModelError naming the choices."""
+        if name is None:
+            return self.default
+        model = self._by_name.get(name)
+        if model is None:
+            raise UnknownModelError(f"model {name[:80]!r} is not served here; choose one of {self.names} (GET /models "
+                                    "lists them), or start the service with that bundle too")
+        return model
+
+    def of_workspace(self, ws: WorkspaceRecord) -> ServedModel:
+        model = self._by_bundle.get(ws.bundle_id)
+        if model is None:  # created by another service process sharing the store with other models
+            raise ConflictError(f"workspace {ws.id!r} uses model bundle {ws.bundle_id}, which this service does not "
+                                f"serve (it serves {self.names}); start the service with that bundle too")
+        return model
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [m.describe(default=i == 0) for i, m in enumerate(self.models)]
+
+
+def service_calibration(bundle: Bundle, s: ServiceSettings) -> Calibration | None:
+    """The bundle's calibration with the service-level threshold overrides applied to its open-set
+    rules (on their novelty scale)."""
+    overrides = {m: t for m, t in (("euclidean", s.euclidean_threshold), ("cosine", s.cosine_threshold)) if t is not None}
+    base = bundle.calibration
+    if not overrides:
+        return base
+    base = base or Calibration({}, 0.0, {}, 0, 0, 0, 0)
+    rules = dict(base.rules)
+    for m, t in overrides.items():
+        rule = base.rule(m)  # type: ignore[arg-type]
+        rules[m] = (replace(rule, threshold=t) if rule else OpenSetRule("global", m, t)).to_dict()  # type: ignore[arg-type]
+    return replace(base, rules=rules)
+
+
+def load_models(settings: ServiceSettings, store: Store) -> ModelSet:
+    """Load every bundle of `settings.model_specs`, one recogniser each over `store`; refuse (before
+    serving anything) a store holding workspaces of a model that is not among them."""
+    config = RecogniserConfig(thumbnail_size=settings.thumbnail_size, sync_interval_s=settings.sync_interval_s)
+    served = []
+    for raw in settings.model_specs:
+        spec = ModelSpec.parse(raw)
+        bundle = load_bundle(spec.path, intra_op_threads=settings.ort_threads or None)
+        recogniser = Recogniser(bundle.onnx_embedder, store, calibration=service_calibration(bundle, settings),
+                                config=config, defaults=WorkspaceSettings.from_rule(bundle.decision_rule),
+                                domain=bundle.domain, bundle_id=bundle.bundle_id)
+        served.append(ServedModel(spec.name or default_model_name(bundle.manifest, spec.path), bundle, recogniser))
+    models = ModelSet(served)
+    store.check_models([(ModelIdentity(m.bundle.embedding_dim, m.bundle_id), m.name) for m in models.models])
+    return models

@@ -64,9 +64,10 @@ class Logits(nn.Module):
 def ort_embedder(module: nn.Module, out_dim: int, tmp: Path, name: str) -> Any:
     from fewshot.artifacts.embedders import OnnxEmbedder
     from fewshot.artifacts.onnx_export import export_onnx
+    from fewshot.data.imageio import Preprocessing
 
     path = export_onnx(module.eval(), tmp / f"{name}.onnx", channels=3, size=224)
-    return OnnxEmbedder(path, channels=3, size=224, embedding_dim=out_dim, intra_op_threads=2)
+    return OnnxEmbedder(path, Preprocessing("RGB", 224), embedding_dim=out_dim, intra_op_threads=2)
 
 
 def embed(embedder: Any, images: np.ndarray, batch: int = 4) -> np.ndarray:

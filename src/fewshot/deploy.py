@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fewshot.config import RunConfig, load_config
+from fewshot.data.imageio import Preprocessing, from_model_input
 from fewshot.decision import METRICS, DecisionRule
 from fewshot.episodes.loader import EpisodeDataset
 from fewshot.episodes.sampling import EpisodeSpec
@@ -40,9 +41,9 @@ class ExportRefused(CheckpointError):
     """The bundle as served is worse than the learner it came from."""
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Episode images (float in [0, 1], from a uint8 cache) back to the exact uint8 pixels."""
-    return (x.detach().cpu().float() * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+def to_uint8(x: torch.Tensor, pre: Preprocessing) -> np.ndarray:
+    """Episode images (the model input under `pre`, from a uint8 cache) back to the exact uint8 pixels."""
+    return from_model_input(x.detach().cpu().float().numpy(), pre)
 
 
 def _plain_copy(backbone: nn.Module) -> nn.Module:
@@ -79,12 +80,13 @@ def deployable_backbone(learner: Any, data: RunData, config: RunConfig) -> nn.Mo
     return _plain_copy(learner.backbone).eval()
 
 
-def rule_predictor(embed: Any, rule: DecisionRule) -> Any:
-    """episode -> logits through `embed` (uint8 (N, C, H, W) -> (N, D) numpy) and `rule`."""
+def rule_predictor(embed: Any, rule: DecisionRule, pre: Preprocessing) -> Any:
+    """episode -> logits through `embed` (uint8 (N, C, H, W) -> (N, D) numpy) and `rule`; episodes
+    hold the model input under `pre` (the cache's preprocessing)."""
 
     def predict(ep: Episode) -> torch.Tensor:
-        zs = torch.from_numpy(embed(to_uint8(ep.support_x)))
-        zq = torch.from_numpy(embed(to_uint8(ep.query_x)))
+        zs = torch.from_numpy(embed(to_uint8(ep.support_x, pre)))
+        zq = torch.from_numpy(embed(to_uint8(ep.query_x, pre)))
         return rule.episode_logits(zs, ep.support_y.cpu(), ep.n_way, zq).to(ep.query_y.device)
 
     return predict
@@ -93,7 +95,7 @@ def rule_predictor(embed: Any, rule: DecisionRule) -> Any:
 def evaluate_embedder(embed: Any, rule: DecisionRule, data: RunData, *, split: str, way: int, shot: int,
                       query: int, episodes: int, seed: int, mode: str = "any") -> EvalResult:
     """The protocol (same episodes as `fewshot evaluate` with the same seed) through `embed` + `rule`."""
-    return evaluate_episodes(rule_predictor(embed, rule), data.cache, data.pool(split), EpisodeSpec(way, shot, query),
+    return evaluate_episodes(rule_predictor(embed, rule, data.cache.preprocessing), data.cache, data.pool(split), EpisodeSpec(way, shot, query),
                              episodes=episodes, seed=seed, mode=mode, progress=False,  # type: ignore[arg-type]
                              enforce_protocol=False)
 
@@ -106,7 +108,7 @@ def choose_rule(learner: Any, backbone: nn.Module, data: RunData, config: RunCon
     from fewshot.artifacts.embedders import TorchEmbedder
 
     pre = data.cache.preprocessing
-    emb = TorchEmbedder(backbone, channels=pre.channels, size=pre.size).embed
+    emb = TorchEmbedder(backbone, pre).embed
     ev = config.eval
     scores: dict[str, float] = {m: evaluate_embedder(emb, DecisionRule("prototype", m), data, split="val", way=ev.way, shot=ev.shot,
                                    query=ev.query, episodes=200, seed=config.seed + RULE_SEED_OFFSET).mean
@@ -174,7 +176,7 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     smallest = min(len(v) for v in by_class.values())
     n_shot = max(1, min(5, smallest - 1))
     calibration = calibrate_open_set(  # rules at 95% of correct answers kept / 80% of unknowns rejected
-        TorchEmbedder(backbone, channels=pre.channels, size=pre.size), by_class, np.random.default_rng(seed),
+        TorchEmbedder(backbone, pre), by_class, np.random.default_rng(seed),
         n_way=max(2, min(5, len(by_class) - 1)), n_shot=n_shot, n_query=max(1, min(15, smallest - n_shot)),
         n_episodes=config.export.calibration_episodes, target_false_accept=config.export.false_accept_rate,
     )
@@ -184,7 +186,7 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
         deployment["batch_norm"] = (f"running statistics = mean of {config.export.bn_episodes} training support "
                                     f"sets ({config.eval.way}-way {config.eval.shot}-shot)")
     sample = np.concatenate([v[:2] for v in list(by_class.values())[:16]])
-    domain = domain_summary(config, data, TorchEmbedder(backbone, channels=pre.channels, size=pre.size), seed)
+    domain = domain_summary(config, data, TorchEmbedder(backbone, pre), seed)
     if domain is None:
         deployment["domain"] = "no summary: too few training images; out-of-domain images are not flagged"
     return export_bundle(

@@ -142,7 +142,7 @@ def build_photos_bundle(
             fingerprint.update(hashlib.sha256(f.read()).digest())
         if calibration_per_class > 0:
             by_class = cifar10_images(zip_path, "train", calibration_per_class, pre)
-            embedder = TorchEmbedder(backbone, channels=pre.channels, size=pre.size)
+            embedder = TorchEmbedder(backbone, pre)
             calibration = calibrate_open_set(
                 embedder, by_class, np.random.default_rng(seed), n_way=5, n_shot=5,
                 n_query=min(15, calibration_per_class - 5), n_episodes=calibration_episodes,

@@ -260,7 +260,7 @@ def test_summary_is_small() -> None:
 def tiny_domain() -> DomainSummary:
     images = sample_images(1000, seed=3)
     stats = model_image_statistics(images)
-    return summarise_domain(TorchEmbedder(tiny_backbone(), channels=1, size=28), images, stats, mode="L",
+    return summarise_domain(TorchEmbedder(tiny_backbone(), Preprocessing("L", 28)), images, stats, mode="L",
                             size=28, rng=np.random.default_rng(0), image_stats_from="model inputs")
 
 
@@ -316,7 +316,7 @@ def test_real_photos_are_flagged_and_characters_are_not(data_root: Path) -> None
     rng = np.random.default_rng(0)
     omni = data_root / "omniglot"
     train_x, train_stats = _decode(_zip_sample(omni / "images_background.zip", ".png", 1500, rng))
-    embedder = TorchEmbedder(tiny_backbone(), channels=1, size=28)
+    embedder = TorchEmbedder(tiny_backbone(), Preprocessing("L", 28))
     summary = summarise_domain(embedder, train_x, train_stats, mode="L", size=28, rng=rng,
                                trained_on="Omniglot characters")
     test_x, test_stats = _decode(_zip_sample(omni / "images_evaluation.zip", ".png", 400, rng))

@@ -52,7 +52,7 @@ def make_tiny_bundle(out: Path, seed: int = 0, hidden: int = 64, calibration: di
     summary = None
     if domain:
         train = np.concatenate([class_images(100 + s, 25) for s in range(48)])
-        summary = summarise_domain(TorchEmbedder(backbone, channels=1, size=28), train, model_image_statistics(train),
+        summary = summarise_domain(TorchEmbedder(backbone, Preprocessing("L", 28)), train, model_image_statistics(train),
                                    mode="L", size=28, rng=np.random.default_rng(seed), trained_on="noise patterns",
                                    image_stats_from="model inputs").to_dict()
     return export_bundle(backbone, out, preprocessing=Preprocessing("L", 28), source={"run": "test", "seed": seed},

@@ -149,8 +149,8 @@ def _write_files(
     save_torch(state, str(tmp / WEIGHTS))
     export_onnx(backbone, tmp / ONNX, channels=pre.channels, size=pre.size)
     emb = int(backbone.embedding_dim)  # type: ignore[arg-type]
-    torch_e = TorchEmbedder(backbone, channels=pre.channels, size=pre.size)
-    onnx_e = OnnxEmbedder(tmp / ONNX, channels=pre.channels, size=pre.size, embedding_dim=emb)
+    torch_e = TorchEmbedder(backbone, pre)
+    onnx_e = OnnxEmbedder(tmp / ONNX, pre, embedding_dim=emb)
     diff = check_parity(torch_e, onnx_e, sample_images, tolerance=tolerance)
     sample = np.ascontiguousarray(sample_images[:PARITY_SAMPLES])
     save_numpy({"images": sample, "embeddings": expected_outputs(torch_e, sample)}, str(tmp / PARITY))
@@ -190,7 +190,7 @@ def export_bundle(
         parity = _write_files(tmp, backbone, preprocessing, sample_images, tolerance)
         hashes = {name: sha256_file(tmp / name) for name in (WEIGHTS, ONNX, PARITY)}
         if evaluate is not None:
-            emb = OnnxEmbedder(tmp / ONNX, channels=preprocessing.channels, size=preprocessing.size,
+            emb = OnnxEmbedder(tmp / ONNX, preprocessing,
                                embedding_dim=int(backbone.embedding_dim))  # type: ignore[arg-type]
             metrics = {**metrics, **evaluate(emb)}
         manifest = Manifest(
@@ -252,7 +252,7 @@ class Bundle:
     @cached_property
     def torch_embedder(self) -> TorchEmbedder:
         pre = self.preprocessing
-        return TorchEmbedder(self._backbone, channels=pre.channels, size=pre.size)
+        return TorchEmbedder(self._backbone, pre)
 
 
 def _verify_hashes(root: Path, manifest: Manifest) -> None:
@@ -286,7 +286,7 @@ def load_bundle(path: str | Path, *, intra_op_threads: int | None = None, verify
     _verify_hashes(root, manifest)
     backbone = _load_backbone(root, manifest)
     pre = Preprocessing.from_dict(manifest.preprocessing)
-    onnx_e = OnnxEmbedder(root / ONNX, channels=pre.channels, size=pre.size,
+    onnx_e = OnnxEmbedder(root / ONNX, pre,
                           embedding_dim=manifest.embedding_dim, intra_op_threads=intra_op_threads)
     bundle = Bundle(path=root, manifest=manifest, onnx_embedder=onnx_e, _backbone=backbone)
     if verify_parity:

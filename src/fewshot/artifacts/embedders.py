@@ -1,7 +1,8 @@
 """Embedders: uint8 images (N, C, H, W) -> float32 embeddings (N, D), from PyTorch or ONNX Runtime.
 
-Both take the same input (uint8, the output of `decode_image`) and apply the same scaling
-(`to_float`: [0, 255] -> [0, 1]), so the only difference between them is the runtime.
+Both take the same input (uint8, the output of `decode_image`) and apply the same conversion to
+the model input (`model_input` under the bundle's `Preprocessing`: x / 255, then mean / std when
+set), so the only difference between them is the runtime.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fewshot.data.imageio import to_float
+from fewshot.data.imageio import Preprocessing, model_input
 from fewshot.errors import CheckpointError
 
 ONNX_INPUT = "images"
@@ -42,15 +43,16 @@ def check_batch(images_u8: np.ndarray, channels: int, size: int) -> None:
 class TorchEmbedder:
     """Eager PyTorch in eval() mode, no autograd."""
 
-    def __init__(self, backbone: nn.Module, *, channels: int, size: int) -> None:
+    def __init__(self, backbone: nn.Module, pre: Preprocessing) -> None:
         self.backbone = backbone.eval()
-        self.channels, self.size = channels, size
+        self.pre = pre
+        self.channels, self.size = pre.channels, pre.size
         self.embedding_dim = int(backbone.embedding_dim)  # type: ignore[arg-type]
 
     def embed(self, images_u8: np.ndarray) -> np.ndarray:
         check_batch(images_u8, self.channels, self.size)
         with torch.inference_mode():
-            out = self.backbone(torch.from_numpy(to_float(images_u8)))
+            out = self.backbone(torch.from_numpy(model_input(images_u8, self.pre)))
         return out.numpy().astype(np.float32, copy=False)
 
 
@@ -64,7 +66,7 @@ class OnnxEmbedder:
     """ONNX Runtime CPU session; `run` is thread-safe, so one instance serves all requests."""
 
     def __init__(
-        self, onnx_path: str | Path, *, channels: int, size: int, embedding_dim: int,
+        self, onnx_path: str | Path, pre: Preprocessing, *, embedding_dim: int,
         intra_op_threads: int | None = None,
     ) -> None:
         import onnxruntime as ort
@@ -81,9 +83,10 @@ class OnnxEmbedder:
             self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own types for corrupt graphs
             raise CheckpointError(f"{onnx_path}: ONNX Runtime cannot load the model ({exc})") from exc
-        self.channels, self.size, self.embedding_dim = channels, size, embedding_dim
+        self.pre, self.embedding_dim = pre, embedding_dim
+        self.channels, self.size = pre.channels, pre.size
 
     def embed(self, images_u8: np.ndarray) -> np.ndarray:
         check_batch(images_u8, self.channels, self.size)
-        (out,) = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: to_float(images_u8)})
+        (out,) = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: model_input(images_u8, self.pre)})
         return np.asarray(out, dtype=np.float32)

@@ -2,8 +2,12 @@
 
 Every input (PNG, JPEG, WebP, BMP, GIF first frame; grayscale, RGB, palette, alpha, 16-bit) is
 decoded with Pillow, flattened onto white where it has alpha, converted to the configured mode
-("L" = 1 channel, "RGB" = 3 channels) and resized to `size x size`. The result is a uint8 array of
-shape (C, H, W). Formats are checked by content, never by file name.
+("L" = 1 channel, "RGB" = 3 channels) and resized to `size x size` (squashed to a square; with
+`crop < 1` to a square of side round(size / crop), then centre-cropped to `size x size`). The result
+is a uint8 array of shape (C, H, W). Formats are checked by content, never by file name.
+`model_input` turns such uint8 batches into the model's float input ([0, 1], then (x - mean) / std
+per channel when the preprocessing has a mean and std); training, evaluation, the bundle's embedders
+and the service all call it.
 
 Decoding is bounded before any pixel is decoded: at most `max_pixels` pixels, an aspect ratio of at
 most 20:1, the first frame only. JPEGs decode at a reduced scale (>= 4x the input side); large images
@@ -30,36 +34,91 @@ ACCEPTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: far above any photo a user teaches with
 
 
+_RESAMPLE = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """How raw images become model input; stored in caches and artifact manifests."""
+    """How raw images become model input; stored in caches and artifact manifests.
+
+    mode, size, resample: decoded to `mode`, resized with `resample` to size x size.
+    crop: the fraction of the resized image kept: resized to round(size / crop) square, then the
+      centre size x size (ImageNet evaluation's 0.875 = 224 of 256); 1.0 keeps the whole image.
+    mean, std: per-channel statistics on the [0, 1] scale; the model input is (x / 255 - mean) / std.
+      None (the default) for both: the model input is x / 255.
+    """
 
     mode: Mode = "L"
     size: int = 28
     resample: str = "lanczos"
+    crop: float = 1.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("L", "RGB"):
+            raise ImageError(f"preprocessing mode {self.mode!r} is not supported; use 'L' or 'RGB'")
+        if self.size < 1:
+            raise ImageError(f"preprocessing size {self.size} must be >= 1 pixel; use e.g. 28 or 224")
+        if self.resample not in _RESAMPLE:
+            raise ImageError(f"preprocessing resample {self.resample!r} is not supported; use one of {sorted(_RESAMPLE)}")
+        if not 0.0 < self.crop <= 1.0:
+            raise ImageError(f"preprocessing crop {self.crop} must be in (0, 1]; use 1.0 for no crop or e.g. 0.875")
+        if (self.mean is None) != (self.std is None):
+            raise ImageError(f"preprocessing mean {self.mean} and std {self.std}: give both or neither")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if values is not None:
+                object.__setattr__(self, name, _channel_tuple(name, values, self.channels, self.mode))
+        if self.std is not None and min(self.std) <= 0:
+            raise ImageError(f"preprocessing std {self.std} must be > 0 in every channel; "
+                             "give the standard deviations of the [0, 1] pixel values")
 
     @property
     def channels(self) -> int:
         return 1 if self.mode == "L" else 3
 
+    @property
+    def resize_side(self) -> int:
+        """The side images are resized to before the centre crop (== size when crop is 1)."""
+        return self.size if self.crop == 1.0 else max(self.size, round(self.size / self.crop))
+
     def to_dict(self) -> dict[str, object]:
-        return {"mode": self.mode, "size": self.size, "resample": self.resample}
+        """JSON form; crop, mean and std only when set, so older caches and manifests read the same."""
+        d: dict[str, object] = {"mode": self.mode, "size": self.size, "resample": self.resample}
+        if self.crop != 1.0:
+            d["crop"] = self.crop
+        if self.mean is not None and self.std is not None:
+            d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> Preprocessing:
         mode = str(d.get("mode", "L"))
-        if mode not in ("L", "RGB"):
-            raise ImageError(f"preprocessing mode {mode!r} is not supported; use 'L' or 'RGB'")
         size = int(d.get("size", 28))  # type: ignore[call-overload]
-        return cls(mode=mode, size=size, resample=str(d.get("resample", "lanczos")))  # type: ignore[arg-type]
+        return cls(mode=mode, size=size, resample=str(d.get("resample", "lanczos")),  # type: ignore[arg-type]
+                   crop=float(d.get("crop", 1.0)),  # type: ignore[arg-type]
+                   mean=d.get("mean"), std=d.get("std"))  # type: ignore[arg-type]  # checked in __post_init__
 
 
-_RESAMPLE = {
-    "lanczos": Image.Resampling.LANCZOS,
-    "bilinear": Image.Resampling.BILINEAR,
-    "box": Image.Resampling.BOX,
-    "nearest": Image.Resampling.NEAREST,
-}
+def _channel_tuple(name: str, values: object, channels: int, mode: str) -> tuple[float, ...]:
+    """`values` as a tuple of `channels` finite floats, or an ImageError naming the value and the fix."""
+    try:
+        out = tuple(float(v) for v in values)  # type: ignore[attr-defined]
+    except (TypeError, ValueError) as exc:
+        raise ImageError(f"preprocessing {name} {values!r} is not a list of numbers; give {channels} "
+                         f"value(s), one per channel") from exc
+    if len(out) != channels or not all(np.isfinite(out)):
+        raise ImageError(f"preprocessing {name} {list(out)} has {len(out)} value(s) but mode {mode!r} has "
+                         f"{channels} channel(s); give {channels} finite value(s), one per channel")
+    return out
+
+
 
 
 MAX_ASPECT_RATIO = 20  # longest / shortest side; a 1 x 20,000,000 "image" is not a picture
@@ -78,7 +137,7 @@ class UnsupportedImage(ImageError):
 
 def draft_size(pre: Preprocessing) -> int:
     """The smallest side a JPEG is decoded at for `pre` (the same in `prepare` and the service)."""
-    return DRAFT_FACTOR * pre.size
+    return DRAFT_FACTOR * pre.resize_side
 
 
 def _check_shape(name: str, w: int, h: int, max_pixels: int) -> None:
@@ -212,11 +271,15 @@ def normalise_mode(img: Image.Image, mode: Mode) -> Image.Image:
 
 
 def to_array(img: Image.Image, pre: Preprocessing) -> np.ndarray:
-    """Resize an opened image and return uint8 (C, H, W)."""
-    img = shrink_oriented(img, pre.size)
+    """Resize (and centre-crop) an opened image under `pre`; return uint8 (C, size, size)."""
+    side = pre.resize_side
+    img = shrink_oriented(img, side)
     img = normalise_mode(img, pre.mode)
-    if img.size != (pre.size, pre.size):
-        img = img.resize((pre.size, pre.size), _RESAMPLE[pre.resample])
+    if img.size != (side, side):
+        img = img.resize((side, side), _RESAMPLE[pre.resample])
+    if side != pre.size:
+        lo = (side - pre.size) // 2
+        img = img.crop((lo, lo, lo + pre.size, lo + pre.size))
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[None, :, :]
@@ -233,5 +296,31 @@ def decode_image(
 
 
 def to_float(batch_u8: np.ndarray) -> np.ndarray:
-    """uint8 (..., C, H, W) -> float32 in [0, 1]; the model input scale used everywhere."""
+    """uint8 (..., C, H, W) -> float32 in [0, 1] (no mean / std)."""
     return batch_u8.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def model_input(batch_u8: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """uint8 (N, C, H, W) -> the model's float32 input under `pre`: x / 255, then (x - mean) / std
+    per channel when `pre` has a mean and std. The one conversion used in training, evaluation,
+    the bundle's embedders and the service."""
+    if batch_u8.dtype != np.uint8 or batch_u8.ndim != 4 or batch_u8.shape[1] != pre.channels:
+        raise ImageError(f"expected uint8 images (N, {pre.channels}, H, W) for mode {pre.mode!r}; got "
+                         f"{batch_u8.dtype} {tuple(batch_u8.shape)}; decode with fewshot.data.imageio.decode_image")
+    x = to_float(batch_u8)
+    if pre.mean is None or pre.std is None:
+        return x
+    mean = np.asarray(pre.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(pre.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    x -= mean
+    x /= std
+    return x
+
+
+def from_model_input(x: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """The inverse of `model_input`: float (N, C, H, W) model input -> the uint8 pixels it came from."""
+    x = np.asarray(x, dtype=np.float32)
+    if pre.mean is not None and pre.std is not None:
+        x = x * np.asarray(pre.std, dtype=np.float32).reshape(1, -1, 1, 1) \
+            + np.asarray(pre.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fewshot.config import RunConfig
+from fewshot.data.imageio import Preprocessing
 from fewshot.episodes.sampling import EpisodeSpec
 from fewshot.io import atomic_write_json, atomic_write_text
 from fewshot.training.data import RunData
@@ -37,7 +38,8 @@ def measure_model(backbone: nn.Module, channels: int, size: int, *, runs: int = 
         path = Path(tmp) / "model.onnx"
         export_onnx(backbone, path, channels=channels, size=size)
         nbytes = path.stat().st_size
-        emb = OnnxEmbedder(path, channels=channels, size=size, embedding_dim=int(backbone.embedding_dim),  # type: ignore[arg-type]
+        pre = Preprocessing("L" if channels == 1 else "RGB", size)
+        emb = OnnxEmbedder(path, pre, embedding_dim=int(backbone.embedding_dim),  # type: ignore[arg-type]
                            intra_op_threads=1)
         x = np.random.default_rng(0).integers(0, 256, (1, channels, size, size), dtype=np.uint8)
         for _ in range(20):

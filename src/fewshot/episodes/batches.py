@@ -25,10 +25,10 @@ def describe_batch(pool: ClassPool, batch_size: int, rng: np.random.Generator) -
 def sample_batch(
     cache: PackedCache, pool: ClassPool, batch_size: int, seed: int, index: int, aug: Augment | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (batch_size, C, H, W) float in [0, 1]; y: (batch_size,) pool-class labels."""
+    """x: (batch_size, C, H, W) model input under the cache's preprocessing; y: (batch_size,) pool-class labels."""
     rng = episode_rng(seed, index)
     rows, labels = describe_batch(pool, batch_size, rng)
     images = load_rows(cache, rows, pool.rotations[labels])
     if aug is not None and aug.active:
         images = augment(images, aug, rng)
-    return to_tensor(images), torch.from_numpy(labels)
+    return to_tensor(images, cache.preprocessing), torch.from_numpy(labels)

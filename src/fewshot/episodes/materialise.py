@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from fewshot.data.cache import PackedCache
+from fewshot.data.imageio import Preprocessing, model_input
 from fewshot.episodes.sampling import ClassPool, EpisodeDescription
 from fewshot.episodes.types import Episode
 from fewshot.errors import EpisodeError
@@ -87,9 +88,9 @@ def load_rows(cache: PackedCache, rows: np.ndarray, rotations: np.ndarray) -> np
     return rotate(np.asarray(cache.images[rows]), rotations)
 
 
-def to_tensor(images_u8: np.ndarray) -> torch.Tensor:
-    """uint8 (n, C, H, W) -> float32 tensor in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images_u8)).float().div_(255.0)
+def to_tensor(images_u8: np.ndarray, pre: Preprocessing) -> torch.Tensor:
+    """uint8 (n, C, H, W) -> the model's float32 input under `pre` (`fewshot.data.imageio.model_input`)."""
+    return torch.from_numpy(model_input(np.ascontiguousarray(images_u8), pre))
 
 
 def materialise(
@@ -99,7 +100,8 @@ def materialise(
     aug: Augment | None = None,
     rng: np.random.Generator | None = None,
 ) -> Episode:
-    """Tensors for one description: support (n_way*n_shot, C, H, W) and query, labels 0..n_way-1."""
+    """Tensors for one description: support (n_way*n_shot, C, H, W) and query, labels 0..n_way-1;
+    images are the model input under the cache's preprocessing (`to_tensor`)."""
     rows = np.concatenate([desc.support_rows, desc.query_rows])
     labels = np.concatenate([desc.support_labels, desc.query_labels])
     images = load_rows(cache, rows, desc.rotations[labels])
@@ -107,7 +109,7 @@ def materialise(
         if rng is None:
             raise EpisodeError("augmentation needs an explicit rng")
         images = augment(images, aug, rng)
-    x = to_tensor(images)
+    x = to_tensor(images, cache.preprocessing)
     n_s = desc.support_rows.size
     y = torch.from_numpy(labels)
     return Episode(

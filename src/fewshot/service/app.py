@@ -6,7 +6,8 @@ Routes (JSON; errors are `{"error": {"code", "message"}}`):
   GET/PATCH/DELETE /workspaces/{ws}
   GET/POST /workspaces/{ws}/classes; GET/PATCH/DELETE /workspaces/{ws}/classes/{cid}
   POST /workspaces/{ws}/classes/{cid}/images
-  POST /workspaces/{ws}/classify, /workspaces/{ws}/explain
+  POST /workspaces/{ws}/classify, /workspaces/{ws}/explain, /workspaces/{ws}/occlusion
+  GET  /workspaces/{ws}/insight (held-out accuracy per class, confusion matrix, confused pairs)
   GET  /workspaces/{ws}/examples/{eid}/thumbnail.png
   GET  /workspaces/{ws}/export -> zip: model.onnx (standalone classifier) + labels.json
 Several models may be served (`serve BUNDLE [BUNDLE ...]`); each workspace runs on the model it
@@ -43,6 +44,14 @@ from fewshot.artifacts.domain import STATS_SIDE
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.service.auth import FailureThrottle, hash_key, key_matches, secret_matches
 from fewshot.service.images import UploadError, decode_upload
+from fewshot.service.insight import (
+    MAX_CELLS,
+    MIN_CELLS,
+    InsightCache,
+    recogniser_insight,
+    recogniser_occlusion,
+)
+from fewshot.service.insight_api import InsightOut, OcclusionOut, insight_out, occlusion_out
 from fewshot.service.middleware import (
     BodyLimitMiddleware,
     Metrics,
@@ -181,6 +190,10 @@ class NeighbourOut(BaseModel):
 class ExplainOut(BaseModel):
     prediction: PredictionOut
     neighbours: list[NeighbourOut]
+
+
+class OcclusionPredictionOut(OcclusionOut):
+    prediction: PredictionOut
 
 
 # -- dependencies --------------------------------------------------------------------------------
@@ -416,11 +429,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.admin_throttle = FailureThrottle(limit=settings.admin_failures_per_minute, window_s=60.0)
     app.state.service = None
     app.state.metrics = Metrics()
+    app.state.insight_cache = InsightCache()
     _install_error_handlers(app)
     _add_system_routes(app)
     _add_workspace_routes(app)
     _add_class_routes(app)
     _add_inference_routes(app)
+    _add_insight_routes(app)
     app.mount("/ui", StaticFiles(directory=settings.static_dir or STATIC_DIR, html=True), name="ui")
     app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: app.state.settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
@@ -579,6 +594,29 @@ def _add_inference_routes(app: FastAPI) -> None:
         up = _decode_all([image], model, settings, thumbnails=False)
         return _explain_out(up.names[0], model.recogniser.explain(ws, up.arrays[0], k=k, threshold=threshold,
                                                                   preview=up.previews[0]))
+
+
+def _add_insight_routes(app: FastAPI) -> None:
+    @app.get("/workspaces/{ws}/insight", tags=["inference"])
+    def insight(request: Request, ws: WorkspaceDep, model: ModelDep) -> InsightOut:
+        """What the model knows of the taught classes: held-out accuracy per class (each stored example
+        classified by the workspace's rule without itself), the confusion matrix and the most confused
+        pairs with a hint. Recomputed only when the workspace's version or rule changes."""
+        return insight_out(recogniser_insight(model.recogniser, ws, request.app.state.insight_cache))
+
+    @app.post("/workspaces/{ws}/occlusion", tags=["inference"])
+    def occlusion(ws: WorkspaceDep, model: ModelDep, settings: SettingsDep, image: Annotated[UploadFile, File()],
+                  cells: Annotated[int, Form(ge=MIN_CELLS, le=MAX_CELLS)] = 7,
+                  threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None) -> OcclusionPredictionOut:
+        """The prediction for one image and which parts of it moved the answer: a cells x cells map of
+        how much the answer's margin over the runner-up drops when each region is covered (1 + cells^2
+        images embedded)."""
+        up = _decode_all([image], model, settings, thumbnails=False)
+        pred = model.recogniser.classify(ws, up.arrays, top_k=1, threshold=threshold, previews=up.previews)[0]
+        top = pred.top_k[0]
+        m = recogniser_occlusion(model.recogniser, ws, up.arrays[0], top.class_id, cells)
+        return OcclusionPredictionOut(prediction=_prediction_out(up.names[0], pred),
+                                      **occlusion_out(m, top.class_id, top.label).model_dump())
 
 
 def serve(bundles: str | Path | Sequence[str | Path], db_url: str, host: str = "127.0.0.1", port: int = 8000, *,

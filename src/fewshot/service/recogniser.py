@@ -420,6 +420,10 @@ class Recogniser:
                     else None)
         return DecisionState(settings, protos, self.rule(settings), head, self.config.cosine_scale)
 
+    def stored_examples(self, workspace_id: str) -> ExampleSet:
+        """The workspace's stored examples (ids, class ids, embeddings), read once per version."""
+        return self._examples(workspace_id, self._memory(workspace_id))
+
     # -- classification ------------------------------------------------------------------------------
     def rule(self, settings: WorkspaceSettings, override: float | None = None) -> OpenSetRule | None:
         """The open-set rule that decides "unknown": the bundle's calibrated rule for the workspace's

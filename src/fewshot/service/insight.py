@@ -1,0 +1,446 @@
+"""What a workspace's model knows: the numbers behind the teach page's "under the hood" panel.
+
+Every number comes from the workspace's served decision rule (`fewshot.service.heads` over
+`fewshot.decision`, as `Recogniser.classify` applies it) on the embeddings it stores:
+
+* Held-out accuracy per class. Each stored example is classified with itself removed from what the
+  rule is built from. For the nearest-prototype rule this is exact leave-one-out in closed form:
+  removing x_i from class c (n_c examples, mean mu_c) moves only that mean, to
+  mu_c' = (n_c mu_c - x_i) / (n_c - 1), so
+
+      ||x_i - mu_c'||^2 = (n_c / (n_c - 1))^2 ||x_i - mu_c||^2
+      x_i . mu_c'        = (n_c x_i . mu_c - ||x_i||^2) / (n_c - 1)
+      ||mu_c'||^2        = (n_c^2 ||mu_c||^2 - 2 n_c x_i . mu_c + ||x_i||^2) / (n_c - 1)^2
+
+  and one (N, K) score matrix plus O(N D) corrections gives every held-out answer. The probe
+  ("logistic" head) has no closed form: it is refitted per fold of a k-fold split (`fold_ids`).
+  The open-set rule is applied with the held-out class's count and spread also computed without
+  the example, so `rejected` counts the held-out examples the service would answer "unknown".
+  A class with one example cannot be held out (it would have no prototype): it is reported as
+  not measured, and still competes for the other classes' examples.
+* A confusion matrix over the taught classes (rows: true class, columns: forced-choice answer) and
+  the most confused pairs with a hint.
+* Occlusion maps (Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV
+  2014): a patch filled with the image's mean value slides over the model input; each occluded
+  copy is embedded by the served embedder in batches, and the map holds how much the answer's
+  margin over the runner-up class drops per patch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from itertools import compress
+from threading import Lock
+
+import numpy as np
+import torch
+
+from fewshot.decision import Metric
+from fewshot.errors import ConfigError
+from fewshot.openset import OpenSetRule
+from fewshot.service.heads import fit_logistic, prototype_logits, prototype_scores
+from fewshot.service.recogniser import DecisionState, Recogniser
+from fewshot.service.store import ConflictError
+
+Embed = Callable[[np.ndarray], np.ndarray]  # uint8 images (N, C, S, S) -> embeddings (N, D)
+Logits = Callable[[np.ndarray], np.ndarray]  # embeddings (N, D) -> served logits (N, K)
+
+
+@dataclass(frozen=True)
+class ServedRule:
+    """The decision rule a workspace serves (metric, head, open-set rule), as `Recogniser.classify`
+    applies it; `probe_folds`: folds of the k-fold split that measures the "logistic" head."""
+
+    metric: Metric
+    head: str = "prototype"  # "prototype" | "logistic"
+    open_set: OpenSetRule | None = None
+    probe_folds: int = 5
+
+    def __post_init__(self) -> None:
+        if self.head not in ("prototype", "logistic"):
+            raise ConfigError(f"head {self.head!r} is not supported; use 'prototype' or 'logistic'")
+        if self.probe_folds < 2:
+            raise ConfigError(f"probe_folds {self.probe_folds} must be >= 2")
+
+    @property
+    def method(self) -> str:
+        return "leave-one-out" if self.head == "prototype" else f"{self.probe_folds}-fold cross-validation"
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Answers for held-out examples, (N,) each: `predicted` forced-choice class index (-1: the
+    example was not held out), `accepted` by the open-set rule, `novelty` (nan without a rule)."""
+
+    predicted: np.ndarray
+    accepted: np.ndarray
+    novelty: np.ndarray
+
+    @property
+    def evaluated(self) -> np.ndarray:
+        return self.predicted >= 0
+
+
+# -- class statistics ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClassStats:
+    """Per class, float64: sums (K, D) of embeddings, sq (K,) sums of squared norms, counts (K,)."""
+
+    sums: np.ndarray
+    sq: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def of(cls, x: np.ndarray, y: np.ndarray, n_classes: int) -> ClassStats:
+        x64 = torch.from_numpy(np.ascontiguousarray(x, np.float64))
+        yt = torch.from_numpy(np.asarray(y, np.int64))
+        sums = torch.zeros(n_classes, x64.shape[1], dtype=torch.float64).index_add_(0, yt, x64)
+        sq = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, yt, (x64 * x64).sum(1))
+        return cls(sums.numpy(), sq.numpy(), np.bincount(y, minlength=n_classes).astype(np.int64))
+
+    def means(self) -> np.ndarray:
+        """(K, D) float64 prototypes; a class without examples has the zero vector (as served)."""
+        return self.sums / np.maximum(self.counts, 1)[:, None]
+
+    def spreads(self) -> np.ndarray:
+        """(K,) mean squared distance of a class's examples to its prototype (as served)."""
+        mu = self.means()
+        return np.maximum(self.sq / np.maximum(self.counts, 1) - (mu * mu).sum(1), 0.0)
+
+
+def _served_scores(x: np.ndarray, means64: np.ndarray, metric: Metric) -> np.ndarray:
+    """(N, K) float64 scores through the served function, on float32 prototypes as served."""
+    means = means64.astype(np.float32)
+    return prototype_scores(np.asarray(x, np.float32), means, metric, (means * means).sum(1)).astype(np.float64)
+
+
+def _nearest(scores: np.ndarray, metric: Metric) -> np.ndarray:
+    return scores.argmin(1) if metric == "euclidean" else scores.argmax(1)  # type: ignore[no-any-return]
+
+
+def _open_set(rule: ServedRule, best: np.ndarray, count: np.ndarray, spread: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(accepted, novelty) of forced-choice answers whose nearest class has `count` and `spread`."""
+    if rule.open_set is None:
+        return np.ones(len(best), bool), np.full(len(best), np.nan)
+    novelty = rule.open_set.novelty(best, np.maximum(count, 1), spread)
+    return np.asarray(rule.open_set.accepts(novelty), bool), novelty
+
+
+# -- held-out answers ------------------------------------------------------------------------------
+def leave_one_out(x: np.ndarray, y: np.ndarray, n_classes: int, rule: ServedRule) -> HeldOut:
+    """Exact leave-one-out answers of the nearest-prototype rule, closed form (module docstring).
+    x: (N, D) embeddings, y: (N,) class indices in 0..n_classes-1. Examples of one-example classes
+    are not held out (predicted -1)."""
+    stats = ClassStats.of(x, y, n_classes)
+    mu = stats.means()
+    scores = _served_scores(x, mu, rule.metric)  # (N, K): other classes' columns are already held-out
+    x64 = np.asarray(x, np.float64)
+    n = stats.counts[y].astype(np.float64)
+    held = n >= 2
+    m = np.where(held, n, 2.0)  # avoids 0-division for rows that are not held out
+    xsq = (x64 * x64).sum(1)
+    dot = (x64 * mu[y]).sum(1)
+    mu_sq_loo = np.maximum((m * m * (mu[y] * mu[y]).sum(1) - 2 * m * dot + xsq) / (m - 1) ** 2, 0.0)
+    rows = np.arange(len(y))
+    if rule.metric == "euclidean":
+        own = scores[rows, y] * (m / (m - 1)) ** 2
+    else:  # torch's normalize divides by max(norm, 1e-12)
+        own = ((m * dot - xsq) / (m - 1)) / (np.maximum(np.sqrt(xsq), 1e-12) * np.maximum(np.sqrt(mu_sq_loo), 1e-12))
+    scores[rows[held], y[held]] = own[held]
+    nearest = _nearest(scores, rule.metric)
+    mine = nearest == y
+    count = np.where(mine, n - 1, stats.counts[nearest])
+    spread_loo = np.maximum((stats.sq[y] - xsq) / (m - 1) - mu_sq_loo, 0.0)
+    spread = np.where(mine, spread_loo, stats.spreads()[nearest])
+    accepted, novelty = _open_set(rule, scores[rows, nearest], count, spread)
+    return HeldOut(np.where(held, nearest, -1), accepted & held, np.where(held, novelty, np.nan))
+
+
+def answers(xs: np.ndarray, ys: np.ndarray, n_classes: int, xq: np.ndarray,
+            rule: ServedRule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The served rule built from support (xs (S, D), ys (S,)) answering queries xq (Q, D): forced-
+    choice class (Q,), accepted by the open-set rule (Q,), novelty (Q,)."""
+    stats = ClassStats.of(xs, ys, n_classes)
+    scores = _served_scores(xq, stats.means(), rule.metric)
+    nearest = _nearest(scores, rule.metric)
+    if rule.head == "logistic" and n_classes > 1:
+        predicted = fit_logistic(np.asarray(xs, np.float32), ys, n_classes).probe.logits(
+            torch.from_numpy(np.ascontiguousarray(xq, np.float32))).numpy().argmax(1)
+    else:
+        predicted = nearest
+    accepted, novelty = _open_set(rule, scores[np.arange(len(xq)), nearest], stats.counts[nearest],
+                                  stats.spreads()[nearest])
+    return predicted, accepted, novelty
+
+
+def fold_ids(y: np.ndarray, n_classes: int, folds: int) -> np.ndarray:
+    """(N,) fold of each example: the j-th example of a class goes to fold j % folds, so every class
+    keeps >= 1 example in every fold's support; one-example classes are never held out (-1)."""
+    order = np.argsort(y, kind="stable")
+    counts = np.bincount(y, minlength=n_classes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(y), np.int64)
+    rank[order] = np.arange(len(y)) - starts[y[order]]
+    k = max(2, min(folds, int(counts.max(initial=0))))
+    return np.where(counts[y] >= 2, rank % k, -1)
+
+
+def cross_validate(x: np.ndarray, y: np.ndarray, n_classes: int, rule: ServedRule, fold: np.ndarray) -> HeldOut:
+    """Held-out answers with the rule rebuilt for each fold (`fold`: (N,) fold id, -1: never held out)."""
+    predicted = np.full(len(y), -1, np.int64)
+    accepted = np.zeros(len(y), bool)
+    novelty = np.full(len(y), np.nan)
+    for f in np.unique(fold[fold >= 0]):
+        q = fold == f
+        predicted[q], accepted[q], novelty[q] = answers(x[~q], y[~q], n_classes, x[q], rule)
+    return HeldOut(predicted, accepted, novelty)
+
+
+def held_out(x: np.ndarray, y: np.ndarray, n_classes: int, rule: ServedRule) -> HeldOut:
+    """Leave-one-out for the prototype head (closed form), k-fold for the probe."""
+    if rule.head == "prototype":
+        return leave_one_out(x, y, n_classes, rule)
+    return cross_validate(x, y, n_classes, rule, fold_ids(y, n_classes, rule.probe_folds))
+
+
+# -- the panel's summary -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClassReport:
+    """One taught class: `evaluated` held-out examples, `correct` forced-choice answers among them,
+    `rejected` ones the open-set rule would answer "unknown"; `accuracy` None with `note` saying why."""
+
+    class_id: str
+    label: str
+    n_examples: int
+    evaluated: int
+    correct: int
+    rejected: int
+    accuracy: float | None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class ConfusedPair:
+    """Two classes whose held-out examples were answered as each other (`a_as_b` + `b_as_a` > 0)."""
+
+    a: int
+    b: int
+    a_as_b: int
+    b_as_a: int
+    hint: str
+
+
+@dataclass(frozen=True)
+class Insight:
+    """What a workspace's model knows at one version: per-class held-out accuracy, the confusion
+    matrix (K, K) int (rows: true class, columns: forced-choice answer) and the most confused pairs."""
+
+    version: int
+    method: str
+    class_ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    classes: tuple[ClassReport, ...]
+    confusion: np.ndarray
+    pairs: tuple[ConfusedPair, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def evaluated(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def accuracy(self) -> float | None:
+        n = self.evaluated
+        return float(np.trace(self.confusion)) / n if n else None
+
+
+def _class_report(i: int, class_id: str, label: str, n: int, y: np.ndarray, out: HeldOut, n_classes: int) -> ClassReport:
+    mine = (y == i) & out.evaluated
+    evaluated, correct = int(mine.sum()), int((out.predicted[mine] == i).sum())
+    rejected = int((~out.accepted[mine]).sum())
+    if n_classes < 2:
+        return ClassReport(class_id, label, n, evaluated, correct, rejected, None,
+                           "teach a second class: accuracy compares classes")
+    if n < 2:
+        return ClassReport(class_id, label, n, 0, 0, 0, None,
+                           f"{n} example: teach at least 2 to measure how well it is recognised")
+    return ClassReport(class_id, label, n, evaluated, correct, rejected, correct / evaluated)
+
+
+def confused_pairs(confusion: np.ndarray, labels: tuple[str, ...], max_pairs: int = 5) -> tuple[ConfusedPair, ...]:
+    """Pairs with at least one confusion, most confused first (ties: the smaller classes first)."""
+    both = confusion + confusion.T
+    a, b = np.nonzero(np.triu(both, 1))
+    sizes = confusion.sum(1)
+    order = sorted(range(len(a)), key=lambda j: (-both[a[j], b[j]], sizes[a[j]] + sizes[b[j]], a[j], b[j]))
+    pairs = []
+    for j in order[:max_pairs]:
+        i, k = int(a[j]), int(b[j])
+        ab, ba = int(confusion[i, k]), int(confusion[k, i])
+        pairs.append(ConfusedPair(i, k, ab, ba, _pair_hint(labels[i], labels[k], ab, ba)))
+    return tuple(pairs)
+
+
+def _pair_hint(a: str, b: str, ab: int, ba: int) -> str:
+    seen = "; ".join(f"{n} {x!r} example{'s' if n != 1 else ''} looked like {z!r}"
+                     for n, x, z in ((ab, a, b), (ba, b, a)) if n)
+    return f"{seen}. Add more examples of {a!r} and {b!r}, with images that show how they differ."
+
+
+def summarise(version: int, class_ids: tuple[str, ...], labels: tuple[str, ...], y: np.ndarray,
+              out: HeldOut, method: str, max_pairs: int = 5) -> Insight:
+    """The panel's numbers from held-out answers `out` of examples with classes `y` (N,)."""
+    k = len(class_ids)
+    counts = np.bincount(y, minlength=k)
+    confusion = np.zeros((k, k), np.int64)
+    ev = out.evaluated
+    np.add.at(confusion, (y[ev], out.predicted[ev]), 1)
+    reports = tuple(_class_report(i, class_ids[i], labels[i], int(counts[i]), y, out, k) for i in range(k))
+    notes = []
+    if k == 0:
+        notes.append("no classes yet: teach one with a few images")
+    elif not ev.any():
+        notes.append("no class has 2 examples yet: teach more images to measure the model")
+    return Insight(version, method, class_ids, labels, reports, confusion,
+                   confused_pairs(confusion, labels, max_pairs) if k > 1 else (), tuple(notes))
+
+
+def workspace_insight(version: int, class_ids: tuple[str, ...], labels: tuple[str, ...], x: np.ndarray,
+                      y: np.ndarray, rule: ServedRule) -> Insight:
+    """Held-out answers of the served `rule` on embeddings x (N, D) with class indices y (N,),
+    summarised for the panel."""
+    k = len(class_ids)
+    out = held_out(x, y, k, rule) if len(y) else HeldOut(np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0))
+    return summarise(version, class_ids, labels, y, out, rule.method)
+
+
+class InsightCache:
+    """Insights by workspace, valid while their key (version, rule) holds; at most `max_workspaces`,
+    least recently used dropped first. Thread-safe; two requests may compute the same entry."""
+
+    def __init__(self, max_workspaces: int = 256) -> None:
+        self.max_workspaces = max_workspaces
+        self._entries: OrderedDict[str, tuple[Hashable, Insight]] = OrderedDict()
+        self._lock = Lock()
+
+    def get(self, workspace_id: str, key: Hashable, compute: Callable[[], Insight]) -> Insight:
+        with self._lock:
+            hit = self._entries.get(workspace_id)
+            if hit is not None and hit[0] == key:
+                self._entries.move_to_end(workspace_id)
+                return hit[1]
+        insight = compute()
+        with self._lock:
+            self._entries[workspace_id] = (key, insight)
+            self._entries.move_to_end(workspace_id)
+            while len(self._entries) > self.max_workspaces:
+                self._entries.popitem(last=False)
+        return insight
+
+    def forget(self, workspace_id: str) -> None:
+        with self._lock:
+            self._entries.pop(workspace_id, None)
+
+
+# -- occlusion ---------------------------------------------------------------------------------------
+MIN_CELLS, MAX_CELLS = 2, 14
+
+
+def patch_bounds(size: int, cells: int) -> list[tuple[int, int]]:
+    """[lo, hi) pixel bounds along one axis of `cells` patches over a side of `size` pixels: each
+    patch is centred on its cell (size / cells wide) and twice as wide, clipped at the border."""
+    if not MIN_CELLS <= cells <= MAX_CELLS:
+        raise ConfigError(f"occlusion cells {cells} must be in {MIN_CELLS}..{MAX_CELLS} (the map is cells x cells)")
+    if size < cells:
+        raise ConfigError(f"occlusion cells {cells} exceed the {size}-pixel model input; use at most {size}")
+    step = size / cells
+    return [(max(0, round((c + 0.5) * step - step)), min(size, round((c + 0.5) * step + step))) for c in range(cells)]
+
+
+def occluded(image: np.ndarray, cells: int) -> np.ndarray:
+    """uint8 (cells * cells, C, S, S): `image` (C, S, S) with one patch filled by its per-channel
+    mean each, row-major over the grid."""
+    c, s, _ = image.shape
+    fill = np.round(image.reshape(c, -1).mean(1)).astype(np.uint8)[:, None, None]
+    bounds = patch_bounds(s, cells)
+    out = np.repeat(image[None], cells * cells, axis=0)
+    for r, (y0, y1) in enumerate(bounds):
+        for q, (x0, x1) in enumerate(bounds):
+            out[r * cells + q, :, y0:y1, x0:x1] = fill
+    return out
+
+
+def margins(logits: np.ndarray, target: int) -> np.ndarray:
+    """(N, K) logits -> (N,) the target's logit minus the best other class's (its logit when K = 1)."""
+    if logits.shape[1] == 1:
+        return logits[:, target].astype(np.float64)
+    others = np.delete(logits, target, axis=1)
+    return (logits[:, target] - others.max(1)).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class OcclusionMap:
+    """drop (cells, cells): the target's margin on the intact image minus its margin with that patch
+    occluded; > 0: the patch supported the answer. `patch`: pixels per side of a patch."""
+
+    target: int
+    base_margin: float
+    drop: np.ndarray
+    patch: int
+    size: int
+
+
+def occlusion_map(image: np.ndarray, embed: Embed, logits: Logits, *, target: int | None = None,
+                  cells: int = 7, batch: int = 32) -> OcclusionMap:
+    """Occlusion map of one model input `image` uint8 (C, S, S) for class `target` (default: the
+    served answer), embedding `batch` images per call (1 + cells^2 images in all)."""
+    if image.ndim != 3 or image.dtype != np.uint8:
+        raise ConfigError(f"occlusion needs one uint8 image (C, S, S); got {image.dtype} {image.shape}")
+    base = logits(embed(image[None]))
+    t = int(base[0].argmax()) if target is None else target
+    if not 0 <= t < base.shape[1]:
+        raise ConfigError(f"target class {t} is out of range for {base.shape[1]} classes")
+    copies = occluded(image, cells)
+    m = np.concatenate([margins(logits(embed(copies[i:i + batch])), t) for i in range(0, len(copies), batch)])
+    lo, hi = patch_bounds(image.shape[1], cells)[cells // 2]
+    base_margin = float(margins(base, t)[0])
+    return OcclusionMap(t, base_margin, (base_margin - m).reshape(cells, cells), hi - lo, image.shape[1])
+
+
+# -- a recogniser's workspace ------------------------------------------------------------------------
+def served_logits(state: DecisionState) -> Logits:
+    """Embeddings (N, D) -> (N, K) logits of the workspace's served head (the probe when fitted,
+    else the prototype rule), over the classes of `state.protos`."""
+    p, metric = state.protos, state.settings.metric
+    if state.head is not None:
+        head = state.head
+        return lambda q: head.probe.logits(torch.from_numpy(np.ascontiguousarray(q, np.float32))).numpy()
+    return lambda q: prototype_logits(prototype_scores(q, p.means, metric, p.sq_norms), metric, state.cosine_scale)
+
+
+def recogniser_insight(recogniser: Recogniser, workspace_id: str, cache: InsightCache) -> Insight:
+    """The workspace's insight, computed from its stored embeddings when its version or rule moved."""
+    state = recogniser.decision_state(workspace_id)
+    p = state.protos
+    rule = ServedRule(state.settings.metric, state.settings.head, state.rule)
+
+    def compute() -> Insight:
+        ex = recogniser.stored_examples(workspace_id)
+        keep = np.fromiter((c in p.index for c in ex.class_ids), bool, len(ex.class_ids))  # this version's classes
+        y = np.fromiter((p.index[c] for c in compress(ex.class_ids, keep)), np.int64, int(keep.sum()))
+        return workspace_insight(p.version, p.class_ids, p.labels, ex.embeddings[keep], y, rule)
+
+    return cache.get(workspace_id, (p.version, rule), compute)
+
+
+def recogniser_occlusion(recogniser: Recogniser, workspace_id: str, image: np.ndarray, class_id: str,
+                         cells: int = 7) -> OcclusionMap:
+    """Occlusion map of model input `image` (C, S, S) for the workspace's class `class_id`, through
+    the recogniser's embedder and served head."""
+    state = recogniser.decision_state(workspace_id)
+    if class_id not in state.protos.index:
+        raise ConflictError(f"class {class_id!r} was deleted while the image was explained; classify it again")
+    return occlusion_map(image, recogniser.embedder.embed, served_logits(state),
+                         target=state.protos.index[class_id], cells=cells)

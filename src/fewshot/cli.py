@@ -146,9 +146,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from fewshot.artifacts.bundle import Manifest
-    from fewshot.deploy import export_run
+    from fewshot.deploy import Int8Export, export_run
 
-    out = export_run(Path(args.run), Path(args.out), force=args.force)
+    int8 = Int8Export(calibration_images=args.calibration_images) if args.int8 else None
+    out = export_run(Path(args.run), Path(args.out), force=args.force, int8=int8)
     manifest = Manifest.read(out)
     rule = (manifest.deployment or {}).get("rule", {})
     print(f"bundle written to {out} (embedder: {(manifest.deployment or {}).get('embedder')}, rule: "
@@ -156,6 +157,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     for key, m in manifest.metrics.items():
         print(f"  {key}: learner {100 * m['mean']:.2f}%, bundle as served {100 * m['served_mean']:.2f}% "
               f"+- {100 * m['served_ci95']:.2f} ({m['episodes']} episodes)")
+    for key, a in (manifest.deployment or {}).get("int8", {}).get("accuracy", {}).items():
+        print(f"  {key}: served int8 {100 * a['int8']:.2f}% against fp32 {100 * a['fp32']:.2f}% (same episodes)")
     return 0
 
 
@@ -240,7 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("out")
     p.add_argument("--force", action="store_true",
-                   help="write the bundle even if it scores more than export.max_drop below the learner")
+                   help="write the bundle even if it scores more than export.max_drop below the learner "
+                        "(or, with --int8, the int8 model more than 1 point below fp32)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write an int8 model (ONNX Runtime static quantisation on training images) and serve it")
+    p.add_argument("--calibration-images", type=int, default=256,
+                   help="training images that calibrate the int8 activation ranges (default 256, at least 32)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="run the recogniser service on one or more bundles (models)")

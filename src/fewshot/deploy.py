@@ -11,12 +11,17 @@
 * `evaluate_embedder`: the protocol's fixed-seed episodes, run through an `Embedder` (ONNX
   Runtime, uint8 in) and a `DecisionRule`: the service's path, not the learner's.
 * `export_run`: writes the bundle and refuses it when the bundle as served is more than
-  `export.max_drop` below the learner's own accuracy on the same episodes (unless forced).
+  `export.max_drop` below the learner's own accuracy on the same episodes (unless forced); with
+  `int8`, it then quantises the bundle on training images (`fewshot.artifacts.quantise`) and
+  serves the int8 model, refused when it loses more than 1 point against fp32 (unless forced).
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fewshot.artifacts.quantise import QuantiseConfig
 from fewshot.config import RunConfig, load_config
 from fewshot.data.imageio import Preprocessing, from_model_input
 from fewshot.decision import METRICS, DecisionRule
@@ -34,7 +40,7 @@ from fewshot.errors import CheckpointError, FewshotError
 from fewshot.training.data import RunData, load_run_data
 from fewshot.training.evaluate import EvalResult, evaluate_episodes
 
-BN_SEED_OFFSET, RULE_SEED_OFFSET = 200_003, 300_007
+BN_SEED_OFFSET, RULE_SEED_OFFSET, INT8_SEED_OFFSET = 200_003, 300_007, 400_009
 
 
 class ExportRefused(CheckpointError):
@@ -117,23 +123,47 @@ def choose_rule(learner: Any, backbone: nn.Module, data: RunData, config: RunCon
     return DecisionRule("prototype", best), scores  # type: ignore[arg-type]
 
 
-def _served_metrics(run_dir: Path, data: RunData, rule: DecisionRule, max_drop: float, force: bool) -> Any:
-    """The `evaluate` callback of `export_bundle`: the ONNX model + rule on every evaluation the
-    run has (same episodes), compared with the learner's accuracy; raises ExportRefused."""
+def recorded_test_results(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's recorded test evaluations (`fewshot evaluate`); refused when there are none."""
     from fewshot.training.protocol import load_results
 
     results = [r for r in load_results(run_dir) if r["split"] == "test"]
     if not results:
         raise CheckpointError(f"run {run_dir} has no test evaluation; run `fewshot evaluate {run_dir}` first")
+    return results
+
+
+def _result_key(r: dict[str, Any]) -> str:
+    return f"{r['split']}_{r['way']}w{r['shot']}s_{r['mode']}"
+
+
+def _served(embedder: Any, rule: DecisionRule, data: RunData, r: dict[str, Any]) -> EvalResult:
+    """The episodes of recorded evaluation `r` through `embedder` + `rule`."""
+    return evaluate_embedder(embedder.embed, rule, data, split=r["split"], way=r["way"], shot=r["shot"],
+                             query=r["query"], episodes=r["episodes"], seed=r["seed"], mode=r["mode"])
+
+
+def served_accuracy(results: list[dict[str, Any]], data: RunData, rule: DecisionRule) -> Any:
+    """embedder -> {evaluation: mean accuracy} on the episodes of each recorded test evaluation
+    (the `evaluate` of `quantise_bundle`)."""
+
+    def evaluate(embedder: Any) -> dict[str, float]:
+        return {_result_key(r): _served(embedder, rule, data, r).mean for r in results}
+
+    return evaluate
+
+
+def _served_metrics(results: list[dict[str, Any]], data: RunData, rule: DecisionRule, max_drop: float,
+                    force: bool) -> Any:
+    """The `evaluate` callback of `export_bundle`: the ONNX model + rule on every evaluation the
+    run has (same episodes), compared with the learner's accuracy; raises ExportRefused."""
 
     def evaluate(onnx_embedder: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
         worst = None
         for r in results:
-            served = evaluate_embedder(onnx_embedder.embed, rule, data, split=r["split"], way=r["way"],
-                                       shot=r["shot"], query=r["query"], episodes=r["episodes"],
-                                       seed=r["seed"], mode=r["mode"])
-            key = f"{r['split']}_{r['way']}w{r['shot']}s_{r['mode']}"
+            served = _served(onnx_embedder, rule, data, r)
+            key = _result_key(r)
             drop = r["mean"] - served.mean
             out[key] = {"mean": r["mean"], "ci95": r["ci95"], "episodes": r["episodes"], "seed": r["seed"],
                         "served_mean": served.mean, "served_ci95": served.ci95, "drop": drop}
@@ -150,16 +180,52 @@ def _served_metrics(run_dir: Path, data: RunData, rule: DecisionRule, max_drop: 
     return evaluate
 
 
-def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: int = 0, force: bool = False) -> Path:
+def _open_set(embedder: Any, by_class: dict[str, np.ndarray], config: RunConfig, seed: int) -> dict[str, Any]:
+    """Open-set rules at 95% of correct answers kept / 80% of unknowns rejected, on `by_class`."""
+    from fewshot.artifacts.calibration import calibrate_open_set
+
+    smallest = min(len(v) for v in by_class.values())
+    n_shot = max(1, min(5, smallest - 1))
+    return calibrate_open_set(
+        embedder, by_class, np.random.default_rng(seed),
+        n_way=max(2, min(5, len(by_class) - 1)), n_shot=n_shot, n_query=max(1, min(15, smallest - n_shot)),
+        n_episodes=config.export.calibration_episodes, target_false_accept=config.export.false_accept_rate,
+    ).to_dict()
+
+
+def int8_calibration_images(data: RunData, n: int, seed: int) -> np.ndarray:
+    """uint8 (n, C, H, W): `n` training-split images spread over the training classes, chosen by
+    `seed` (only the chosen images are read from the cache)."""
+    from fewshot.artifacts.quantise import calibration_sample
+
+    train = {data.cache.classes[c].name: data.cache.class_images(c)
+             for c in dict.fromkeys(int(i) for i in data.splits["train"].class_ids)}
+    return calibration_sample(train, n, np.random.default_rng(seed + INT8_SEED_OFFSET))
+
+
+@dataclass(frozen=True)
+class Int8Export:
+    """`export_run(..., int8=Int8Export())`: quantise the bundle (fewshot.artifacts.quantise) on
+    `calibration_images` training images and serve the int8 model."""
+
+    quantise: QuantiseConfig = QuantiseConfig()
+    calibration_images: int = 256
+
+
+def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: int = 0, force: bool = False,
+               int8: Int8Export | None = None) -> Path:
     """Bundle the best checkpoint of a run: weights, manifest, ONNX (parity-checked), calibration,
     and the accuracy of the bundle as served beside the learner's (refused if it drops too much).
 
     The unknown-class rules (`fewshot.openset`) and legacy thresholds are calibrated on the validation
-    split (never on test classes).
+    split (never on test classes). With `int8`, the bundle also holds the int8 model and serves it,
+    after the int8 and fp32 models were measured on the run's test episodes (`quantise_bundle`:
+    refused when int8 loses more than `int8.quantise.max_drop`, unless `force`); its open-set rules
+    are re-calibrated on the int8 embeddings.
     """
     from fewshot.artifacts.bundle import export_bundle
-    from fewshot.artifacts.calibration import calibrate_open_set
     from fewshot.artifacts.embedders import TorchEmbedder
+    from fewshot.artifacts.quantise import check_calibration_images
     from fewshot.pipeline import images_by_class
     from fewshot.training.loop import check_run_dir, load_trained
 
@@ -167,19 +233,19 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
         raise CheckpointError(f"{out} already exists; choose a new bundle folder or delete it")
     config = load_config(check_run_dir(run_dir) / "config.yaml")
     data = data or load_run_data(config.data, progress=False)
+    pre = data.cache.preprocessing
+    results = recorded_test_results(run_dir)
+    int8_images = None
+    if int8 is not None:  # too few images: refused before the costly export
+        int8_images = int8_calibration_images(data, int8.calibration_images, seed)
+        check_calibration_images(int8_images, pre, min_images=int8.quantise.min_images,
+                                 requested=int8.calibration_images)
     learner, manifest = load_trained(run_dir)
     backbone = deployable_backbone(learner, data, config)
     rule, rule_scores = choose_rule(learner, backbone, data, config)
     calib_split = "val" if "val" in data.splits else "test"
     by_class = images_by_class(data, calib_split)  # all of them: the open-set threshold moves with the classes seen
-    pre = data.cache.preprocessing
-    smallest = min(len(v) for v in by_class.values())
-    n_shot = max(1, min(5, smallest - 1))
-    calibration = calibrate_open_set(  # rules at 95% of correct answers kept / 80% of unknowns rejected
-        TorchEmbedder(backbone, pre), by_class, np.random.default_rng(seed),
-        n_way=max(2, min(5, len(by_class) - 1)), n_shot=n_shot, n_query=max(1, min(15, smallest - n_shot)),
-        n_episodes=config.export.calibration_episodes, target_false_accept=config.export.false_accept_rate,
-    )
+    calibration = _open_set(TorchEmbedder(backbone, pre), by_class, config, seed)
     deployment = {"embedder": learner.deployment.embedder, "rule": rule.to_dict(),
                   "rule_val_accuracy": rule_scores, "learner": manifest["model"]["learner"]["name"]}
     if learner.deployment.embedder == "bn-reestimated":
@@ -189,15 +255,28 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     domain = domain_summary(config, data, TorchEmbedder(backbone, pre), seed)
     if domain is None:
         deployment["domain"] = "no summary: too few training images; out-of-domain images are not flagged"
-    return export_bundle(
-        backbone, out, preprocessing=pre,
+    target = out if int8 is None else out.parent / f".{out.name}.fp32-{os.getpid()}"
+    bundle = export_bundle(
+        backbone, target, preprocessing=pre,
         source={"run": str(run_dir), "name": config.name, "learner": manifest["model"]["learner"],
                 "step": manifest["step"], "calibrated_on": f"{data.scheme}/{calib_split}",
                 "train_classes": data.class_names("train")},
-        metrics={}, data_fingerprint=data.cache.fingerprint, calibration=calibration.to_dict(),
+        metrics={}, data_fingerprint=data.cache.fingerprint, calibration=calibration,
         sample_images=sample, deployment=deployment, domain=None if domain is None else domain.to_dict(),
-        evaluate=_served_metrics(run_dir, data, rule, config.export.max_drop, force),
+        evaluate=_served_metrics(results, data, rule, config.export.max_drop, force),
     )
+    if int8 is None or int8_images is None:
+        return bundle
+    from fewshot.artifacts.quantise import quantise_bundle
+
+    try:
+        return quantise_bundle(
+            bundle, int8_images, served_accuracy(results, data, rule), out_dir=out, config=int8.quantise,
+            force=force, requested=int8.calibration_images,
+            calibrated_on=f"{len(int8_images)} {data.scheme}/train images (seed {seed})",
+            recalibrate=lambda embedder: _open_set(embedder, by_class, config, seed))
+    finally:
+        shutil.rmtree(bundle, ignore_errors=True)
 
 
 def domain_summary(config: RunConfig, data: RunData, embedder: Any, seed: int, *, n_originals: int = 3000,

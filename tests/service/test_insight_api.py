@@ -3,11 +3,14 @@ behind the workspace key, with classify's handling of bad input and store outage
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from service_helpers import class_images, png_bytes
 from test_app import ADMIN, assert_error, auth, files, new_workspace, settings_for, teach
 from test_app_hardening import BrokenDisk
@@ -67,6 +70,8 @@ def test_occlusion_map_and_answer(client: TestClient) -> None:
     assert body["class_id"] == ids[1] and body["cells"] == 7 and body["input_size"] == 28 and body["patch"] == 8
     assert len(body["drop"]) == 7 and all(len(row) == 7 for row in body["drop"])
     assert any(v != 0 for row in body["drop"] for v in row) and body["base_margin"] > 0
+    shown = Image.open(io.BytesIO(base64.b64decode(body["input_png_base64"])))
+    assert shown.size == (28, 28) and shown.mode == "L"
     small = client.post(f"/workspaces/{ws}/occlusion", files=image(1), data={"cells": "3"}, headers=auth(key)).json()
     assert len(small["drop"]) == 3
 

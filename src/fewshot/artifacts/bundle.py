@@ -14,7 +14,8 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -47,7 +48,11 @@ from fewshot.errors import CheckpointError
 
 BUNDLE_FORMAT_VERSION = 1
 WEIGHTS, ONNX, PARITY, MANIFEST = "weights.safetensors", "model.onnx", "parity.safetensors", "manifest.json"
+INT8_ONNX = "model.int8.onnx"  # written by fewshot.artifacts.quantise; served when deployment["served_model"] names it
 PARITY_SAMPLES = 16
+# int8 kernels differ between CPUs (VNNI or not): a loaded int8 model must reproduce the embeddings
+# recorded at export within this relative L2 distance per image
+INT8_TOLERANCE = 0.02
 
 
 def sha256_file(path: Path) -> str:
@@ -183,10 +188,7 @@ def export_bundle(
     if domain is not None:
         _check_domain(domain, preprocessing, int(backbone.embedding_dim))  # type: ignore[arg-type]
     backbone = backbone.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes 0700; a bundle is meant to be read by the service user
+    with staged_bundle(out) as tmp:
         parity = _write_files(tmp, backbone, preprocessing, sample_images, tolerance)
         hashes = {name: sha256_file(tmp / name) for name in (WEIGHTS, ONNX, PARITY)}
         if evaluate is not None:
@@ -201,19 +203,33 @@ def export_bundle(
             versions=_versions(), sha256=hashes, parity=parity, deployment=deployment, domain=domain,
         )
         (tmp / MANIFEST).write_text(manifest.to_json())
+    return out
+
+
+@contextmanager
+def staged_bundle(out: Path) -> Iterator[Path]:
+    """A temporary sibling folder of `out` to write a bundle into: renamed to `out` (files 0644)
+    when the block succeeds, removed when it raises, so a refused bundle leaves nothing at `out`."""
+    if out.exists():
+        raise CheckpointError(f"{out} already exists; choose a new bundle directory or delete it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes 0700; a bundle is meant to be read by the service user
+        yield tmp
         for f in tmp.iterdir():
             f.chmod(0o644)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 @dataclass
 class Bundle:
-    """A loaded, verified bundle. `onnx_embedder` is what the service uses; `torch_embedder` is
-    built on first use (eager PyTorch, for comparison and fine-tuning)."""
+    """A loaded, verified bundle. `onnx_embedder` is what the service uses (the served model:
+    `model.int8.onnx` in an int8 bundle, else `model.onnx`); `torch_embedder` is built on first use
+    (eager PyTorch, for comparison and fine-tuning)."""
 
     path: Path
     manifest: Manifest
@@ -245,6 +261,15 @@ class Bundle:
         return None if d is None else DomainSummary.from_dict(d)
 
     @property
+    def served_model(self) -> str:
+        """The ONNX file the service runs: model.onnx, or model.int8.onnx for an int8 bundle."""
+        return served_model(self.manifest)
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / self.served_model
+
+    @property
     def decision_rule(self) -> DecisionRule:
         """The rule the bundle was measured with (older bundles: nearest prototype, Euclidean)."""
         return DecisionRule.from_dict((self.manifest.deployment or {}).get("rule"))
@@ -255,8 +280,17 @@ class Bundle:
         return TorchEmbedder(self._backbone, pre)
 
 
+def served_model(manifest: Manifest) -> str:
+    """deployment["served_model"] (model.onnx when absent), refused unless a file the manifest hashes."""
+    name = str((manifest.deployment or {}).get("served_model", ONNX))
+    if name not in (ONNX, INT8_ONNX) or name not in manifest.sha256:
+        raise CheckpointError(f"manifest names served model {name!r}, which is not {ONNX} or {INT8_ONNX} with a "
+                              "recorded sha256; re-export the bundle")
+    return name
+
+
 def _verify_hashes(root: Path, manifest: Manifest) -> None:
-    for name in (WEIGHTS, ONNX, PARITY):
+    for name in dict.fromkeys((WEIGHTS, ONNX, PARITY, *manifest.sha256)):
         f = root / name
         if not f.is_file():
             raise CheckpointError(f"{root}: bundle file {name} is missing; re-export the bundle")
@@ -286,7 +320,7 @@ def load_bundle(path: str | Path, *, intra_op_threads: int | None = None, verify
     _verify_hashes(root, manifest)
     backbone = _load_backbone(root, manifest)
     pre = Preprocessing.from_dict(manifest.preprocessing)
-    onnx_e = OnnxEmbedder(root / ONNX, pre,
+    onnx_e = OnnxEmbedder(root / served_model(manifest), pre,
                           embedding_dim=manifest.embedding_dim, intra_op_threads=intra_op_threads)
     bundle = Bundle(path=root, manifest=manifest, onnx_embedder=onnx_e, _backbone=backbone)
     if verify_parity:
@@ -294,14 +328,38 @@ def load_bundle(path: str | Path, *, intra_op_threads: int | None = None, verify
     return bundle
 
 
+def _fp32_embedder(bundle: Bundle) -> OnnxEmbedder:
+    if bundle.served_model == ONNX:
+        return bundle.onnx_embedder
+    return OnnxEmbedder(bundle.path / ONNX, bundle.preprocessing, embedding_dim=bundle.embedding_dim)
+
+
+def _verify_int8(root: Path, bundle: Bundle, sample: dict[str, np.ndarray]) -> None:
+    """The served int8 model reproduces the int8 embeddings recorded when it was made."""
+    ref = sample.get("embeddings_int8")
+    if ref is None:
+        raise ParityError(f"{root}: parity.safetensors has no int8 embeddings for {INT8_ONNX}; re-quantise the bundle")
+    got = bundle.onnx_embedder.embed(sample["images"])
+    tol = float(bundle.manifest.parity.get("int8_tolerance", INT8_TOLERANCE))
+    rel = float((np.linalg.norm(got - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)).max())
+    if not np.isfinite(rel) or rel > tol:
+        raise ParityError(
+            f"{root}: {INT8_ONNX} embeddings differ from those recorded when it was made by {rel:.3g} (relative L2, "
+            f"tolerance {tol:g}); this CPU's int8 kernels disagree or the bundle changed: re-quantise the bundle here"
+        )
+
+
 def _verify_parity(root: Path, bundle: Bundle, manifest: Manifest) -> None:
     sample = load_numpy(str(root / PARITY))
     tol = float(manifest.parity.get("tolerance", PARITY_TOLERANCE))
+    fp32 = _fp32_embedder(bundle)
     try:
-        check_parity(bundle.torch_embedder, bundle.onnx_embedder, sample["images"], tolerance=tol)
+        check_parity(bundle.torch_embedder, fp32, sample["images"], tolerance=tol)
     except ParityError as exc:
         raise ParityError(f"{root}: model.onnx and weights.safetensors disagree: {exc}") from exc
-    ref = float(np.abs(bundle.onnx_embedder.embed(sample["images"]) - sample["embeddings"]).max())
+    if bundle.served_model == INT8_ONNX:
+        _verify_int8(root, bundle, sample)
+    ref = float(np.abs(fp32.embed(sample["images"]) - sample["embeddings"]).max())
     if ref > tol:
         raise ParityError(
             f"{root}: embeddings differ from those recorded at export by {ref:.3g} (tolerance {tol:g}); "

@@ -616,7 +616,7 @@ def _add_insight_routes(app: FastAPI) -> None:
         top = pred.top_k[0]
         m = recogniser_occlusion(model.recogniser, ws, up.arrays[0], top.class_id, cells)
         return OcclusionPredictionOut(prediction=_prediction_out(up.names[0], pred),
-                                      **occlusion_out(m, top.class_id, top.label).model_dump())
+                                      **occlusion_out(m, up.arrays[0], top.class_id, top.label).model_dump())
 
 
 def serve(bundles: str | Path | Sequence[str | Path], db_url: str, host: str = "127.0.0.1", port: int = 8000, *,

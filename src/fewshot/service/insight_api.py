@@ -3,8 +3,12 @@ response models over `fewshot.service.insight`, for the OpenAPI schema the web p
 
 from __future__ import annotations
 
+import base64
+
+import numpy as np
 from pydantic import BaseModel, Field
 
+from fewshot.service.images import array_thumbnail
 from fewshot.service.insight import Insight, OcclusionMap
 
 
@@ -46,6 +50,7 @@ class OcclusionOut(BaseModel):
     cells: int = Field(description="the map is cells x cells over the model input")
     patch: int = Field(description="side of an occluding patch in model-input pixels")
     input_size: int
+    input_png_base64: str = Field(description="the model input the map is over (after resizing and cropping), as PNG")
     base_margin: float = Field(description="the class's logit minus the runner-up's on the intact image")
     drop: list[list[float]] = Field(description="row-major (cells, cells): margin lost when that region is "
                                     "covered; > 0: the region supported the answer")
@@ -61,6 +66,8 @@ def insight_out(ins: Insight) -> InsightOut:
         notes=list(ins.notes))
 
 
-def occlusion_out(m: OcclusionMap, class_id: str, label: str) -> OcclusionOut:
+def occlusion_out(m: OcclusionMap, image: np.ndarray, class_id: str, label: str) -> OcclusionOut:
+    """`image`: the model input (C, S, S) uint8 the map was made on."""
+    png = base64.b64encode(array_thumbnail(image, m.size)).decode()
     return OcclusionOut(class_id=class_id, label=label, cells=m.drop.shape[0], patch=m.patch, input_size=m.size,
-                        base_margin=m.base_margin, drop=m.drop.round(6).tolist())
+                        input_png_base64=png, base_margin=m.base_margin, drop=m.drop.round(6).tolist())

@@ -147,6 +147,7 @@ async function thumbnailUrl(exampleId) {
 }
 
 async function refreshClasses() {
+  document.dispatchEvent(new Event("fewshot:classes-changed")); // panel.js refreshes alongside the list
   const classes = await api("GET", wsPath("/classes"));
   // Fetch every class's examples and thumbnails before touching the DOM, so a re-render is atomic.
   const details = await Promise.all(classes.map((c) => api("GET", wsPath(`/classes/${encodeURIComponent(c.id)}`))));
@@ -318,6 +319,7 @@ async function classify(file) {
     return li;
   }));
   $("result").hidden = false;
+  document.dispatchEvent(new CustomEvent("fewshot:classified", { detail: { file } })); // panel.js: occlusion map
 }
 
 // -- drag and drop, camera -----------------------------------------------------------------------

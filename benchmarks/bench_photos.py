@@ -22,32 +22,28 @@ on CPU); export_bundle guarantees the two agree within 1e-4.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
-import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-RESAMPLES = ("lanczos", "bilinear", "bicubic")  # bicubic is not in imageio._RESAMPLE: decoded here
+RESAMPLES = ("lanczos", "bilinear", "bicubic")
 VARIANTS: dict[str, dict[str, Any]] = {  # backbone arguments of the preprocessing check
     "tf_same, eps 1e-3, (x-127)/128": {},
     "symmetric padding": {"padding": "symmetric"},
     "ImageNet mean/std": {"input_mean": [123.675, 116.28, 103.53], "input_std": [58.395, 57.12, 57.375]},
     "bn eps 1e-5": {"bn_eps": 1e-5},
 }
-FEATURES = ("raw", "l2", "centred", "centred+l2", "sqrt")
 
 
 class Logits(nn.Module):
@@ -75,26 +71,13 @@ def embed(embedder: Any, images: np.ndarray, batch: int = 4) -> np.ndarray:
 
 
 def load_test(zip_path: Path, per_class: int, resample: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """-> uint8 (10 * per_class, 3, 224, 224), labels (N,), class names; decoded as the service does
-    (fewshot.data.imageio) or, for bicubic, with Pillow: RGB, then one resize to 224x224."""
-    from fewshot.data.imageio import Preprocessing, decode_image
+    """-> uint8 (10 * per_class, 3, 224, 224), labels (N,), class names; decoded as the service does."""
+    from fewshot.data.imageio import Preprocessing
+    from fewshot.photos import cifar10_images
 
-    with zipfile.ZipFile(zip_path) as z:
-        names = sorted(n for n in z.namelist() if "/test/" in n and n.endswith(".jpg"))
-        classes = sorted({n.split("/")[-2] for n in names})
-        picked = [n for c in classes for n in [m for m in names if m.split("/")[-2] == c][:per_class]]
-        if resample == "bicubic":
-            def decode(data: bytes) -> np.ndarray:
-                img = Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
-                return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-        else:
-            pre = Preprocessing("RGB", 224, resample)
-
-            def decode(data: bytes) -> np.ndarray:
-                return decode_image(data, pre)
-        images = np.stack([decode(z.read(n)) for n in picked])
-    labels = np.repeat(np.arange(len(classes)), per_class)
-    return images, labels, classes
+    by_class = cifar10_images(zip_path, "test", per_class, Preprocessing("RGB", 224, resample))
+    classes = list(by_class)
+    return np.concatenate(list(by_class.values())), np.repeat(np.arange(len(classes)), per_class), classes
 
 
 def preprocessing_check(zip_path: Path, per_class: int, tmp: Path) -> list[dict[str, Any]]:
@@ -122,46 +105,122 @@ def preprocessing_check(zip_path: Path, per_class: int, tmp: Path) -> list[dict[
     return rows
 
 
-def transform(zs: torch.Tensor, zq: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if kind == "sqrt":  # power transform beta = 0.5 of the non-negative features (Yang et al. 2021)
-        return zs.clamp_min(0).sqrt(), zq.clamp_min(0).sqrt()
-    if kind.startswith("centred"):
-        centre = zs.mean(0, keepdim=True)  # the support set only: inductive, what a service could do
-        zs, zq = zs - centre, zq - centre
-    if kind.endswith("l2"):
-        zs, zq = nn.functional.normalize(zs, dim=-1), nn.functional.normalize(zq, dim=-1)
-    return zs, zq
+PREPROCESSINGS = {  # the decode variants of the study (all 224x224, decoded by fewshot.data.imageio)
+    "bilinear": {"resample": "bilinear"},
+    "bilinear, crop 0.875": {"resample": "bilinear", "crop": 0.875},
+    "bicubic": {"resample": "bicubic"},
+}
 
 
-def few_shot(z: np.ndarray, labels: np.ndarray, *, episodes: int, seed: int, way: int = 5, shot: int = 5,
-             query: int = 15) -> dict[str, dict[str, float]]:
-    """Accuracy mean / 95% CI per (features, rule) over fixed-seed episodes of all the classes."""
-    from fewshot.decision import DecisionRule
+def feature_maps(centre_raw: np.ndarray, centre_sqrt: np.ndarray) -> dict[str, Any]:
+    """Per-vector feature maps: raw; L2; power 0.5 (Yang et al. 2021); CL2N = minus the mean feature
+    of CIFAR-10 *train* images, then L2 (SimpleShot, Wang et al. 2019); power 0.5 then CL2N."""
+    def l2(z: np.ndarray) -> np.ndarray:
+        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+    return {"raw": lambda z: z, "l2": l2, "sqrt": lambda z: np.sqrt(np.maximum(z, 0)),
+            "cl2n": lambda z: l2(z - centre_raw), "sqrt+cl2n": lambda z: l2(np.sqrt(np.maximum(z, 0)) - centre_sqrt)}
+
+
+def episode_rows(labels: np.ndarray, *, episodes: int, seed: int, way: int = 5, shot: int = 5,
+                 query: int = 15) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed-seed episodes over all classes in `labels` (`episode_rng(seed, i)`): support rows
+    (E, way * shot) and query rows (E, way * query), class by class."""
     from fewshot.episodes.sampling import episode_rng
-    from fewshot.training.evaluate import mean_ci95
 
-    zt = torch.from_numpy(z)
     by_class = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
-    rules = {f"{f} {m}": (f, DecisionRule("prototype", m)) for f in FEATURES for m in ("euclidean", "cosine")}
-    rules["raw probe"] = ("raw", DecisionRule("probe"))
-    acc: dict[str, list[float]] = {k: [] for k in rules}
-    ys = torch.arange(way).repeat_interleave(shot)
-    yq = torch.arange(way).repeat_interleave(query)
+    s_rows, q_rows = [], []
     for i in range(episodes):
         rng = episode_rng(seed, i)
-        picked = rng.choice(len(by_class), size=way, replace=False)
-        rows = [rng.permutation(by_class[c])[:shot + query] for c in picked]
-        zs = zt[np.concatenate([r[:shot] for r in rows])]
-        zq = zt[np.concatenate([r[shot:] for r in rows])]
-        for key, (feat, rule) in rules.items():
-            s, q = transform(zs, zq, feat)
-            pred = rule.episode_logits(s, ys, way, q).argmax(1)
-            acc[key].append(float((pred == yq).float().mean()))
-    out = {}
-    for key, a in acc.items():
-        mean, ci = mean_ci95(np.array(a))
-        out[key] = {"mean": round(100 * mean, 2), "ci95": round(100 * ci, 2)}
-    return out
+        rows = [rng.permutation(by_class[c])[:shot + query] for c in rng.choice(len(by_class), size=way, replace=False)]
+        s_rows.append(np.concatenate([r[:shot] for r in rows]))
+        q_rows.append(np.concatenate([r[shot:] for r in rows]))
+    return np.stack(s_rows), np.stack(q_rows)
+
+
+def episodes_accuracy(z: np.ndarray, labels: np.ndarray, rule: Any, *, episodes: int, seed: int, way: int = 5,
+                      shot: int = 5, query: int = 15) -> dict[str, float]:
+    """Mean / 95% CI (%) of `rule` (a DecisionRule, applied episode by episode as the service does)."""
+    from fewshot.training.evaluate import mean_ci95
+
+    zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+    ys, yq = torch.arange(way).repeat_interleave(shot), torch.arange(way).repeat_interleave(query)
+    s_rows, q_rows = episode_rows(labels, episodes=episodes, seed=seed, way=way, shot=shot, query=query)
+    acc = [float((rule.episode_logits(zt[s], ys, way, zt[q]).argmax(1) == yq).float().mean())
+           for s, q in zip(s_rows, q_rows)]
+    mean, ci = mean_ci95(np.array(acc))
+    return {"mean": round(100 * mean, 2), "ci95": round(100 * ci, 2)}
+
+
+def prototype_accuracy(z: np.ndarray, labels: np.ndarray, metric: str, *, episodes: int, seed: int, way: int = 5,
+                       shot: int = 5, query: int = 15) -> dict[str, float]:
+    """`episodes_accuracy` of nearest prototypes (`decision.prototype_logits`' argmax: squared
+    Euclidean distance or cosine to the class means), all episodes in one batched computation."""
+    from fewshot.training.evaluate import mean_ci95
+
+    s_rows, q_rows = episode_rows(labels, episodes=episodes, seed=seed, way=way, shot=shot, query=query)
+    protos = z[s_rows].reshape(episodes, way, shot, -1).mean(2)  # (E, way, D)
+    zq = z[q_rows]  # (E, way * query, D)
+    if metric == "cosine":
+        protos = protos / np.linalg.norm(protos, axis=-1, keepdims=True).clip(1e-12)
+        score = zq @ protos.transpose(0, 2, 1)
+    else:
+        score = 2 * zq @ protos.transpose(0, 2, 1) - (protos**2).sum(-1)[:, None, :]  # -|q - p|^2 + |q|^2
+    acc = (score.argmax(-1) == np.repeat(np.arange(way), query)[None]).mean(1)
+    mean, ci = mean_ci95(acc)
+    return {"mean": round(100 * mean, 2), "ci95": round(100 * ci, 2)}
+
+
+def split_images(zip_path: Path, split: str, per_class: int, pre: Any) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (10 * per_class, 3, 224, 224) decoded as the service does, and class labels (N,)."""
+    from fewshot.photos import cifar10_images
+
+    by_class = cifar10_images(zip_path, split, per_class, pre)
+    return np.concatenate(list(by_class.values())), np.repeat(np.arange(len(by_class)), per_class)
+
+
+def variant_study(zip_path: Path, runner: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Decode variant x feature map x metric on 5w5s episodes. The feature centre is the mean of the
+    first `--centre-per-class` train images per class; variants are *chosen* on episodes of the next
+    `--select-per-class` train images (never test), and every variant is also reported on test."""
+    from fewshot.data.imageio import Preprocessing
+
+    rows = []
+    n_c, n_s = args.centre_per_class, args.select_per_class
+    for name, kw in PREPROCESSINGS.items():
+        pre = Preprocessing("RGB", 224, **kw)
+        train, train_y = split_images(zip_path, "train", n_c + n_s, pre)
+        z_train = embed(runner, train)
+        centre_mask = np.tile(np.arange(n_c + n_s) < n_c, 10)
+        test, test_y = split_images(zip_path, "test", args.fewshot_per_class, pre)
+        z_test = embed(runner, test)
+        zc = z_train[centre_mask]
+        maps = feature_maps(zc.mean(0), np.sqrt(np.maximum(zc, 0)).mean(0))
+        for fname, fmap in maps.items():
+            for metric in ("euclidean", "cosine"):
+                sel = prototype_accuracy(fmap(z_train[~centre_mask]), train_y[~centre_mask], metric,
+                                         episodes=args.episodes, seed=args.seed + 1)
+                test_acc = prototype_accuracy(fmap(z_test), test_y, metric, episodes=args.episodes, seed=args.seed)
+                rows.append({"decode": name, "features": fname, "metric": metric, "train_selection": sel, "test": test_acc})
+                print(f"  {name:22s} {fname:10s} {metric:9s}  train {sel['mean']:6.2f} +-{sel['ci95']:4.2f}   "
+                      f"test {test_acc['mean']:6.2f} +-{test_acc['ci95']:4.2f}", flush=True)
+    return rows
+
+
+def served(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The photos bundle built by `build_photos_bundle` (no open-set calibration: it does not change
+    accuracy), loaded with `load_bundle`, on test photos decoded under its manifest's preprocessing,
+    embedded by its ONNX model and classified by its decision rule: the service's path."""
+    from fewshot.artifacts.bundle import load_bundle
+    from fewshot.photos import build_photos_bundle
+
+    bundle = load_bundle(build_photos_bundle(tmp / "photos", data_root=args.data, calibration_per_class=0))
+    images, labels = split_images(args.data / "cifar10-subset" / "cifar10_subset.zip", "test",
+                                  args.fewshot_per_class, bundle.preprocessing)
+    z = embed(bundle.onnx_embedder, images)
+    acc = episodes_accuracy(z, labels, bundle.decision_rule, episodes=args.episodes, seed=args.seed)
+    return {**acc, "preprocessing": bundle.preprocessing.to_dict(), "rule": bundle.decision_rule.to_dict(),
+            "backbone": bundle.manifest.backbone}
 
 
 def latency(tmp: Path, images: np.ndarray, runs: int) -> dict[str, float]:
@@ -191,6 +250,9 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latency-runs", type=int, default=100)
+    p.add_argument("--centre-per-class", type=int, default=30, help="train images per class for the feature centre")
+    p.add_argument("--select-per-class", type=int, default=50, help="train images per class to choose variants on")
+    p.add_argument("--sections", default="check,variants,served,latency")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/photos.json")
     args = p.parse_args()
     zip_path = args.data / "cifar10-subset" / "cifar10_subset.zip"
@@ -198,44 +260,38 @@ def main() -> None:
         sys.exit(f"{zip_path} not found; pass --data DIR holding cifar10-subset/cifar10_subset.zip")
     t0 = time.perf_counter()
     torch.set_num_threads(2)
+    sections = set(args.sections.split(","))
+    out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        print(f"1. ImageNet top-5 in a plausible class, {10 * args.check_per_class} CIFAR-10 test images")
-        check = preprocessing_check(zip_path, args.check_per_class, tmp)
-        print(f"\n2. 5-way 5-shot, {args.episodes} episodes (seed {args.seed}), "
-              f"{10 * args.fewshot_per_class} CIFAR-10 test images, accuracy % +- 95% CI")
+        if "check" in sections:
+            print(f"1. ImageNet top-5 in a plausible class, {10 * args.check_per_class} CIFAR-10 test images")
+            out["preprocessing_check"] = preprocessing_check(zip_path, args.check_per_class, tmp)
         from fewshot.backbones import create_backbone
 
         net = create_backbone("efficientnet_lite0", in_channels=3, image_size=224, num_classes=0, pretrained=True)
         runner = ort_embedder(net, 1280, tmp, "features")
-        fs: dict[str, Any] = {}
-        for r in RESAMPLES:
-            images, labels, _ = load_test(zip_path, args.fewshot_per_class, r)
-            z = embed(runner, images)
-            fs[r] = few_shot(z, labels, episodes=args.episodes, seed=args.seed)
-            if r == "bilinear":
-                zf = (z + embed(runner, np.ascontiguousarray(images[..., ::-1]))) / 2
-                fs["bilinear+flip"] = few_shot(zf, labels, episodes=args.episodes, seed=args.seed)
-                sym = create_backbone("efficientnet_lite0", in_channels=3, image_size=224, num_classes=0,
-                                      pretrained=True, padding="symmetric")
-                zs = embed(ort_embedder(sym, 1280, tmp, "symmetric"), images)
-                fs["bilinear, symmetric padding"] = few_shot(zs, labels, episodes=args.episodes, seed=args.seed)
-        cols = list(fs)
-        short = {"bilinear+flip": "bilinear+flip", "bilinear, symmetric padding": "bilinear symm."}
-        print(f"  {'features / rule':21s}" + "".join(f"{short.get(r, r):>15s}" for r in cols))
-        for k in fs[RESAMPLES[0]]:
-            print(f"  {k:21s}" + "".join(f"{fs[r][k]['mean']:8.2f} +-{fs[r][k]['ci95']:4.2f}" for r in cols))
-        print(f"\n3. ONNX Runtime latency, batch 1, 2 threads ({args.latency_runs} runs)")
-        lat = latency(tmp, load_test(zip_path, 2, "bilinear")[0], args.latency_runs)
-        print(f"  median {lat['median_ms']} ms, p90 {lat['p90_ms']} ms, min {lat['min_ms']} ms; model.onnx {lat['onnx_mb']} MiB")
+        if "variants" in sections:
+            print(f"\n2. 5-way 5-shot nearest prototypes, {args.episodes} episodes, accuracy % +- 95% CI: chosen on "
+                  f"train images ({args.select_per_class}/class), reported on test ({args.fewshot_per_class}/class)")
+            out["variants_5w5s"] = variant_study(zip_path, runner, args)
+        if "served" in sections:
+            print(f"\n3. The photos bundle as served (ONNX Runtime + the bundle's rule), {args.episodes} test episodes")
+            out["served_5w5s"] = served(args, tmp)
+            print(f"  {out['served_5w5s']}")
+        if "latency" in sections:
+            print(f"\n4. ONNX Runtime latency, batch 1, 2 threads ({args.latency_runs} runs)")
+            lat = latency(tmp, load_test(zip_path, 2, "bilinear")[0], args.latency_runs)
+            print(f"  median {lat['median_ms']} ms, p90 {lat['p90_ms']} ms, min {lat['min_ms']} ms; "
+                  f"model.onnx {lat['onnx_mb']} MiB")
+            out["latency"] = lat
     import onnxruntime
 
     out = {"meta": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
                     "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
                     "platform": platform.platform(), "cpus": os.cpu_count(),
                     "command": " ".join(["python", *sys.argv]), "seed": args.seed, "episodes": args.episodes},
-           "preprocessing_check": check, "few_shot_5w5s": fs, "latency": lat,
-           "seconds": round(time.perf_counter() - t0, 1)}
+           **out, "seconds": round(time.perf_counter() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(f"\nraw: {args.out} ({out['seconds']} s)")

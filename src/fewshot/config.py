@@ -106,10 +106,25 @@ class TrainConfig(_Frozen):
     num_workers: int = Field(0, ge=0)
     crop_pad: int = Field(0, ge=0)
     hflip: bool = False
+    # random resized crop (torchvision's RandomResizedCrop): area fraction range, e.g. [0.08, 1.0]; None: off
+    rrc_scale: tuple[float, float] | None = None
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # its aspect-ratio (w / h) range
+    color_jitter: float = Field(0.0, ge=0, lt=1)  # brightness / contrast / saturation in [1 - v, 1 + v]; RGB only
+    hue_jitter: float = Field(0.0, ge=0, le=0.5)  # hue rotation of up to +-v turns; RGB only
     domain_mode: Literal["any", "within", "across"] = "any"
     max_seconds: float | None = Field(None, gt=0)  # stop early (validate, checkpoint) after this wall time
     accumulate: int = Field(1, ge=1)  # backpropagate the batch in this many parts (same gradient for episodes)
     grad_clip: float | None = Field(None, gt=0)  # clip the global gradient norm to this value
+
+    @model_validator(mode="after")
+    def _check_crop_ranges(self) -> TrainConfig:
+        if self.rrc_scale is not None and not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
+            raise ValueError(f"rrc_scale {list(self.rrc_scale)} must be [low, high] with 0 < low <= high <= 1, "
+                             "e.g. [0.08, 1.0]")
+        if not 0 < self.rrc_ratio[0] <= self.rrc_ratio[1]:
+            raise ValueError(f"rrc_ratio {list(self.rrc_ratio)} must be [low, high] with 0 < low <= high, "
+                             "e.g. [0.75, 1.333]")
+        return self
 
 
 class EvalConfig(_Frozen):

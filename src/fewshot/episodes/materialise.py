@@ -45,15 +45,43 @@ def _unique_pairs(pool: ClassPool) -> ClassPool:
 
 @dataclass(frozen=True)
 class Augment:
-    """Training-time augmentations. `crop_pad`: random crops after zero/edge padding by this many
-    pixels; `hflip`: random horizontal flips (natural images only, never for characters)."""
+    """Training-time augmentations, all drawn from the rng passed to `augment`.
+
+    crop_pad: random crops after edge padding by this many pixels.
+    hflip: random horizontal flips (natural images only, never for characters).
+    rrc_scale, rrc_ratio: random resized crop (torchvision's RandomResizedCrop semantics): a box of
+      area fraction in `rrc_scale` and aspect ratio (w / h, log-uniform) in `rrc_ratio`, resized back
+      to the image size (bilinear); None: off.
+    color_jitter: brightness, contrast and saturation factors each drawn from [1 - v, 1 + v]
+      (RGB only); 0: off.
+    hue_jitter: a hue rotation of up to +-v turns (RGB only, in YIQ space); 0: off.
+    """
 
     crop_pad: int = 0
     hflip: bool = False
+    rrc_scale: tuple[float, float] | None = None
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    color_jitter: float = 0.0
+    hue_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rrc_scale is not None and not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
+            raise EpisodeError(f"rrc_scale {self.rrc_scale} must be (low, high) with 0 < low <= high <= 1, "
+                               "e.g. (0.08, 1.0)")
+        if not 0 < self.rrc_ratio[0] <= self.rrc_ratio[1]:
+            raise EpisodeError(f"rrc_ratio {self.rrc_ratio} must be (low, high) with 0 < low <= high, e.g. (0.75, 1.333)")
+        if not 0 <= self.color_jitter < 1:
+            raise EpisodeError(f"color_jitter {self.color_jitter} must be in [0, 1), e.g. 0.4")
+        if not 0 <= self.hue_jitter <= 0.5:
+            raise EpisodeError(f"hue_jitter {self.hue_jitter} must be in [0, 0.5], e.g. 0.1")
 
     @property
     def active(self) -> bool:
-        return self.crop_pad > 0 or self.hflip
+        return self.crop_pad > 0 or self.hflip or self.rrc_scale is not None or self.colour
+
+    @property
+    def colour(self) -> bool:
+        return self.color_jitter > 0 or self.hue_jitter > 0
 
 
 def rotate(images: np.ndarray, quarter_turns: np.ndarray) -> np.ndarray:
@@ -67,8 +95,12 @@ def rotate(images: np.ndarray, quarter_turns: np.ndarray) -> np.ndarray:
 
 
 def augment(images: np.ndarray, aug: Augment, rng: np.random.Generator) -> np.ndarray:
-    """Random crop (with edge padding) and horizontal flip per image, driven by `rng`."""
+    """uint8 (n, C, H, W) -> augmented uint8 (n, C, H, W), driven only by `rng`: random crop (edge
+    padding), random resized crop, horizontal flip, colour jitter, in that order."""
     n, h, w = int(images.shape[0]), int(images.shape[2]), int(images.shape[3])
+    if aug.colour and images.shape[1] != 3:
+        raise EpisodeError(f"color_jitter / hue_jitter need RGB images; these have {images.shape[1]} channel(s); "
+                           "set train.color_jitter and train.hue_jitter to 0 for grayscale data")
     out = images
     if aug.crop_pad > 0:
         p = aug.crop_pad
@@ -76,11 +108,84 @@ def augment(images: np.ndarray, aug: Augment, rng: np.random.Generator) -> np.nd
         dy = [int(v) for v in rng.integers(0, 2 * p + 1, size=(n,))]
         dx = [int(v) for v in rng.integers(0, 2 * p + 1, size=(n,))]
         out = np.stack([padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(zip(dy, dx))])
+    if aug.rrc_scale is not None:
+        out = resized_crop(out, crop_boxes(n, h, w, aug.rrc_scale, aug.rrc_ratio, rng))
     if aug.hflip:
         flip = rng.random(n) < 0.5
         out = out.copy() if out is images else out
         out[flip] = out[flip][..., ::-1]
+    if aug.colour:
+        out = colour_jitter(out, aug.color_jitter, aug.hue_jitter, rng)
     return out
+
+
+def crop_boxes(n: int, h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float],
+               rng: np.random.Generator, tries: int = 10) -> np.ndarray:
+    """(n, 4) float boxes (y0, x0, height, width) as torchvision's RandomResizedCrop draws them: up to
+    `tries` draws of area fraction ~ U(scale) and log aspect ~ U(log ratio), the first that fits;
+    otherwise the largest centred box whose aspect is clamped into `ratio`."""
+    area = rng.uniform(scale[0], scale[1], (n, tries)) * (h * w)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, tries)))
+    bw, bh = np.round(np.sqrt(area * aspect)), np.round(np.sqrt(area / aspect))
+    fits = (bw >= 1) & (bh >= 1) & (bw <= w) & (bh <= h)
+    first = fits.argmax(1)
+    ok = fits[np.arange(n), first]
+    bw, bh = bw[np.arange(n), first], bh[np.arange(n), first]
+    u = rng.random((n, 2))  # position inside the image, used for the boxes that fit
+    y0, x0 = np.floor(u[:, 0] * (h - bh + 1)), np.floor(u[:, 1] * (w - bw + 1))
+    if not ok.all():  # the fallback: the whole image, aspect clamped into ratio, centred
+        fw = round(h * ratio[1]) if w / h > ratio[1] else w
+        fh = round(w / ratio[0]) if w / h < ratio[0] else h
+        bw, bh = np.where(ok, bw, fw), np.where(ok, bh, fh)
+        y0, x0 = np.where(ok, y0, (h - bh) // 2), np.where(ok, x0, (w - bw) // 2)
+    return np.stack([y0, x0, bh, bw], axis=1)
+
+
+def resized_crop(images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """uint8 (n, C, H, W) and (n, 4) boxes (y0, x0, height, width) -> each box resized to H x W
+    (bilinear, one batched `grid_sample`; samples stay inside the box, as crop-then-resize), uint8."""
+    n, _, h, w = images.shape
+    y0, x0, bh, bw = (torch.from_numpy(boxes[:, i]).float()[:, None] for i in range(4))
+    # pixel-centre sample positions of each output pixel inside its box, kept within the box's pixels
+    xs = torch.minimum(torch.maximum(x0 + (torch.arange(w) + 0.5) * bw / w - 0.5, x0), x0 + bw - 1)  # (n, w)
+    ys = torch.minimum(torch.maximum(y0 + (torch.arange(h) + 0.5) * bh / h - 0.5, y0), y0 + bh - 1)  # (n, h)
+    grid = torch.stack([((xs + 0.5) / w * 2 - 1)[:, None, :].expand(n, h, w),
+                        ((ys + 0.5) / h * 2 - 1)[:, :, None].expand(n, h, w)], dim=-1)  # (n, h, w, 2) as (x, y)
+    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, torchvision's grayscale
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float32)
+
+
+def colour_jitter(images: np.ndarray, strength: float, hue: float, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (n, 3, H, W) -> uint8: brightness (x * b), contrast (blend with the image's mean luma),
+    saturation (blend with the per-pixel luma), factors ~ U(1 - strength, 1 + strength) per image, in
+    that order (torchvision's ColorJitter draws its order at random); then a hue rotation of
+    U(-hue, hue) turns of the chroma plane in YIQ space."""
+    n, _, h, w = images.shape
+    b, c, s = (rng.uniform(1 - strength, 1 + strength, (n, 1, 1)).astype(np.float32) for _ in range(3))
+    x = images.reshape(n, 3, h * w).astype(np.float32)  # (n, 3, P); every step below works in place
+    x *= b
+    np.clip(x, 0, 255, out=x)
+    mean_luma = (LUMA @ x).mean(axis=1)[:, None, None]  # (n, 1, 1)
+    x *= c
+    x += mean_luma * (1 - c)
+    np.clip(x, 0, 255, out=x)
+    luma = (LUMA @ x)[:, None, :]  # (n, 1, P)
+    x *= s
+    x += luma * (1 - s)
+    np.clip(x, 0, 255, out=x)
+    if hue > 0:
+        angle = rng.uniform(-hue, hue, n) * 2 * np.pi
+        cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+        rot = np.zeros((n, 3, 3), np.float32)  # rotate (I, Q), keep Y
+        rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, cos, -sin, sin, cos
+        m = (np.linalg.inv(_RGB_TO_YIQ)[None] @ rot @ _RGB_TO_YIQ[None]).astype(np.float32)  # (n, 3, 3) on RGB
+        x = np.clip(m @ x, 0, 255)
+    return np.rint(x).astype(np.uint8).reshape(n, 3, h, w)
 
 
 def load_rows(cache: PackedCache, rows: np.ndarray, rotations: np.ndarray) -> np.ndarray:

@@ -256,7 +256,8 @@ def _batches(s: _Session) -> Callable[[int], Any]:
     """step -> its batch: episodes `step * meta_batch ...` (or batch `step`) of the run's seed."""
     config, data, tc = s.config, s.data, s.config.train
     pool = data.pool("train", add_rotations=config.data.train_rotations)
-    aug = Augment(tc.crop_pad, tc.hflip)
+    aug = Augment(tc.crop_pad, tc.hflip, rrc_scale=tc.rrc_scale, rrc_ratio=tc.rrc_ratio,
+                  color_jitter=tc.color_jitter, hue_jitter=tc.hue_jitter)
     if s.learner.data_kind == "batches":
         return lambda step: sample_batch(data.cache, pool, tc.batch_size, config.seed, step, aug)
     episodes = EpisodeDataset(data.cache, pool, EpisodeSpec(tc.way, tc.shot, tc.query), seed=config.seed,

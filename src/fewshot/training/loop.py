@@ -231,7 +231,8 @@ def _restore(s: _Session) -> None:
     if not (last / "manifest.json").is_file():
         return
     run_dir, manifest = s.config.run_dir(), read_manifest(last)
-    diffs = _same_config(manifest["config"], s.config.to_dict())
+    # the saved config re-validated: fields added since it was written take their defaults
+    diffs = _same_config(RunConfig.model_validate(manifest["config"]).to_dict(), s.config.to_dict())
     if diffs:
         raise CheckpointError(f"run {run_dir} was trained with a different config ({'; '.join(diffs)}); "
                               "use a new run name, or pass --no-resume to start over")

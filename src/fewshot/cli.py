@@ -169,6 +169,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_workspace(args: argparse.Namespace) -> int:
+    from fewshot.service.standalone import export_stored_workspace
+
+    out = export_stored_workspace(args.db, args.workspace, args.bundles, args.out)
+    print(f"standalone classifier written to {out} (model.onnx + labels.json; runs on ONNX Runtime alone)")
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from fewshot.config import load_config
     from fewshot.pipeline import run_pipeline
@@ -259,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export-workspace", help="a taught workspace as one standalone ONNX classifier + labels.json")
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="the bundles the service serves (as given to serve)")
+    p.add_argument("--db", required=True, help="the service's store: SQLite path or postgresql:// URL")
+    p.add_argument("--workspace", required=True, help="workspace id (ws_...)")
+    p.add_argument("--out", required=True, help="output folder for model.onnx and labels.json")
+    p.set_defaults(func=cmd_export_workspace)
 
     p = sub.add_parser("pipeline", help="prepare -> train -> evaluate -> export -> service check")
     p.add_argument("config")

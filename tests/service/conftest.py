@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from model_helpers import make_rgb_bundle
 from postgres_server import find_pg_bin, fresh_database, postgres_server  # tests/service/
 from service_helpers import make_tiny_bundle
 
@@ -43,6 +44,12 @@ def domain_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def other_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle of another model: 32-d embeddings instead of 64-d."""
     return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "other", seed=1, hidden=32)
+
+
+@pytest.fixture(scope="session")
+def rgb_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small RGB model (32x32, mean/std, 32-d) whose manifest names it "photos"."""
+    return make_rgb_bundle(tmp_path_factory.mktemp("bundle") / "rgb")
 
 
 @pytest.fixture(scope="session")

@@ -435,6 +435,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     _add_workspace_routes(app)
     _add_class_routes(app)
     _add_inference_routes(app)
+    _add_export_routes(app)
     _add_insight_routes(app)
     app.mount("/ui", StaticFiles(directory=settings.static_dir or STATIC_DIR, html=True), name="ui")
     app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: app.state.settings.max_body_bytes)
@@ -617,6 +618,20 @@ def _add_insight_routes(app: FastAPI) -> None:
         m = recogniser_occlusion(model.recogniser, ws, up.arrays[0], top.class_id, cells)
         return OcclusionPredictionOut(prediction=_prediction_out(up.names[0], pred),
                                       **occlusion_out(m, up.arrays[0], top.class_id, top.label).model_dump())
+
+
+def _add_export_routes(app: FastAPI) -> None:
+    @app.get("/workspaces/{ws}/export", tags=["inference"], response_class=Response,
+             responses={200: {"content": {"application/zip": {}}}})
+    def export(ws: WorkspaceDep, model: ModelDep) -> Response:
+        """The workspace as one standalone classifier: a zip of `model.onnx` (embedder, prototypes,
+        decision rule and unknown threshold; runs on ONNX Runtime alone) and `labels.json` (labels in
+        output order, preprocessing, rule, how to read the outputs)."""
+        from fewshot.service.standalone import export_workspace  # onnx: imported on first use
+
+        zipped = export_workspace(model.recogniser, model.bundle, ws, model_name=model.name).zip_bytes()
+        return Response(zipped, media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="{ws}-classifier.zip"'})
 
 
 def serve(bundles: str | Path | Sequence[str | Path], db_url: str, host: str = "127.0.0.1", port: int = 8000, *,

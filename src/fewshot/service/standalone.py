@@ -1,0 +1,257 @@
+"""Export a taught workspace as one standalone ONNX classifier plus a labels file.
+
+The classifier is the bundle's ONNX embedder composed (`onnx.compose.merge_models`) with a small
+preprocessing graph in front and a decision graph behind, holding the workspace's class memory as
+the service computes it from the store:
+
+    pixels uint8 (N, C, S, S) -> x / 255 [-> (x - mean) / std] -> embedder -> embeddings (N, D)
+    scores (N, K)         squared distances ("euclidean") or cosine similarities to the K prototypes
+    probabilities (N, K)  softmax of the head's logits (prototype: -d^2 or scale * cos; logistic: the fitted probe)
+    novelty (N,)          float64, the open-set rule's novelty of the nearest class (`fewshot.openset`)
+    label_index (N,)      int64, index into labels.json's `labels`; -1 = "unknown" (novelty > threshold)
+
+It runs on ONNX Runtime alone. The decision is the service's (`Recogniser.classify`): the label is
+the most probable class; it stands when the nearest prototype's novelty is <= the threshold. The
+novelty multiplies by the rule's per-class factor (`OpenSetRule.novelty` at unit score) instead of
+dividing by its inverse, so it may differ from the service's in the last bit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F  # noqa: N812
+from onnx import TensorProto, compose, helper, numpy_helper
+
+from fewshot.artifacts.bundle import ONNX as BUNDLE_ONNX
+from fewshot.artifacts.bundle import Bundle, Manifest, load_bundle
+from fewshot.artifacts.embedders import ONNX_INPUT, ONNX_OUTPUT
+from fewshot.data.imageio import Preprocessing
+from fewshot.errors import ConfigError
+from fewshot.service.recogniser import DecisionState, Recogniser, WorkspaceSettings
+from fewshot.service.settings import ServiceSettings
+from fewshot.service.store import ConflictError, NotFoundError, open_store
+
+FORMAT = "fewshot-standalone-1"
+PIXELS, SCORES, PROBS, NOVELTY, LABEL_INDEX = "pixels", "scores", "probabilities", "novelty", "label_index"
+MODEL_FILE, LABELS_FILE = "model.onnx", "labels.json"
+UNKNOWN_INDEX = -1
+
+
+@dataclass(frozen=True)
+class Standalone:
+    """The exported classifier: the ONNX model and the labels file's contents."""
+
+    model: onnx.ModelProto
+    labels: dict[str, Any]
+
+    def write(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(self.model, str(out / MODEL_FILE))
+        (out / LABELS_FILE).write_text(json.dumps(self.labels, indent=2, ensure_ascii=False))
+        return out
+
+    def zip_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr(MODEL_FILE, self.model.SerializeToString())
+            z.writestr(LABELS_FILE, json.dumps(self.labels, indent=2, ensure_ascii=False))
+        return buf.getvalue()
+
+
+def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
+
+
+def _like(model: onnx.ModelProto, graph: onnx.GraphProto) -> onnx.ModelProto:
+    """`graph` as a model with the bundle model's IR version and opsets (merge_models needs them equal)."""
+    return helper.make_model(graph, ir_version=model.ir_version, opset_imports=list(model.opset_import))
+
+
+def _input_graph(pre: Preprocessing) -> onnx.GraphProto:
+    """uint8 pixels -> the embedder's float input, as `fewshot.data.imageio.model_input` computes it."""
+    nodes = [_const("pre_scale", np.asarray(1.0 / 255.0, np.float32)),
+             helper.make_node("Cast", [PIXELS], ["pre_float"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["pre_float", "pre_scale"], ["pre_x" if pre.mean is not None else ONNX_INPUT])]
+    if pre.mean is not None and pre.std is not None:
+        per_channel = (1, pre.channels, 1, 1)
+        nodes += [_const("pre_mean", np.asarray(pre.mean, np.float32).reshape(per_channel)),
+                  _const("pre_std", np.asarray(pre.std, np.float32).reshape(per_channel)),
+                  helper.make_node("Sub", ["pre_x", "pre_mean"], ["pre_centred"]),
+                  helper.make_node("Div", ["pre_centred", "pre_std"], [ONNX_INPUT])]
+    shape: list[str | int] = ["N", pre.channels, pre.size, pre.size]
+    return helper.make_graph(nodes, "preprocess", [helper.make_tensor_value_info(PIXELS, TensorProto.UINT8, shape)],
+                             [helper.make_tensor_value_info(ONNX_INPUT, TensorProto.FLOAT, shape)])
+
+
+def _normalised(name: str, src: str) -> list[onnx.NodeProto]:
+    """`F.normalize(x, dim=-1)` (eps 1e-12) of `src` (N, D) into `name`."""
+    return [helper.make_node("ReduceL2", [src, "head_axis1"], [f"{name}_norm"], keepdims=1),
+            helper.make_node("Max", [f"{name}_norm", "head_eps"], [f"{name}_den"]),
+            helper.make_node("Div", [src, f"{name}_den"], [name])]
+
+
+def _score_nodes(state: DecisionState) -> list[onnx.NodeProto]:
+    """embeddings -> head_scores (N, K), as `fewshot.decision.prototype_scores`."""
+    p = state.protos
+    if state.settings.metric == "cosine":
+        unit = F.normalize(torch.from_numpy(p.means), dim=-1).numpy()
+        return [_const("head_protos_t", np.ascontiguousarray(unit.T)), *_normalised("head_q", ONNX_OUTPUT),
+                helper.make_node("MatMul", ["head_q", "head_protos_t"], [SCORES])]
+    return [_const("head_protos_t", np.ascontiguousarray(p.means.T)), _const("head_proto_sq", p.sq_norms),
+            _const("head_two", np.asarray(2.0, np.float32)), _const("head_zero", np.asarray(0.0, np.float32)),
+            helper.make_node("Mul", [ONNX_OUTPUT, ONNX_OUTPUT], ["head_q2"]),
+            helper.make_node("ReduceSum", ["head_q2", "head_axis1"], ["head_q_sq"], keepdims=1),
+            helper.make_node("MatMul", [ONNX_OUTPUT, "head_protos_t"], ["head_cross"]),
+            helper.make_node("Mul", ["head_cross", "head_two"], ["head_cross2"]),
+            helper.make_node("Sub", ["head_q_sq", "head_cross2"], ["head_d0"]),
+            helper.make_node("Add", ["head_d0", "head_proto_sq"], ["head_d1"]),
+            helper.make_node("Max", ["head_d1", "head_zero"], [SCORES])]
+
+
+def _probability_nodes(state: DecisionState) -> list[onnx.NodeProto]:
+    """-> probabilities (N, K): the service's head (`Recogniser.classify`)."""
+    if state.head is not None:  # the "logistic" head: normalize(z) @ W.T + b
+        probe = state.head.probe
+        return [_const("head_w_t", np.ascontiguousarray(probe.weight.numpy().T.astype(np.float32))),
+                _const("head_b", probe.bias.numpy().astype(np.float32)), *_normalised("head_zn", ONNX_OUTPUT),
+                helper.make_node("MatMul", ["head_zn", "head_w_t"], ["head_wz"]),
+                helper.make_node("Add", ["head_wz", "head_b"], ["head_logits"]),
+                helper.make_node("Softmax", ["head_logits"], [PROBS], axis=1)]
+    if state.settings.metric == "cosine":
+        logit = [_const("head_cos_scale", np.asarray(state.cosine_scale, np.float32)),
+                 helper.make_node("Mul", [SCORES, "head_cos_scale"], ["head_logits"])]
+    else:
+        logit = [helper.make_node("Neg", [SCORES], ["head_logits"])]
+    return [*logit, helper.make_node("Softmax", ["head_logits"], [PROBS], axis=1)]
+
+
+def _novelty_factor(state: DecisionState) -> np.ndarray:
+    """(K,) float64 f_k with novelty = base * f_k (base: d^2, or 1 - cos): the rule at unit base."""
+    p, rule = state.protos, state.rule
+    if rule is None or rule.kind == "global":
+        return np.ones(len(p.class_ids))
+    unit = np.full(len(p.class_ids), 1.0 if rule.metric == "euclidean" else 0.0)
+    return np.asarray(rule.novelty(unit, np.maximum(p.counts, 1), p.spreads), np.float64)
+
+
+def _decision_nodes(state: DecisionState) -> list[onnx.NodeProto]:
+    """-> novelty (N,) float64 and label_index (N,) int64 (-1: unknown)."""
+    euclidean = state.settings.metric == "euclidean"
+    threshold = np.inf if state.rule is None else state.rule.threshold
+    nearest = helper.make_node("ArgMin" if euclidean else "ArgMax", [SCORES], ["head_nearest"], axis=1, keepdims=1)
+    base = [helper.make_node("Cast", ["head_best"], ["head_best64"], to=TensorProto.DOUBLE)]
+    if not euclidean:  # novelty base 1 - cos
+        base = [*base, _const("head_one", np.asarray(1.0, np.float64)),
+                helper.make_node("Sub", ["head_one", "head_best64"], ["head_base"])]
+    return [nearest, _const("head_factor", _novelty_factor(state)),
+            _const("head_threshold", np.asarray(threshold, np.float64)),
+            _const("head_unknown", np.asarray(UNKNOWN_INDEX, np.int64)),
+            helper.make_node("GatherElements", [SCORES, "head_nearest"], ["head_best_col"], axis=1),
+            helper.make_node("Squeeze", ["head_best_col", "head_axis1"], ["head_best"]),
+            *base,
+            helper.make_node("Squeeze", ["head_nearest", "head_axis1"], ["head_nearest_1d"]),
+            helper.make_node("Gather", ["head_factor", "head_nearest_1d"], ["head_f"]),
+            helper.make_node("Mul", ["head_base" if not euclidean else "head_best64", "head_f"], [NOVELTY]),
+            helper.make_node("LessOrEqual", [NOVELTY, "head_threshold"], ["head_known"]),
+            helper.make_node("ArgMax", [PROBS], ["head_label"], axis=1, keepdims=0),
+            helper.make_node("Where", ["head_known", "head_label", "head_unknown"], [LABEL_INDEX])]
+
+
+def _head_graph(state: DecisionState, dim: int) -> onnx.GraphProto:
+    k = len(state.protos.class_ids)
+    normalises = state.settings.metric == "cosine" or state.head is not None
+    eps = [_const("head_eps", np.asarray(1e-12, np.float32))] if normalises else []
+    nodes = [_const("head_axis1", np.asarray([1], np.int64)), *eps,
+             *_score_nodes(state), *_probability_nodes(state), *_decision_nodes(state)]
+    outputs = [helper.make_tensor_value_info(SCORES, TensorProto.FLOAT, ["N", k]),
+               helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["N", k]),
+               helper.make_tensor_value_info(NOVELTY, TensorProto.DOUBLE, ["N"]),
+               helper.make_tensor_value_info(LABEL_INDEX, TensorProto.INT64, ["N"])]
+    return helper.make_graph(nodes, "decision", [helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT,
+                                                                               ["N", dim])], outputs)
+
+
+def _labels_file(state: DecisionState, bundle: Bundle, model_name: str, workspace_id: str) -> dict[str, Any]:
+    pre = bundle.preprocessing
+    rule = state.rule
+    return {
+        "format": FORMAT, "labels": list(state.protos.labels), "class_ids": list(state.protos.class_ids),
+        "workspace": {"id": workspace_id, "version": state.protos.version},
+        "model": {"name": model_name, "bundle_id": bundle.bundle_id},
+        "input": {"name": PIXELS, "dtype": "uint8", "shape": ["N", pre.channels, pre.size, pre.size], "layout": "NCHW",
+                  "how": "decode to `mode`, resize to round(size / crop) square with `resample`, keep the centre "
+                         "size x size; the model divides by 255 and applies mean/std itself"},
+        "preprocessing": {"mode": pre.mode, "size": pre.size, "resample": pre.resample, "crop": pre.crop,
+                          "mean": None if pre.mean is None else list(pre.mean),
+                          "std": None if pre.std is None else list(pre.std)},
+        "decision": {"metric": state.settings.metric, "head": "logistic" if state.head is not None else "prototype",
+                     "rule": None if rule is None else rule.to_dict(),
+                     "threshold": None if rule is None else rule.threshold,
+                     "cosine_scale": state.cosine_scale},
+        "outputs": {SCORES: "(N, K) float32: squared distance (euclidean) or cosine similarity to each class",
+                    PROBS: "(N, K) float32: class probabilities; columns in `labels` order",
+                    NOVELTY: "(N,) float64: how unlike its nearest class the image is; known when <= threshold",
+                    LABEL_INDEX: f"(N,) int64: index into `labels`, {UNKNOWN_INDEX} = unknown"},
+    }
+
+
+def build_standalone(bundle: Bundle, state: DecisionState, *, model_name: str, workspace_id: str) -> Standalone:
+    """The workspace's classifier: the bundle's embedder (its `model.onnx`) with the decision of
+    `state` (`Recogniser.decision_state`) baked in."""
+    if not state.protos.class_ids:
+        raise ConflictError(f"workspace {workspace_id!r} has no classes yet; teach at least one class before exporting")
+    embedder = onnx.load_model(str(bundle.path / BUNDLE_ONNX))
+    pre = _like(embedder, _input_graph(bundle.preprocessing))
+    head = _like(embedder, _head_graph(state, bundle.embedding_dim))
+    model = compose.merge_models(pre, embedder, io_map=[(ONNX_INPUT, ONNX_INPUT)])
+    model = compose.merge_models(model, head, io_map=[(ONNX_OUTPUT, ONNX_OUTPUT)])
+    model.producer_name = "fewshot standalone export"
+    onnx.checker.check_model(model)
+    return Standalone(model, _labels_file(state, bundle, model_name, workspace_id))
+
+
+def export_workspace(recogniser: Recogniser, bundle: Bundle, workspace_id: str, *, model_name: str) -> Standalone:
+    """`build_standalone` of a workspace's current state in `recogniser` (which must run `bundle`)."""
+    return build_standalone(bundle, recogniser.decision_state(workspace_id), model_name=model_name,
+                            workspace_id=workspace_id)
+
+
+def export_stored_workspace(db_url: str, workspace_id: str, bundles: Sequence[str], out_dir: str | Path) -> Path:
+    """Write `model.onnx` + `labels.json` of a workspace read from the store at `db_url` to `out_dir`.
+
+    bundles: the served bundle folders (or NAME=PATH); the one the workspace was created with is
+    used, with the service-wide threshold overrides of the FEWSHOT_* variables, as `serve` applies them.
+    """
+    from fewshot.service.models import ModelSpec, default_model_name, service_calibration
+
+    store = open_store(db_url)
+    try:
+        ws = store.get_workspace(workspace_id)
+        if ws is None:
+            raise NotFoundError(f"workspace {workspace_id!r} does not exist in store {store.safe_url}; list them there")
+        for raw in bundles:
+            spec = ModelSpec.parse(raw)
+            if Manifest.read(spec.path).bundle_id == ws.bundle_id:
+                break
+        else:
+            raise ConfigError(f"workspace {workspace_id!r} runs on bundle {ws.bundle_id}, which is none of {list(bundles)}; "
+                              "pass the bundle folder the service serves it with")
+        bundle = load_bundle(spec.path)
+        settings = ServiceSettings.from_env(bundle_path=raw, db_url=db_url)
+        recogniser = Recogniser(bundle.onnx_embedder, store, calibration=service_calibration(bundle, settings),
+                                defaults=WorkspaceSettings.from_rule(bundle.decision_rule), bundle_id=bundle.bundle_id)
+        name = spec.name or default_model_name(bundle.manifest, spec.path)
+        return export_workspace(recogniser, bundle, workspace_id, model_name=name).write(out_dir)
+    finally:
+        store.close()

@@ -162,6 +162,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle_onnx(args: argparse.Namespace) -> int:
+    from fewshot.artifacts.byo import bundle_from_onnx, read_folder
+    from fewshot.data.imageio import Preprocessing
+
+    pre = Preprocessing(mode=args.mode, size=args.size, resample=args.resample, crop=args.crop,
+                        mean=args.mean, std=args.std)
+    labelled = read_folder(Path(args.calibrate), pre, labelled=True) if args.calibrate else None
+    samples = read_folder(Path(args.samples), pre, labelled=False)[""] if args.samples else None
+    out = bundle_from_onnx(args.model, args.out, preprocessing=pre, samples=samples, labelled=labelled,
+                           metric=args.metric)
+    print(f"bundle written to {out}; serve it with `fewshot serve {out}`"
+          + ("" if labelled else " (no --calibrate folder: unknown images are not rejected)"))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from fewshot.service.app import serve
 
@@ -258,6 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=int, default=256,
                    help="training images that calibrate the int8 activation ranges (default 256, at least 32)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bundle-onnx", help="a bundle from your own ONNX feature extractor (images -> (N, D))")
+    p.add_argument("model", help="ONNX model: float32 input (N, C, S, S), output (N, D)")
+    p.add_argument("--size", type=int, required=True, help="image side S the model takes")
+    p.add_argument("--mode", choices=["L", "RGB"], required=True, help="L: 1 channel, RGB: 3 channels")
+    p.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean of x / 255 (one per channel)")
+    p.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std of x / 255 (one per channel)")
+    p.add_argument("--resample", default="bilinear", help="resize filter (default bilinear)")
+    p.add_argument("--crop", type=float, default=1.0, help="centre-crop fraction, e.g. 0.875 (default 1: none)")
+    p.add_argument("--metric", choices=["cosine", "euclidean"], default="cosine",
+                   help="nearest-prototype metric the service uses (default cosine)")
+    p.add_argument("--out", required=True, help="bundle folder to write (must not exist)")
+    p.add_argument("--calibrate", default=None,
+                   help="labelled folder (one subfolder of images per class) for the unknown-image threshold")
+    p.add_argument("--samples", default=None, help="folder of images for the self-check (default: --calibrate's)")
+    p.set_defaults(func=cmd_bundle_onnx)
 
     p = sub.add_parser("serve", help="run the recogniser service on one or more bundles (models)")
     p.add_argument("bundles", nargs="+", metavar="BUNDLE",

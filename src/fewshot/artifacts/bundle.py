@@ -48,6 +48,7 @@ from fewshot.errors import CheckpointError
 
 BUNDLE_FORMAT_VERSION = 1
 WEIGHTS, ONNX, PARITY, MANIFEST = "weights.safetensors", "model.onnx", "parity.safetensors", "manifest.json"
+ONNX_ONLY_BACKBONE = "onnx"  # backbone name of a bundle made from a user's ONNX model (no weights file)
 INT8_ONNX = "model.int8.onnx"  # written by fewshot.artifacts.quantise; served when deployment["served_model"] names it
 PARITY_SAMPLES = 16
 # int8 kernels differ between CPUs (VNNI or not): a loaded int8 model must reproduce the embeddings
@@ -63,7 +64,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     import onnx
     import onnxruntime
 
@@ -200,7 +201,7 @@ def export_bundle(
             backbone=dict(backbone.config), preprocessing=preprocessing.to_dict(),  # type: ignore[arg-type]
             embedding_dim=int(backbone.embedding_dim), source=source,  # type: ignore[arg-type]
             data_fingerprint=data_fingerprint, metrics=metrics, calibration=calibration,
-            versions=_versions(), sha256=hashes, parity=parity, deployment=deployment, domain=domain,
+            versions=library_versions(), sha256=hashes, parity=parity, deployment=deployment, domain=domain,
         )
         (tmp / MANIFEST).write_text(manifest.to_json())
     return out
@@ -234,7 +235,7 @@ class Bundle:
     path: Path
     manifest: Manifest
     onnx_embedder: OnnxEmbedder
-    _backbone: nn.Module
+    _backbone: nn.Module | None  # None: an ONNX-only bundle (fewshot.artifacts.byo)
 
     @property
     def bundle_id(self) -> str:
@@ -274,10 +275,17 @@ class Bundle:
         """The rule the bundle was measured with (older bundles: nearest prototype, Euclidean)."""
         return DecisionRule.from_dict((self.manifest.deployment or {}).get("rule"))
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The PyTorch backbone; refused for an ONNX-only bundle."""
+        if self._backbone is None:
+            raise CheckpointError(f"{self.path} was made from an ONNX model ({self.manifest.backbone.get('file')}) and "
+                                  "has no PyTorch weights; use its onnx_embedder")
+        return self._backbone
+
     @cached_property
     def torch_embedder(self) -> TorchEmbedder:
-        pre = self.preprocessing
-        return TorchEmbedder(self._backbone, pre)
+        return TorchEmbedder(self.backbone, self.preprocessing)
 
 
 def served_model(manifest: Manifest) -> str:
@@ -289,8 +297,14 @@ def served_model(manifest: Manifest) -> str:
     return name
 
 
+def onnx_only(manifest: Manifest) -> bool:
+    """A bundle made from a user's ONNX model: no weights, served and checked by ONNX Runtime only."""
+    return manifest.backbone.get("name") == ONNX_ONLY_BACKBONE
+
+
 def _verify_hashes(root: Path, manifest: Manifest) -> None:
-    for name in dict.fromkeys((WEIGHTS, ONNX, PARITY, *manifest.sha256)):
+    required = (ONNX, PARITY) if onnx_only(manifest) else (WEIGHTS, ONNX, PARITY)
+    for name in dict.fromkeys((*required, *manifest.sha256)):
         f = root / name
         if not f.is_file():
             raise CheckpointError(f"{root}: bundle file {name} is missing; re-export the bundle")
@@ -318,7 +332,7 @@ def load_bundle(path: str | Path, *, intra_op_threads: int | None = None, verify
     root = Path(path)
     manifest = Manifest.read(root)
     _verify_hashes(root, manifest)
-    backbone = _load_backbone(root, manifest)
+    backbone = None if onnx_only(manifest) else _load_backbone(root, manifest)
     pre = Preprocessing.from_dict(manifest.preprocessing)
     onnx_e = OnnxEmbedder(root / served_model(manifest), pre,
                           embedding_dim=manifest.embedding_dim, intra_op_threads=intra_op_threads)
@@ -354,7 +368,8 @@ def _verify_parity(root: Path, bundle: Bundle, manifest: Manifest) -> None:
     tol = float(manifest.parity.get("tolerance", PARITY_TOLERANCE))
     fp32 = _fp32_embedder(bundle)
     try:
-        check_parity(bundle.torch_embedder, fp32, sample["images"], tolerance=tol)
+        if not onnx_only(manifest):
+            check_parity(bundle.torch_embedder, fp32, sample["images"], tolerance=tol)
     except ParityError as exc:
         raise ParityError(f"{root}: model.onnx and weights.safetensors disagree: {exc}") from exc
     if bundle.served_model == INT8_ONNX:

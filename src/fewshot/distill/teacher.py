@@ -150,7 +150,7 @@ def _from_bundle(p: Path) -> Teacher:
         raise CheckpointError(f"teacher bundle {p} does not record its training classes (older export); "
                               "re-export it with `fewshot export` so the leak check can run")
     pre = bundle.preprocessing
-    return Teacher(str(p), _frozen(bundle._backbone), pre.channels, pre.size, bundle.decision_rule,
+    return Teacher(str(p), _frozen(bundle.backbone), pre.channels, pre.size, bundle.decision_rule,
                    list(classes), _weights_digest(p / WEIGHTS))
 
 

@@ -31,6 +31,7 @@ def test_skipped_without_the_photos_extra(tmp_path: Path, monkeypatch: pytest.Mo
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # builds the bundle (ONNX export, calibration) and runs the service
 def test_photos_bundle_teaches_and_classifies_cifar10_through_the_service(tmp_path: Path) -> None:
     data_root = Path(os.environ.get("FEWSHOT_DATA", REPO.parent / "shared" / "datasets"))
     out = photos_stage(tmp_path / "photos", data_root)

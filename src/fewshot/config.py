@@ -26,6 +26,10 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _tuple(values: list[float] | None) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
+
+
 class DataConfig(_Frozen):
     root: str | None = None  # data root; default: $FEWSHOT_DATA
     # "omniglot", "miniimagenet" (<root>/miniimagenet/miniimagenet84.zip + splits/ravi/*.csv),
@@ -33,6 +37,11 @@ class DataConfig(_Frozen):
     dataset: str = "omniglot"
     image_size: int = Field(28, ge=8, le=512)
     mode: Literal["L", "RGB"] = "L"
+    # model input: images squashed to round(image_size / crop) square, the centre image_size kept,
+    # then x / 255 and, when both are given, (x - mean) / std per channel (fewshot.data.imageio)
+    crop: float = Field(1.0, gt=0, le=1)
+    mean: list[float] | None = None
+    std: list[float] | None = None
     split: str = "vinyals"  # lake | vinyals | csv | domains | classes
     # folder of split files {train,val,test}.csv (`filename,label`) for split "csv"; a relative path
     # that does not exist from the working directory is taken under the data root. miniimagenet's
@@ -62,6 +71,16 @@ class DataConfig(_Frozen):
         if self.split == "csv" and self.splits_dir is None and self.dataset not in DATASET_DEFAULTS:
             raise ValueError(f"split 'csv' reads train.csv / val.csv / test.csv from data.splits_dir, which is not "
                              f"set for dataset {self.dataset!r}; set splits_dir to that folder")
+        return self
+
+    @model_validator(mode="after")
+    def _check_preprocessing(self) -> DataConfig:
+        from fewshot.data.imageio import ImageError, Preprocessing
+
+        try:
+            Preprocessing(self.mode, self.image_size, crop=self.crop, mean=_tuple(self.mean), std=_tuple(self.std))
+        except ImageError as exc:
+            raise ValueError(str(exc)) from exc
         return self
 
     def data_root(self) -> Path:

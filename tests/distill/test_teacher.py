@@ -30,11 +30,11 @@ def test_adapt_images_converts_channels_and_size() -> None:
         adapt_images(torch.rand(1, 2, 8, 8), 3, 8)
 
 
-def _bundle(out: Path, classes: list[str] | None) -> Path:
+def _bundle(out: Path, classes: list[str] | None, pre: Preprocessing = Preprocessing("RGB", 32)) -> Path:
     backbone = create_backbone("conv4", in_channels=3, image_size=32, width=0.25)
     samples = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
     source = {"run": "test"} if classes is None else {"run": "test", "train_classes": classes}
-    return export_bundle(backbone, out, preprocessing=Preprocessing("RGB", 32), source=source, metrics={},
+    return export_bundle(backbone, out, preprocessing=pre, source=source, metrics={},
                          data_fingerprint="x", calibration=None, sample_images=samples)
 
 
@@ -50,6 +50,23 @@ def test_a_bundle_teaches_a_student_of_another_input_format(tmp_path: Path) -> N
     check_no_leak(teacher, ["B/c1"])
     with pytest.raises(ConfigError, match=r'trained on 1 classes of the student\'s test split \(e.g. \["A/c2"\]\)'):
         check_no_leak(teacher, ["A/c2", "B/c1"])
+
+
+def test_a_teacher_sees_the_pixels_a_normalised_student_sees_under_its_own_normalisation(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fewshot.artifacts.bundle import load_bundle
+    from fewshot.artifacts.embedders import TorchEmbedder
+    from fewshot.data.imageio import model_input
+
+    teacher_pre = Preprocessing("RGB", 32, mean=(0.48, 0.46, 0.41), std=(0.23, 0.22, 0.22))
+    student_pre = Preprocessing("RGB", 32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    path = _bundle(tmp_path / "b", ["A/c1"], teacher_pre)
+    teacher = load_teacher(path, data=SimpleNamespace(cache=SimpleNamespace(preprocessing=student_pre)))
+    pixels = np.random.default_rng(1).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
+    student_input = torch.from_numpy(model_input(pixels, student_pre))
+    served = TorchEmbedder(load_bundle(path).backbone, teacher_pre).embed(pixels)  # the bundle's own input path
+    assert np.allclose(teacher.embed(student_input).numpy(), served, atol=1e-4)
 
 
 def test_unloadable_teachers_are_refused_with_the_fix(tmp_path: Path) -> None:

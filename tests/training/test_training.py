@@ -145,6 +145,19 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     assert load_config(None, ["train.steps=7", "model.learner=maml"]).train.steps == 7
 
 
+def test_data_normalisation_reaches_the_cache_preprocessing_or_names_the_bad_value() -> None:
+    from fewshot.training.data import preprocessing_of
+
+    cfg = config_from_dict({"data": {"mode": "RGB", "image_size": 32, "crop": 0.875,
+                                     "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]}})
+    pre = preprocessing_of(cfg.data)
+    assert (pre.mean, pre.std, pre.crop, pre.size) == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2), 0.875, 32)
+    with pytest.raises(ConfigError, match=r"data: .*mean \[0.5\] has 1 value.*give 3"):
+        config_from_dict({"data": {"mode": "RGB", "mean": [0.5], "std": [0.2]}})
+    with pytest.raises(ConfigError, match="give both or neither"):
+        config_from_dict({"data": {"mode": "L", "mean": [0.5]}})
+
+
 def test_unknown_learner_lists_valid_ones(tmp_path: Path, data: RunData) -> None:
     cfg = config_from_dict({"output_dir": str(tmp_path), "model": {"learner": "nope"}, "data": {"image_size": 16}})
     with pytest.raises(ConfigError, match="valid learners: .*protonet"):

@@ -1,8 +1,9 @@
 """A frozen teacher from any trained run or bundle, with its own preprocessing.
 
-The teacher sees the student's images converted to its own input: resized (bilinear, antialiased)
-to its side and converted to its channels (grey -> RGB by repetition, RGB -> grey by ITU-R 601
-luma). Its embeddings come from its deployable backbone in eval mode; its episode logits from its
+The teacher sees the student's images converted to its own input: the student's mean/std
+normalisation undone (back to [0, 1] pixels), resized (bilinear, antialiased) to its side, converted
+to its channels (grey -> RGB by repetition, RGB -> grey by ITU-R 601 luma), then normalised by the
+teacher's own mean/std when its preprocessing has one. Its embeddings come from its deployable backbone in eval mode; its episode logits from its
 decision rule (the one its bundle is served with); base-class logits only from a pre-training run
 (its classifier), for KD on base-class logits.
 """
@@ -18,12 +19,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot.data.imageio import Preprocessing
 from fewshot.decision import DecisionRule
 from fewshot.episodes.types import Episode
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.precision import FP32, PrecisionPolicy, autocast_context, prepare_input
 
 LUMA = (0.299, 0.587, 0.114)
+# a preprocessing's per-channel (mean, std), or None when its model input is x / 255 alone
+Norm = tuple[tuple[float, ...], tuple[float, ...]] | None
+
+
+def norm_of(pre: Preprocessing) -> Norm:
+    return None if pre.mean is None or pre.std is None else (tuple(pre.mean), tuple(pre.std))
+
+
+def _per_channel(x: Tensor, values: tuple[float, ...]) -> Tensor:
+    return x.new_tensor(values).view(1, -1, 1, 1)
+
+
+def to_unit_range(x: Tensor, norm: Norm) -> Tensor:
+    """Model input under `norm` -> pixels in [0, 1] (the inverse of fewshot.data.imageio.model_input)."""
+    return x if norm is None else x * _per_channel(x, norm[1]) + _per_channel(x, norm[0])
+
+
+def normalise(x: Tensor, norm: Norm) -> Tensor:
+    """Pixels in [0, 1] -> model input under `norm`: (x - mean) / std per channel."""
+    return x if norm is None else (x - _per_channel(x, norm[0])) / _per_channel(x, norm[1])
 
 
 def adapt_images(x: Tensor, channels: int, size: int) -> Tensor:
@@ -61,6 +83,8 @@ class Teacher:
     digest: str
     classifier: nn.Module | None = None
     precision: PrecisionPolicy = FP32
+    norm: Norm = None  # the teacher's own input normalisation
+    student_norm: Norm = None  # the normalisation of the images it is given (the student's cache)
 
     def set_precision(self, policy: PrecisionPolicy) -> Teacher:
         """Run the teacher's forward pass under `policy` (e.g. the student's bf16 on CPU)."""
@@ -84,7 +108,8 @@ class Teacher:
     def embed(self, x: Tensor) -> Tensor:
         """Student-format images (N, C, H, W) -> teacher embeddings (N, D_t), fp32."""
         dev = next(self.backbone.parameters()).device
-        x = prepare_input(adapt_images(x.to(dev), self.channels, self.size), self.precision)
+        x = adapt_images(to_unit_range(x.to(dev).float(), self.student_norm), self.channels, self.size)
+        x = prepare_input(normalise(x, self.norm), self.precision)
         with autocast_context(self.precision, dev):
             return self.backbone(x).float()
 
@@ -121,14 +146,19 @@ class Teacher:
 
 def load_teacher(path: str | Path, *, data: Any = None) -> Teacher:
     """A teacher from a run folder (its best checkpoint) or a bundle folder; `data` (the student's
-    RunData) is only needed for runs whose batch norm must be re-estimated (MAML family)."""
+    RunData) gives the normalisation of the images the teacher will be given, and the batches that
+    re-estimate batch norm for runs that need it (MAML family)."""
     p = Path(path)
     if (p / "manifest.json").is_file() and (p / "model.onnx").is_file():
-        return _from_bundle(p)
-    if (p / "config.yaml").is_file():
-        return _from_run(p, data)
-    raise CheckpointError(f"teacher {p} is neither a run folder (config.yaml) nor a bundle (manifest.json + "
-                          "model.onnx); pass a folder made by `fewshot train`, `fewshot distill` or `fewshot export`")
+        teacher = _from_bundle(p)
+    elif (p / "config.yaml").is_file():
+        teacher = _from_run(p, data)
+    else:
+        raise CheckpointError(f"teacher {p} is neither a run folder (config.yaml) nor a bundle (manifest.json + "
+                              "model.onnx); pass a folder made by `fewshot train`, `fewshot distill` or `fewshot export`")
+    if data is not None:
+        teacher.student_norm = norm_of(data.cache.preprocessing)
+    return teacher
 
 
 def _frozen(m: nn.Module) -> nn.Module:
@@ -151,7 +181,7 @@ def _from_bundle(p: Path) -> Teacher:
                               "re-export it with `fewshot export` so the leak check can run")
     pre = bundle.preprocessing
     return Teacher(str(p), _frozen(bundle.backbone), pre.channels, pre.size, bundle.decision_rule,
-                   list(classes), _weights_digest(p / WEIGHTS))
+                   list(classes), _weights_digest(p / WEIGHTS), norm=norm_of(pre))
 
 
 def _from_run(p: Path, data: Any) -> Teacher:
@@ -167,12 +197,12 @@ def _from_run(p: Path, data: Any) -> Teacher:
     if learner.deployment.embedder == "bn-reestimated" and data is None:
         raise CheckpointError(f"teacher run {p} needs its batch norm re-estimated; export it and pass the bundle")
     backbone = deployable_backbone(learner, data, config)
-    pre = manifest["data"]["preprocessing"]
+    pre = Preprocessing.from_dict(manifest["data"]["preprocessing"])
     classifier = getattr(learner, "classifier", None)
     digest = _weights_digest(p / "checkpoints" / "best" / "model.safetensors")
-    return Teacher(str(p), _frozen(backbone), int(3 if pre.get("mode") == "RGB" else 1), int(pre["size"]),
-                   learner.deployment.rule, sorted(train_classes(p)), digest,
-                   _frozen(classifier.float()) if classifier is not None else None)
+    return Teacher(str(p), _frozen(backbone), pre.channels, pre.size, learner.deployment.rule,
+                   sorted(train_classes(p)), digest, _frozen(classifier.float()) if classifier is not None else None,
+                   norm=norm_of(pre))
 
 
 def check_no_leak(teacher: Teacher, test_classes: list[str], split_name: str = "test") -> None:

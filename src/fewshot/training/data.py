@@ -38,7 +38,9 @@ class RunData:
 
 
 def preprocessing_of(cfg: DataConfig) -> Preprocessing:
-    return Preprocessing(mode=cfg.mode, size=cfg.image_size)
+    return Preprocessing(mode=cfg.mode, size=cfg.image_size, crop=cfg.crop,
+                         mean=None if cfg.mean is None else tuple(cfg.mean),
+                         std=None if cfg.std is None else tuple(cfg.std))
 
 
 def _under_root(cfg: DataConfig, value: str) -> Path:

@@ -9,6 +9,7 @@ import shutil
 import sys
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,10 @@ def server(tiny_bundle: Path, tmp_path: Path) -> Iterator[str]:
         yield base
 
 
-@pytest.fixture
-def page(browser: Any, server: str) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1100, "height": 900}, base_url=server)
+@contextmanager
+def open_page(browser: Any, base_url: str) -> Iterator[Any]:
+    """A page in a fresh browser context on the server; fails the test on uncaught JavaScript errors."""
+    context = browser.new_context(viewport={"width": 1100, "height": 900}, base_url=base_url)
     context.set_default_timeout(10_000)
     pg = context.new_page()
     errors: list[str] = []
@@ -84,11 +86,20 @@ def page(browser: Any, server: str) -> Iterator[Any]:
     assert not errors, f"uncaught JavaScript errors in the page: {errors}"
 
 
-def _create_workspace(page: Any) -> dict[str, str]:
+@pytest.fixture
+def page(browser: Any, server: str) -> Iterator[Any]:
+    with open_page(browser, server) as pg:
+        yield pg
+
+
+def _create_workspace(page: Any, model: str | None = None) -> dict[str, str]:
+    """Create a workspace through the form, on `model` (None: the one the page selects)."""
     page.goto("/")
     assert page.url.endswith("/ui/")
     page.get_by_label("Name", exact=True).fill("page test")
     page.get_by_label("Admin key").fill(ADMIN_KEY)
+    if model is not None:
+        page.get_by_label("Model", exact=True).select_option(model)
     page.get_by_role("button", name="Create workspace").click()
     page.locator("#workspace").wait_for(state="visible")
     stored = page.evaluate("JSON.parse(localStorage.getItem('fewshot.workspace'))")
@@ -125,6 +136,10 @@ def _drop_file(page: Any, selector: str, path: Path) -> None:
 
 def test_teach_classify_explain(page: Any, server: str, omniglot_classes: dict[str, list[Path]], tmp_path: Path) -> None:
     ws = _create_workspace(page)
+    # One model served: the form shows it without offering a choice; the header names it.
+    page.wait_for_function("document.getElementById('ws-model').textContent === 'tiny — grayscale 28x28'")
+    assert page.locator("#create-model option").all_text_contents() == ["tiny — grayscale 28x28"]
+    assert page.locator("#create-model").is_disabled()
     page.get_by_role("button", name="Done").click()
     for label, paths in omniglot_classes.items():
         _teach(page, label, paths[:N_SHOT])
@@ -227,15 +242,8 @@ def test_errors_are_shown_and_page_recovers(page: Any, omniglot_classes: dict[st
 def domain_page(browser: Any, domain_bundle: Path, tmp_path: Path) -> Iterator[Any]:
     settings = ServiceSettings(bundle_path=str(domain_bundle), db_url=f"sqlite:///{tmp_path / 'page.db'}",
                                admin_key=ADMIN_KEY)
-    with live_server(create_app(settings)) as base:
-        context = browser.new_context(viewport={"width": 1100, "height": 900}, base_url=base)
-        context.set_default_timeout(10_000)
-        pg = context.new_page()
-        errors: list[str] = []
-        pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    with live_server(create_app(settings)) as base, open_page(browser, base) as pg:
         yield pg
-        context.close()
-        assert not errors, f"uncaught JavaScript errors in the page: {errors}"
 
 
 def test_an_out_of_domain_image_shows_a_warning(domain_page: Any, tmp_path: Path) -> None:

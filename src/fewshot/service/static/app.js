@@ -6,7 +6,8 @@ const STORAGE_KEY = "fewshot.workspace";
 const TOP_K = 5; // classes shown and nearest examples asked of /explain
 const $ = (id) => document.getElementById(id);
 
-let workspace = null; // {id, name, key}
+let workspace = null; // {id, name, key, model}
+let models = []; // GET /models: the served models, the default first
 let teachFiles = []; // File/Blob objects waiting to be taught
 let blobUrls = []; // object URLs of class thumbnails, revoked on each re-render
 let cameraTarget = null; // "teach" | "classify" while the camera dialog is open
@@ -91,6 +92,53 @@ async function guarded(button, action) {
   }
 }
 
+// -- models --------------------------------------------------------------------------------------
+const MODES = { L: "grayscale", RGB: "RGB" }; // image modes of GET /models, as the page names them
+
+// A served model as the page names it: "photos — RGB 224x224".
+function modelText(m) {
+  return `${m.name} — ${MODES[m.mode] ?? m.mode} ${m.size}x${m.size}`;
+}
+
+function describeModel(name) {
+  const m = models.find((x) => x.name === name);
+  return m ? modelText(m) : name;
+}
+
+// The create form's model choice (the default model selected; with one model served it is shown,
+// not offered), the footer's list, and the open workspace's model with its image mode and size.
+function renderModels() {
+  const select = $("create-model");
+  select.replaceChildren(...models.map((m) => new Option(modelText(m), m.name, m.default, m.default)));
+  select.disabled = models.length < 2;
+  $("model-info").textContent = models.map((m) => `${m.name} (${m.backbone ?? "model"} · ${m.bundle_id.slice(0, 12)})`).join(", ");
+  if (workspace) showWorkspaceModel();
+}
+
+function loadModels() {
+  fetch("/models").then((r) => (r.ok ? r.json() : null)).then((list) => {
+    if (!list) {
+      $("model-info").textContent = "not ready";
+      return;
+    }
+    models = list;
+    renderModels();
+  }).catch(() => { $("model-info").textContent = "unreachable"; });
+}
+
+function showWorkspaceModel() {
+  $("ws-model").textContent = workspace.model ? describeModel(workspace.model) : "…";
+}
+
+// A workspace kept in localStorage without its model (by an earlier version of this page): ask the API.
+async function loadWorkspaceModel() {
+  const ws = await api("GET", wsPath());
+  if (workspace?.id !== ws.id) return;
+  workspace.model = ws.model;
+  localStorage.setItem(STORAGE_KEY, JSON.stringify(workspace));
+  showWorkspaceModel();
+}
+
 // -- workspace -----------------------------------------------------------------------------------
 function loadWorkspace() {
   try {
@@ -112,6 +160,8 @@ function setWorkspace(w) {
   if (w) {
     $("ws-name").textContent = w.name || "";
     $("ws-id").textContent = w.id;
+    showWorkspaceModel();
+    if (!w.model) loadWorkspaceModel().catch(showError);
     refreshClasses().catch(showError);
   } else {
     $("new-key").hidden = true;
@@ -122,9 +172,10 @@ async function createWorkspace(event) {
   event.preventDefault();
   const name = $("create-name").value.trim();
   const admin = $("create-admin").value;
-  const ws = await api("POST", "/workspaces", { body: { name }, key: admin });
+  const model = $("create-model").value; // "": models not loaded, the service's default
+  const ws = await api("POST", "/workspaces", { body: model ? { name, model } : { name }, key: admin });
   $("create-admin").value = "";
-  setWorkspace({ id: ws.id, name: ws.name, key: ws.api_key });
+  setWorkspace({ id: ws.id, name: ws.name, key: ws.api_key, model: ws.model });
   $("new-key-value").textContent = ws.api_key;
   $("new-key").hidden = false;
 }
@@ -135,7 +186,7 @@ async function openWorkspace(event) {
   const key = $("open-key").value.trim();
   const ws = await api("GET", `/workspaces/${encodeURIComponent(id)}`, { key });
   $("open-key").value = "";
-  setWorkspace({ id: ws.id, name: ws.name, key });
+  setWorkspace({ id: ws.id, name: ws.name, key, model: ws.model });
 }
 
 // -- classes -------------------------------------------------------------------------------------
@@ -282,9 +333,10 @@ async function classify(file) {
     ? `${percent(p.probability)} confident`
     : `no class is close enough (nearest: ${p.top_k[0]?.label ?? "none"}, novelty ${p.novelty?.toFixed(2)} vs threshold ${p.threshold?.toFixed(2)})`;
   const warning = $("result-domain");
+  const model = workspace.model ? `the '${workspace.model}' model` : "the model";
   warning.hidden = !p.out_of_domain;
   warning.textContent = p.out_of_domain
-    ? `Warning: this image looks unlike what the model was trained on (${(p.domain_reasons || []).join("; ") || "far from its training images"}); do not trust the answer.`
+    ? `Warning: this image does not look like what ${model} was trained on (${(p.domain_reasons || []).join("; ") || "far from its training images"}); do not trust the answer.`
     : "";
   $("result-top").replaceChildren(...p.top_k.map((c) => {
     const li = document.createElement("li");
@@ -420,10 +472,7 @@ function init() {
     });
   }
 
-  fetch("/model").then((r) => (r.ok ? r.json() : null)).then((m) => {
-    $("model-info").textContent = m ? `${m.backbone?.name ?? "model"} · ${m.bundle_id.slice(0, 12)}` : "not ready";
-  }).catch(() => { $("model-info").textContent = "unreachable"; });
-
+  loadModels();
   setupCamera();
   setWorkspace(loadWorkspace());
 }

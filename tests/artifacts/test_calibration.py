@@ -12,6 +12,7 @@ from fewshot.artifacts.calibration import (
     Calibration,
     OpenSetScores,
     accepts,
+    balanced_threshold,
     calibrate_open_set,
     calibrate_unknown_threshold,
     nearest_scores,
@@ -164,3 +165,14 @@ def test_malformed_rules_are_refused(open_set_calibration: Calibration) -> None:
         Calibration.from_dict({**d, "rules": {"euclidean": {**d["rules"]["euclidean"], "prior_spread": -1.0}}})
     with pytest.raises(ConfigError, match="malformed"):
         Calibration.from_dict({**d, "rules": ["spread"]})
+
+
+def test_when_both_targets_cannot_be_met_the_taught_classes_come_first() -> None:
+    rng = np.random.default_rng(0)
+    kept, unknown = rng.normal(0.0, 1.0, 2000), rng.normal(1.0, 1.0, 2000)  # AUROC ~0.76: 95/80 impossible
+    t = balanced_threshold(kept, unknown, 0.95, 0.80)
+    assert np.mean(kept <= t) >= 0.95 and np.mean(kept < t) < 0.95  # the lowest threshold keeping 95%
+    assert 0.05 < np.mean(unknown > t) < 0.5
+    easy = rng.normal(4.0, 1.0, 2000)  # separable: both targets met, the margins balanced
+    t = balanced_threshold(kept, easy, 0.95, 0.80)
+    assert np.mean(kept <= t) > 0.95 and np.mean(easy > t) > 0.80

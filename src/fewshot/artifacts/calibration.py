@@ -7,8 +7,9 @@ query is scored against its nearest prototype.
 * `calibrate_open_set` (what export uses): chooses an `OpenSetRule` per metric (`fewshot.openset`)
   on validation classes against two targets at once: keep `target_true_accept` of the answers that
   forced choice gets right, and reject `target_rejection` of the queries whose class was never
-  taught. The default threshold maximises the smaller of the two margins (so when both targets
-  cannot be met, it misses them by the same amount). It also keeps the legacy per-metric
+  taught. The default threshold maximises the smaller of the two margins; when both targets
+  cannot be met, it keeps `target_true_accept` of the correct answers and rejects what it can
+  (`balanced_threshold`). It also keeps the legacy per-metric
   `thresholds` (raw score at `target_false_accept` of unknowns accepted).
 * `calibrate_unknown_threshold`: the legacy thresholds alone.
 """
@@ -179,10 +180,15 @@ def auroc(kept: np.ndarray, unknown: np.ndarray) -> float:
 
 def balanced_threshold(kept: np.ndarray, unknown: np.ndarray, target_true_accept: float,
                        target_rejection: float) -> float:
-    """The threshold maximising min(kept - target_true_accept, rejected - target_rejection); the
-    middle of the best plateau."""
+    """The threshold maximising min(kept - target_true_accept, rejected - target_rejection), the
+    middle of the best plateau, when both targets can be met. When they cannot (an embedding that
+    separates unknowns poorly, such as frozen ImageNet features on small photos), the classes users
+    taught come first: the lowest threshold that keeps `target_true_accept` of the correct answers,
+    rejecting as many unknowns as that allows."""
     t, ta, rej = trade_off(kept, unknown)
     margin = np.minimum(ta - target_true_accept, rej - target_rejection)
+    if margin.max() < 0:
+        return float(t[np.flatnonzero(ta >= target_true_accept)[0]])
     best = np.flatnonzero(margin == margin.max())
     return float(t[best[len(best) // 2]])
 

@@ -252,8 +252,10 @@ class Insight:
 
     @property
     def accuracy(self) -> float | None:
+        """Held-out accuracy over all classes; None before anything is measured or with one class
+        (a forced choice among one class is always right, as the class's own report says)."""
         n = self.evaluated
-        return float(np.trace(self.confusion)) / n if n else None
+        return float(np.trace(self.confusion)) / n if n and len(self.class_ids) > 1 else None
 
 
 def _class_report(i: int, class_id: str, label: str, n: int, y: np.ndarray, out: HeldOut, n_classes: int) -> ClassReport:
@@ -442,5 +444,5 @@ def recogniser_occlusion(recogniser: Recogniser, workspace_id: str, image: np.nd
     state = recogniser.decision_state(workspace_id)
     if class_id not in state.protos.index:
         raise ConflictError(f"class {class_id!r} was deleted while the image was explained; classify it again")
-    return occlusion_map(image, recogniser.embedder.embed, served_logits(state),
+    return occlusion_map(image, recogniser.embed, served_logits(state),
                          target=state.protos.index[class_id], cells=cells)

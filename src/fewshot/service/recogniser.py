@@ -34,7 +34,7 @@ from fewshot.service.heads import (
     prototype_scores,
     softmax,
 )
-from fewshot.service.images import array_thumbnail
+from fewshot.service.images import UploadError, array_thumbnail
 from fewshot.service.store import (
     ClassRecord,
     ConflictError,
@@ -345,6 +345,18 @@ class Recogniser:
                 rows, removed = change(mem.protos)
                 mem.protos = mem.protos.with_rows(new_version, rows, removed)
 
+    def embed(self, images_u8: np.ndarray) -> np.ndarray:
+        """The embedder's (N, D) embeddings, refused (422) when any is not finite: a NaN stored in a
+        class would turn every answer of the workspace into NaN (a bring-your-own model may give NaN
+        or infinity for some inputs)."""
+        emb = self.embedder.embed(images_u8)
+        bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+        if len(bad):
+            raise UploadError(422, "non_finite_embedding", f"the model embeds {len(bad)} of {len(emb)} image(s) (first: "
+                              f"number {int(bad[0]) + 1}) to NaN or infinity, so they can be neither taught nor "
+                              "classified; send other images, or fix the model's preprocessing")
+        return emb
+
     def _embed_examples(self, images_u8: np.ndarray, thumbnails: Sequence[bytes] | None) -> tuple[np.ndarray, list[bytes]]:
         n = len(images_u8)
         if n == 0:
@@ -353,7 +365,7 @@ class Recogniser:
             raise ConfigError(f"{n} images exceed the limit of {self.config.max_images_per_class} per class")
         if thumbnails is not None and len(thumbnails) != n:
             raise ConfigError(f"{len(thumbnails)} thumbnails for {n} images; pass one per image or None")
-        emb = self.embedder.embed(images_u8)
+        emb = self.embed(images_u8)
         thumbs = list(thumbnails) if thumbnails is not None else [
             array_thumbnail(a, self.config.thumbnail_size) for a in images_u8]
         return emb, thumbs
@@ -469,7 +481,7 @@ class Recogniser:
             raise ConflictError(f"workspace {workspace_id!r} has no classes yet; add a class before classifying")
         if top_k < 1:
             raise ConfigError(f"top_k {top_k} must be >= 1")
-        q = self.embedder.embed(images_u8)
+        q = self.embed(images_u8)
         scores = prototype_scores(q, p.means, settings.metric, p.sq_norms)
         if settings.head == "logistic" and len(p.class_ids) > 1:
             probs = self._logistic(workspace_id, mem).probabilities(q)
@@ -518,7 +530,7 @@ class Recogniser:
         if not known:
             return Explanation(pred, [])
         emb = ex.embeddings[known]
-        q = self.embedder.embed(image_u8[None])
+        q = self.embed(image_u8[None])
         s = prototype_scores(q, emb, pred.metric, (emb * emb).sum(1))[0]
         order = [known[j] for j in np.argsort(s if pred.metric == "euclidean" else -s, kind="stable")[:k]]
         score = dict(zip(known, s.tolist()))

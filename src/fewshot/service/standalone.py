@@ -10,7 +10,11 @@ the service computes it from the store:
     novelty (N,)          float64, the open-set rule's novelty of the nearest class (`fewshot.openset`)
     label_index (N,)      int64, index into labels.json's `labels`; -1 = "unknown" (novelty > threshold)
 
-It runs on ONNX Runtime alone. The decision is the service's (`Recogniser.classify`): the label is
+It runs on ONNX Runtime alone. The embedder is the model the service runs (`Bundle.onnx_path`:
+`model.int8.onnx` in an int8 bundle), its names prefixed with `embedder/` so that no name of a
+bring-your-own model collides with the graphs around it. The added graphs use only operators whose
+form is the same from opset 12 on (row sums are products with a ones vector), so a bundle whose
+model is of opset 12 or newer exports. The decision is the service's (`Recogniser.classify`): the label is
 the most probable class; it stands when the nearest prototype's novelty is <= the threshold. The
 novelty multiplies by the rule's per-class factor (`OpenSetRule.novelty` at unit score) instead of
 dividing by its inverse, so it may differ from the service's in the last bit.
@@ -32,7 +36,6 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from onnx import TensorProto, compose, helper, numpy_helper
 
-from fewshot.artifacts.bundle import ONNX as BUNDLE_ONNX
 from fewshot.artifacts.bundle import Bundle, Manifest, load_bundle
 from fewshot.artifacts.embedders import ONNX_INPUT, ONNX_OUTPUT
 from fewshot.data.imageio import Preprocessing
@@ -45,6 +48,8 @@ FORMAT = "fewshot-standalone-1"
 PIXELS, SCORES, PROBS, NOVELTY, LABEL_INDEX = "pixels", "scores", "probabilities", "novelty", "label_index"
 MODEL_FILE, LABELS_FILE = "model.onnx", "labels.json"
 UNKNOWN_INDEX = -1
+EMBEDDER_PREFIX = "embedder/"
+MIN_OPSET = 12  # LessOrEqual; the other added operators keep their form from opset 11 on
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,9 @@ def _input_graph(pre: Preprocessing) -> onnx.GraphProto:
 
 def _normalised(name: str, src: str) -> list[onnx.NodeProto]:
     """`F.normalize(x, dim=-1)` (eps 1e-12) of `src` (N, D) into `name`."""
-    return [helper.make_node("ReduceL2", [src, "head_axis1"], [f"{name}_norm"], keepdims=1),
+    return [helper.make_node("Mul", [src, src], [f"{name}_sq"]),
+            helper.make_node("MatMul", [f"{name}_sq", "head_ones"], [f"{name}_sum_sq"]),  # (N, 1)
+            helper.make_node("Sqrt", [f"{name}_sum_sq"], [f"{name}_norm"]),
             helper.make_node("Max", [f"{name}_norm", "head_eps"], [f"{name}_den"]),
             helper.make_node("Div", [src, f"{name}_den"], [name])]
 
@@ -111,7 +118,7 @@ def _score_nodes(state: DecisionState) -> list[onnx.NodeProto]:
     return [_const("head_protos_t", np.ascontiguousarray(p.means.T)), _const("head_proto_sq", p.sq_norms),
             _const("head_two", np.asarray(2.0, np.float32)), _const("head_zero", np.asarray(0.0, np.float32)),
             helper.make_node("Mul", [ONNX_OUTPUT, ONNX_OUTPUT], ["head_q2"]),
-            helper.make_node("ReduceSum", ["head_q2", "head_axis1"], ["head_q_sq"], keepdims=1),
+            helper.make_node("MatMul", ["head_q2", "head_ones"], ["head_q_sq"]),
             helper.make_node("MatMul", [ONNX_OUTPUT, "head_protos_t"], ["head_cross"]),
             helper.make_node("Mul", ["head_cross", "head_two"], ["head_cross2"]),
             helper.make_node("Sub", ["head_q_sq", "head_cross2"], ["head_d0"]),
@@ -158,9 +165,9 @@ def _decision_nodes(state: DecisionState) -> list[onnx.NodeProto]:
             _const("head_threshold", np.asarray(threshold, np.float64)),
             _const("head_unknown", np.asarray(UNKNOWN_INDEX, np.int64)),
             helper.make_node("GatherElements", [SCORES, "head_nearest"], ["head_best_col"], axis=1),
-            helper.make_node("Squeeze", ["head_best_col", "head_axis1"], ["head_best"]),
+            helper.make_node("Reshape", ["head_best_col", "head_flat"], ["head_best"]),
             *base,
-            helper.make_node("Squeeze", ["head_nearest", "head_axis1"], ["head_nearest_1d"]),
+            helper.make_node("Reshape", ["head_nearest", "head_flat"], ["head_nearest_1d"]),
             helper.make_node("Gather", ["head_factor", "head_nearest_1d"], ["head_f"]),
             helper.make_node("Mul", ["head_base" if not euclidean else "head_best64", "head_f"], [NOVELTY]),
             helper.make_node("LessOrEqual", [NOVELTY, "head_threshold"], ["head_known"]),
@@ -172,7 +179,7 @@ def _head_graph(state: DecisionState, dim: int) -> onnx.GraphProto:
     k = len(state.protos.class_ids)
     normalises = state.settings.metric == "cosine" or state.head is not None
     eps = [_const("head_eps", np.asarray(1e-12, np.float32))] if normalises else []
-    nodes = [_const("head_axis1", np.asarray([1], np.int64)), *eps,
+    nodes = [_const("head_flat", np.asarray([-1], np.int64)), _const("head_ones", np.ones((dim, 1), np.float32)), *eps,
              *_score_nodes(state), *_probability_nodes(state), *_decision_nodes(state)]
     outputs = [helper.make_tensor_value_info(SCORES, TensorProto.FLOAT, ["N", k]),
                helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["N", k]),
@@ -206,16 +213,28 @@ def _labels_file(state: DecisionState, bundle: Bundle, model_name: str, workspac
     }
 
 
+def _served_embedder(bundle: Bundle) -> onnx.ModelProto:
+    """The ONNX model the service runs for `bundle`, refused when its opset predates `MIN_OPSET`."""
+    model = onnx.load_model(str(bundle.onnx_path))
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < MIN_OPSET:
+        raise ConfigError(f"bundle {bundle.bundle_id}'s model {bundle.served_model} uses ONNX opset {opset}; the "
+                          f"standalone export needs opset >= {MIN_OPSET}: re-export the model with a newer opset "
+                          "(e.g. torch.onnx.export(..., opset_version=17)) and rebuild the bundle")
+    return model
+
+
 def build_standalone(bundle: Bundle, state: DecisionState, *, model_name: str, workspace_id: str) -> Standalone:
     """The workspace's classifier: the bundle's embedder (its `model.onnx`) with the decision of
     `state` (`Recogniser.decision_state`) baked in."""
     if not state.protos.class_ids:
         raise ConflictError(f"workspace {workspace_id!r} has no classes yet; teach at least one class before exporting")
-    embedder = onnx.load_model(str(bundle.path / BUNDLE_ONNX))
+    embedder = _served_embedder(bundle)
     pre = _like(embedder, _input_graph(bundle.preprocessing))
     head = _like(embedder, _head_graph(state, bundle.embedding_dim))
-    model = compose.merge_models(pre, embedder, io_map=[(ONNX_INPUT, ONNX_INPUT)])
-    model = compose.merge_models(model, head, io_map=[(ONNX_OUTPUT, ONNX_OUTPUT)])
+    embedder = compose.add_prefix(embedder, EMBEDDER_PREFIX)
+    model = compose.merge_models(pre, embedder, io_map=[(ONNX_INPUT, EMBEDDER_PREFIX + ONNX_INPUT)])
+    model = compose.merge_models(model, head, io_map=[(EMBEDDER_PREFIX + ONNX_OUTPUT, ONNX_OUTPUT)])
     model.producer_name = "fewshot standalone export"
     onnx.checker.check_model(model)
     return Standalone(model, _labels_file(state, bundle, model_name, workspace_id))

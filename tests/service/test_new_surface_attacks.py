@@ -33,7 +33,7 @@ from fewshot.service.insight import InsightCache, ServedRule, recogniser_insight
 from fewshot.service.recogniser import Recogniser, WorkspaceSettings
 from fewshot.service.settings import ServiceSettings
 from fewshot.service.standalone import build_standalone
-from fewshot.service.store import ModelMismatchError, SQLiteStore
+from fewshot.service.store import ConflictError, ModelMismatchError, SQLiteStore
 
 L28 = Preprocessing("L", 28)
 
@@ -306,6 +306,22 @@ def test_one_class_reports_no_overall_accuracy() -> None:
     x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
     one = workspace_insight(1, ("cls_a",), ("a",), x, np.zeros(3, np.int64), ServedRule("euclidean"))
     assert one.evaluated == 3 and one.accuracy is None and one.classes[0].accuracy is None
+
+
+def test_insight_of_a_huge_workspace_is_refused_before_its_cost(tmp_path: Path) -> None:
+    """Once unbounded: (N, K) float64 scores and a (K, K) confusion matrix in JSON; thousands of
+    one-image classes took gigabytes on one GET."""
+    store = SQLiteStore(tmp_path / "s.db")
+    r = Recogniser(ToyEmbedder(), store)
+    ws, _ = r.create_workspace("w")
+    for s in range(4):
+        r.add_class(ws.id, f"c{s}", class_images(s, 3))
+    with pytest.raises(ConflictError, match="limited to 3 classes.*has 4 classes and 12 examples"):
+        recogniser_insight(r, ws.id, InsightCache(), max_classes=3)
+    with pytest.raises(ConflictError, match="40 example x class scores.*48 scores"):
+        recogniser_insight(r, ws.id, InsightCache(), max_scores=40)
+    assert recogniser_insight(r, ws.id, InsightCache(), max_classes=4, max_scores=48).evaluated == 12
+    store.close()
 
 
 def test_insight_while_classes_are_added_answers_every_time(tmp_path: Path) -> None:

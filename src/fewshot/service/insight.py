@@ -422,10 +422,26 @@ def served_logits(state: DecisionState) -> Logits:
     return lambda q: prototype_logits(prototype_scores(q, p.means, metric, p.sq_norms), metric, state.cosine_scale)
 
 
-def recogniser_insight(recogniser: Recogniser, workspace_id: str, cache: InsightCache) -> Insight:
-    """The workspace's insight, computed from its stored embeddings when its version or rule moved."""
+MAX_INSIGHT_CLASSES = 1000  # the confusion matrix is (K, K), sent as JSON
+MAX_INSIGHT_SCORES = 10_000_000  # held-out answers score every stored example against every class: (N, K) float64
+
+
+def check_insight_size(n_examples: int, n_classes: int, *, max_classes: int = MAX_INSIGHT_CLASSES,
+                       max_scores: int = MAX_INSIGHT_SCORES) -> None:
+    """Refuse (409) a workspace whose insight would take memory quadratic in its size."""
+    if n_classes > max_classes or n_examples * n_classes > max_scores:
+        raise ConflictError(f"insight is limited to {max_classes} classes and {max_scores:,} example x class scores; "
+                            f"this workspace has {n_classes} classes and {n_examples} examples "
+                            f"({n_examples * n_classes:,} scores): split it into smaller workspaces")
+
+
+def recogniser_insight(recogniser: Recogniser, workspace_id: str, cache: InsightCache, *,
+                       max_classes: int = MAX_INSIGHT_CLASSES, max_scores: int = MAX_INSIGHT_SCORES) -> Insight:
+    """The workspace's insight, computed from its stored embeddings when its version or rule moved
+    (`check_insight_size` first)."""
     state = recogniser.decision_state(workspace_id)
     p = state.protos
+    check_insight_size(int(p.counts.sum()), len(p.class_ids), max_classes=max_classes, max_scores=max_scores)
     rule = ServedRule(state.settings.metric, state.settings.head, state.rule)
 
     def compute() -> Insight:

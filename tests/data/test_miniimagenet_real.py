@@ -72,3 +72,35 @@ def test_warm_prepare_reuses_the_cache(mini: PreparedData, data_root: Path) -> N
     again: Any = prepare(miniimagenet_source(data_root), mini.cache.path.parent, Preprocessing("RGB", 84),
                          progress=False)
     assert again.reused and again.cache.path == mini.cache.path
+
+
+def test_trains_on_the_64_training_classes_and_evaluates_on_the_20_test_classes(
+        mini: PreparedData, data_root: Path, tmp_path: Path) -> None:
+    import csv
+
+    from fewshot.config import config_from_dict
+    from fewshot.training.data import RunData
+    from fewshot.training.loop import train, train_classes
+    from fewshot.training.protocol import evaluate_run
+
+    splits = make_splits(mini.cache, "csv")
+    config = config_from_dict({
+        "name": "mini-smoke", "seed": 0, "output_dir": str(tmp_path),
+        "data": {"dataset": "miniimagenet", "root": str(data_root)},
+        "model": {"backbone": "conv4", "backbone_args": {"width": 0.5}, "learner": "protonet"},
+        "train": {"steps": 40, "way": 5, "shot": 5, "query": 5, "lr": 0.003, "crop_pad": 8, "hflip": True,
+                  "val_every": 40, "val_episodes": 20, "val_way": 5, "val_shot": 5, "checkpoint_every": 40},
+    })
+    data = RunData(mini.cache, splits, "csv")
+    result = train(config, data=data, progress=False)
+    assert result.steps == 40
+    with open(result.run_dir / "metrics.csv", newline="") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.05, losses  # it learns
+    names = {mini.cache.classes[i].name for i in splits["train"].class_ids}
+    assert train_classes(result.run_dir) == names and len(names) == 64
+    test_names = {mini.cache.classes[i].name for i in splits["test"].class_ids}
+    assert not names & test_names
+    res = evaluate_run(result.run_dir, way=5, shot=1, query=15, episodes=600, seed=1, split="test", data=data,
+                       progress=False)
+    assert 0.2 < res.mean <= 1.0 and res.ci95 > 0

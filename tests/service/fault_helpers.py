@@ -356,7 +356,7 @@ class RegistrationStream:
         rng = np.random.default_rng(self.seed * 1000 + i)
         url = self.urls[i % len(self.urls)]
         h = auth(self.key)
-        n = 0
+        n = writes = 0  # writes counts registrations only, so classify turns never starve class creation
         with httpx.Client(base_url=url, timeout=self.timeout_s, headers=h) as http:
             while not self._stop.is_set():
                 n += 1
@@ -365,7 +365,9 @@ class RegistrationStream:
                     known = list(self.ledger.labels)
                 if self.classify_every and n % self.classify_every == 0 and known:
                     self.call(http, "classify", f"/workspaces/{self.ws}/classify", files=image_files(img_seed, 1))
-                elif not known or n % self.create_every == 0:
+                    continue
+                writes += 1
+                if not known or writes % self.create_every == 0:
                     label = f"{self.ledger.prefix}{i}-{n}-{secrets.token_hex(3)}"
                     self.create(http, label, img_seed)
                 else:

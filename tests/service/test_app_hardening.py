@@ -104,7 +104,7 @@ def test_a_failing_store_is_a_503_with_retry_after_and_no_path(tiny_bundle: Path
     import fewshot.service.app as app_module
 
     db = tmp_path / "secret-location" / "svc.db"
-    monkeypatch.setattr(app_module, "open_store", lambda url: BrokenDisk(db))
+    monkeypatch.setattr(app_module, "open_store", lambda url, **_: BrokenDisk(db))
     with TestClient(create_app(settings_for(tiny_bundle, tmp_path)), raise_server_exceptions=False) as c:
         ws, key = new_workspace(c)
         c.app.state.service.store.broken = True  # type: ignore[attr-defined]

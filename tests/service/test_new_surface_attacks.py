@@ -251,7 +251,7 @@ def test_export_during_a_store_outage_is_a_503_without_the_path(tiny_bundle: Pat
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import fewshot.service.app as app_module
 
-    monkeypatch.setattr(app_module, "open_store", lambda url: BrokenDisk(tmp_path / "hidden-dir" / "svc.db"))
+    monkeypatch.setattr(app_module, "open_store", lambda url, **_: BrokenDisk(tmp_path / "hidden-dir" / "svc.db"))
     with TestClient(create_app(settings_for(tiny_bundle, tmp_path)), raise_server_exceptions=False) as c:
         ws, key = new_workspace(c)
         teach(c, ws, key, "a", 0, n=2)

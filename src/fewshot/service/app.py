@@ -59,6 +59,7 @@ from fewshot.service.middleware import (
     RedactQueryFilter,
 )
 from fewshot.service.models import ModelSet, ServedModel, UnknownModelError, load_models
+from fewshot.service.notify import StoreCollector
 from fewshot.service.recogniser import (
     Explanation,
     Prediction,
@@ -357,7 +358,7 @@ def open_state(settings: ServiceSettings) -> ServiceState:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    store = open_store(settings.db_url)
+    store = open_store(settings.db_url, notifications=settings.store_notifications)
     try:
         models = load_models(settings, store)
     except BaseException:
@@ -429,6 +430,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.admin_throttle = FailureThrottle(limit=settings.admin_failures_per_minute, window_s=60.0)
     app.state.service = None
     app.state.metrics = Metrics()
+    app.state.metrics.registry.register(StoreCollector(lambda: getattr(app.state.service, "store", None)))
     app.state.insight_cache = InsightCache()
     _install_error_handlers(app)
     _add_system_routes(app)
@@ -463,7 +465,9 @@ def _add_system_routes(app: FastAPI) -> None:
     def readyz(state: StateDep) -> dict[str, Any]:
         """The model is loaded and the store answers (503 with Retry-After while it does not)."""
         state.store.model_identity()
-        return {"status": "ready", "bundle_id": state.bundle.bundle_id}
+        feed = state.store.feed
+        return {"status": "ready", "bundle_id": state.bundle.bundle_id,
+                "notifications": "off" if feed is None else "listening" if feed.connected else "reconnecting"}
 
     @app.get("/metrics", tags=["system"], include_in_schema=False)
     def metrics(request: Request, settings: SettingsDep) -> Response:

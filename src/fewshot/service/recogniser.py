@@ -2,10 +2,12 @@
 
 Each workspace (one knowledge domain) keeps its prototypes in memory as an immutable snapshot:
 a (K, D) matrix of class means plus per-class sums and counts, so adding images to a class updates
-that row only, and classifying is one matrix product. The store is the source of truth: every
-call first compares the workspace's version counter with the snapshot's (one indexed read) and
-re-syncs only the classes whose version changed, so several processes sharing a store see each
-other's classes.
+that row only, and classifying is one matrix product. The store is the source of truth: a call
+first compares the workspace's version counter with the snapshot's (one indexed read) and re-syncs
+only the classes whose version changed, so several processes sharing a store see each other's
+classes. With a PostgreSQL store that listens for changes (`store.feed`, `fewshot.service.notify`),
+that read is skipped while the listener says the snapshot is current: it is connected, the snapshot
+was checked in the listener's current epoch, and no newer version of the workspace is known.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def check_threshold(t: object) -> float:
 @dataclass(frozen=True)
 class RecogniserConfig:
     thumbnail_size: int = 64
-    sync_interval_s: float = 0.0  # 0: check the store's version counter on every call
+    sync_interval_s: float = 0.0  # 0: check the store's version counter on every call (unless notified)
     cosine_scale: float = 10.0  # softmax temperature for cosine logits
     max_logistic_classes: int = 2000  # the logistic head is refitted on change; bound its cost
     max_images_per_class: int = 1000
@@ -226,6 +228,7 @@ class _Memory:
     examples: ExampleSet | None = None  # cached for explain / logistic, valid at `examples_version`
     examples_version: int = -1
     logistic: tuple[int, LogisticHead] | None = None
+    epoch: int | None = None  # the store feed's epoch when `protos` was last checked (None: no feed)
 
 
 class Recogniser:
@@ -291,9 +294,13 @@ class Recogniser:
     def _memory(self, workspace_id: str) -> _Memory:
         """The workspace's memory, re-synced from the store when its version moved."""
         mem = self._mem.get(workspace_id)
+        feed = self.store.feed
+        if mem is not None and feed is not None and feed.is_current(workspace_id, mem.protos.version, mem.epoch):
+            return mem  # notified: no read
         now = time.monotonic()
         if mem is not None and now - mem.checked_at < self.config.sync_interval_s:
             return mem
+        epoch = None if feed is None else feed.epoch()  # before the read: any later commit is notified to it
         version = self.store.workspace_version(workspace_id)
         if version is None:
             self._forget(workspace_id)
@@ -305,7 +312,7 @@ class Recogniser:
             with mem.lock:
                 if mem.protos.version != version:
                     mem.protos = self._sync(workspace_id, mem.protos)
-        mem.checked_at = now
+        mem.checked_at, mem.epoch = now, epoch
         return mem
 
     def _forget(self, workspace_id: str) -> NoReturn:
@@ -409,7 +416,8 @@ class Recogniser:
         return rec
 
     def delete_class(self, workspace_id: str, class_id: str) -> None:
-        self.store.delete_class(workspace_id, class_id)  # the next call re-syncs (drops the row)
+        version = self.store.delete_class(workspace_id, class_id)
+        self._apply_local(workspace_id, version, lambda p: ({}, {class_id}))  # else the next call re-syncs
 
     def list_classes(self, workspace_id: str) -> list[ClassRecord]:
         self.workspace(workspace_id)

@@ -26,6 +26,7 @@ class ServiceSettings:
     ort_threads: int = 1  # per request; concurrency comes from parallel requests (0: min(2, cores))
     torch_threads: int = 0  # process-wide torch threads (distance products); 0: leave as is; serve() uses 1
     sync_interval_s: float = 0.0
+    store_notifications: bool = True  # PostgreSQL: learn of other replicas' changes by LISTEN/NOTIFY, not per-call reads
     euclidean_threshold: float | None = None  # service-wide override of the bundle's calibration
     cosine_threshold: float | None = None
     static_dir: str = ""  # empty: the package's service/static

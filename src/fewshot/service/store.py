@@ -6,7 +6,10 @@ is one transaction, so a crash or exception mid-registration leaves no half clas
 
 Backends: `SQLiteStore` (default; WAL, one connection per thread) and `PostgresStore`
 (psycopg 3 through psycopg_pool: connections checked on checkout, reconnected with a short backoff).
-Both run the same SQL, written with `?` placeholders.
+Both run the same SQL, written with `?` placeholders. PostgreSQL also sends each committed change
+to the other processes sharing the database (`pg_notify` in the change's transaction), and with
+`notifications=True` listens for theirs (`fewshot.service.notify`), so replicas need not read a
+workspace's version on every call.
 
 Failures: an unreachable or failing database (PostgreSQL down or restarting, SQLite disk full or
 read-only) raises `StoreUnavailable`, whose message never holds the URL or credentials; a dropped
@@ -35,6 +38,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from fewshot.errors import FewshotError
+from fewshot.service.notify import CHANNEL, PgListener, Tally, VersionFeed, payload
 
 SCHEMA_VERSION = 2  # 2: each workspace records its model (workspaces.bundle_id, table models)
 RETRY_AFTER_S = 2  # what a 503 tells clients while the store is down
@@ -191,6 +195,8 @@ class Store(ABC):
     """Backend-neutral operations; subclasses supply connections, transactions and dialect."""
 
     url: str
+    feed: VersionFeed | None = None  # PostgreSQL with notifications: the versions this process knows of
+    version_reads: Tally  # calls of `workspace_version` (the per-call change check)
 
     # -- backend hooks ---------------------------------------------------------------------
     @abstractmethod
@@ -209,6 +215,16 @@ class Store(ABC):
     @contextmanager
     def _snapshot(self) -> Iterator[Any]:
         """A read-only transaction: every read inside sees the same committed state."""
+
+    def _changed(self, c: Any, workspace_id: str, version: int | None) -> None:
+        """Inside a change's transaction: the workspace reached `version` (None: deleted).
+        Nothing for SQLite (one process); PostgreSQL tells the other processes."""
+        return None
+
+    def _observe(self, workspace_id: str, version: int) -> None:
+        """The store is (at least) at `version` of the workspace: committed by us, or just read."""
+        if self.feed is not None:
+            self.feed.observe(workspace_id, version)
 
     def _failure_kind(self, exc: BaseException) -> str | None:
         """"connection" (retry once), "unavailable" (503 now) or None (a bug: let it raise)."""
@@ -341,12 +357,18 @@ class Store(ABC):
     @_guarded
     def get_workspace(self, workspace_id: str) -> WorkspaceRecord | None:
         with self._read() as c:
-            return self._ws_row(c, "id", workspace_id)
+            ws = self._ws_row(c, "id", workspace_id)
+        if ws is not None:
+            self._observe(ws.id, ws.version)
+        return ws
 
     @_guarded
     def workspace_by_key_hash(self, key_hash: str) -> WorkspaceRecord | None:
         with self._read() as c:
-            return self._ws_row(c, "key_hash", key_hash)
+            ws = self._ws_row(c, "key_hash", key_hash)
+        if ws is not None:
+            self._observe(ws.id, ws.version)
+        return ws
 
     @_guarded
     def list_workspaces(self) -> list[WorkspaceRecord]:
@@ -357,15 +379,18 @@ class Store(ABC):
     @_guarded
     def workspace_version(self, workspace_id: str) -> int | None:
         """The cheap change check: one indexed row read."""
+        self.version_reads.inc()
         with self._read() as c:
             row = self._exec(c, "SELECT version FROM workspaces WHERE id = ?", (workspace_id,)).fetchone()
         return None if row is None else int(row[0])
 
     def _bump(self, c: Any, workspace_id: str) -> int:
+        """The workspace's next version, in the change's transaction (and its notification)."""
         row = self._exec(c, "UPDATE workspaces SET version = version + 1 WHERE id = ? RETURNING version",
                          (workspace_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"workspace {workspace_id!r} does not exist; create it with POST /workspaces")
+        self._changed(c, workspace_id, int(row[0]))
         return int(row[0])
 
     @_guarded
@@ -375,6 +400,7 @@ class Store(ABC):
             self._exec(c, "UPDATE workspaces SET settings = ? WHERE id = ?", (json.dumps(settings), workspace_id))
             ws = self._ws_row(c, "id", workspace_id)
         assert ws is not None
+        self._observe(ws.id, ws.version)
         return ws
 
     @_guarded
@@ -389,6 +415,7 @@ class Store(ABC):
                        (json.dumps(merge(json.loads(row[0]))), workspace_id))
             ws = self._ws_row(c, "id", workspace_id)
         assert ws is not None
+        self._observe(ws.id, ws.version)
         return ws
 
     @_guarded
@@ -398,6 +425,7 @@ class Store(ABC):
             self._exec(c, "DELETE FROM classes WHERE workspace_id = ?", (workspace_id,))
             if self._exec(c, "DELETE FROM workspaces WHERE id = ?", (workspace_id,)).rowcount == 0:
                 raise NotFoundError(f"workspace {workspace_id!r} does not exist")
+            self._changed(c, workspace_id, None)
 
     # -- classes and examples ----------------------------------------------------------------------
     def _insert_examples(self, c: Any, workspace_id: str, class_id: str, examples: Sequence[NewExample]) -> list[str]:
@@ -428,6 +456,7 @@ class Store(ABC):
                 raise ConflictError(f"class label {label!r} already exists in workspace {workspace_id!r}; "
                                     "add images to it or choose another label") from exc
             raise
+        self._observe(workspace_id, v)
         return ClassRecord(cid, label, v, len(ids)), ids
 
     @_guarded
@@ -446,6 +475,7 @@ class Store(ABC):
             self._exec(c, "UPDATE classes SET version = ? WHERE id = ?", (v, class_id))
             ids = self._insert_examples(c, workspace_id, class_id, examples)
             rec = self._class_row(c, workspace_id, class_id)
+        self._observe(workspace_id, v)
         return rec, ids
 
     def _require_class(self, c: Any, workspace_id: str, class_id: str) -> None:
@@ -460,20 +490,25 @@ class Store(ABC):
                 v = self._bump(c, workspace_id)
                 self._require_class(c, workspace_id, class_id)
                 self._exec(c, "UPDATE classes SET label = ?, version = ? WHERE id = ?", (label, v, class_id))
-                return self._class_row(c, workspace_id, class_id)
+                rec = self._class_row(c, workspace_id, class_id)
         except Exception as exc:
             if self._is_unique_violation(exc):
                 raise ConflictError(f"class label {label!r} already exists in workspace {workspace_id!r}; "
                                     "choose another label") from exc
             raise
+        self._observe(workspace_id, v)
+        return rec
 
     @_guarded
-    def delete_class(self, workspace_id: str, class_id: str) -> None:
+    def delete_class(self, workspace_id: str, class_id: str) -> int:
+        """Delete a class and its examples; returns the workspace's new version."""
         with self._tx() as c:
-            self._bump(c, workspace_id)
+            v = self._bump(c, workspace_id)
             self._require_class(c, workspace_id, class_id)
             self._exec(c, "DELETE FROM examples WHERE class_id = ?", (class_id,))
             self._exec(c, "DELETE FROM classes WHERE id = ?", (class_id,))
+        self._observe(workspace_id, v)
+        return v
 
     _CLASS_SELECT = ("SELECT c.id, c.label, c.version, COUNT(e.id) FROM classes c "
                      "LEFT JOIN examples e ON e.class_id = c.id WHERE c.workspace_id = ? ")
@@ -575,6 +610,7 @@ class SQLiteStore(Store):
         self.url = f"sqlite:///{self.path}"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
+        self.version_reads = Tally()
         self._init_connections()
         with self._tx() as c:
             for stmt in _schema("BLOB"):
@@ -642,15 +678,20 @@ class PostgresStore(Store):
     not handed out); reconnection backs off at most `reconnect_s` before the pool gives up and
     grows again on the next request, so service recovers within seconds of the server's return.
     A request waits at most `timeout_s` for a connection, then gets `StoreUnavailable` (503).
+
+    Every change notifies `notify.CHANNEL` in its transaction; with `notifications`, a listener
+    thread (one more connection, outside the pool) keeps `feed` up to date (`fewshot.service.notify`).
     """
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 16, timeout_s: float = 3.0,
-                 reconnect_s: float = 3.0) -> None:
+                 reconnect_s: float = 3.0, notifications: bool = False) -> None:
         import psycopg
         from psycopg_pool import ConnectionPool
 
         self.url = url
         self._psycopg = psycopg
+        self.version_reads = Tally()
+        self._listener: PgListener | None = None
         self._pool = ConnectionPool(url, min_size=min_size, max_size=max_size, timeout=timeout_s,
                                     reconnect_timeout=reconnect_s, kwargs={"autocommit": True},
                                     check=ConnectionPool.check_connection, open=False, name="fewshot")
@@ -665,12 +706,21 @@ class PostgresStore(Store):
             for stmt in _schema("BYTEA"):
                 c.execute(stmt)
             self._migrate(c)
+        if notifications:
+            self.feed = VersionFeed()
+            self._listener = PgListener(url, self.feed).start()
 
     def _connect(self) -> Any:
         raise AssertionError("PostgresStore takes connections from its pool")
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
         self._pool.close()
+
+    def _changed(self, c: Any, workspace_id: str, version: int | None) -> None:
+        # delivered to every listener of the database on COMMIT, never on ROLLBACK
+        self._exec(c, "SELECT pg_notify(?, ?)", (CHANNEL, payload(workspace_id, version)))
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
@@ -727,11 +777,12 @@ class PostgresStore(Store):
         return "the database is unavailable or overloaded (no PostgreSQL connection in time); retry shortly"
 
 
-def open_store(url: str | Path) -> Store:
-    """`postgresql://...` -> PostgresStore; `sqlite:///path`, or a plain path -> SQLiteStore."""
+def open_store(url: str | Path, *, notifications: bool = False) -> Store:
+    """`postgresql://...` -> PostgresStore (with `notifications`: listening for other processes'
+    changes); `sqlite:///path`, or a plain path -> SQLiteStore (one process: nothing to listen to)."""
     s = str(url)
     if s.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(s)
+        return PostgresStore(s, notifications=notifications)
     if s.startswith("sqlite:///"):
         return SQLiteStore(s[len("sqlite:///"):])
     if "://" in s:

@@ -101,11 +101,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data:
         overrides.append(f"data.root={args.data}")
     config = load_config(args.config, overrides)
-    result = train(config, resume=not args.no_resume)
+    with _launch(config) as world:  # one process, or a rank of `torchrun --nproc-per-node N -m fewshot train`
+        result = train(config, resume=not args.no_resume, world=world)
+    if not world.is_main:
+        return 0
     val = f"{100 * result.best_val_acc:.2f}%" if result.best_val_acc >= 0 else "n/a (no validation split)"
-    print(f"trained to step {result.steps} ({result.elapsed_s:.1f} s in this session); best validation "
+    procs = f" on {world.size} processes" if world.distributed else ""
+    print(f"trained to step {result.steps}{procs} ({result.elapsed_s:.1f} s in this session); best validation "
           f"accuracy {val}; run folder {result.run_dir}")
     return 0
+
+
+def _launch(config: Any) -> Any:
+    """The process group of a torchrun launch (gloo on CPU, NCCL on CUDA) around a command."""
+    from fewshot.training.distributed import World, process_group
+    from fewshot.training.loop import resolve_device
+
+    world = World.from_env()
+    return process_group(world, resolve_device(config.train.device).type)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -115,12 +128,35 @@ def cmd_distill(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.root={args.data}")
-    summary = distill(load_config(args.config, overrides), resume=not args.no_resume)
+    config = load_config(args.config, overrides)
+    with _launch(config) as world:
+        summary = distill(config, resume=not args.no_resume, world=world)
+    if not world.is_main:
+        return 0
     for name, run in summary["runs"].items():
         print(f"{name}: {run}")
     if "report" in summary:
         print((Path(summary["report"]) / "distill_report.md").read_text(encoding="utf-8"))
         print(f"report: {summary['report']}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from fewshot.config import load_config
+    from fewshot.tune import tune
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    res = tune(load_config(args.config, overrides), trials=args.trials, storage=args.storage,
+               study_name=args.study, timeout=args.timeout)
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(res.counts.items()))
+    print(f"study {res.study_name!r} ({res.storage}): {counts}")
+    if res.best_value is not None:
+        print(f"best validation accuracy {100 * res.best_value:.2f}% with "
+              + ", ".join(f"{k}={v}" for k, v in res.best_params.items()))
+    for name, path in res.files.items():
+        print(f"{name}: {path}")
     return 0
 
 
@@ -242,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data root (default: $FEWSHOT_DATA)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the runs have checkpoints")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("tune", help="Optuna search over the config's tune.space, scored on validation classes")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=500 tune.seed=1")
+    p.add_argument("--trials", type=int, required=True, help="trials to add to the study in this process")
+    p.add_argument("--storage", default=None,
+                   help="study storage URL: postgresql://user:PASSWORD@host/db to share a study between workers, "
+                        "or sqlite:///path (default: <output_dir>/<name>-tune/study.db)")
+    p.add_argument("--study", default=None, help="study name (default: the config's name)")
+    p.add_argument("--timeout", type=float, default=None, help="start no new trial after this many seconds")
+    p.add_argument("--data", help="data root (default: $FEWSHOT_DATA)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="mean accuracy +- 95%% CI over fixed-seed test episodes")
     p.add_argument("run")

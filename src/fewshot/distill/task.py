@@ -33,6 +33,7 @@ from fewshot.distill.teacher import Teacher, check_no_leak, load_teacher
 from fewshot.errors import ConfigError
 from fewshot.learners.base import LearnerOutput, embedding_dim_of
 from fewshot.training.data import RunData, load_run_data
+from fewshot.training.distributed import World
 from fewshot.training.loop import TrainObjective, TrainResult, train
 
 TERMS = ("kd_episode", "kd_class", "hint", "rkd_distance", "rkd_angle")
@@ -144,20 +145,22 @@ def baseline_config(config: RunConfig) -> RunConfig:
 
 
 def distill(config: RunConfig, *, data: RunData | None = None, progress: bool = True, resume: bool = True,
-            report: bool = True) -> dict[str, Any]:
-    """Train every generation (and the baseline), then write the distillation report."""
-    data = data or load_run_data(config.data, progress=progress)
+            report: bool = True, world: World | None = None) -> dict[str, Any]:
+    """Train every generation (and the baseline), then write the distillation report. Under
+    torchrun every rank calls this with its `world`; rank 0 writes the report."""
+    world = world or World()
+    data = data or load_run_data(config.data, progress=progress and world.is_main)
     results: dict[str, TrainResult] = {}
     gens = generation_configs(config)
     for cfg in gens:
         results[cfg.name] = train(cfg, data=data, progress=progress, resume=resume,
-                                  objective_factory=objective_factory(cfg, data))
+                                  objective_factory=objective_factory(cfg, data), world=world)
     alone = None
     if config.distill is not None and config.distill.baseline:
         alone = baseline_config(config)
-        results[alone.name] = train(alone, data=data, progress=progress, resume=resume)
+        results[alone.name] = train(alone, data=data, progress=progress, resume=resume, world=world)
     summary: dict[str, Any] = {"runs": {k: str(v.run_dir) for k, v in results.items()}}
-    if report:
+    if report and world.is_main:
         from fewshot.distill.report import write_report
 
         summary["report"] = str(write_report(config, gens, alone, data=data, progress=progress))

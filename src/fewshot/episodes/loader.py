@@ -7,7 +7,7 @@ pickles the cache path, not the array), and after a resume at any index.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +93,29 @@ def _identity(x: Any) -> Any:
     return x
 
 
+class IndexSampler(Sampler[int]):
+    """Yields the given episode indices in order (a rank's share of a distributed run's stream)."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        self.indices = list(indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def episode_loader(
-    dataset: EpisodeDataset, *, start: int = 0, count: int = 1000, num_workers: int = 0
+    dataset: EpisodeDataset, *, start: int = 0, count: int = 1000, num_workers: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> DataLoader[Episode]:
-    """A DataLoader yielding `Episode`s index `start..start+count-1` (one episode per item)."""
+    """A DataLoader yielding `Episode`s index `start..start+count-1` (one episode per item), or
+    exactly `indices` when given."""
+    sampler: Sampler[int] = RangeSampler(start, count) if indices is None else IndexSampler(indices)
     return DataLoader(
         dataset,
-        sampler=RangeSampler(start, count),
+        sampler=sampler,
         batch_size=None,
         num_workers=num_workers,
         collate_fn=_identity,

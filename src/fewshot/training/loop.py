@@ -2,8 +2,13 @@
 
 Step `s` consumes episodes `s * meta_batch .. (s + 1) * meta_batch - 1` (or batch `s`) of the run's
 seed, so the data stream after a resume is the one an uninterrupted run would have seen; the
-optimizer and torch RNG states come back from the checkpoint. On CPU a resumed run reproduces an
-uninterrupted one exactly.
+optimizer state comes back from the checkpoint. On CPU a resumed run reproduces an uninterrupted
+one exactly.
+
+Under torchrun (`world.size > 1`, see `fewshot.training.distributed`) rank r takes its contiguous
+slice of each step's meta-batch (or batch), so `train.steps` is the same global work and the same
+episodes whatever the number of processes, and a run resumes with another number of processes.
+Only rank 0 validates and writes the run folder (checkpoints, metrics, plots).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,7 @@ from fewshot.training.checkpoint import (
     save_checkpoint,
 )
 from fewshot.training.data import RunData, load_run_data
+from fewshot.training.distributed import DistributedError, World, any_rank, barrier
 from fewshot.training.evaluate import evaluate_episodes
 from fewshot.training.plots import plot_curves
 from fewshot.training.trainer import Trainer
@@ -48,8 +54,9 @@ VAL_SEED_OFFSET = 100_003
 class TrainResult:
     run_dir: Path
     steps: int
-    best_val_acc: float
+    best_val_acc: float  # rank 0's (the rank that validates) under torchrun; -1 on the others
     elapsed_s: float
+    learner: Any = field(default=None, repr=False, compare=False)  # this process's trained learner (last step)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -199,7 +206,9 @@ class _Session:
     trainer: Trainer
     objective: TrainObjective | None
     base_manifest: dict[str, Any]
+    world: World = World()
     start: int = 0
+    saved_step: int = 0  # the step of the last checkpoint written (or resumed from)
     best: float = -1.0
     elapsed_before: float = 0.0
 
@@ -208,8 +217,12 @@ class _Session:
         return self.config.run_dir() / "checkpoints"
 
 
-def _setup(config: RunConfig, data: RunData, objective_factory: Callable[[Any], TrainObjective] | None) -> _Session:
-    device = resolve_device(config.train.device)
+def _setup(config: RunConfig, data: RunData, objective_factory: Callable[[Any], TrainObjective] | None,
+           world: World) -> _Session:
+    tc = config.train
+    world.split(tc.batch_size if learner_data_kind(config) == "batches" else tc.meta_batch,
+                "train.batch_size" if learner_data_kind(config) == "batches" else "train.meta_batch")
+    device = world.device_for(resolve_device(tc.device))
     learner = build_learner(config, data, data.cache.image_shape).to(device)
     from fewshot.precision import select_precision
 
@@ -218,11 +231,17 @@ def _setup(config: RunConfig, data: RunData, objective_factory: Callable[[Any], 
     params = list(learner.parameters()) + (list(objective.parameters()) if objective is not None else [])
     optimizer = make_optimizer(params, config.train)
     trainer = Trainer(learner, optimizer, objective=objective, accumulate=config.train.accumulate,
-                      grad_clip=config.train.grad_clip)
+                      grad_clip=config.train.grad_clip, world=world)
     base = _model_manifest(learner, config, data)
     if objective is not None:
         base["objective"] = objective.describe()
-    return _Session(config, data, device, learner, trainer, objective, base)
+    return _Session(config, data, device, learner, trainer, objective, base, world)
+
+
+def learner_data_kind(config: RunConfig) -> str:
+    from fewshot.learners import learner_class
+
+    return str(learner_class(config.model.learner).data_kind)
 
 
 def _restore(s: _Session) -> None:
@@ -250,25 +269,42 @@ def _restore(s: _Session) -> None:
     load_training_state(last, s.trainer.optimizer)
     metrics = manifest.get("metrics", {})
     s.start, s.best = int(manifest["step"]), float(metrics.get("best_val_acc", -1.0))
+    s.saved_step = s.start
     s.elapsed_before = float(metrics.get("elapsed_s", 0.0))
 
 
 def _batches(s: _Session) -> Callable[[int], Any]:
-    """step -> its batch: episodes `step * meta_batch ...` (or batch `step`) of the run's seed."""
-    config, data, tc = s.config, s.data, s.config.train
+    """step -> its batch: episodes `step * meta_batch ...` (or batch `step`) of the run's seed;
+    under torchrun, this rank's contiguous slice of them."""
+    config, data, tc, world = s.config, s.data, s.config.train, s.world
     pool = data.pool("train", add_rotations=config.data.train_rotations)
     aug = Augment(tc.crop_pad, tc.hflip, rrc_scale=tc.rrc_scale, rrc_ratio=tc.rrc_ratio,
                   color_jitter=tc.color_jitter, hue_jitter=tc.hue_jitter)
     if s.learner.data_kind == "batches":
-        return lambda step: sample_batch(data.cache, pool, tc.batch_size, config.seed, step, aug)
+        if not world.distributed:
+            return lambda step: sample_batch(data.cache, pool, tc.batch_size, config.seed, step, aug)
+        per = world.split(tc.batch_size, "train.batch_size")
+        lo = world.rank * per
+
+        def slice_of(step: int) -> Any:  # the global batch `step`, of which this rank trains its slice
+            x, y = sample_batch(data.cache, pool, tc.batch_size, config.seed, step, aug)
+            return x[lo:lo + per], y[lo:lo + per]
+
+        return slice_of
     episodes = EpisodeDataset(data.cache, pool, EpisodeSpec(tc.way, tc.shot, tc.query), seed=config.seed,
                               mode=tc.domain_mode, aug=aug)
     mb = tc.meta_batch
+    per = world.split(mb, "train.meta_batch")
+    first = world.rank * per
+
+    def indices(step: int) -> list[int]:
+        return [step * mb + first + j for j in range(per)]
+
     if tc.num_workers > 0:  # the same episodes, built in worker processes
-        stream = iter(episode_loader(episodes, start=s.start * mb, count=(tc.steps - s.start) * mb,
+        stream = iter(episode_loader(episodes, indices=[i for st in range(s.start, tc.steps) for i in indices(st)],
                                      num_workers=tc.num_workers))
-        return lambda step: [next(stream) for _ in range(mb)]
-    return lambda step: [episodes[step * mb + j] for j in range(mb)]
+        return lambda step: [next(stream) for _ in range(per)]
+    return lambda step: [episodes[i] for i in indices(step)]
 
 
 def _validate(s: _Session) -> tuple[float, float]:
@@ -288,32 +324,50 @@ def _save(s: _Session, tag: str, step: int, metrics: dict[str, Any], with_optimi
                     extra={OBJECTIVE_WEIGHTS: s.objective} if s.objective is not None else None)
 
 
+def _step(s: _Session, batch_for: Callable[[int], Any], step: int, lr: float) -> dict[str, float]:
+    """One trainer step; under torchrun, a lost peer becomes an error naming the intact checkpoint."""
+    if not s.world.distributed:
+        return s.trainer.step(batch_for(step), lr)
+    try:
+        return s.trainer.step(batch_for(step), lr)
+    except RuntimeError as exc:  # gloo / NCCL: a peer died or the group broke
+        raise DistributedError(
+            f"rank {s.world.rank} of {s.world.size} lost the other processes at step {step + 1} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}); the last checkpoint "
+            f"(step {s.saved_step}) in {s.ckpt_dir / 'last'} is intact: rerun the same torchrun command to "
+            "resume (with any --nproc-per-node that divides the meta-batch)") from None
+
+
 def _run_steps(s: _Session, progress: bool, on_step: Callable[[int, dict[str, float]], None] | None) -> tuple[int, dict[str, float]]:
-    tc = s.config.train
+    tc, main = s.config.train, s.world.is_main
     batch_for = _batches(s)
     t0 = time.perf_counter()
-    log = MetricsLog(s.config.run_dir() / "metrics.csv", s.start)
-    bar = tqdm(range(s.start, tc.steps), initial=s.start, total=tc.steps, desc=s.config.name, disable=not progress)
+    log = MetricsLog(s.config.run_dir() / "metrics.csv", s.start) if main else None
+    bar = tqdm(range(s.start, tc.steps), initial=s.start, total=tc.steps, desc=s.config.name,
+               disable=not (progress and main))
     metrics: dict[str, float] = {}
     done = s.start
     for step in bar:
         lr = lr_at(step, tc)
-        metrics = s.trainer.step(batch_for(step), lr)
+        metrics = _step(s, batch_for, step, lr)
         done = step + 1
-        out_of_time = tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds
+        out_of_time = any_rank(tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds,
+                               s.world, s.device)
         elapsed = s.elapsed_before + time.perf_counter() - t0
         row: dict[str, Any] = {"step": done, "lr": lr, "elapsed_s": round(elapsed, 3), **metrics}
-        if done % tc.val_every == 0 or done == tc.steps or out_of_time:
+        if main and (done % tc.val_every == 0 or done == tc.steps or out_of_time):
             row["val_acc"], row["val_ci95"] = _validate(s)
             if row["val_acc"] == row["val_acc"] and row["val_acc"] > s.best:
                 s.best = row["val_acc"]
                 _save(s, "best", done, {"val_acc": s.best, "val_ci95": row["val_ci95"]}, with_optimizer=False)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{row['val_acc']:.3f}")
-        log.append(row)
-        if done % tc.checkpoint_every == 0 or done == tc.steps or out_of_time:
+        if log is not None:
+            log.append(row)
+        if main and (done % tc.checkpoint_every == 0 or done == tc.steps or out_of_time):
             _save(s, "last", done, {"best_val_acc": s.best, "elapsed_s": elapsed, **metrics}, with_optimizer=True)
-        if on_step is not None:
-            on_step(done, metrics)
+            s.saved_step = done
+        if on_step is not None:  # the step's terms, plus val_acc / val_ci95 on validation steps
+            on_step(done, {**metrics, **{k: row[k] for k in ("val_acc", "val_ci95") if k in row}})
         if out_of_time:
             break
     s.elapsed_before += time.perf_counter() - t0
@@ -328,33 +382,45 @@ def train(
     resume: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     objective_factory: Callable[[Any], TrainObjective] | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train `config` into `config.run_dir()`; resumes from its last checkpoint when one exists.
 
     `objective_factory(learner)` adds terms to the learner's loss (distillation: see
-    `fewshot.distill.distill`, which is how a config with a `distill` section is run)."""
+    `fewshot.distill.distill`, which is how a config with a `distill` section is run). `world`:
+    this process's rank in a torchrun launch whose process group is joined
+    (`fewshot.training.distributed.process_group`); every rank calls `train` with the same config."""
+    world = world or World()
     if config.distill is not None and objective_factory is None:
         raise ConfigError(f"config {config.name!r} has a distill section; run it with `fewshot distill CONFIG`")
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = data or load_run_data(config.data, progress=progress)
-    s = _setup(config, data, objective_factory)
+    data = data or load_run_data(config.data, progress=progress and world.is_main)
+    s = _setup(config, data, objective_factory, world)
     if resume:
         _restore(s)
     before = s.elapsed_before
-    dump_config(config, run_dir / "config.yaml")
-    atomic_write_json(run_dir / "train_classes.json", {"split": data.scheme, "classes": data.class_names("train")})
+    if world.is_main:
+        dump_config(config, run_dir / "config.yaml")
+        atomic_write_json(run_dir / "train_classes.json", {"split": data.scheme, "classes": data.class_names("train")})
     done, metrics = _run_steps(s, progress, on_step)
-    if "val" not in data.splits:  # no validation split: the final model is the one to keep
+    session = s.elapsed_before - before
+    if world.is_main:
+        _finish(s, done, metrics, session)
+    barrier(world)  # every rank returns once the run folder is complete
+    return TrainResult(run_dir, done, s.best, session, s.learner)
+
+
+def _finish(s: _Session, done: int, metrics: dict[str, float], session: float) -> None:
+    config, run_dir = s.config, s.config.run_dir()
+    if "val" not in s.data.splits:  # no validation split: the final model is the one to keep
         _save(s, "best", done, dict(metrics), with_optimizer=False)
     plot_curves(run_dir / "metrics.csv", run_dir / "curves.png",
                 title=f"{config.name}: {config.model.learner} / {config.model.backbone}")
-    session = s.elapsed_before - before
     atomic_write_json(run_dir / "train_summary.json", {
         "steps": done, "best_val_acc": s.best, "train_seconds_this_session": round(session, 2),
         "train_seconds_total": round(s.elapsed_before, 2), "device": str(s.device),
-        "precision": s.learner.precision.dtype, "torch": torch.__version__})
-    return TrainResult(run_dir, done, s.best, session)
+        "precision": s.learner.precision.dtype, "torch": torch.__version__, "world_size": s.world.size})
 
 
 def check_run_dir(run_dir: Path) -> Path:

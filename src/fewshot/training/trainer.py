@@ -4,13 +4,19 @@
 `accumulate` parts), runs `learner.compute` on each, lets an optional objective (distillation)
 add its terms, backpropagates `terms["loss"]` weighted by the micro-batch's share of the batch
 (loss-scaled under fp16), clips the global gradient norm, and steps the optimiser. Reptile's outer
-update arrives as a pseudo-gradient like any other loss (see `fewshot.learners.reptile`), and a
-distributed wrapper only has to average gradients before `_apply`.
+update arrives as a pseudo-gradient like any other loss (see `fewshot.learners.reptile`).
+
+Distributed (`world.size > 1`): the learner and the objective are wrapped together in
+`DistributedDataParallel`, which averages their gradients across ranks during the last
+micro-batch's backward (the others run under `no_sync`); each rank's batch is its slice of the
+global one, so the averaged gradient is the global batch's and every rank applies the same step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,6 +24,7 @@ from torch import Tensor
 from fewshot.episodes.types import Episode
 from fewshot.errors import ConfigError
 from fewshot.learners.base import Batch, FewShotLearner, LearnerOutput
+from fewshot.training.distributed import World, all_mean
 
 Objective = Callable[[LearnerOutput], dict[str, Tensor]]
 
@@ -43,6 +50,31 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
     return [batch[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+class _Terms(torch.nn.Module):
+    """Learner + objective as one module whose forward is the training terms (what DDP wraps)."""
+
+    def __init__(self, learner: FewShotLearner, objective: Objective | None) -> None:
+        super().__init__()
+        self.learner = learner
+        self.objective = objective if isinstance(objective, torch.nn.Module) else None
+        self._objective_fn = objective
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        out = self.learner.compute(batch)
+        return self._objective_fn(out) if self._objective_fn is not None else out.terms
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device, find_unused: bool) -> Any:
+    """DistributedDataParallel over `module` (its parameters broadcast from rank 0 on entry).
+    `find_unused`: search the graph for parameters a step leaves unused (Meta-SGD's body learning
+    rates on the closed-form path; a distillation objective's idle projectors), which DDP must
+    otherwise wait for forever."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" and device.index is not None else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+
+
 class Trainer:
     """Backward, precision (loss scaling), accumulation, clipping and the optimiser step."""
 
@@ -54,6 +86,7 @@ class Trainer:
         objective: Objective | None = None,
         accumulate: int = 1,
         grad_clip: float | None = None,
+        world: World | None = None,
     ) -> None:
         if accumulate < 1:
             raise ConfigError(f"accumulate must be >= 1; got {accumulate}")
@@ -61,6 +94,12 @@ class Trainer:
             raise ConfigError(f"grad_clip must be > 0 or None; got {grad_clip}")
         self.learner, self.optimizer, self.objective = learner, optimizer, objective
         self.accumulate, self.grad_clip = accumulate, grad_clip
+        self.world = world or World()
+        self.ddp = None
+        if self.world.distributed:
+            has_own = isinstance(objective, torch.nn.Module) and any(p.requires_grad for p in objective.parameters())
+            unused = bool(getattr(learner, "may_leave_parameters_unused", False)) or has_own
+            self.ddp = wrap_ddp(_Terms(learner, objective), learner.device, unused)
         policy = learner.precision
         self.scaler = torch.amp.GradScaler(policy.device_type) if policy.needs_grad_scaler else None
 
@@ -69,6 +108,8 @@ class Trainer:
 
     def terms(self, batch: Batch) -> dict[str, Tensor]:
         """The learner's terms, plus the objective's when there is one."""
+        if self.ddp is not None:
+            return dict(self.ddp(batch))
         out = self.learner.compute(batch)
         return self.objective(out) if self.objective is not None else out.terms
 
@@ -88,21 +129,26 @@ class Trainer:
             self.optimizer.step()
 
     def step(self, batch: Batch, lr: float | None = None) -> dict[str, float]:
-        """One optimiser step on `batch`; returns the batch's mean of every term."""
+        """One optimiser step on `batch` (this rank's slice when distributed); returns the global
+        batch's mean of every term."""
         if lr is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         total = batch_size(batch)
         sums: dict[str, float] = {}
-        for mb in self.micro_batches(batch):
+        mbs = self.micro_batches(batch)
+        for i, mb in enumerate(mbs):
             share = batch_size(mb) / total
-            terms = self.terms(mb)
-            if "loss" not in terms:
-                raise ConfigError(f"{type(self.learner).__name__}.compute returned no 'loss' term: {sorted(terms)}")
-            self._backward(terms["loss"] * share)
+            # DDP averages gradients once, in the last micro-batch's backward
+            sync = self.ddp.no_sync() if self.ddp is not None and i < len(mbs) - 1 else nullcontext()
+            with sync:
+                terms = self.terms(mb)
+                if "loss" not in terms:
+                    raise ConfigError(f"{type(self.learner).__name__}.compute returned no 'loss' term: {sorted(terms)}")
+                self._backward(terms["loss"] * share)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * share
         self._apply()
         self.optimizer.zero_grad(set_to_none=True)
-        return sums
+        return all_mean(sums, self.world, self.learner.device)

@@ -89,6 +89,8 @@ def process_group(world: World, device_type: str = "cpu", timeout_s: float = 180
         return
     if not dist.is_available():
         raise DistributedError("this torch build has no torch.distributed; run one process (no torchrun)")
+    if device_type == "cuda":  # NCCL: one GPU per rank (the launcher's process, not library state)
+        torch.cuda.set_device(world.local_rank)
     try:
         dist.init_process_group(backend_for(device_type), rank=world.rank, world_size=world.size,
                                 timeout=datetime.timedelta(seconds=timeout_s))

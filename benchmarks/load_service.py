@@ -7,7 +7,13 @@ against real server processes on loopback:
   * sqlite:   one service process on an SQLite file;
   * postgres: `--replicas` processes (default 2) sharing one PostgreSQL database (a throwaway
               server started here, or `--db postgresql://...`); each client talks to one replica,
-              so classes made on one are extended and classified on the other.
+              so classes made on one are extended and classified on the other. Replicas learn of
+              each other's changes by LISTEN/NOTIFY;
+  * postgres-polling: the same with FEWSHOT_STORE_NOTIFICATIONS=0 (a version read per request);
+  * replicas: postgres, then postgres-polling.
+
+For the PostgreSQL scenarios each replica's /metrics is read before and after the load: workspace
+version reads (`fewshot_store_version_reads_total`) per request, and notifications received.
 
 Afterwards, with the servers still up: every acknowledged registration (class id, label, at least
 its acknowledged examples, at most those plus the images of unanswered requests) must be in the
@@ -26,6 +32,7 @@ numbers to --out (JSON) with the torch version, machine and date.
     python benchmarks/load_service.py --scenario sqlite --duration 10
     python benchmarks/load_service.py --scenario postgres --replicas 2 --db postgresql://u:p@host/db
     python benchmarks/load_service.py --scenario postgres --pg-restart --duration 30
+    python benchmarks/load_service.py --scenario replicas --duration 60 --out benchmarks/results/load_replicas.json
 """
 
 from __future__ import annotations
@@ -278,6 +285,34 @@ async def prototype_check(args: argparse.Namespace, ports: Sequence[int], db_url
     return {"max_abs_diff": worst, "problems": problems}
 
 
+async def store_counters(ports: Sequence[int]) -> list[dict[str, float]]:
+    """Each replica's store counters from /metrics (version reads, notifications received)."""
+    names = {"fewshot_store_version_reads_total": "version_reads", "fewshot_store_notifications_total": "notifications",
+             "fewshot_store_listener_connects_total": "listener_connects"}
+    out = []
+    for port in ports:
+        status, resp = await _admin(port, "GET", "/metrics", ADMIN)
+        found: dict[str, float] = {}
+        for line in resp.decode(errors="replace").splitlines() if status == 200 else []:
+            name, _, value = line.partition(" ")
+            if name in names:
+                found[names[name]] = float(value)
+        out.append(found)
+    return out
+
+
+def read_report(samples: list[Sample], before: list[dict[str, float]], after: list[dict[str, float]]) -> dict[str, Any]:
+    """Version reads and notifications per replica during the load, against its requests."""
+    per = []
+    for r, (b, a) in enumerate(zip(before, after)):
+        n = sum(s.replica == r for s in samples)
+        delta = {k: a.get(k, 0.0) - b.get(k, 0.0) for k in ("version_reads", "notifications", "listener_connects")}
+        per.append({"replica": r, "requests": n, **delta, "version_reads_per_request": delta["version_reads"] / max(n, 1)})
+    reads, n = sum(p["version_reads"] for p in per), sum(p["requests"] for p in per)
+    return {"replicas": per, "version_reads": reads, "requests": n, "version_reads_per_request": reads / max(n, 1),
+            "notifications": sum(p["notifications"] for p in per)}
+
+
 # -- reporting -------------------------------------------------------------------------------------
 def summarise(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {"requests": len(samples), "wall_s": wall_s, "requests_per_s": len(samples) / wall_s}
@@ -327,11 +362,16 @@ def restart_report(samples: list[Sample], marks: dict[str, Any], leaks: int) -> 
 
 
 def report(results: dict[str, Any]) -> str:
-    rows, checks, restarts = [], [], []
+    rows, checks, restarts, reads = [], [], [], []
     for sc in results["scenarios"]:
         s, v = sc["load"], sc["verify"]
         errors = ", ".join(f"{k}: {n}" for k, n in s["status_counts"].items() if not k.split()[1].startswith("2")) or "none"
         name = f"{sc['scenario']} x{sc['replicas']}" + (" + pg restart" if sc.get("restart") else "")
+        if sc.get("store_reads"):
+            r = sc["store_reads"]
+            reads.append([name, "on" if sc["notifications"] else "off", r["requests"], int(r["version_reads"]),
+                          f"{r['version_reads_per_request']:.4f}", int(r["notifications"]),
+                          " / ".join(f"{p['version_reads_per_request']:.4f}" for p in r["replicas"])])
         for kind in ("classify", "register"):
             k = s[kind]
             rows.append([name, kind, k["n"], k["ok"], k["n"] / s["wall_s"], k["client_p50_ms"], k["client_p99_ms"],
@@ -356,6 +396,9 @@ def report(results: dict[str, Any]) -> str:
                   "server p99 ms"], rows), "",
            table(["scenario", "requests", "non-2xx (kind status: count)", "acked classes / examples",
                   "stored classes / examples", "prototype diff", "verification"], checks)]
+    if reads:
+        out += ["", table(["scenario", "notifications", "requests", "version reads", "reads / request",
+                           "notifications received", "reads / request by replica"], reads)]
     if restarts:
         out += ["", table(["scenario", "stop mode", "down s", "5xx other than 503", "no answer", "non-2xx by status",
                            "leaking bodies", "503 window", "first ok register after up (s)",
@@ -370,6 +413,7 @@ def report(results: dict[str, Any]) -> str:
 async def run_scenario(args: argparse.Namespace, name: str, bundle: Path, tmp: Path) -> dict[str, Any]:
     cluster: PgCluster | None = None
     replicas = 1 if name == "sqlite" else args.replicas
+    notifications = name == "postgres"
     if name == "sqlite":
         db_url = f"sqlite:///{tmp / 'load.db'}"
     elif args.db:
@@ -380,8 +424,9 @@ async def run_scenario(args: argparse.Namespace, name: str, bundle: Path, tmp: P
             raise SystemExit("PostgreSQL binaries (initdb, pg_ctl) not found; install postgresql or pass --db")
         cluster = PgCluster(bin_dir)
         db_url = cluster.database(f"load_{uuid.uuid4().hex[:8]}")
-    servers = [ServiceProcess(bundle, db_url, tmp / f"{name}-{r}.log", log_level="warning",
-                              env={"FEWSHOT_SYNC_INTERVAL_S": str(args.sync_interval_s)}) for r in range(replicas)]
+    env = {"FEWSHOT_SYNC_INTERVAL_S": str(args.sync_interval_s), "FEWSHOT_STORE_NOTIFICATIONS": str(int(notifications))}
+    servers = [ServiceProcess(bundle, db_url, tmp / f"{name}-{r}.log", log_level="warning", env=env)
+               for r in range(replicas)]
     ledger = Ledger(prefix="L-")
     marks: dict[str, Any] = {}
     try:
@@ -391,9 +436,11 @@ async def run_scenario(args: argparse.Namespace, name: str, bundle: Path, tmp: P
         workspaces = await setup_workspaces(ports[0], args.workspaces, ledger)
         load = Load(args, ports, workspaces, ledger)
         restart = asyncio.create_task(pg_restart(args, cluster, load, marks)) if args.pg_restart and cluster else None
+        before = await store_counters(ports)
         wall = await load.run(args.duration)
         if restart is not None:
             await restart
+        after = await store_counters(ports)
         verified = await verify(args, ports, db_url, bundle, workspaces, ledger)
     finally:
         for s in servers:
@@ -401,7 +448,9 @@ async def run_scenario(args: argparse.Namespace, name: str, bundle: Path, tmp: P
         if cluster is not None:
             cluster.close()
     result = {"scenario": name, "replicas": replicas, "db": "sqlite" if name == "sqlite" else "postgresql",
-              "load": summarise(load.samples, wall), "verify": verified}
+              "notifications": notifications, "load": summarise(load.samples, wall), "verify": verified}
+    if name != "sqlite":
+        result["store_reads"] = read_report(load.samples, before, after)
     if marks:
         assert cluster is not None
         leaks = sum(bool(cluster.secrets_in(x.body, db_url.rsplit("/", 1)[1])) for x in load.samples)
@@ -425,7 +474,8 @@ async def pg_restart(args: argparse.Namespace, cluster: PgCluster, load: Load, m
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=["sqlite", "postgres", "all"], default="all")
+    p.add_argument("--scenario", choices=["sqlite", "postgres", "postgres-polling", "replicas", "all"], default="all",
+                   help="all: sqlite, postgres; replicas: postgres (notifications on), postgres-polling (off)")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--duration", type=float, default=120.0, help="seconds of load per scenario")
     p.add_argument("--max-requests", type=int, default=200_000, help="request budget per scenario")
@@ -447,21 +497,25 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--pg-restart needs the throwaway PostgreSQL this script starts; drop --db")
     if args.duration > 900 or args.clients > 256:
         p.error("bounded: --duration <= 900 s, --clients <= 256")
-    names = ["sqlite", "postgres"] if args.scenario == "all" else [args.scenario]
+    names = {"all": ["sqlite", "postgres"], "replicas": ["postgres", "postgres-polling"]}.get(args.scenario,
+                                                                                          [args.scenario])
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fewshot-load-") as tmp:
         bundle = args.bundle or make_bundle(Path(tmp) / "bundle")
         scenarios = [asyncio.run(run_scenario(args, n, bundle, Path(tmp))) for n in names]
     results = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "command": " ".join(["python", *sys.argv]) if argv is None else f"main({argv!r})",
                "torch": metadata.version("torch"), "onnxruntime": metadata.version("onnxruntime"),
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                            "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]},
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "db"},
                "scenarios": scenarios}
-    print(report(results))
+    text = report(results)
+    print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
-    print(f"\nraw numbers: {args.out}")
+    args.out.with_suffix(".md").write_text(f"{text}\n\nCommand: `{results['command']}`\n\nraw numbers: {args.out.name}\n")
+    print(f"\nraw numbers: {args.out} (tables: {args.out.with_suffix('.md')})")
     if any(sc["verify"]["problems"] or sc.get("restart", {}).get("verdict") == "FAIL" for sc in scenarios):
         sys.exit(1)
 

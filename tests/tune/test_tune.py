@@ -1,0 +1,129 @@
+"""`fewshot tune`: an Optuna study over a config's tune.space on a tiny image folder made here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fewshot.cli import main
+from fewshot.config import load_config
+from fewshot.errors import ConfigError
+from fewshot.training.data import RunData, load_run_data
+from fewshot.tune import redact, storage_url, tune
+
+CONFIG = """\
+name: tiny
+data: {dataset: tiny, image_size: 16, split: classes}
+model: {backbone: conv4, backbone_args: {hidden: 8}}
+train: {steps: 4, way: 3, shot: 1, query: 2, val_every: 2, val_episodes: 8, val_way: 3, val_query: 3,
+        checkpoint_every: 4, precision: fp32, device: cpu}
+tune:
+  startup_trials: 1
+  space:
+    train.lr: {type: float, low: 0.0003, high: 0.01, log: true}
+    train.way: {type: int, low: 2, high: 4}
+    model.backbone_args.hidden: {type: categorical, choices: [4, 8]}
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """20 classes of a fixed random pattern plus per-image noise, 6 images each."""
+    rng = np.random.default_rng(1)
+    for c in range(20):
+        pattern = rng.random((16, 16)) < 0.3
+        folder = tmp_path / "data" / "tiny" / f"d{c % 2}" / f"k{c}"
+        folder.mkdir(parents=True)
+        for i in range(6):
+            img = pattern ^ (rng.random((16, 16)) < 0.05)
+            Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEWSHOT_DATA", str(tmp_path / "data"))
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    return tmp_path
+
+
+def _summary(workdir: Path) -> dict:
+    return json.loads((workdir / "runs" / "tiny-tune" / "trials.json").read_text())
+
+
+def test_tune_writes_a_runnable_best_config_and_the_study_resumes(
+        workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tune", "c.yaml", "--trials", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\ntrial ") == 3 and "best validation accuracy" in out
+    folder = workdir / "runs" / "tiny-tune"
+    for name in ("study.db", "trials.csv", "trials.json", "history.png", "best_config.yaml"):
+        assert (folder / name).is_file(), name
+    assert len((folder / "trials.csv").read_text().strip().splitlines()) == 1 + 3
+    summary = _summary(workdir)
+    assert summary["best_value"] > 0 and (folder / f"trial-{summary['best_trial']:04d}").is_dir()
+    assert (folder / "importance.png").is_file() or any("importance" in n for n in summary["notes"])
+
+    best = load_config(folder / "best_config.yaml")
+    assert best.name == "tiny-tuned" and best.tune is None and best.train.lr == summary["best_params"]["train.lr"]
+    assert main(["train", str(folder / "best_config.yaml"), "train.steps=2"]) == 0
+    assert (workdir / "runs" / "tiny-tuned" / "checkpoints" / "best").is_dir()
+
+    assert main(["tune", "c.yaml", "--trials", "1"]) == 0  # joins the same study: 4 trials in all
+    assert "3 trials so far" in capsys.readouterr().out
+    assert [t["number"] for t in _summary(workdir)["trials"]] == [0, 1, 2, 3]
+
+
+def test_a_clearly_worse_trial_is_pruned(workdir: Path) -> None:
+    import optuna
+
+    config = load_config("c.yaml", ["train.steps=8", "train.val_every=4", "tune.warmup_steps=4"])
+    url = storage_url(None, workdir / "runs" / "tiny-tune")
+    (workdir / "runs" / "tiny-tune").mkdir(parents=True)
+    study = optuna.create_study(storage=url, study_name="tiny", direction="maximize")
+    study.enqueue_trial({"train.lr": 0.005, "train.way": 4, "model.backbone_args.hidden": 8})
+    study.enqueue_trial({"train.lr": 0.0003, "train.way": 2, "model.backbone_args.hidden": 4})  # hardly learns
+    res = tune(config, trials=2, progress=False, echo=lambda _: None)
+    assert res.counts == {"complete": 1, "pruned": 1}
+    pruned = _summary(workdir)["trials"][1]
+    assert pruned["state"] == "pruned" and pruned["last_step"] < 8
+
+
+@pytest.mark.parametrize(("space", "expected"), [
+    ("train.lr: {type: float, low: 0.01, high: 0.001}", "low 0.01 must be < high 0.001"),
+    ("train.lr: {type: float, low: 0, high: 0.01, log: true}", "log scale needs low > 0"),
+    ("model.backbone_args.hidden: {type: categorical, choices: []}", "non-empty list of choices"),
+    ("train.lrate: {type: float, low: 0.001, high: 0.01}", "'train.lrate' is not a config field"),
+    ("train.way: {type: int, low: 1, high: 5}", "the value 1 gives an invalid config"),
+    ("train.val_way: {type: int, low: 2, high: 5}", "'train.val_way' cannot be tuned"),
+])
+def test_bad_search_spaces_are_refused_with_the_fix(
+        workdir: Path, capsys: pytest.CaptureFixture[str], space: str, expected: str) -> None:
+    (workdir / "bad.yaml").write_text(CONFIG.split("  space:")[0] + "  space:\n    " + space + "\n")
+    assert main(["tune", "bad.yaml", "--trials", "1"]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (workdir / "runs").exists()  # refused before any trial
+
+
+def test_an_unreachable_storage_is_named_without_its_password(
+        workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = "postgresql://user:secret@127.0.0.1:1/db"
+    assert main(["tune", "c.yaml", "--trials", "1", "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert "postgresql+psycopg://user:***@127.0.0.1:1/db" in err and "--storage" in err
+    assert "secret" not in err
+    assert redact("postgresql://u:p@ss@h/db") == "postgresql://u:***@h/db"
+
+
+def test_a_config_without_a_validation_split_is_refused(workdir: Path) -> None:
+    config = load_config("c.yaml")
+    full = load_run_data(config.data, progress=False)
+    no_val = RunData(full.cache, {k: v for k, v in full.splits.items() if k != "val"}, full.scheme)
+    with pytest.raises(ConfigError, match="no validation split.*never on test classes"):
+        tune(config, trials=1, data=no_val, progress=False, echo=lambda _: None)
+    assert not list((workdir / "runs" / "tiny-tune").glob("trial-*"))
+
+
+def test_a_config_without_a_search_space_is_refused(workdir: Path) -> None:
+    with pytest.raises(ConfigError, match="no tune.space"):
+        tune(load_config("c.yaml", ["tune=null"]), trials=1, progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -127,3 +128,55 @@ def test_a_config_without_a_validation_split_is_refused(workdir: Path) -> None:
 def test_a_config_without_a_search_space_is_refused(workdir: Path) -> None:
     with pytest.raises(ConfigError, match="no tune.space"):
         tune(load_config("c.yaml", ["tune=null"]), trials=1, progress=False)
+
+
+def test_a_distill_config_tunes_its_distillation_terms(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    teacher = CONFIG.split("tune:")[0].replace("name: tiny", "name: teacher")
+    (workdir / "teacher.yaml").write_text(teacher)
+    assert main(["train", "teacher.yaml"]) == 0
+    (workdir / "student.yaml").write_text(
+        CONFIG.split("  space:")[0].replace("name: tiny", "name: student")
+        + "  space:\n    distill.temperature: {type: float, low: 1.0, high: 8.0}\n"
+        + "distill: {teachers: [{path: runs/teacher}], kd_episode_weight: 1.0, rkd_distance_weight: 1.0}\n")
+    assert main(["tune", "student.yaml", "--trials", "2"]) == 0
+    folder = workdir / "runs" / "student-tune"
+    best = load_config(folder / "best_config.yaml")
+    assert best.distill is not None and 1.0 <= best.distill.temperature <= 8.0
+    manifest = json.loads((folder / "trial-0000" / "checkpoints" / "last" / "manifest.json").read_text())
+    assert "teachers" in json.dumps(manifest)  # trained with the distillation objective
+    (workdir / "gens.yaml").write_text((workdir / "student.yaml").read_text().replace(
+        "rkd_distance_weight: 1.0}", "rkd_distance_weight: 1.0, generations: 2}"))
+    assert main(["tune", "gens.yaml", "--trials", "1"]) == 2
+    assert "set distill.generations=1" in capsys.readouterr().err
+
+
+def _postgres_server() -> Any:
+    """tests/service/postgres_server.py (a throwaway server), loaded by path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "service" / "postgres_server.py"
+    spec = importlib.util.spec_from_file_location("tune_postgres_server", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.postgres
+def test_workers_on_two_machines_join_one_postgresql_study(workdir: Path) -> None:
+    from conftest import require_or_skip
+
+    pg = _postgres_server()
+    bin_dir = pg.find_pg_bin()
+    if bin_dir is None:
+        require_or_skip("PostgreSQL binaries (initdb, pg_ctl) not found; apt-get install -y postgresql")
+    with pg.postgres_server(bin_dir) as url:
+        assert url.startswith("postgresql://")
+        assert main(["tune", "c.yaml", "--trials", "2", "--storage", url]) == 0
+        # a second worker with its own run folders (another machine), same command and study
+        assert main(["tune", "c.yaml", "output_dir=elsewhere", "--trials", "1", "--storage", url]) == 0
+        there = json.loads((workdir / "elsewhere" / "tiny-tune" / "trials.json").read_text())
+        assert [t["number"] for t in there["trials"]] == [0, 1, 2] and there["storage"].startswith(
+            "postgresql+psycopg://")
+        assert (workdir / "elsewhere" / "tiny-tune" / "trial-0002").is_dir()
+        assert not (workdir / "elsewhere" / "tiny-tune" / "trial-0000").exists()

@@ -1,5 +1,6 @@
-"""Hyper-parameter search on Omniglot: an Optuna study (`fewshot.tune`) against the hand-written
-config (configs/protonet_omniglot.yaml) at the same training budget.
+"""Hyper-parameter search on Omniglot: an Optuna study (`fewshot.tune` over the space of
+configs/tune_protonet_omniglot.yaml) against the hand-written config (configs/protonet_omniglot.yaml)
+at the same training budget.
 
 Every trial and the hand config train `--steps` episodes (validation every steps / 4 on the hand
 config's 20-way 1-shot validation episodes, which score the trials). The best trial's run and the
@@ -27,24 +28,19 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = [("test", 5, 1), ("test", 5, 5), ("test", 20, 1), ("val", 5, 1)]
-SPACE = {
-    "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-    "train.way": {"type": "int", "low": 10, "high": 60, "step": 5},
-    "train.shot": {"type": "int", "low": 1, "high": 5},
-    "train.query": {"type": "int", "low": 2, "high": 10},
-    "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
-    "model.backbone_args.hidden": {"type": "categorical", "choices": [32, 64]},
-}
 
 
-def base_config(args: argparse.Namespace, name: str, tune: dict[str, Any] | None) -> Any:
+def base_config(args: argparse.Namespace, config: str, name: str) -> Any:
+    """`configs/<config>` at the benchmark's budget, named `name`, in the benchmark's run folder."""
     from fewshot.config import config_from_dict
 
-    data = yaml.safe_load((ROOT / "configs" / "protonet_omniglot.yaml").read_text(encoding="utf-8"))
+    data = yaml.safe_load((ROOT / "configs" / config).read_text(encoding="utf-8"))
     every = max(1, args.steps // 4)
     data["train"] = {**data["train"], "steps": args.steps, "val_every": every, "checkpoint_every": args.steps,
                      "val_episodes": args.val_episodes}
-    return config_from_dict({**data, "name": name, "output_dir": args.runs, "tune": tune}, "bench_tune")
+    if "tune" in data:
+        data["tune"] = {**data["tune"], "warmup_steps": every}
+    return config_from_dict({**data, "name": name, "output_dir": args.runs}, "bench_tune")
 
 
 def evaluate(run_dir: Path, data: Any) -> dict[str, Any]:
@@ -74,10 +70,8 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/tune.json")
     args = p.parse_args()
 
-    tune_section = {"seed": 0, "sampler": "tpe", "pruner": "median", "startup_trials": 4,
-                    "warmup_steps": max(1, args.steps // 4), "space": SPACE}
-    tuned_cfg = base_config(args, "protonet-omniglot", tune_section)
-    hand_cfg = base_config(args, "protonet-omniglot-hand", None)
+    tuned_cfg = base_config(args, "tune_protonet_omniglot.yaml", "protonet-omniglot")
+    hand_cfg = base_config(args, "protonet_omniglot.yaml", "protonet-omniglot-hand")
     data = load_run_data(tuned_cfg.data, progress=False)
 
     t0 = time.perf_counter()
@@ -118,7 +112,7 @@ def main() -> None:
     out = {"date": datetime.now(timezone.utc).isoformat(timespec="minutes"), "torch": torch.__version__,
            "python": platform.python_version(), "machine": platform.machine(), "cpus": torch.get_num_threads(),
            "command": " ".join(["python", *sys.argv]), "steps_per_trial": args.steps,
-           "val_episodes": args.val_episodes, "space": SPACE, "tune": tune_section, "counts": result.counts,
+           "val_episodes": args.val_episodes, "tune": tuned_cfg.to_dict()["tune"], "counts": result.counts,
            "study_seconds_this_session": round(study_s, 1), "hand_train_seconds_this_session": round(hand_s, 1),
            "best_config": str(result.best_config), "importances": summary["importances"],
            "notes": summary["notes"], "trials": summary["trials"], "rows": rows}

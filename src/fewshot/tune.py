@@ -252,8 +252,9 @@ def _fmt_params(params: dict[str, Any]) -> str:
 
 def progress_line(study: Any, trial: Any) -> str:
     state = trial.state.name.lower()
-    value = f"{100 * trial.value:.2f}%" if trial.value is not None else (
-        f"pruned at step {trial.last_step}" if trial.last_step is not None and state == "pruned" else state)
+    value = "-" if trial.value is None else f"{100 * trial.value:.2f}%"
+    if state == "pruned" and trial.last_step is not None:  # its value: the last one it reported
+        value = f"{value} at step {trial.last_step}"
     try:
         best = f"best so far {100 * study.best_value:.2f}% (trial {study.best_trial.number})"
     except ValueError:
@@ -386,7 +387,7 @@ def plot_history(rows: list[dict[str, Any]], path: Path) -> Path:
     fig = _figure(7, 4)
     ax = fig.add_subplot()
     done = [(r["number"], 100 * r["value"]) for r in rows if r["state"] == "complete"]
-    pruned = [(r["number"], 100 * max(r["intermediate"].values())) for r in rows
+    pruned = [(r["number"], 100 * r["intermediate"][str(r["last_step"])]) for r in rows
               if r["state"] == "pruned" and r["intermediate"]]
     if done:
         x, y = zip(*done)

@@ -55,6 +55,22 @@ def test_feed_trusts_only_a_connected_current_epoch_and_newest_version() -> None
     assert f.bad_payloads.value == 5 and f.notifications.value == 2 and f.connects.value == 2
 
 
+def test_feed_bounded_forgetting_starts_a_new_epoch() -> None:
+    """Past `max_known` workspaces the feed forgets them all, and no snapshot checked before is
+    trusted (forgetting `ws_a:6` must not make a version-5 snapshot look current)."""
+    f = VersionFeed(max_known=3)
+    f.listening()
+    e1 = f.epoch()
+    f.notified(payload("ws_a", 6))
+    for w in ("ws_b", "ws_c"):
+        f.notified(payload(w, 1))
+    assert f.epoch() == e1 and f.known("ws_a") == 6
+    f.notified(payload("ws_d", 1))
+    e2 = f.epoch()
+    assert e2 != e1 and f.known("ws_a") is None and f.known("ws_d") == 1
+    assert not f.is_current("ws_a", 5, e1) and f.is_current("ws_a", 6, e2)
+
+
 # -- the recogniser with a feed (SQLite, feed driven by hand) ---------------------------------------
 @dataclass
 class Pair:

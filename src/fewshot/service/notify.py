@@ -56,9 +56,13 @@ def payload(workspace_id: str, version: int | None) -> str:
 
 
 class VersionFeed:
-    """What this process knows of the store's workspace versions beyond its snapshots."""
+    """What this process knows of the store's workspace versions beyond its snapshots. At most
+    `max_known` workspaces are remembered: past that (a flood of notifications for workspaces this
+    process never serves) it forgets them all and begins a new epoch, so every snapshot is read
+    once more rather than trusted without what was forgotten."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_known: int = 100_000) -> None:
+        self.max_known = max_known
         self._lock = threading.Lock()
         self._latest: dict[str, int] = {}
         self._epoch = 0
@@ -96,6 +100,9 @@ class VersionFeed:
         """Workspace `workspace_id` has reached (at least) `version` in the store."""
         with self._lock:
             if version > self._latest.get(workspace_id, -1):
+                if workspace_id not in self._latest and len(self._latest) >= self.max_known:
+                    self._latest.clear()
+                    self._epoch += 1
                 self._latest[workspace_id] = version
 
     # -- the recogniser's questions -----------------------------------------------------------------

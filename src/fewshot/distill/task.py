@@ -32,9 +32,9 @@ from fewshot.distill.losses import HintLoss, RKDAngle, RKDDistance, SoftLogitKD
 from fewshot.distill.teacher import Teacher, check_no_leak, load_teacher
 from fewshot.errors import ConfigError
 from fewshot.learners.base import LearnerOutput, embedding_dim_of
-from fewshot.training.data import RunData, load_run_data
+from fewshot.training.data import RunData
 from fewshot.training.distributed import World
-from fewshot.training.loop import TrainObjective, TrainResult, train
+from fewshot.training.loop import TrainObjective, TrainResult, load_data_once, train
 
 TERMS = ("kd_episode", "kd_class", "hint", "rkd_distance", "rkd_angle")
 
@@ -149,7 +149,7 @@ def distill(config: RunConfig, *, data: RunData | None = None, progress: bool = 
     """Train every generation (and the baseline), then write the distillation report. Under
     torchrun every rank calls this with its `world`; rank 0 writes the report."""
     world = world or World()
-    data = data or load_run_data(config.data, progress=progress and world.is_main)
+    data = data or load_data_once(config, progress, world)
     results: dict[str, TrainResult] = {}
     gens = generation_configs(config)
     for cfg in gens:

@@ -323,7 +323,6 @@ class MetaSGD(MAML):
     """
 
     name = "metasgd"
-    may_leave_parameters_unused = True  # the closed-form path reads only the head's learning rates (DDP)
 
     def __init__(self, backbone: nn.Module, **kwargs: object) -> None:
         super().__init__(backbone, **kwargs)

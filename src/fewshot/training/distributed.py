@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,9 +72,24 @@ class World:
 
     def device_for(self, device: torch.device) -> torch.device:
         """Each rank on its own GPU (its local rank) when training on CUDA."""
-        if device.type == "cuda" and self.distributed and device.index is None:
-            return torch.device("cuda", self.local_rank)
-        return device
+        if device.type != "cuda" or not self.distributed:
+            return device
+        if device.index is not None:
+            raise ConfigError(f"train.device={str(device)!r} would put every rank on one GPU; under torchrun use "
+                              "device auto or cuda (rank r takes GPU LOCAL_RANK)")
+        if self.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {self.local_rank} has no GPU (this machine has "
+                              f"{torch.cuda.device_count()}); use --nproc-per-node <= the number of GPUs")
+        return torch.device("cuda", self.local_rank)
+
+
+# how gloo / NCCL report a peer that died or a group that broke (gloo raises plain RuntimeErrors)
+_COMM_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset|refused)|broken pipe|timed out|timeout", re.I)
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """A failure of the process group (a peer gone, a timeout), not of this rank's own work."""
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and bool(_COMM_FAILURE.search(str(exc))))
 
 
 def backend_for(device_type: str) -> str:
@@ -100,6 +116,7 @@ def process_group(world: World, device_type: str = "cpu", timeout_s: float = 180
                                "command (torchrun --nproc-per-node N -m fewshot train CONFIG)") from None
     try:
         yield world
+        dist.barrier()  # leave together: a rank tearing down while a peer still talks can abort it
     finally:
         dist.destroy_process_group()
 

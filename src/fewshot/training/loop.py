@@ -17,7 +17,8 @@ import csv
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from fewshot.training.checkpoint import (
     save_checkpoint,
 )
 from fewshot.training.data import RunData, load_run_data
-from fewshot.training.distributed import DistributedError, World, any_rank, barrier
+from fewshot.training.distributed import DistributedError, World, any_rank, barrier, is_comm_failure
 from fewshot.training.evaluate import evaluate_episodes
 from fewshot.training.plots import plot_curves
 from fewshot.training.trainer import Trainer
@@ -208,7 +209,6 @@ class _Session:
     base_manifest: dict[str, Any]
     world: World = World()
     start: int = 0
-    saved_step: int = 0  # the step of the last checkpoint written (or resumed from)
     best: float = -1.0
     elapsed_before: float = 0.0
 
@@ -269,7 +269,6 @@ def _restore(s: _Session) -> None:
     load_training_state(last, s.trainer.optimizer)
     metrics = manifest.get("metrics", {})
     s.start, s.best = int(manifest["step"]), float(metrics.get("best_val_acc", -1.0))
-    s.saved_step = s.start
     s.elapsed_before = float(metrics.get("elapsed_s", 0.0))
 
 
@@ -324,18 +323,22 @@ def _save(s: _Session, tag: str, step: int, metrics: dict[str, Any], with_optimi
                     extra={OBJECTIVE_WEIGHTS: s.objective} if s.objective is not None else None)
 
 
-def _step(s: _Session, batch_for: Callable[[int], Any], step: int, lr: float) -> dict[str, float]:
-    """One trainer step; under torchrun, a lost peer becomes an error naming the intact checkpoint."""
-    if not s.world.distributed:
-        return s.trainer.step(batch_for(step), lr)
+@contextmanager
+def _group_guard(s: _Session, step: int) -> Iterator[None]:
+    """Under torchrun, a lost peer or a broken group becomes an error naming the checkpoint on disk
+    and the command that resumes; any other error passes through unchanged."""
     try:
-        return s.trainer.step(batch_for(step), lr)
-    except RuntimeError as exc:  # gloo / NCCL: a peer died or the group broke
+        yield
+    except RuntimeError as exc:
+        if not (s.world.distributed and is_comm_failure(exc)):
+            raise
+        last = s.ckpt_dir / "last"
+        saved = (f"the last checkpoint (step {read_manifest(last)['step']}) in {last} is intact"
+                 if (last / "manifest.json").is_file() else "no checkpoint was written yet")
         raise DistributedError(
-            f"rank {s.world.rank} of {s.world.size} lost the other processes at step {step + 1} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}); the last checkpoint "
-            f"(step {s.saved_step}) in {s.ckpt_dir / 'last'} is intact: rerun the same torchrun command to "
-            "resume (with any --nproc-per-node that divides the meta-batch)") from None
+            f"rank {s.world.rank} of {s.world.size} lost the other processes at step {step} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {saved}: rerun the same "
+            "torchrun command to resume (with any --nproc-per-node that divides the meta-batch)") from exc
 
 
 def _run_steps(s: _Session, progress: bool, on_step: Callable[[int, dict[str, float]], None] | None) -> tuple[int, dict[str, float]]:
@@ -349,10 +352,11 @@ def _run_steps(s: _Session, progress: bool, on_step: Callable[[int, dict[str, fl
     done = s.start
     for step in bar:
         lr = lr_at(step, tc)
-        metrics = _step(s, batch_for, step, lr)
         done = step + 1
-        out_of_time = any_rank(tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds,
-                               s.world, s.device)
+        with _group_guard(s, done):
+            metrics = s.trainer.step(batch_for(step), lr)
+            out_of_time = any_rank(tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds,
+                                   s.world, s.device)
         elapsed = s.elapsed_before + time.perf_counter() - t0
         row: dict[str, Any] = {"step": done, "lr": lr, "elapsed_s": round(elapsed, 3), **metrics}
         if main and (done % tc.val_every == 0 or done == tc.steps or out_of_time):
@@ -365,7 +369,6 @@ def _run_steps(s: _Session, progress: bool, on_step: Callable[[int, dict[str, fl
             log.append(row)
         if main and (done % tc.checkpoint_every == 0 or done == tc.steps or out_of_time):
             _save(s, "last", done, {"best_val_acc": s.best, "elapsed_s": elapsed, **metrics}, with_optimizer=True)
-            s.saved_step = done
         if on_step is not None:  # the step's terms, plus val_acc / val_ci95 on validation steps
             on_step(done, {**metrics, **{k: row[k] for k in ("val_acc", "val_ci95") if k in row}})
         if out_of_time:
@@ -395,7 +398,7 @@ def train(
         raise ConfigError(f"config {config.name!r} has a distill section; run it with `fewshot distill CONFIG`")
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = data or load_run_data(config.data, progress=progress and world.is_main)
+    data = data or load_data_once(config, progress, world)
     s = _setup(config, data, objective_factory, world)
     if resume:
         _restore(s)
@@ -407,8 +410,17 @@ def train(
     session = s.elapsed_before - before
     if world.is_main:
         _finish(s, done, metrics, session)
-    barrier(world)  # every rank returns once the run folder is complete
+    with _group_guard(s, done):
+        barrier(world)  # every rank returns once the run folder is complete
     return TrainResult(run_dir, done, s.best, session, s.learner)
+
+
+def load_data_once(config: RunConfig, progress: bool, world: World) -> RunData:
+    """The run's data; under torchrun rank 0 prepares the cache (when it is missing or stale)
+    while the others wait, then they open it: one build, no race on the cache folder."""
+    first = load_run_data(config.data, progress=progress) if world.is_main else None
+    barrier(world)
+    return first if first is not None else load_run_data(config.data, progress=False)
 
 
 def _finish(s: _Session, done: int, metrics: dict[str, float], session: float) -> None:

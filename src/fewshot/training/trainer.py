@@ -64,15 +64,15 @@ class _Terms(torch.nn.Module):
         return self._objective_fn(out) if self._objective_fn is not None else out.terms
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device, find_unused: bool) -> Any:
-    """DistributedDataParallel over `module` (its parameters broadcast from rank 0 on entry).
-    `find_unused`: search the graph for parameters a step leaves unused (Meta-SGD's body learning
-    rates on the closed-form path; a distillation objective's idle projectors), which DDP must
-    otherwise wait for forever."""
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> Any:
+    """DistributedDataParallel over `module` (its parameters broadcast from rank 0 on entry). It
+    searches each step's graph for parameters the step leaves unused (Meta-SGD's body learning
+    rates on the closed-form path, a backbone's spare classifier, an idle projector), which DDP
+    would otherwise wait for forever; the search costs one graph traversal per step."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" and device.index is not None else None
-    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
 
 
 class Trainer:
@@ -95,11 +95,7 @@ class Trainer:
         self.learner, self.optimizer, self.objective = learner, optimizer, objective
         self.accumulate, self.grad_clip = accumulate, grad_clip
         self.world = world or World()
-        self.ddp = None
-        if self.world.distributed:
-            has_own = isinstance(objective, torch.nn.Module) and any(p.requires_grad for p in objective.parameters())
-            unused = bool(getattr(learner, "may_leave_parameters_unused", False)) or has_own
-            self.ddp = wrap_ddp(_Terms(learner, objective), learner.device, unused)
+        self.ddp = wrap_ddp(_Terms(learner, objective), learner.device) if self.world.distributed else None
         policy = learner.precision
         self.scaler = torch.amp.GradScaler(policy.device_type) if policy.needs_grad_scaler else None
 

@@ -203,7 +203,8 @@ def trial_config(config: RunConfig, params: dict[str, Any], number: int) -> RunC
     return with_params(config, params, name=f"trial-{number:04d}", output_dir=str(study_dir(config)), tune=None)
 
 
-def _reporter(trial: Any) -> Callable[[int, dict[str, float]], None]:
+def _reporter(trial: Any, last_step: int) -> Callable[[int, dict[str, float]], None]:
+    """Report validation accuracy; prune before `last_step` (a trial at its last step is complete)."""
     import optuna
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
@@ -211,7 +212,7 @@ def _reporter(trial: Any) -> Callable[[int, dict[str, float]], None]:
         if val is None or not math.isfinite(val):
             return
         trial.report(val, step)
-        if trial.should_prune():
+        if step < last_step and trial.should_prune():
             raise optuna.TrialPruned(f"validation accuracy {val:.4f} at step {step} is below the median")
 
     return on_step
@@ -237,7 +238,7 @@ def objective(config: RunConfig, data: RunData) -> Callable[[Any], float]:
     def run(trial: Any) -> float:
         cfg = trial_config(config, suggest(trial, space), trial.number)
         trial_data = data if cfg.data == config.data else load_run_data(cfg.data, progress=False)
-        value = run_trial(cfg, trial_data, _reporter(trial))
+        value = run_trial(cfg, trial_data, _reporter(trial, cfg.train.steps))
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"trial {trial.number} recorded no validation accuracy (got {value}); "
                               "check train.val_every <= train.steps")

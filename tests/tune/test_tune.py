@@ -180,3 +180,26 @@ def test_workers_on_two_machines_join_one_postgresql_study(workdir: Path) -> Non
             "postgresql+psycopg://")
         assert (workdir / "elsewhere" / "tiny-tune" / "trial-0002").is_dir()
         assert not (workdir / "elsewhere" / "tiny-tune" / "trial-0000").exists()
+
+
+def test_a_trial_at_its_last_step_is_complete_not_pruned() -> None:
+    import optuna
+
+    from fewshot.tune import _reporter
+
+    class AlwaysBelowMedian:
+        reported: list[tuple[float, int]] = []
+
+        def report(self, value: float, step: int) -> None:
+            self.reported.append((value, step))
+
+        def should_prune(self) -> bool:
+            return True
+
+    trial = AlwaysBelowMedian()
+    on_step = _reporter(trial, last_step=8)
+    on_step(3, {"loss": 1.0})  # not a validation step: nothing reported
+    on_step(8, {"loss": 1.0, "val_acc": 0.4})
+    with pytest.raises(optuna.TrialPruned, match="at step 4"):
+        on_step(4, {"loss": 1.0, "val_acc": 0.3})
+    assert trial.reported == [(0.4, 8), (0.3, 4)]

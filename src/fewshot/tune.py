@@ -1,7 +1,7 @@
 """`fewshot tune CONFIG --trials N`: an Optuna study over the config's `tune.space`.
 
 Each parameter of the space is a dotted config path ("train.lr", "model.backbone_args.hidden")
-applied with `fewshot.config.apply_overrides`. A trial trains `config + sampled values` with
+whose sampled value is set in the config as is. A trial trains `config + sampled values` with
 `fewshot.training.loop.train` (a config with a `distill` section: with the distillation objective
 of `fewshot distill`, one student taught by `distill.teachers`) into
 `<output_dir>/<name>-tune/trial-NNNN`, reports its validation accuracy at every validation step
@@ -12,7 +12,8 @@ them, and a config without one is refused.
 The study lives in an Optuna RDB storage: `<output_dir>/<name>-tune/study.db` (SQLite) by default,
 or a PostgreSQL URL, so that workers on several machines join one study by running the same
 command; running the command again adds `--trials` more trials to the same study. After the
-trials: `best_config.yaml` (a runnable config: `fewshot train best_config.yaml`), `trials.csv`,
+trials: `best_config.yaml` (a runnable config: `fewshot train best_config.yaml`, or `fewshot
+distill` when it has a distill section), `trials.csv`,
 `trials.json`, `history.png` and, when it can be computed, `importance.png`.
 """
 
@@ -32,11 +33,10 @@ from fewshot.config import (
     ParamSpec,
     RunConfig,
     TuneConfig,
-    apply_overrides,
     config_from_dict,
     dump_config,
 )
-from fewshot.errors import ConfigError, EpisodeError
+from fewshot.errors import ConfigError, FewshotError
 from fewshot.io import atomic_write_json, atomic_write_text
 from fewshot.training.data import RunData, load_run_data
 
@@ -71,13 +71,23 @@ def tune_section(config: RunConfig) -> TuneConfig:
     return config.tune
 
 
-def _override(path: str, value: Any) -> str:
-    return f"{path}={json.dumps(value)}"  # JSON is YAML: the value is parsed back as given
+def _set(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set dotted `path` in nested `data` to `value` as is (no text round trip: 5e-05 stays a float)."""
+    *parents, last = path.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"tune.space[{path!r}]: {part!r} is not a section; fix the path")
+        node = child
+    node[last] = value
 
 
 def with_params(config: RunConfig, params: dict[str, Any], **top: Any) -> RunConfig:
     """`config` with the dotted-path `params` applied (and top-level fields such as name replaced)."""
-    data = apply_overrides(config.to_dict(), [_override(k, v) for k, v in params.items()])
+    data = config.to_dict()
+    for path, value in params.items():
+        _set(data, path, value)
     return config_from_dict({**data, **top}, f"<{config.name} with {params}>")
 
 
@@ -116,8 +126,10 @@ def suggest(trial: Any, space: dict[str, ParamSpec]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- storage
 
 
-def study_dir(config: RunConfig) -> Path:
-    return Path(config.output_dir) / f"{config.name}-tune"
+def study_dir(config: RunConfig, study_name: str | None = None) -> Path:
+    """<output_dir>/<name>-tune for the default study; <output_dir>/<name>-tune-<study> for a named one."""
+    default = f"{config.name}-tune"
+    return Path(config.output_dir) / (default if study_name in (None, config.name) else f"{default}-{study_name}")
 
 
 def storage_url(url: str | None, default_dir: Path) -> str:
@@ -134,8 +146,14 @@ def storage_url(url: str | None, default_dir: Path) -> str:
 
 
 def redact(url: str) -> str:
-    """`url` with its password replaced by ***."""
-    return re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", url)
+    """`url` with its password replaced by ***: everything between the user's ':' and the last '@'
+    (a host holds no '@'; a password may hold '/' or '@'), and any ?password= parameter."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        if ":" in userinfo:
+            rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    return re.sub(r"(?i)(password=)[^&]*", r"\1***", scheme + sep + rest)
 
 
 def open_storage(url: str) -> Any:
@@ -152,18 +170,23 @@ def open_storage(url: str) -> Any:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=60, grace_period=180)
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        password = _password(url)
-        if password:
-            reason = reason.replace(password, "***")
+        for secret in _passwords(url):
+            reason = reason.replace(secret, "***")
         raise ConfigError(
             f"cannot open the study storage {redact(url)}: {type(exc).__name__}: {reason}; check that the database "
             "server is running and reachable and the user, password and database name are right, or leave out "
             "--storage to keep the study in a SQLite file") from None
 
 
-def _password(url: str) -> str:
-    m = re.search(r"://[^:/@]*:([^/]*)@", url)
-    return m.group(1) if m else ""
+def _passwords(url: str) -> list[str]:
+    """The password of `url` as written and percent-decoded, to scrub from driver messages."""
+    from urllib.parse import unquote
+
+    _, sep, rest = url.partition("://")
+    userinfo = rest.rpartition("@")[0] if sep else ""
+    found = [userinfo.split(":", 1)[1]] if ":" in userinfo else []
+    found += re.findall(r"(?i)password=([^&]+)", url)
+    return sorted({v for p in found for v in (p, unquote(p)) if p}, key=len, reverse=True)
 
 
 def open_study(config: RunConfig, url: str, name: str) -> Any:
@@ -174,10 +197,29 @@ def open_study(config: RunConfig, url: str, name: str) -> Any:
     storage = open_storage(url)
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
                                 pruner=make_pruner(tc))
+    fingerprint = base_fingerprint(config)
+    saved = study.user_attrs.get("base_config")
+    if saved is None:
+        study.set_user_attr("base_config", fingerprint)
+        study.set_user_attr("base_config_dict", config.to_dict())
+    elif saved != fingerprint:
+        raise ConfigError(f"study {name!r} was run with another base config (everything but tune.space's values "
+                          "must match to compare its trials); use --study NEW_NAME for a new study, or the config "
+                          "the study was started with")
     # the seed moves with the study's length: a resumed study or a joining worker does not replay the
     # random startup trials already run
     study.sampler = make_sampler(tc, tc.seed + len(study.trials))
     return study
+
+
+def base_fingerprint(config: RunConfig) -> str:
+    """What a joining worker or a resumed study must share: the config except where runs are written."""
+    import hashlib
+
+    data = {k: v for k, v in config.to_dict().items() if k not in ("output_dir",)}
+    if isinstance(data.get("data"), dict):
+        data["data"] = {k: v for k, v in data["data"].items() if k not in ("root", "cache_dir")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_sampler(tc: TuneConfig, seed: int) -> Any:
@@ -199,8 +241,8 @@ def make_pruner(tc: TuneConfig) -> Any:
 # --------------------------------------------------------------------------- trials
 
 
-def trial_config(config: RunConfig, params: dict[str, Any], number: int) -> RunConfig:
-    return with_params(config, params, name=f"trial-{number:04d}", output_dir=str(study_dir(config)), tune=None)
+def trial_config(config: RunConfig, params: dict[str, Any], number: int, out: Path) -> RunConfig:
+    return with_params(config, params, name=f"trial-{number:04d}", output_dir=str(out), tune=None)
 
 
 def _reporter(trial: Any, last_step: int) -> Callable[[int, dict[str, float]], None]:
@@ -232,11 +274,11 @@ def run_trial(cfg: RunConfig, data: RunData, on_step: Callable[[int, dict[str, f
     return float(result.best_val_acc)
 
 
-def objective(config: RunConfig, data: RunData) -> Callable[[Any], float]:
+def objective(config: RunConfig, data: RunData, out: Path) -> Callable[[Any], float]:
     space = tune_section(config).space
 
     def run(trial: Any) -> float:
-        cfg = trial_config(config, suggest(trial, space), trial.number)
+        cfg = trial_config(config, suggest(trial, space), trial.number, out)
         trial_data = data if cfg.data == config.data else load_run_data(cfg.data, progress=False)
         value = run_trial(cfg, trial_data, _reporter(trial, cfg.train.steps))
         if not math.isfinite(value) or value < 0:
@@ -285,16 +327,19 @@ def tune(config: RunConfig, *, trials: int, storage: str | None = None, study_na
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"--timeout {timeout}: give a positive number of seconds, or leave it out")
     check_space(config)
-    out = study_dir(config)
+    out = study_dir(config, study_name)
     url = storage_url(storage, out)
     out.mkdir(parents=True, exist_ok=True)
     study = open_study(config, url, study_name or config.name)
     data = data or load_run_data(config.data, progress=progress)
     _require_val(data, config)
     echo(f"study {study.study_name!r} in {redact(url)}: {len(study.trials)} trials so far; running {trials} more")
-    study.optimize(objective(config, data), n_trials=trials, timeout=timeout, catch=(EpisodeError,),
-                   callbacks=[lambda s, t: echo(progress_line(s, t))], gc_after_trial=True)
-    return write_outputs(config, study, out, redact(url), echo)
+    try:  # a trial that fails (a bad sampled combination, out of memory) is recorded as failed; the study goes on
+        study.optimize(objective(config, data, out), n_trials=trials, timeout=timeout,
+                       catch=(FewshotError, MemoryError), callbacks=[lambda s, t: echo(progress_line(s, t))], gc_after_trial=True)
+    finally:
+        result = write_outputs(config, study, out, redact(url), echo)
+    return result
 
 
 def write_outputs(config: RunConfig, study: Any, out: Path, shown_url: str,

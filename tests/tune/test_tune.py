@@ -203,3 +203,35 @@ def test_a_trial_at_its_last_step_is_complete_not_pruned() -> None:
     with pytest.raises(optuna.TrialPruned, match="at step 4"):
         on_step(4, {"loss": 1.0, "val_acc": 0.3})
     assert trial.reported == [(0.4, 8), (0.3, 4)]
+
+
+def test_sampled_values_keep_their_type_in_free_form_sections(workdir: Path) -> None:
+    from fewshot.tune import with_params
+
+    cfg = with_params(load_config("c.yaml"), {"model.learner_args.inner_lr": 5e-05, "train.lr": 1e-05})
+    assert cfg.model.learner_args["inner_lr"] == 5e-05 and cfg.train.lr == 1e-05  # not the string '5e-05'
+
+
+def test_a_named_study_has_its_own_folder_and_a_changed_base_config_is_refused(workdir: Path) -> None:
+    config = load_config("c.yaml")
+    quiet: dict[str, Any] = {"progress": False, "echo": lambda _: None}
+    first = tune(config, trials=1, **quiet)
+    other = tune(config, trials=1, study_name="second", **quiet)
+    assert first.study_dir != other.study_dir and (other.study_dir / "trial-0000").is_dir()
+    changed = load_config("c.yaml", ["train.steps=6"])
+    with pytest.raises(ConfigError, match="another base config.*--study NEW_NAME"):
+        tune(changed, trials=1, **quiet)
+
+
+def test_a_failing_trial_fails_alone_and_the_outputs_are_written(workdir: Path) -> None:
+    """A way of 30 cannot be served by 20 classes: each such trial fails, the study goes on."""
+    config = load_config("c.yaml", ["tune.space={train.way: {type: categorical, choices: [30]}}"])
+    res = tune(config, trials=3, progress=False, echo=lambda _: None)
+    assert res.counts == {"fail": 3} and res.best_config is None
+    assert res.files["trials_json"].is_file()
+
+
+def test_fields_that_change_the_scoring_cannot_be_tuned(workdir: Path) -> None:
+    for path in ("seed", "data.lake_val_fraction", "distill.generations"):
+        with pytest.raises(ConfigError, match="cannot be tuned"):
+            load_config("c.yaml", [f"tune.space={{{path}: {{type: int, low: 0, high: 2}}}}"])

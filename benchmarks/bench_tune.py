@@ -8,7 +8,7 @@ hand run are then evaluated by the field's protocol on the test classes (600 fix
 95% CI; 5-way 1-shot, 5-way 5-shot and the config's 20-way 1-shot) and on the validation classes.
 The study is resumable: a re-run adds only the trials still missing and reuses finished runs.
 
-    python benchmarks/bench_tune.py --trials 12 --steps 300 --val-episodes 100 --replicates 2
+    python benchmarks/bench_tune.py --trials 12 --steps 300 --val-episodes 100 --replicates 4
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--timeout-min", type=float, default=45.0, help="start no new trial after this")
     p.add_argument("--runs", default="runs/bench-tune")
     p.add_argument("--out", default="benchmarks/results/tune.json")
-    p.add_argument("--replicates", type=int, default=2,
+    p.add_argument("--replicates", type=int, default=4,
                    help="also train the hand and the best config with seeds 1 .. N-1 (test 5w1s / 5w5s)")
     args = p.parse_args()
 

@@ -12,6 +12,7 @@ trainer wraps the learner (and a distillation objective's projectors) in
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -116,6 +117,7 @@ def process_group(world: World, device_type: str = "cpu", timeout_s: float = 180
                                "command (torchrun --nproc-per-node N -m fewshot train CONFIG)") from None
     try:
         yield world
+        gc.collect()  # drop finished DDP reducers / gloo work before the group goes (they hold tensors)
         dist.barrier()  # leave together: a rank tearing down while a peer still talks can abort it
     finally:
         dist.destroy_process_group()

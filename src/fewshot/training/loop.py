@@ -220,8 +220,10 @@ class _Session:
 def _setup(config: RunConfig, data: RunData, objective_factory: Callable[[Any], TrainObjective] | None,
            world: World) -> _Session:
     tc = config.train
-    world.split(tc.batch_size if learner_data_kind(config) == "batches" else tc.meta_batch,
-                "train.batch_size" if learner_data_kind(config) == "batches" else "train.meta_batch")
+    if learner_data_kind(config) == "batches":  # refused before the model is built
+        world.split(tc.batch_size, "train.batch_size")
+    else:
+        world.split(tc.meta_batch, "train.meta_batch")
     device = world.device_for(resolve_device(tc.device))
     learner = build_learner(config, data, data.cache.image_shape).to(device)
     from fewshot.precision import select_precision
@@ -280,12 +282,10 @@ def _batches(s: _Session) -> Callable[[int], Any]:
     aug = Augment(tc.crop_pad, tc.hflip, rrc_scale=tc.rrc_scale, rrc_ratio=tc.rrc_ratio,
                   color_jitter=tc.color_jitter, hue_jitter=tc.hue_jitter)
     if s.learner.data_kind == "batches":
-        if not world.distributed:
-            return lambda step: sample_batch(data.cache, pool, tc.batch_size, config.seed, step, aug)
         per = world.split(tc.batch_size, "train.batch_size")
         lo = world.rank * per
 
-        def slice_of(step: int) -> Any:  # the global batch `step`, of which this rank trains its slice
+        def slice_of(step: int) -> Any:  # the global batch `step` (of which this rank trains its slice)
             x, y = sample_batch(data.cache, pool, tc.batch_size, config.seed, step, aug)
             return x[lo:lo + per], y[lo:lo + per]
 

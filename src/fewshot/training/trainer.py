@@ -56,12 +56,11 @@ class _Terms(torch.nn.Module):
     def __init__(self, learner: FewShotLearner, objective: Objective | None) -> None:
         super().__init__()
         self.learner = learner
-        self.objective = objective if isinstance(objective, torch.nn.Module) else None
-        self._objective_fn = objective
+        self.objective = objective  # registered as a submodule when it is one (its projectors train)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         out = self.learner.compute(batch)
-        return self._objective_fn(out) if self._objective_fn is not None else out.terms
+        return self.objective(out) if self.objective is not None else out.terms
 
 
 def wrap_ddp(module: torch.nn.Module, device: torch.device) -> Any:
@@ -95,7 +94,9 @@ class Trainer:
         self.learner, self.optimizer, self.objective = learner, optimizer, objective
         self.accumulate, self.grad_clip = accumulate, grad_clip
         self.world = world or World()
-        self.ddp = wrap_ddp(_Terms(learner, objective), learner.device) if self.world.distributed else None
+        terms = _Terms(learner, objective)
+        self.ddp = wrap_ddp(terms, learner.device) if self.world.distributed else None
+        self._forward = self.ddp if self.ddp is not None else terms
         policy = learner.precision
         self.scaler = torch.amp.GradScaler(policy.device_type) if policy.needs_grad_scaler else None
 
@@ -103,11 +104,8 @@ class Trainer:
         return [mb for part in split_batch(batch, self.accumulate) for mb in self.learner.micro_batches(part)]
 
     def terms(self, batch: Batch) -> dict[str, Tensor]:
-        """The learner's terms, plus the objective's when there is one."""
-        if self.ddp is not None:
-            return dict(self.ddp(batch))
-        out = self.learner.compute(batch)
-        return self.objective(out) if self.objective is not None else out.terms
+        """The learner's terms, plus the objective's when there is one (through DDP when distributed)."""
+        return dict(self._forward(batch))
 
     def _backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

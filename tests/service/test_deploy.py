@@ -33,7 +33,7 @@ def test_compose_has_postgres_two_replicas_and_nginx(compose: dict[str, Any]) ->
     assert len(replicas(compose)) == 2
     for name, svc in replicas(compose).items():
         assert svc["depends_on"]["postgres"]["condition"] == "service_healthy", name
-        assert "ports" not in svc, f"{name} publishes a port: only nginx should (FORWARDED_ALLOW_IPS is '*')"
+        assert "ports" not in svc, f"{name} publishes a port: only nginx should"
         assert svc["build"]["dockerfile"] == "deploy/Dockerfile" and (DEPLOY / "Dockerfile").is_file()
     assert compose["services"]["nginx"]["depends_on"] == {n: {"condition": "service_healthy"} for n in replicas(compose)}
 

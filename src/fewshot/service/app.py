@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException
 from fewshot.artifacts.bundle import Bundle
 from fewshot.artifacts.domain import STATS_SIDE
 from fewshot.errors import ConfigError, FewshotError
-from fewshot.service.auth import FailureThrottle, hash_key, key_matches, secret_matches
+from fewshot.service.auth import KeyGuard, hash_key, key_matches, secret_matches
 from fewshot.service.images import UploadError, decode_upload
 from fewshot.service.insight import (
     MAX_CELLS,
@@ -229,22 +229,31 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def _throttled(request: Request, key: str, what: str) -> None:
+    """429 + Retry-After while failed attempts of `key`'s kind are over their limit (`KeyGuard`)."""
+    guard: KeyGuard = request.app.state.key_guard
+    wait, scope = guard.retry_after(_client(request), key)
+    if wait:
+        where = "from this address" if scope == "per-address" else "from many addresses (a service-wide limit)"
+        raise ApiError(429, "too_many_attempts", f"too many failed {what} attempts {where}; retry in {wait} s",
+                       headers={"Retry-After": str(wait)})
+
+
 def check_admin(request: Request, settings: ServiceSettings) -> None:
-    """The admin key, or 401/403/429: failed attempts are throttled per client address."""
+    """The admin key, or 401/403/429: failed attempts are throttled (`KeyGuard`)."""
     key = _presented_key(request)
     if not settings.admin_key:
         raise ApiError(403, "forbidden", "admin routes (workspace creation, /metrics) are disabled: set "
                        "FEWSHOT_ADMIN_KEY on the server (or FEWSHOT_METRICS_PUBLIC=1 for /metrics)")
-    throttle: FailureThrottle = request.app.state.admin_throttle
-    wait = throttle.retry_after(_client(request))
-    if wait:
-        raise ApiError(429, "too_many_attempts", f"too many failed admin-key attempts from this address; retry "
-                       f"in {wait} s", headers={"Retry-After": str(wait)})
+    _throttled(request, key, "admin-key")
     if not key:
         raise ApiError(401, "unauthorized", "missing admin key; send 'Authorization: Bearer <admin key>'")
+    guard: KeyGuard = request.app.state.key_guard
     if not secret_matches(key, settings.admin_key):
-        throttle.failed(_client(request))
-        raise ApiError(401, "unauthorized", "wrong admin key")
+        guard.failed(_client(request), key)
+        raise ApiError(401, "unauthorized", "wrong admin key" + ("" if guard.is_admin_guess(key) else
+                       " (this is a workspace key: it opens its workspace's routes only)"))
+    guard.admin_succeeded(_client(request))
 
 
 def require_admin(request: Request, settings: SettingsDep) -> None:
@@ -263,12 +272,10 @@ def workspace_access(request: Request, ws: Annotated[str, PathParam(max_length=6
     if record is not None and key_matches(key, record.key_hash):
         return ws
     missing = ApiError(404, "not_found", f"workspace {_short(ws)!r} does not exist; list yours with the key it came with")
-    throttle: FailureThrottle = request.app.state.admin_throttle
-    wait = throttle.retry_after(_client(request))  # the admin key opens every route: guesses count everywhere
-    if wait:
-        raise ApiError(429, "too_many_attempts", f"too many failed key attempts from this address; retry in "
-                       f"{wait} s", headers={"Retry-After": str(wait)})
+    _throttled(request, key, "key")  # the admin key opens every route: guesses count everywhere
+    guard: KeyGuard = request.app.state.key_guard
     if secret_matches(key, settings.admin_key):
+        guard.admin_succeeded(_client(request))
         if record is None:
             raise missing
         return ws
@@ -277,7 +284,7 @@ def workspace_access(request: Request, ws: Annotated[str, PathParam(max_length=6
         if record is None:
             raise missing
         raise ApiError(403, "forbidden", f"this API key opens workspace {own.id!r}, not {_short(ws)!r}")
-    throttle.failed(_client(request))
+    guard.failed(_client(request), key)
     raise ApiError(401, "unauthorized", "wrong API key for this workspace")
 
 
@@ -427,7 +434,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                   description="Teach image classes from a few examples; classify, explain, reject unknowns.",
                   docs_url="/docs" if settings.docs else None, redoc_url="/redoc" if settings.docs else None)
     app.state.settings = settings
-    app.state.admin_throttle = FailureThrottle(limit=settings.admin_failures_per_minute, window_s=60.0)
+    app.state.key_guard = KeyGuard(settings.admin_key, limit=settings.admin_failures_per_minute,
+                                   total_limit=settings.admin_failures_per_minute_total, window_s=60.0)
     app.state.service = None
     app.state.metrics = Metrics()
     app.state.metrics.registry.register(StoreCollector(lambda: getattr(app.state.service, "store", None)))
@@ -638,6 +646,21 @@ def _add_export_routes(app: FastAPI) -> None:
                         headers={"Content-Disposition": f'attachment; filename="{ws}-classifier.zip"'})
 
 
+def proxy_trust(env: Mapping[str, str]) -> tuple[bool, str | None]:
+    """(whether to read X-Forwarded-For, from which addresses) for uvicorn. The header is trusted only
+    when FORWARDED_ALLOW_IPS names the proxy's addresses or networks: otherwise any local process (an
+    ssh tunnel, a port-forward) could pick its client address and dodge the key throttle. "*" is
+    refused: with it uvicorn takes the leftmost address of the header, which the client writes."""
+    raw = env.get("FORWARDED_ALLOW_IPS", "").strip()
+    if not raw:
+        return False, None
+    if "*" in (p.strip() for p in raw.split(",")):
+        raise ConfigError(f"FORWARDED_ALLOW_IPS={raw!r} trusts X-Forwarded-For from any client, so any client "
+                          "could choose the address the key throttle counts; name your proxy's address or network "
+                          "(e.g. FORWARDED_ALLOW_IPS=172.28.0.10 or 10.0.0.0/8), or unset it")
+    return True, raw
+
+
 def serve(bundles: str | Path | Sequence[str | Path], db_url: str, host: str = "127.0.0.1", port: int = 8000, *,
           admin_key: str | None = None, workers: int = 1, log_level: str = "info") -> None:
     """Run the service under uvicorn (blocking) on one or more bundles (each a folder or NAME=PATH;
@@ -654,14 +677,13 @@ def serve(bundles: str | Path | Sequence[str | Path], db_url: str, host: str = "
                                         admin_key=admin_key)
     if not settings.torch_threads:
         settings = replace(settings, torch_threads=1)
-    # X-Forwarded-For is trusted only when FORWARDED_ALLOW_IPS names the proxy: otherwise any local
-    # process (an ssh tunnel, a port-forward) could pick its client address and dodge the throttle.
-    proxy_headers = bool(os.environ.get("FORWARDED_ALLOW_IPS"))
+    proxy_headers, allow_ips = proxy_trust(os.environ)
     if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, proxy_headers=proxy_headers)
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, proxy_headers=proxy_headers,
+                    forwarded_allow_ips=allow_ips)
         return
     os.environ.update({"FEWSHOT_BUNDLE_PATH": settings.bundle_path,
                        "FEWSHOT_EXTRA_BUNDLES": os.pathsep.join(settings.extra_bundles), "FEWSHOT_DB_URL": settings.db_url,
                        "FEWSHOT_ADMIN_KEY": settings.admin_key, "FEWSHOT_TORCH_THREADS": str(settings.torch_threads)})
     uvicorn.run("fewshot.service.app:create_app_from_env", factory=True, host=host, port=port,
-                workers=workers, log_level=log_level, proxy_headers=proxy_headers)
+                workers=workers, log_level=log_level, proxy_headers=proxy_headers, forwarded_allow_ips=allow_ips)

@@ -32,12 +32,13 @@ class ServiceSettings:
     static_dir: str = ""  # empty: the package's service/static
     metrics_public: bool = False  # False: /metrics needs the admin key (Prometheus: bearer_token)
     docs: bool = False  # True: /docs (Swagger UI from a CDN) and /redoc; /openapi.json is always served
-    admin_failures_per_minute: int = 5  # failed admin-key attempts per client address before 429
+    admin_failures_per_minute: int = 5  # failed key attempts per client address before 429 (see auth.KeyGuard)
+    admin_failures_per_minute_total: int = 20  # failed admin-key guesses from all addresses together before 429
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_images_per_request", "max_image_pixels", "max_request_pixels", "max_top_k",
                      "thumbnail_size",
-                     "admin_failures_per_minute"):
+                     "admin_failures_per_minute", "admin_failures_per_minute_total"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name}={getattr(self, name)} must be >= 1")
 

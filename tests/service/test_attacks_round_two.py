@@ -1,0 +1,87 @@
+"""The second attack run (issue 16), replayed: each test failed on 1afef48. Crafted inputs are made
+here; no binary is committed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from test_app import ADMIN, assert_error, auth, new_workspace, settings_for
+
+from fewshot.errors import ConfigError
+from fewshot.service.app import create_app, proxy_trust
+from fewshot.service.auth import KeyGuard, new_api_key
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+@pytest.fixture
+def client(tiny_bundle: Path, tmp_path: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(settings_for(tiny_bundle, tmp_path))) as c:
+        yield c
+
+
+# -- 4: proxy trust ---------------------------------------------------------------------------------
+def test_deploy_trusts_forwarded_for_from_nginx_only() -> None:
+    compose: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    nginx_ip = compose["services"]["nginx"]["networks"]["backend"]["ipv4_address"]
+    for name in ("replica1", "replica2"):
+        allow = compose["services"][name]["environment"]["FORWARDED_ALLOW_IPS"]
+        assert allow == nginx_ip != "*", name
+        assert proxy_trust({"FORWARDED_ALLOW_IPS": allow}) == (True, nginx_ip)
+    conf = (DEPLOY / "nginx.conf").read_text()
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in conf  # a client-sent list never passes
+    assert "$proxy_add_x_forwarded_for" not in conf
+
+
+def test_serve_refuses_to_trust_every_proxy() -> None:
+    assert proxy_trust({}) == (False, None)
+    for value in ("*", "10.0.0.1, *"):
+        with pytest.raises(ConfigError, match="any client"):
+            proxy_trust({"FORWARDED_ALLOW_IPS": value})
+
+
+# -- 5: the throttle and the admin ---------------------------------------------------------------------
+def test_mistyped_workspace_keys_do_not_lock_out_the_admin(tiny_bundle: Path, tmp_path: Path) -> None:
+    with TestClient(create_app(settings_for(tiny_bundle, tmp_path, admin_failures_per_minute=3))) as c:
+        ws, key = new_workspace(c)
+        for _ in range(3):  # a user on the admin's address mistypes their workspace key
+            assert_error(c.get(f"/workspaces/{ws}/classes", headers=auth(key[:-1] + "x")), 401)
+        assert_error(c.get(f"/workspaces/{ws}/classes", headers=auth(key[:-2] + "yy")), 429)  # their key kind
+        assert c.get(f"/workspaces/{ws}/classes", headers=auth(key)).status_code == 200  # the right one always works
+        assert c.post("/workspaces", json={"name": "y"}, headers=auth(ADMIN)).status_code == 201
+        assert c.get(f"/workspaces/{ws}/classes", headers=auth(ADMIN)).status_code == 200
+        for _ in range(3):  # admin-key guesses are still throttled per address
+            assert_error(c.get(f"/workspaces/{ws}/classes", headers=auth("change-me")), 401)
+        assert_error(c.post("/workspaces", json={"name": "z"}, headers=auth(ADMIN)), 429, "too_many_attempts")
+
+
+def test_admin_guesses_are_bounded_over_all_addresses() -> None:
+    now = [0.0]
+    guard = KeyGuard("long-admin-secret", limit=5, total_limit=10, window_s=60.0, clock=lambda: now[0])
+    guard.admin_succeeded("10.0.0.1")  # the admin used the key before
+    tried = 0
+    for i in range(50):  # one guess from each of 50 addresses
+        client = f"203.0.113.{i}"
+        if guard.retry_after(client, "guess")[0]:
+            continue
+        tried += 1
+        guard.failed(client, "guess")
+    assert tried == 10
+    wait, scope = guard.retry_after("198.51.100.7", "guess")
+    assert scope == "service-wide" and 1 <= wait <= 60
+    assert guard.retry_after("10.0.0.1", "long-admin-secret") == (0, "")  # the known admin is not locked out
+    assert guard.retry_after("198.51.100.7", new_api_key()) == (0, "")  # workspace keys are not admin guesses
+    now[0] = 61.0
+    assert guard.retry_after("198.51.100.7", "guess") == (0, "")
+
+
+def test_workspace_shaped_admin_key_counts_every_guess() -> None:
+    guard = KeyGuard(new_api_key(), limit=2, total_limit=100)
+    for _ in range(2):
+        guard.failed("a", new_api_key())
+    assert guard.retry_after("a", "anything")[0] > 0

@@ -85,3 +85,40 @@ def test_workspace_shaped_admin_key_counts_every_guess() -> None:
     for _ in range(2):
         guard.failed("a", new_api_key())
     assert guard.retry_after("a", "anything")[0] > 0
+
+
+# -- 6, 12: the page ----------------------------------------------------------------------------------
+STATIC = Path(__file__).resolve().parents[2] / "src" / "fewshot" / "service" / "static"
+
+
+def test_page_has_csp_framing_and_nosniff_headers(client: TestClient) -> None:
+    page = client.get("/ui/")
+    assert page.status_code == 200
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "'unsafe-inline'" not in csp
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    for path in ("/ui/app.js", "/healthz", "/workspaces/ws_x/classes"):
+        assert client.get(path).headers["x-content-type-options"] == "nosniff", path
+    # the policy lets the page work: its scripts and styles are same-origin files, nothing inline
+    import re
+
+    html = page.text
+    assert re.findall(r"<script([^>]*)>", html) == [' src="app.js" defer', ' src="panel.js" defer']
+    assert "<style" not in html and " style=" not in html and " on" + "click=" not in html
+    assert not re.search(r"""(src|href)=["'](https?:)?//""", html)
+
+
+def test_page_footer_does_not_link_to_docs_that_are_off(client: TestClient) -> None:
+    html = client.get("/ui/").text
+    assert 'href="/docs"' not in html
+    assert client.get("/openapi.json").status_code == 200 and 'href="/openapi.json"' in html
+
+
+def test_panel_draws_a_workspace_opened_before_it_loaded() -> None:
+    """app.js opens a stored workspace (a reload) and announces it before panel.js has registered
+    its listener (scripts run in order): panel.js must draw the state as it is when it loads.
+    (The browser test test_insight_page.py::test_panel_is_drawn_after_a_reload runs it for real.)"""
+    panel = (STATIC / "panel.js").read_text()
+    listener = panel.index('addEventListener("fewshot:classes-changed"')
+    replay = panel.index("if (workspace) refreshInsight()")
+    assert replay > listener

@@ -92,3 +92,18 @@ def test_panel_follows_teaching_and_classify_shows_an_occlusion_map(
                          " return c.width === 168 && d.some((v, i) => i % 4 !== 3 && v !== d[0]); })()")
     assert answer in page.locator("#occlusion-caption").inner_text()
     page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_panel_is_drawn_after_a_reload(page: Any, server: str,  # noqa: F811 (fixtures)
+                                       generated_classes: dict[str, list[Path]]) -> None:
+    """Issue 16 #6: app.js announced the stored workspace before panel.js listened: empty panel."""
+    ws = _create_workspace(page)
+    page.get_by_role("button", name="Done").click()
+    labels = list(generated_classes)
+    for label in labels[:2]:
+        _teach(page, label, generated_classes[label][:N_SHOT])
+    api = _insight(server, ws)
+    page.reload()
+    page.locator("#workspace").wait_for(state="visible")
+    _panel_version(page, api["version"])
+    assert _shown_bars(page) == [(c["label"], f"{c['correct']}/{N_SHOT}") for c in api["classes"]]

@@ -57,6 +57,7 @@ from fewshot.service.middleware import (
     Metrics,
     MetricsMiddleware,
     RedactQueryFilter,
+    SecurityHeadersMiddleware,
 )
 from fewshot.service.models import ModelSet, ServedModel, UnknownModelError, load_models
 from fewshot.service.notify import StoreCollector
@@ -450,6 +451,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.mount("/ui", StaticFiles(directory=settings.static_dir or STATIC_DIR, html=True), name="ui")
     app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: app.state.settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(SecurityHeadersMiddleware, csp_exempt=("/docs", "/redoc") if settings.docs else ())
     return app
 
 

@@ -124,4 +124,7 @@
 
   document.addEventListener("fewshot:classes-changed", () => { refreshInsight().catch(showError); });
   document.addEventListener("fewshot:classified", (e) => { showOcclusion(e.detail.file).catch(showError); });
+  // app.js runs first and may already have opened a stored workspace (a page reload) and announced
+  // it before these listeners existed: draw the panel for the state as it is now.
+  if (workspace) refreshInsight().catch(showError);
 })();

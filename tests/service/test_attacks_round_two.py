@@ -122,3 +122,31 @@ def test_panel_draws_a_workspace_opened_before_it_loaded() -> None:
     listener = panel.index('addEventListener("fewshot:classes-changed"')
     replay = panel.index("if (workspace) refreshInsight()")
     assert replay > listener
+
+
+# -- 8: passwords in database URLs ----------------------------------------------------------------------
+@pytest.mark.parametrize(("url", "secret"), [
+    ("postgresql://fewshot@db:5432/fewshot?password=hunter2", "hunter2"),
+    ("postgresql://fewshot@db/fewshot?sslmode=require&PASSWORD=hunter2&application_name=x", "hunter2"),
+    ("postgresql://fewshot:hun/ter@2@db/fewshot", "hun/ter@2"),
+    ("postgresql://fewshot:hunter2@db/fewshot?password=hunter2", "hunter2"),
+    ("postgresql://fewshot@db/fewshot?password=p%40ss", "p@ss"),
+])
+def test_database_password_is_redacted_by_structure(url: str, secret: str) -> None:
+    from fewshot.service.store import redact_url, scrub_secrets
+
+    safe = redact_url(url)
+    assert secret not in safe and "***" in safe and safe.startswith("postgresql://fewshot")
+    said = scrub_secrets(f"could not connect with {url}: password '{secret}' rejected", url)
+    assert secret not in said and "p%40ss" not in said
+
+
+def test_startup_error_and_log_lines_hold_no_query_password(caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("psycopg_pool")
+    from fewshot.service.store import PostgresStore, StoreError
+
+    url = "postgresql://fewshot@127.0.0.1:1/fewshot?password=hunter2&connect_timeout=1"
+    with caplog.at_level("DEBUG"), pytest.raises(StoreError) as info:
+        PostgresStore(url, timeout_s=0.3, reconnect_s=0.3)
+    assert "hunter2" not in str(info.value) and "password=***" in str(info.value)
+    assert info.value.__cause__ is None and "hunter2" not in caplog.text

@@ -130,8 +130,31 @@ def is_id(value: str, prefix: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """A database URL without its password: postgresql://user:***@host/db (for operator logs)."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+    """A database URL without its password (for operator logs and errors), by structure: everything
+    between the user's ':' and the last '@' of the authority (a host holds no '@'; a password may
+    hold ':', '/', '@' or '?'), and the value of any `password=` parameter:
+    postgresql://user:***@host/db, postgresql://user@host/db?sslmode=require&password=***."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        if ":" in userinfo:
+            rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    return re.sub(r"(?i)(password=)[^&#\s]*", r"\1***", scheme + sep + rest)
+
+
+def scrub_secrets(text: str, url: str) -> str:
+    """`text` (a driver's error message) with the password of `url` replaced by ***, as written and
+    percent-decoded, and the URL itself redacted."""
+    from urllib.parse import unquote
+
+    _, sep, rest = url.partition("://")
+    userinfo = rest.rpartition("@")[0] if sep else ""
+    found = [userinfo.split(":", 1)[1]] if ":" in userinfo else []
+    found += re.findall(r"(?i)password=([^&#\s]+)", url)
+    text = text.replace(url, redact_url(url))
+    for secret in sorted({v for p in found for v in (p, unquote(p)) if p}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _check_params(params: Sequence[Any]) -> None:
@@ -155,7 +178,8 @@ def _guarded(method: F) -> F:
             except StoreError:
                 raise
             except _CommitUnknown as exc:
-                log.warning("store %s: connection lost during COMMIT (%s)", self.safe_url, exc.__cause__)
+                log.warning("store %s: connection lost during COMMIT (%s)", self.safe_url,
+                            scrub_secrets(str(exc.__cause__), self.url))
                 raise StoreUnavailable("the database connection was lost while saving; the change may not "
                                        "have been applied: check before retrying", retry_after_s=0) from exc
             except Exception as exc:
@@ -165,7 +189,8 @@ def _guarded(method: F) -> F:
                 if kind == "connection" and attempt == 1:
                     log.warning("store %s: %s; retrying once", self.safe_url, type(exc).__name__)
                     continue
-                log.error("store %s unavailable: %s: %s", self.safe_url, type(exc).__name__, exc)
+                log.error("store %s unavailable: %s: %s", self.safe_url, type(exc).__name__,
+                          scrub_secrets(str(exc), self.url))
                 raise StoreUnavailable(self._unavailable_message(exc)) from exc
         raise AssertionError("unreachable")
 
@@ -692,15 +717,19 @@ class PostgresStore(Store):
         self._psycopg = psycopg
         self.version_reads = Tally()
         self._listener: PgListener | None = None
-        self._pool = ConnectionPool(url, min_size=min_size, max_size=max_size, timeout=timeout_s,
-                                    reconnect_timeout=reconnect_s, kwargs={"autocommit": True},
-                                    check=ConnectionPool.check_connection, open=False, name="fewshot")
+        try:
+            self._pool = ConnectionPool(url, min_size=min_size, max_size=max_size, timeout=timeout_s,
+                                        reconnect_timeout=reconnect_s, kwargs={"autocommit": True},
+                                        check=ConnectionPool.check_connection, open=False, name="fewshot")
+        except Exception as exc:  # a malformed URL: the driver's message may quote it
+            raise StoreError(f"cannot use PostgreSQL URL {self.safe_url}: {type(exc).__name__}: "
+                             f"{scrub_secrets(str(exc), url)}") from None
         try:
             self._pool.open(wait=True, timeout=timeout_s + reconnect_s)
         except Exception as exc:
             self._pool.close()
             raise StoreError(f"cannot connect to PostgreSQL at {self.safe_url} ({type(exc).__name__}); "
-                             "check that the server runs and the URL, user and password") from exc
+                             "check that the server runs and the URL, user and password") from None
         with self._tx() as c:
             c.execute("SELECT pg_advisory_xact_lock(4242001)")  # concurrent first starts create once
             for stmt in _schema("BYTEA"):

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-from test_app import ADMIN, assert_error, auth, new_workspace, settings_for
+from service_helpers import class_images
+from test_app import ADMIN, assert_error, auth, files, new_workspace, settings_for, teach
 
 from fewshot.errors import ConfigError
 from fewshot.service.app import create_app, proxy_trust
@@ -150,3 +151,87 @@ def test_startup_error_and_log_lines_hold_no_query_password(caplog: pytest.LogCa
         PostgresStore(url, timeout_s=0.3, reconnect_s=0.3)
     assert "hunter2" not in str(info.value) and "password=***" in str(info.value)
     assert info.value.__cause__ is None and "hunter2" not in caplog.text
+
+
+# -- 10, 12: labels and form fields ------------------------------------------------------------------
+def _teach_raw(c: TestClient, ws: str, key: str, label_part: bytes, n_labels: int = 1) -> Any:
+    """A multipart body written by hand, so the label's bytes are exactly `label_part`."""
+    from service_helpers import png_bytes
+
+    boundary = "----fewshot-test"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="label"\r\n\r\n'.encode() + label_part + b"\r\n"
+             ] * n_labels
+    for i, arr in enumerate(class_images(0, 2)):
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{i}.png"\r\n'
+                     f"Content-Type: image/png\r\n\r\n".encode() + png_bytes(arr) + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return c.post(f"/workspaces/{ws}/classes", content=body, headers={
+        **auth(key), "Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+@pytest.mark.parametrize(("label", "says"), [
+    ("\u3164", "look blank"), ("\u2800", "look blank"), ("a\u3164b", "look blank"), ("\u115f\u1160", "look blank"),
+    ("\u0301", "combining mark"), ("x \u0301", "combining mark"), ("\u200b", "invisible"),
+    ("cat\u2028dog", "line or paragraph"), ("cat\u2029dog", "line or paragraph"), ("cat\ufe0f", "look blank"),
+    ("unkn\u043ewn", "looks like"), ("unkn\u03bfwn", "looks like"), ("UNKN\u039fWN", "looks like"),
+    ("\u0443nknown", None), ("unkn0wn", "looks like"), ("unkn\u00f6wn", "looks like"), ("\uff55nknown", "reserved"),
+])
+def test_labels_that_look_blank_or_like_unknown_are_refused(client: TestClient, label: str, says: str | None) -> None:
+    ws, key = new_workspace(client)
+    r = client.post(f"/workspaces/{ws}/classes", data={"label": label}, files=files(class_images(0, 2)),
+                    headers=auth(key))
+    if says is None:  # Cyrillic u (U+0443) looks like y: a different word
+        assert r.status_code == 201, r.text
+        return
+    err = assert_error(r, 400)
+    assert says in err["message"], err
+
+
+def test_label_that_is_not_utf8_is_refused(client: TestClient) -> None:
+    ws, key = new_workspace(client)
+    for raw in (b"\xff\xfe", b"caf\xe9", b"ok\xc3\x28"):
+        err = assert_error(_teach_raw(client, ws, key, raw), 400, "invalid_utf8")
+        assert "'label'" in err["message"] and "UTF-8" in err["message"] and "byte 0x" in err["message"]
+    assert _teach_raw(client, ws, key, "caf\u00e9".encode()).json()["label"] == "caf\u00e9"
+
+
+def test_two_label_fields_are_refused(client: TestClient) -> None:
+    ws, key = new_workspace(client)
+    err = assert_error(_teach_raw(client, ws, key, b"first", n_labels=2), 400, "duplicate_field")
+    assert "'label'" in err["message"] and "2 times" in err["message"]
+    assert client.get(f"/workspaces/{ws}/classes", headers=auth(key)).json() == []
+
+
+def test_long_label_error_states_the_real_limit(client: TestClient) -> None:
+    ws, key = new_workspace(client)
+    for n in (201, 10_000):
+        err = assert_error(client.post(f"/workspaces/{ws}/classes", data={"label": "x" * n},
+                                       files=files(class_images(0, 1)), headers=auth(key)), 400)
+        assert "at most 200" in err["message"] and "1000" not in err["message"]
+
+
+def test_too_many_files_is_413_whatever_the_count(tiny_bundle: Path, tmp_path: Path) -> None:
+    with TestClient(create_app(settings_for(tiny_bundle, tmp_path, max_images_per_request=4,
+                                            max_body_bytes=8 * 1024 * 1024))) as c:
+        ws, key = new_workspace(c)
+        teach(c, ws, key, "a", 0, n=2)
+        one = files(class_images(1, 1))[0][1]
+        for n in (5, 40, 1001):
+            err = assert_error(c.post(f"/workspaces/{ws}/classify", files=[("images", one)] * n, headers=auth(key)),
+                               413, "too_many_images")
+            assert "4 images per request" in err["message"], err
+
+
+def test_malformed_multipart_prints_nothing_to_stderr(client: TestClient, capfd: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    ws, key = new_workspace(client)
+    root = logging.getLogger()
+    handlers, root.handlers = root.handlers, []  # as under uvicorn: no handler for the library's logger
+    try:
+        r = client.post(f"/workspaces/{ws}/classify", content=b"--xx\r\nbroken-boundary",
+                        headers={**auth(key), "Content-Type": "multipart/form-data; boundary=xy"})
+    finally:
+        root.handlers = handlers
+    assert r.status_code in (400, 422), r.text
+    assert "boundary" not in capfd.readouterr().err.lower()

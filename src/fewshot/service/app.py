@@ -43,6 +43,7 @@ from fewshot.artifacts.bundle import Bundle
 from fewshot.artifacts.domain import STATS_SIDE
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.service.auth import KeyGuard, hash_key, key_matches, secret_matches
+from fewshot.service.forms import FormError, ServiceRoute
 from fewshot.service.images import UploadError, decode_upload
 from fewshot.service.insight import (
     MAX_CELLS,
@@ -87,6 +88,7 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
                  422: "invalid_request", 500: "internal_error", 503: "not_ready"}
 
 
+MAX_TEXT_FIELD_BYTES = 64 * 1024  # a multipart text field (label, top_k, ...); a label is at most 200 characters
 SENSITIVE_QUERY = ("api_key", "apikey", "key", "token", "access_token", "admin_key", "password")
 
 
@@ -398,7 +400,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        return body(exc.status_code, _STATUS_CODES.get(exc.status_code, "error"), str(exc.detail))
+        code = exc.code if isinstance(exc, FormError) else _STATUS_CODES.get(exc.status_code, "error")
+        return body(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -433,7 +436,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     """The ASGI app; nothing is loaded until the lifespan starts (TestClient context / uvicorn)."""
     app = FastAPI(title="fewshot recogniser", version="1", lifespan=lifespan,
                   description="Teach image classes from a few examples; classify, explain, reject unknowns.",
-                  docs_url="/docs" if settings.docs else None, redoc_url="/redoc" if settings.docs else None)
+                  docs_url="/docs" if settings.docs else None, redoc_url="/redoc" if settings.docs else None,
+                  # files beyond the per-request limit stop the parse (413); text fields are a few bytes
+                  form_limits={"max_files": settings.max_images_per_request, "max_part_size": MAX_TEXT_FIELD_BYTES})
+    app.router.route_class = ServiceRoute  # strict multipart text fields (fewshot.service.forms)
     app.state.settings = settings
     app.state.key_guard = KeyGuard(settings.admin_key, limit=settings.admin_failures_per_minute,
                                    total_limit=settings.admin_failures_per_minute_total, window_s=60.0)
@@ -550,9 +556,10 @@ def _add_class_routes(app: FastAPI) -> None:
 
     @app.post("/workspaces/{ws}/classes", status_code=201, tags=["classes"])
     def add_class(request: Request, ws: WorkspaceDep, model: ModelDep, settings: SettingsDep,
-                  images: Images, label: Annotated[str | None, Form(max_length=1000)] = None) -> ClassOut:
+                  images: Images, label: Annotated[str | None, Form()] = None) -> ClassOut:
         """Teach a new class from 1..K images (multipart: `label`, `images`). Labels are stored in
-        Unicode NFC, trimmed; "unknown" (any letter case) is reserved."""
+        Unicode NFC, trimmed, at most 200 characters; "unknown" (any letter case or look-alike) is
+        reserved; blank-looking, invisible and line-separator characters are refused."""
         label = check_label("" if label is None else label)  # 400 naming the fix, before any decoding
         up = _decode_all(images, model, settings)
         rec = model.recogniser.add_class(ws, label, up.arrays, up.thumbnails)

@@ -235,3 +235,32 @@ def test_malformed_multipart_prints_nothing_to_stderr(client: TestClient, capfd:
         root.handlers = handlers
     assert r.status_code in (400, 422), r.text
     assert "boundary" not in capfd.readouterr().err.lower()
+
+
+# -- 11: thresholds -------------------------------------------------------------------------------------
+def test_negative_threshold_is_refused_everywhere(client: TestClient) -> None:
+    ws, key = new_workspace(client)
+    teach(client, ws, key, "a", 0, n=2)
+    r = client.patch(f"/workspaces/{ws}", json={"threshold": -1.0}, headers=auth(key))
+    assert r.status_code in (400, 422) and ">= 0" in r.text.replace("greater than or equal to 0", ">= 0")
+    err = assert_error(client.post(f"/workspaces/{ws}/classify", data={"threshold": "-0.5"},
+                                   files=files(class_images(0, 1)), headers=auth(key)), 400)
+    assert "below 0" in err["message"]
+    r = client.post("/workspaces", json={"name": "n", "settings": {"threshold": -3}}, headers=auth(ADMIN))
+    assert "below 0" in assert_error(r, 400)["message"]
+    assert client.patch(f"/workspaces/{ws}", json={"threshold": 0.0}, headers=auth(key)).status_code == 200
+
+
+def test_threshold_null_clears_and_with_clear_threshold_is_refused(client: TestClient) -> None:
+    ws, key = new_workspace(client)
+    r = client.patch(f"/workspaces/{ws}", json={"threshold": 2.5}, headers=auth(key))
+    assert r.json()["settings"]["threshold"] == 2.5
+    r = client.patch(f"/workspaces/{ws}", json={"threshold": None}, headers=auth(key))
+    assert r.status_code == 200 and r.json()["settings"]["threshold"] is None  # explicit null clears
+    client.patch(f"/workspaces/{ws}", json={"threshold": 2.5}, headers=auth(key))
+    err = assert_error(client.patch(f"/workspaces/{ws}", json={"threshold": 1.0, "clear_threshold": True},
+                                    headers=auth(key)), 400)
+    assert "contradict" in err["message"]
+    assert client.get(f"/workspaces/{ws}", headers=auth(key)).json()["settings"]["threshold"] == 2.5
+    r = client.patch(f"/workspaces/{ws}", json={"metric": "cosine"}, headers=auth(key))  # absent: unchanged rules
+    assert r.json()["settings"]["threshold"] is None  # a metric change clears it (another scale), as before

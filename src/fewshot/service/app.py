@@ -128,7 +128,9 @@ class SettingsIn(BaseModel):
 
     metric: str | None = None
     head: str | None = None
-    threshold: float | None = Field(None, allow_inf_nan=False)
+    threshold: float | None = Field(None, allow_inf_nan=False, ge=0.0, description=(
+        "the unknown threshold on the novelty scale (>= 0; larger accepts more); an explicit null clears it "
+        "(back to the calibrated one), like clear_threshold"))
 
     @field_validator("threshold", mode="before")
     @classmethod
@@ -136,7 +138,7 @@ class SettingsIn(BaseModel):
         if isinstance(v, bool):
             raise ValueError("threshold must be a number, not true/false")
         return v
-    clear_threshold: bool = False
+    clear_threshold: bool = Field(False, description="back to the calibrated threshold; not with `threshold`")
 
 
 class ClassOut(BaseModel):
@@ -536,9 +538,14 @@ def _add_workspace_routes(app: FastAPI) -> None:
 
     @app.patch("/workspaces/{ws}", tags=["workspaces"])
     def patch_workspace(ws: WorkspaceDep, body: SettingsIn, model: ModelDep) -> WorkspaceOut:
-        """Change the decision rule (metric, head) or the unknown threshold of this workspace."""
+        """Change the decision rule (metric, head) or the unknown threshold of this workspace.
+        `{"threshold": null}` clears the threshold (as `clear_threshold: true` does)."""
         given = body.model_dump(exclude_none=True, exclude={"clear_threshold"})
-        return _ws_out(model.recogniser.patch_settings(ws, given, clear_threshold=body.clear_threshold), model)
+        if "threshold" in given and body.clear_threshold:
+            raise ApiError(400, "invalid_argument", f"threshold {given['threshold']:g} and clear_threshold=true "
+                           "contradict each other; send one of them")
+        clear = body.clear_threshold or ("threshold" in body.model_fields_set and body.threshold is None)
+        return _ws_out(model.recogniser.patch_settings(ws, given, clear_threshold=clear), model)
 
     @app.delete("/workspaces/{ws}", status_code=204, tags=["workspaces"])
     def delete_workspace(ws: WorkspaceDep, model: ModelDep) -> Response:

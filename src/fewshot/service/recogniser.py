@@ -83,13 +83,16 @@ class WorkspaceSettings:
 
 
 def check_threshold(t: object) -> float:
-    """A finite number (nan and +-inf would silently reject or accept everything)."""
+    """A finite number >= 0 (nan, +-inf and negative values would silently reject or accept everything)."""
     try:
         f = float(t) if not isinstance(t, bool) and isinstance(t, int | float | np.floating) else math.nan
     except OverflowError:
         f = math.inf
     if not math.isfinite(f):
         raise ConfigError(f"threshold {str(t)[:40]!r} must be a finite number; omit it to use the calibrated one")
+    if f < 0:
+        raise ConfigError(f"threshold {f:g} is below 0: novelty is never negative, so every answer would be "
+                          "'unknown'; give a threshold >= 0 (larger accepts more), or omit it to use the calibrated one")
     return f
 
 

@@ -264,3 +264,51 @@ def test_threshold_null_clears_and_with_clear_threshold_is_refused(client: TestC
     assert client.get(f"/workspaces/{ws}", headers=auth(key)).json()["settings"]["threshold"] == 2.5
     r = client.patch(f"/workspaces/{ws}", json={"metric": "cosine"}, headers=auth(key))  # absent: unchanged rules
     assert r.json()["settings"]["threshold"] is None  # a metric change clears it (another scale), as before
+
+
+# -- 12: files, keys -------------------------------------------------------------------------------------
+def test_sqlite_store_is_created_owner_only(tmp_path: Path) -> None:
+    import os
+
+    from fewshot.service.store import SQLiteStore
+
+    old = os.umask(0o022)
+    try:
+        store = SQLiteStore(tmp_path / "new" / "fewshot.db")
+        store.create_workspace("w", "0" * 64, {}, "b")
+        for name in ("fewshot.db", "fewshot.db-wal", "fewshot.db-shm"):
+            path = tmp_path / "new" / name
+            if path.exists():
+                assert path.stat().st_mode & 0o777 == 0o600, name
+        store.close()
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("key", ["change-me", "admin", "short-key"])
+def test_weak_admin_key_is_warned_about_at_startup(tiny_bundle: Path, tmp_path: Path, key: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="fewshot.service"), \
+            TestClient(create_app(settings_for(tiny_bundle, tmp_path, admin_key=key))):
+        pass
+    said = [r.getMessage() for r in caplog.records if r.name == "fewshot.service"]
+    assert any("SECURITY" in m and "admin key" in m for m in said), said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fewshot.service"), \
+            TestClient(create_app(settings_for(tiny_bundle, tmp_path, admin_key="x" * 40))):
+        pass
+    assert not [r for r in caplog.records if r.name == "fewshot.service"]
+
+
+def test_admin_key_on_the_command_line_is_warned_about(tiny_bundle: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import uvicorn
+
+    from fewshot.service.app import serve
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    with caplog.at_level("WARNING", logger="fewshot.service"):
+        serve(str(tiny_bundle), str(tmp_path / "s.db"), admin_key="y" * 40)
+    assert any("command-line" in r.getMessage() and "ps" in r.getMessage() for r in caplog.records)

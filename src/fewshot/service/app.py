@@ -379,8 +379,13 @@ def open_state(settings: ServiceSettings) -> ServiceState:
     return ServiceState(settings, models.default.bundle, store, models.default.recogniser, models)
 
 
+log = logging.getLogger("fewshot.service")
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    for warning in app.state.settings.admin_key_warnings():
+        log.warning("SECURITY: %s", warning)
     state = open_state(app.state.settings)
     app.state.service = state
     try:
@@ -691,6 +696,9 @@ def serve(bundles: str | Path | Sequence[str | Path], db_url: str, host: str = "
         raise ConfigError("no bundle given; pass one or more bundle folders (or NAME=PATH)")
     settings = ServiceSettings.from_env(bundle_path=specs[0], extra_bundles=tuple(specs[1:]) or None, db_url=db_url,
                                         admin_key=admin_key)
+    if admin_key is not None:
+        log.warning("SECURITY: the admin key was given as a command-line argument (--admin-key): every user of "
+                    "this machine can read it in `ps` and shell history; set FEWSHOT_ADMIN_KEY instead")
     if not settings.torch_threads:
         settings = replace(settings, torch_threads=1)
     proxy_headers, allow_ips = proxy_trust(os.environ)

@@ -9,6 +9,8 @@ from typing import Any
 from fewshot.errors import ConfigError
 
 ENV_PREFIX = "FEWSHOT_"
+WEAK_ADMIN_KEYS = frozenset({"change-me", "changeme", "change_me", "admin", "secret", "password", "test", "fewshot"})
+MIN_ADMIN_KEY_CHARS = 16
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,21 @@ class ServiceSettings:
                      "admin_failures_per_minute", "admin_failures_per_minute_total"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name}={getattr(self, name)} must be >= 1")
+
+    def admin_key_warnings(self) -> list[str]:
+        """What is wrong with the admin key, for a loud warning at startup (not refused: a test or a
+        private machine may want it)."""
+        key = self.admin_key
+        if not key:
+            return []
+        if key.lower() in WEAK_ADMIN_KEYS:
+            return [f"the admin key is {key!r}, an example value anyone can guess: it opens every workspace and "
+                    "creates new ones. Set FEWSHOT_ADMIN_KEY to a long random value, e.g. "
+                    "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"]
+        if len(key) < MIN_ADMIN_KEY_CHARS:
+            return [f"the admin key has {len(key)} characters; use at least {MIN_ADMIN_KEY_CHARS} random ones "
+                    "(it opens every workspace; failed guesses are only throttled)"]
+        return []
 
     @property
     def model_specs(self) -> tuple[str, ...]:

@@ -20,9 +20,11 @@ cannot store it; SQLite could, so the two behave the same).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import secrets
 import sqlite3
@@ -627,6 +629,13 @@ class WorkspaceChanges:
     examples: ExampleSet  # the examples of `changed`
 
 
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only (0600) if it does not exist: it holds key
+    hashes, embeddings and thumbnails. SQLite gives its -wal and -shm files the same mode."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class SQLiteStore(Store):
     """SQLite in WAL mode; one connection per thread; writes take the lock up front (BEGIN IMMEDIATE)."""
 
@@ -634,6 +643,7 @@ class SQLiteStore(Store):
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(self.path)
         self._write_lock = threading.Lock()
         self.version_reads = Tally()
         self._init_connections()

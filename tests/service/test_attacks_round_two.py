@@ -312,3 +312,105 @@ def test_admin_key_on_the_command_line_is_warned_about(tiny_bundle: Path, tmp_pa
     with caplog.at_level("WARNING", logger="fewshot.service"):
         serve(str(tiny_bundle), str(tmp_path / "s.db"), admin_key="y" * 40)
     assert any("command-line" in r.getMessage() and "ps" in r.getMessage() for r in caplog.records)
+
+
+# -- 9: slow clients ----------------------------------------------------------------------------------------
+async def _echo_app(scope: dict, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    size, more = 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": str(size).encode()})
+
+
+@pytest.fixture
+def slow_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, int]]:
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from fewshot.service.protocol import DeadlineH11Protocol
+
+    monkeypatch.setattr(DeadlineH11Protocol, "read_timeout_s", 1.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(_echo_app, host="127.0.0.1", port=port, http=DeadlineH11Protocol,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield "127.0.0.1", port
+    server.should_exit = True
+    thread.join(5)
+
+
+def _trickle(addr: tuple[str, int], data: bytes, gap_s: float, budget_s: float) -> tuple[bytes, float]:
+    """Send `data` a byte every `gap_s`; what the server answered and when the connection ended."""
+    import socket
+    import time
+
+    start = time.monotonic()
+    got = b""
+    with socket.create_connection(addr) as s:
+        s.settimeout(gap_s)
+        for b in data:
+            try:
+                s.sendall(bytes([b]))
+            except OSError:
+                break
+            try:
+                chunk = s.recv(4096)
+                got += chunk
+                if not chunk:
+                    break
+            except TimeoutError:
+                pass
+            if time.monotonic() - start > budget_s:
+                break
+        s.settimeout(budget_s)
+        try:
+            while chunk := s.recv(4096):
+                got += chunk
+        except (TimeoutError, OSError):
+            pass
+    return got, time.monotonic() - start
+
+
+def test_slow_headers_and_slow_bodies_are_cut_off(slow_server: tuple[str, int]) -> None:
+    import httpx
+
+    base = f"http://{slow_server[0]}:{slow_server[1]}"
+    assert httpx.post(base + "/", content=b"x" * 100_000).text == "100000"  # a normal request is untouched
+    headers = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+    got, took = _trickle(slow_server, headers, 0.05, 8.0)  # headers a byte at a time: 12 s at this pace
+    assert got.startswith(b"HTTP/1.1 408") and b"request_timeout" in got and took < 4.0, (got, took)
+    got, took = _trickle(slow_server, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n" + b"y" * 500,
+                         0.01, 12.0)  # the body a byte at a time
+    assert got.startswith(b"HTTP/1.1 408") and took < 4.0, (got, took)
+
+
+def test_serve_runs_uvicorn_with_the_read_deadline(tiny_bundle: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from fewshot.service.app import serve
+    from fewshot.service.protocol import DeadlineH11Protocol
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: seen.update(k))
+    monkeypatch.setattr(DeadlineH11Protocol, "read_timeout_s", DeadlineH11Protocol.read_timeout_s)
+    monkeypatch.setenv("FEWSHOT_REQUEST_READ_TIMEOUT_S", "7")
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    serve(str(tiny_bundle), str(tmp_path / "s.db"))
+    assert seen["http"] is DeadlineH11Protocol and DeadlineH11Protocol.read_timeout_s == 7.0

@@ -62,6 +62,7 @@ from fewshot.service.middleware import (
 )
 from fewshot.service.models import ModelSet, ServedModel, UnknownModelError, load_models
 from fewshot.service.notify import StoreCollector
+from fewshot.service.protocol import DeadlineH11Protocol
 from fewshot.service.recogniser import (
     Explanation,
     Prediction,
@@ -702,12 +703,17 @@ def serve(bundles: str | Path | Sequence[str | Path], db_url: str, host: str = "
     if not settings.torch_threads:
         settings = replace(settings, torch_threads=1)
     proxy_headers, allow_ips = proxy_trust(os.environ)
+    if settings.request_read_timeout_s <= 0:
+        raise ConfigError(f"FEWSHOT_REQUEST_READ_TIMEOUT_S={settings.request_read_timeout_s} must be > 0 seconds")
+    # slow clients: each request must arrive within request_read_timeout_s (fewshot.service.protocol)
+    DeadlineH11Protocol.read_timeout_s = settings.request_read_timeout_s
+    os.environ["FEWSHOT_REQUEST_READ_TIMEOUT_S"] = str(settings.request_read_timeout_s)  # for worker processes
+    common: dict[str, Any] = dict(host=host, port=port, log_level=log_level, proxy_headers=proxy_headers,
+                                  forwarded_allow_ips=allow_ips, http=DeadlineH11Protocol)
     if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, proxy_headers=proxy_headers,
-                    forwarded_allow_ips=allow_ips)
+        uvicorn.run(create_app(settings), **common)
         return
     os.environ.update({"FEWSHOT_BUNDLE_PATH": settings.bundle_path,
                        "FEWSHOT_EXTRA_BUNDLES": os.pathsep.join(settings.extra_bundles), "FEWSHOT_DB_URL": settings.db_url,
                        "FEWSHOT_ADMIN_KEY": settings.admin_key, "FEWSHOT_TORCH_THREADS": str(settings.torch_threads)})
-    uvicorn.run("fewshot.service.app:create_app_from_env", factory=True, host=host, port=port,
-                workers=workers, log_level=log_level, proxy_headers=proxy_headers, forwarded_allow_ips=allow_ips)
+    uvicorn.run("fewshot.service.app:create_app_from_env", factory=True, workers=workers, **common)

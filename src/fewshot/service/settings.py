@@ -35,6 +35,7 @@ class ServiceSettings:
     metrics_public: bool = False  # False: /metrics needs the admin key (Prometheus: bearer_token)
     docs: bool = False  # True: /docs (Swagger UI from a CDN) and /redoc; /openapi.json is always served
     admin_failures_per_minute: int = 5  # failed key attempts per client address before 429 (see auth.KeyGuard)
+    request_read_timeout_s: float = 30.0  # serve: a request's headers and body must arrive within this (408)
     admin_failures_per_minute_total: int = 20  # failed admin-key guesses from all addresses together before 429
 
     def __post_init__(self) -> None:

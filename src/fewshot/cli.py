@@ -161,10 +161,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fewshot.artifacts.zoo import is_zoo_name
+
+    if is_zoo_name(args.run):  # a zoo bundle, scored as served on its card's protocol
+        from fewshot.zoo import evaluate_entry
+
+        given = {k: getattr(args, k) for k in ("episodes", "query", "seed")}
+        res = evaluate_entry(args.run, way=args.way, shot=args.shot, mode=args.mode, **given)
+        print(f"{args.run} as served (ONNX Runtime + its decision rule): {res.summary()}")
+        return 0
     from fewshot.training.protocol import evaluate_run
 
-    res = evaluate_run(args.run, way=args.way, shot=args.shot, query=args.query, episodes=args.episodes,
-                       seed=args.seed, split=args.split, mode=args.mode, device=args.device)
+    res = evaluate_run(args.run, way=args.way, shot=args.shot, query=args.query or 15,
+                       episodes=args.episodes or 1000, seed=1234 if args.seed is None else args.seed,
+                       split=args.split, mode=args.mode, device=args.device)
     print(res.summary())
     if args.per_domain:
         for d, acc in res.per_domain.items():
@@ -225,6 +235,36 @@ def cmd_export_workspace(args: argparse.Namespace) -> int:
 
     out = export_stored_workspace(args.db, args.workspace, args.bundles, args.out)
     print(f"standalone classifier written to {out} (model.onnx + labels.json; runs on ONNX Runtime alone)")
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from fewshot.artifacts.zoo import get_entry, list_entries, zoo_root
+
+    if args.zoo_command in (None, "list"):
+        from fewshot.zoo import entry_table
+
+        entries = list_entries()
+        if not entries:
+            print(f"no zoo entries in {zoo_root()}")
+            return 0
+        print(entry_table(entries))
+        print(f"\nserve one: fewshot serve zoo:{entries[0].name}   (cards: {zoo_root()}/<entry>/MODEL.md)")
+        return 0
+    if args.zoo_command == "publish":
+        from fewshot.zoo import publish
+
+        entry = publish(args.recipe, replace=args.replace, episodes=args.episodes)
+        print((entry.path / "MODEL.md").read_text(encoding="utf-8"))
+        print(f"entry written to {entry.path}")
+        return 0
+    from fewshot.zoo import entry_data, rescore
+
+    entry = get_entry(args.name)
+    rows = rescore(entry, entry_data(entry, progress=True), episodes=args.episodes)
+    for r in rows:
+        print(f"{r['key']}: {100 * r['mean']:.2f}% on the first {r['episodes']} episodes, recorded "
+              f"{100 * r['recorded_mean']:.2f}% (card: {100 * r['card_mean']:.2f} +- {100 * r['card_ci95']:.2f})")
     return 0
 
 
@@ -292,12 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="mean accuracy +- 95%% CI over fixed-seed test episodes")
-    p.add_argument("run")
+    p.add_argument("run", help="a run folder (its best checkpoint), or zoo:NAME (the bundle as served)")
     p.add_argument("--way", type=int, default=5)
     p.add_argument("--shot", type=int, default=1)
-    p.add_argument("--query", type=int, default=15)
-    p.add_argument("--episodes", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--query", type=int, default=None, help="queries per class (default 15, or the zoo card's)")
+    p.add_argument("--episodes", type=int, default=None, help="default 1000, or the zoo card's")
+    p.add_argument("--seed", type=int, default=None, help="default 1234, or the zoo card's")
     p.add_argument("--split", default="test")
     p.add_argument("--mode", choices=["any", "within", "across"], default="any",
                    help="within: all classes of an episode from one domain (Lake's within-alphabet)")
@@ -340,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the recogniser service on one or more bundles (models)")
     p.add_argument("bundles", nargs="+", metavar="BUNDLE",
-                   help="bundle folder, or NAME=PATH to serve it under another model name; the first is the default")
+                   help="bundle folder, zoo:NAME (a zoo entry), or NAME=PATH to serve it under another model name; "
+                        "the first is the default")
     p.add_argument("--db", default="fewshot.db", help="SQLite path or postgresql:// URL (default: fewshot.db)")
     p.add_argument("--admin-key", default=None, help="admin key (default: $FEWSHOT_ADMIN_KEY)")
     p.add_argument("--host", default="127.0.0.1")
@@ -353,6 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", required=True, help="workspace id (ws_...)")
     p.add_argument("--out", required=True, help="output folder for model.onnx and labels.json")
     p.set_defaults(func=cmd_export_workspace)
+
+    p = sub.add_parser("zoo", help="trained models with their cards: list, publish a recipe's run, re-score")
+    p.set_defaults(func=cmd_zoo, zoo_command=None)
+    zsub = p.add_subparsers(dest="zoo_command")
+    zsub.add_parser("list", help="the entries and their accuracy as served (the default)")
+    z = zsub.add_parser("publish", help="export, score as served and card the run of a zoo recipe")
+    z.add_argument("recipe", help="a config with a zoo section, e.g. configs/zoo/omniglot_protonet_conv4.yaml")
+    z.add_argument("--replace", action="store_true", help="publish over an existing entry")
+    z.add_argument("--episodes", type=int, default=None, help="episodes per setting (default: the recipe's)")
+    z = zsub.add_parser("rescore", help="score an entry again as served and compare with its card")
+    z.add_argument("name", help="entry name (or zoo:NAME)")
+    z.add_argument("--episodes", type=int, default=None, help="only the first N episodes of each setting")
 
     p = sub.add_parser("pipeline", help="prepare -> train -> evaluate -> export -> service check")
     p.add_argument("config")

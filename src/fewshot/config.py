@@ -167,7 +167,7 @@ class ExportConfig(_Frozen):
 
 
 class TeacherConfig(_Frozen):
-    path: str  # a run folder (made by `fewshot train` / `fewshot distill`) or a bundle folder
+    path: str  # a run folder (made by `fewshot train` / `fewshot distill`), a bundle folder, or zoo:NAME
     weight: float = Field(1.0, ge=0)  # this teacher's share of every distillation term
 
 
@@ -197,6 +197,34 @@ class PipelineConfig(_Frozen):
     # `fewshot pipeline`: a distill config whose student is taught by the run just trained
     # (its teachers are replaced by that run); None skips the distillation stage
     distill: str | None = None
+
+
+class ZooResult(_Frozen):
+    """One row of a zoo card's table: a task, and the published number it is compared with."""
+
+    way: int = Field(ge=2)
+    shot: int = Field(ge=1)
+    mode: Literal["any", "within", "across"] = "any"
+    published: float | None = Field(None, ge=0, le=100)  # accuracy in percent
+    source: str | None = None  # where the published number comes from
+
+
+class ZooConfig(_Frozen):
+    """A zoo recipe's card (`fewshot zoo publish CONFIG`): what the entry is, what it is for, and the
+    protocol and published anchors of its accuracy table. Not part of what a run computes: a resume
+    never compares it."""
+
+    title: str
+    summary: str
+    intended_use: str
+    limitations: str
+    data_description: str
+    licence: str
+    results: list[ZooResult] = Field(min_length=1)
+    episodes: int = Field(1000, ge=600)
+    query: int = Field(15, ge=1)
+    seed: int = 1234
+    split: str = "test"
 
 
 class ParamSpec(_Frozen):
@@ -238,7 +266,7 @@ class ParamSpec(_Frozen):
 
 # config fields a search may not sample: they name the run, or change how trials are scored
 # fields that name the run or change how trials are scored (which classes or episodes validate them)
-_UNTUNABLE = ("name", "output_dir", "tune", "eval", "seed", "train.val_every", "train.val_episodes", "train.val_way",
+_UNTUNABLE = ("name", "output_dir", "tune", "zoo", "eval", "seed", "train.val_every", "train.val_episodes", "train.val_way",
               "train.val_shot", "train.val_query", "data.split", "data.splits_dir", "data.split_seed",
               "data.root", "data.dataset", "data.lake_val_fraction", "data.min_images_per_class", "data.first_level",
               "distill.generations", "distill.baseline")
@@ -308,6 +336,7 @@ class RunConfig(_Frozen):
     distill: DistillConfig | None = None
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     tune: TuneConfig | None = None  # `fewshot tune`'s search space; `fewshot train` ignores it
+    zoo: ZooConfig | None = None  # the model card of a zoo recipe; `fewshot train` ignores it
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

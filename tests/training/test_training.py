@@ -200,3 +200,49 @@ def test_worker_stream_equals_in_process_stream(tmp_path: Path, data: RunData) -
     wa = load_file(str(a.run_dir() / "checkpoints" / "last" / "model.safetensors"))
     wb = load_file(str(b.run_dir() / "checkpoints" / "last" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_segments_record_each_stretch_and_are_cut_at_the_resumed_checkpoint(tmp_path: Path, data: RunData) -> None:
+    from fewshot.training.segments import SegmentLog, cpu_hours
+
+    cfg = config(tmp_path, steps=9)
+
+    def kill(step: int, _: dict[str, float]) -> None:
+        if step == 5:  # after the step-3 checkpoint: steps 4 and 5 are lost and redone
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data=data, progress=False, on_step=kill)
+    assert [(s["start_step"], s["end_step"]) for s in SegmentLog.read(cfg.run_dir()).segments] == [(0, 3)]
+    train(cfg, data=data, progress=False, on_step=lambda step, _: None)
+    train(config(tmp_path, steps=12), data=data, progress=False)  # the step schedule may be extended
+    segs = SegmentLog.read(cfg.run_dir()).segments
+    assert [(s["index"], s["start_step"], s["end_step"]) for s in segs] == [(1, 0, 3), (2, 3, 9), (3, 9, 12)]
+    for s in segs:
+        assert s["train_seconds"] > 0 and s["threads"] >= 1 and s["world_size"] == 1 and s["torch"] == torch.__version__
+        assert cpu_hours(s) == pytest.approx(s["train_seconds"] * s["threads"] / 3600)
+    # the run's total training time is the sum of what its segments kept, up to the last checkpoint
+    manifest_elapsed = load_trained(cfg.run_dir(), tag="last")[1]["metrics"]["elapsed_s"]
+    assert sum(s["train_seconds"] for s in segs) == pytest.approx(manifest_elapsed, abs=0.01 * len(segs))
+
+
+def test_a_cosine_run_refuses_a_changed_budget(tmp_path: Path, data: RunData) -> None:
+    train(config(tmp_path, steps=3, schedule="cosine"), data=data, progress=False)
+    with pytest.raises(CheckpointError, match=r"train.steps: 3 -> 6"):
+        train(config(tmp_path, steps=6, schedule="cosine"), data=data, progress=False)
+    # max_seconds (a stretch's time budget) never changes what the run computes
+    train(config(tmp_path, steps=3, schedule="cosine", max_seconds=50.0), data=data, progress=False)
+
+
+def test_a_checkpoint_of_another_format_is_an_error_not_a_restart(tmp_path: Path, data: RunData) -> None:
+    import json
+
+    cfg = config(tmp_path, steps=3)
+    train(cfg, data=data, progress=False)
+    path = cfg.run_dir() / "checkpoints" / "last" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["format"] = 99
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="has format 99"):
+        train(config(tmp_path, steps=6), data=data, progress=False)
+    assert json.loads(path.read_text())["step"] == 3  # nothing was overwritten

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot.artifacts.zoo import resolve_bundle
 from fewshot.data.imageio import Preprocessing
 from fewshot.decision import DecisionRule
 from fewshot.episodes.types import Episode
@@ -148,7 +149,7 @@ def load_teacher(path: str | Path, *, data: Any = None) -> Teacher:
     """A teacher from a run folder (its best checkpoint) or a bundle folder; `data` (the student's
     RunData) gives the normalisation of the images the teacher will be given, and the batches that
     re-estimate batch norm for runs that need it (MAML family)."""
-    p = Path(path)
+    p = resolve_bundle(path)  # a folder, or zoo:NAME
     if (p / "manifest.json").is_file() and (p / "model.onnx").is_file():
         teacher = _from_bundle(p)
     elif (p / "config.yaml").is_file():

@@ -18,6 +18,7 @@ from typing import Any
 
 from fewshot.artifacts.bundle import Bundle, Manifest, load_bundle
 from fewshot.artifacts.calibration import Calibration
+from fewshot.artifacts.zoo import resolve_bundle
 from fewshot.errors import ConfigError
 from fewshot.openset import OpenSetRule
 from fewshot.service.recogniser import Recogniser, RecogniserConfig, WorkspaceSettings
@@ -40,11 +41,12 @@ class ModelSpec:
 
     @classmethod
     def parse(cls, spec: str) -> ModelSpec:
-        """`PATH` or `NAME=PATH`; a path that exists as written is never split at its '='."""
+        """`PATH`, `zoo:NAME` or `NAME=PATH` / `NAME=zoo:ENTRY`; a path that exists as written is never
+        split at its '='."""
         name, sep, path = spec.partition("=")
         if not sep or Path(spec).exists():
-            return cls(Path(spec))
-        return cls(Path(path), check_model_name(name, where=f"model spec {spec!r}"))
+            return cls(resolve_bundle(spec))
+        return cls(resolve_bundle(path), check_model_name(name, where=f"model spec {spec!r}"))
 
 
 def check_model_name(name: str, *, where: str) -> str:

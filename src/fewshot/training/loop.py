@@ -43,6 +43,7 @@ from fewshot.training.data import RunData, load_run_data
 from fewshot.training.distributed import DistributedError, World, any_rank, barrier, is_comm_failure
 from fewshot.training.evaluate import evaluate_episodes
 from fewshot.training.plots import plot_curves
+from fewshot.training.segments import SegmentLog
 from fewshot.training.trainer import Trainer
 
 OBJECTIVE_WEIGHTS = "objective.safetensors"
@@ -170,14 +171,22 @@ RESUMABLE = {
 CONFIG_SECTIONS = ("data", "model", "train", "seed", "distill")
 
 
-def _same_config(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def _resumable(section: str, key: str, saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """A cosine schedule is laid over `train.steps`: changing it changes every later learning rate,
+    so under cosine the budget is fixed for the whole run."""
+    if section == "train" and key == "steps":
+        return "cosine" not in (saved.get("train", {}).get("schedule"), current.get("train", {}).get("schedule"))
+    return key in RESUMABLE.get(section, set())
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Fields that differ, ignoring the ones a resume may change (RESUMABLE)."""
     diffs = []
     for section in CONFIG_SECTIONS:
         a, b = saved.get(section), current.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
-                if k not in RESUMABLE.get(section, set()) and a.get(k) != b.get(k):
+                if not _resumable(section, k, saved, current) and a.get(k) != b.get(k):
                     diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
         elif a != b:
             diffs.append(f"{section}: {a!r} -> {b!r}")
@@ -211,6 +220,7 @@ class _Session:
     start: int = 0
     best: float = -1.0
     elapsed_before: float = 0.0
+    segments: SegmentLog | None = None  # rank 0's record of this run's stretches of work
 
     @property
     def ckpt_dir(self) -> Path:
@@ -253,7 +263,7 @@ def _restore(s: _Session) -> None:
         return
     run_dir, manifest = s.config.run_dir(), read_manifest(last)
     # the saved config re-validated: fields added since it was written take their defaults
-    diffs = _same_config(RunConfig.model_validate(manifest["config"]).to_dict(), s.config.to_dict())
+    diffs = config_differences(RunConfig.model_validate(manifest["config"]).to_dict(), s.config.to_dict())
     if diffs:
         raise CheckpointError(f"run {run_dir} was trained with a different config ({'; '.join(diffs)}); "
                               "use a new run name, or pass --no-resume to start over")
@@ -350,6 +360,7 @@ def _run_steps(s: _Session, progress: bool, on_step: Callable[[int, dict[str, fl
                disable=not (progress and main))
     metrics: dict[str, float] = {}
     done = s.start
+    segment_start = s.elapsed_before
     for step in bar:
         lr = lr_at(step, tc)
         done = step + 1
@@ -369,6 +380,8 @@ def _run_steps(s: _Session, progress: bool, on_step: Callable[[int, dict[str, fl
             log.append(row)
         if main and (done % tc.checkpoint_every == 0 or done == tc.steps or out_of_time):
             _save(s, "last", done, {"best_val_acc": s.best, "elapsed_s": elapsed, **metrics}, with_optimizer=True)
+            if s.segments is not None:
+                s.segments.update(done, elapsed - segment_start)
         if on_step is not None:  # the step's terms, plus val_acc / val_ci95 on validation steps
             on_step(done, {**metrics, **{k: row[k] for k in ("val_acc", "val_ci95") if k in row}})
         if out_of_time:
@@ -406,6 +419,8 @@ def train(
     if world.is_main:
         dump_config(config, run_dir / "config.yaml")
         atomic_write_json(run_dir / "train_classes.json", {"split": data.scheme, "classes": data.class_names("train")})
+        s.segments = SegmentLog.open(run_dir, s.start, device=str(s.device), precision=s.learner.precision.dtype,
+                                     world_size=world.size)
     done, metrics = _run_steps(s, progress, on_step)
     session = s.elapsed_before - before
     if world.is_main:

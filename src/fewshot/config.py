@@ -197,6 +197,8 @@ class PipelineConfig(_Frozen):
     # `fewshot pipeline`: a distill config whose student is taught by the run just trained
     # (its teachers are replaced by that run); None skips the distillation stage
     distill: str | None = None
+    # a zoo entry (name) whose bundle the service check also runs on, beside the model just trained
+    zoo_compare: str | None = None
 
 
 class ZooResult(_Frozen):

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from fewshot.artifacts.bundle import Manifest
+from fewshot.artifacts.zoo import get_entry
 from fewshot.config import RunConfig, TeacherConfig, load_config
 from fewshot.errors import ConfigError
 from fewshot.io import atomic_write_json
@@ -115,8 +116,12 @@ def run_pipeline(config: RunConfig, *, serve_check: bool = True, progress: bool 
         if serve_check:
             from fewshot.service.smoke import service_smoke_check
 
-            summary["service_check"] = service_smoke_check(bundle_dir, images_by_class(data, ev.split, limit=3),
-                                                           foreign=foreign_photos(config.data.data_root()))
+            checked = images_by_class(data, ev.split, limit=3)
+            foreign = foreign_photos(config.data.data_root())
+            summary["service_check"] = service_smoke_check(bundle_dir, checked, foreign=foreign)
+            if config.pipeline.zoo_compare:
+                summary["zoo_service_check"] = zoo_service_check(config.pipeline.zoo_compare, checked, foreign,
+                                                                 summary["service_check"])
         summary["bundle_as_served"] = {k: round(100 * m["served_mean"], 2) for k, m in
                                        Manifest.read(bundle_dir).metrics.items()}
     if photos:
@@ -127,6 +132,23 @@ def run_pipeline(config: RunConfig, *, serve_check: bool = True, progress: bool 
     summary["total_s"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(config.run_dir() / "pipeline_summary.json", summary)
     return summary
+
+
+def zoo_service_check(name: str, checked: dict[str, np.ndarray], foreign: list[bytes],
+                      quick: dict[str, Any]) -> dict[str, Any]:
+    """The same live service check on zoo entry `name`, with both models' numbers side by side
+    (skipped, with the reason, when the entry is not in the zoo)."""
+    from fewshot.service.smoke import service_smoke_check
+
+    try:
+        entry = get_entry(name)
+    except ConfigError as exc:
+        return {"skipped": str(exc)}
+    check = service_smoke_check(entry.bundle, checked, foreign=foreign)
+    keys = ("accuracy", "top1_accuracy_ignoring_unknown", "rejected_as_unknown", "classify_median_ms")
+    return {"entry": f"zoo:{name}", **check,
+            "side_by_side": {k: {"trained_here": quick.get(k), f"zoo:{name}": check.get(k)} for k in keys},
+            "card": {r["key"]: f"{100 * r['mean']:.2f} +- {100 * r['ci95']:.2f}" for r in entry.card()["results"]}}
 
 
 def foreign_photos(data_root: Path, n: int = 20) -> list[bytes]:

@@ -37,11 +37,12 @@ def test_train_writes_run_folder_and_learns(tmp_path: Path, data: RunData) -> No
     assert echoed == cfg
 
 
-def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path: Path, data: RunData) -> None:
-    full = config(tmp_path / "a")
+@pytest.mark.parametrize("schedule", ["step", "cosine"])
+def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path: Path, data: RunData, schedule: str) -> None:
+    full = config(tmp_path / "a", schedule=schedule, warmup=2, step_every=2)
     train(full, data=data, progress=False)
 
-    killed = config(tmp_path / "b")
+    killed = config(tmp_path / "b", schedule=schedule, warmup=2, step_every=2)
 
     def kill(step: int, _: dict[str, float]) -> None:
         if step == 4:  # after the step-3 checkpoint, before the step-6 one
@@ -57,6 +58,14 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path: Path, data: Ru
         assert torch.equal(a[k], b[k]), k
     rows = (killed.run_dir() / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 6  # header + one row per step, no duplicates from the killed attempt
+
+    def column(run: Path, name: str) -> list[str]:
+        with open(run / "metrics.csv", newline="") as fh:
+            return [r[name] for r in csv.DictReader(fh)]
+
+    # the same schedule and the same episodes: every step's learning rate and loss as uninterrupted
+    assert column(killed.run_dir(), "lr") == column(full.run_dir(), "lr")
+    assert column(killed.run_dir(), "loss") == column(full.run_dir(), "loss")
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path: Path, data: RunData) -> None:

@@ -136,3 +136,17 @@ def test_publish_refuses_a_recipe_that_is_not_what_the_run_trained(made: dict[st
     (tmp_path / "nozoo.yaml").write_text(yaml.safe_dump(d))
     with pytest.raises(ConfigError, match="has no zoo section"):
         publish(tmp_path / "nozoo.yaml", root=tmp_path / "zoo", data=made["data"], progress=False)
+
+
+def test_the_main_jobs_zoo_check_runs_the_entry_beside_the_model_trained_here(made: dict[str, Any],
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from fewshot.pipeline import images_by_class, zoo_service_check
+
+    monkeypatch.setenv("FEWSHOT_ZOO", str(made["root"] / "zoo"))
+    assert "no zoo entry 'absent'" in zoo_service_check("absent", {}, [], {})["skipped"]
+    checked = images_by_class(made["data"], "test", limit=3)
+    quick = {"accuracy": 0.5, "classify_median_ms": 9.0}
+    out = zoo_service_check("tiny-proto", checked, [], quick)
+    assert out["entry"] == "zoo:tiny-proto" and out["queries"] == len(checked) * 5  # 10 images a class, 5 taught
+    assert out["side_by_side"]["accuracy"] == {"trained_here": 0.5, "zoo:tiny-proto": out["accuracy"]}
+    assert out["accuracy"] > 1 / len(checked)  # the entry answers over real HTTP better than chance

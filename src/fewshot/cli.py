@@ -170,6 +170,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         res = evaluate_entry(args.run, way=args.way, shot=args.shot, mode=args.mode, **given)
         print(f"{args.run} as served (ONNX Runtime + its decision rule): {res.summary()}")
         return 0
+    if (Path(args.run) / "manifest.json").is_file():  # a bundle folder, scored as served
+        from fewshot.zoo import evaluate_bundle
+
+        res = evaluate_bundle(args.run, way=args.way, shot=args.shot, query=args.query or 15,
+                              episodes=args.episodes or 1000, seed=1234 if args.seed is None else args.seed,
+                              split=args.split, mode=args.mode)
+        print(f"{args.run} as served (ONNX Runtime + its decision rule): {res.summary()}")
+        return 0
     from fewshot.training.protocol import evaluate_run
 
     res = evaluate_run(args.run, way=args.way, shot=args.shot, query=args.query or 15,
@@ -332,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="mean accuracy +- 95%% CI over fixed-seed test episodes")
-    p.add_argument("run", help="a run folder (its best checkpoint), or zoo:NAME (the bundle as served)")
+    p.add_argument("run", help="a run folder (its best checkpoint), a bundle folder or zoo:NAME (as served)")
     p.add_argument("--way", type=int, default=5)
     p.add_argument("--shot", type=int, default=1)
     p.add_argument("--query", type=int, default=None, help="queries per class (default 15, or the zoo card's)")

@@ -260,7 +260,9 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
         backbone, target, preprocessing=pre,
         source={"run": str(run_dir), "name": config.name, "learner": manifest["model"]["learner"],
                 "step": manifest["step"], "calibrated_on": f"{data.scheme}/{calib_split}",
-                "train_classes": data.class_names("train")},
+                "train_classes": data.class_names("train"),
+                # the data section (without local paths): `fewshot evaluate BUNDLE` prepares the same data
+                "data": config.data.model_dump(mode="json", exclude={"root", "cache_dir"})},
         metrics={}, data_fingerprint=data.cache.fingerprint, calibration=calibration,
         sample_images=sample, deployment=deployment, domain=None if domain is None else domain.to_dict(),
         evaluate=_served_metrics(results, data, rule, config.export.max_drop, force),

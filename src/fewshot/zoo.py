@@ -95,6 +95,23 @@ def evaluate_entry(name: str, *, way: int, shot: int, episodes: int | None = Non
                  split=proto["split"], mode=mode)
 
 
+def evaluate_bundle(path: str | Path, *, way: int, shot: int, episodes: int = 1000, query: int = 15, seed: int = 1234,
+                    split: str = "test", mode: str = "any", data: RunData | None = None) -> EvalResult:
+    """`fewshot evaluate BUNDLE`: a bundle folder scored as served on the protocol, on the data its
+    manifest records (bundles exported by `fewshot export` since the zoo)."""
+    from fewshot.config import DataConfig
+
+    bundle = load_bundle(path)
+    recorded = bundle.manifest.source.get("data")
+    if data is None:
+        if recorded is None:
+            raise ConfigError(f"bundle {path} does not record the data it was trained on (exported by an older "
+                              "version, or made with bundle-onnx / the photos backbone); re-export it with "
+                              "`fewshot export RUN OUT`, or evaluate its run folder")
+        data = load_run_data(DataConfig.model_validate(recorded), progress=True)
+    return score(bundle, data, way=way, shot=shot, query=query, episodes=episodes, seed=seed, split=split, mode=mode)
+
+
 def rescore(entry: ZooEntry, data: RunData, *, episodes: int | None = None) -> list[dict[str, Any]]:
     """Re-score every setting of the card on its first `episodes` episodes (all: None) and compare
     with the per-episode accuracies recorded when it was published."""

@@ -150,3 +150,14 @@ def test_the_main_jobs_zoo_check_runs_the_entry_beside_the_model_trained_here(ma
     assert out["entry"] == "zoo:tiny-proto" and out["queries"] == len(checked) * 5  # 10 images a class, 5 taught
     assert out["side_by_side"]["accuracy"] == {"trained_here": 0.5, "zoo:tiny-proto": out["accuracy"]}
     assert out["accuracy"] > 1 / len(checked)  # the entry answers over real HTTP better than chance
+
+
+def test_a_bundle_folder_is_scored_as_served_on_the_data_it_records(made: dict[str, Any]) -> None:
+    from fewshot.artifacts.bundle import Manifest
+    from fewshot.zoo import evaluate_bundle
+
+    bundle = made["entry"].bundle
+    recorded = Manifest.read(bundle).source["data"]
+    assert recorded["image_size"] == 16 and "root" not in recorded and "cache_dir" not in recorded
+    res = evaluate_bundle(bundle, way=3, shot=2, episodes=600, query=5, data=made["data"])
+    assert res.mean == pytest.approx(made["entry"].card()["results"][0]["mean"])

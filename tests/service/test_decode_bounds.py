@@ -10,17 +10,29 @@ import numpy as np
 import pytest
 from hostile_images import (
     decode_cost,
+    decode_costs,
     forged_png,
+    jpeg_segments,
     large_jpeg,
+    lossless_webp,
     mpo_bytes,
+    noninterleaved_baseline_jpeg,
     palette_png,
+    progressive_scan_bomb,
     rgba_png,
+    rle8_bmp,
     sixteen_bit_png,
     tiny_wide_png,
 )
 from PIL import Image
 
-from fewshot.data.imageio import MAX_ASPECT_RATIO, Preprocessing, shrink
+from fewshot.data.imageio import (
+    MAX_ASPECT_RATIO,
+    MAX_JPEG_SCANS,
+    Preprocessing,
+    jpeg_layout,
+    shrink,
+)
 from fewshot.service.images import UploadError, decode_upload
 
 PRE = Preprocessing(mode="L", size=28)
@@ -135,3 +147,75 @@ def test_exif_orientation_is_applied_at_every_size(w: int, h: int) -> None:
 def test_thumbnails_keep_the_aspect_ratio(w: int, h: int, want: tuple[int, int]) -> None:
     d = decode(_jpeg(w, h))
     assert Image.open(io.BytesIO(d.thumbnail_png)).size == want
+
+
+# -- decoding cost, not only pixels (issue 16: #2 progressive scans, #3 buffered JPEG, WebP, RLE BMP) --
+def test_a_progressive_jpeg_with_a_scan_repeated_hundreds_of_times_is_refused_before_decoding() -> None:
+    data = progressive_scan_bomb(600, 300)  # a valid file: each repeat is a pass over every block
+    with pytest.raises(UploadError) as e:
+        decode(data)
+    assert e.value.status == 413 and f"more than {MAX_JPEG_SCANS} scans" in str(e.value)
+    ordinary = progressive_scan_bomb(600, 0)  # the 10 scans libjpeg writes
+    assert jpeg_layout(ordinary).process == "progressive" and jpeg_layout(ordinary).scans == 10 and decode(ordinary).array.shape == (1, 28, 28)
+
+
+def test_a_multi_scan_baseline_jpeg_gets_no_reduced_scale_allowance() -> None:
+    """Each component in its own scan: libjpeg buffers full-size coefficients, as for progressive."""
+    layout = jpeg_layout(noninterleaved_baseline_jpeg(64, 64))
+    assert (layout.process, layout.scans, layout.buffered) == ("baseline", 3, True)
+    with pytest.raises(UploadError) as e:
+        decode(noninterleaved_baseline_jpeg(2000, 1000), max_pixels=1_000_000)  # 2 MP: would draft to 1/8
+    assert e.value.status == 413 and "3 scans" in str(e.value)
+    assert decode(noninterleaved_baseline_jpeg(1000, 1000), max_pixels=1_000_000).array.shape == (1, 28, 28)
+    assert decode(_jpeg(2000, 1000), max_pixels=1_000_000).array.shape == (1, 28, 28)  # one scan: drafted
+
+
+def test_buffered_jpeg_coefficients_are_bounded_by_component_count() -> None:
+    with pytest.raises(UploadError) as e:  # 4 full-resolution components of 810,000 pixels: 3.24 M coefficients
+        decode(noninterleaved_baseline_jpeg(900, 900, components=4), max_pixels=1_000_000)
+    assert e.value.status == 413 and "coefficients" in str(e.value)
+
+
+def test_lossless_and_hierarchical_jpegs_are_refused() -> None:
+    lossless = noninterleaved_baseline_jpeg(64, 64).replace(b"\xff\xc0", b"\xff\xc3", 1)
+    with pytest.raises(UploadError) as e:
+        decode(lossless)
+    assert e.value.status == 415 and "lossless JPEG" in str(e.value)
+
+
+def test_mpo_scans_of_the_first_frame_only_are_counted() -> None:
+    data = mpo_bytes()
+    assert jpeg_layout(data).scans == 1
+    assert [m for m, _, _ in jpeg_segments(data)].count(0xDA) == 1
+
+
+def test_webp_gets_a_quarter_of_the_pixel_limit() -> None:
+    """WebP cannot decode at a reduced scale (a 1 KB lossless 5000x5000 file cost +318 MB)."""
+    with pytest.raises(UploadError) as e:
+        decode(lossless_webp(1100), max_pixels=4_000_000)
+    assert e.value.status == 413 and "WebP" in str(e.value) and "1,000,000" in str(e.value)
+    assert decode(lossless_webp(1000), max_pixels=4_000_000).array.shape == (1, 28, 28)
+
+
+def test_rle_bmp_is_bounded_to_a_megapixel() -> None:
+    """Pillow decodes RLE BMP in pure Python: a 5.5 KB file cost 2.9 s."""
+    with pytest.raises(UploadError) as e:
+        decode(rle8_bmp(1100, 1000))
+    assert e.value.status == 413 and "run-length" in str(e.value)
+    assert decode(rle8_bmp(300, 200)).array.shape == (1, 28, 28)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak RSS")
+@pytest.mark.parametrize("case", ["progressive 5000x5000, 20 scans", "3-scan baseline 5000x5000",
+                                  "4-component 3-scan baseline 4330x4330", "lossless WebP 2500x2500",
+                                  "RLE8 BMP 1000x1000", "scan bomb 5000x5000 x3000"])
+def test_accepted_formats_cost_at_most_200_mb_and_2_s_of_cpu(case: str, tmp_path: object) -> None:
+    data = {"progressive 5000x5000, 20 scans": lambda: progressive_scan_bomb(5000, 10),
+            "3-scan baseline 5000x5000": lambda: noninterleaved_baseline_jpeg(5000, 5000),
+            "4-component 3-scan baseline 4330x4330": lambda: noninterleaved_baseline_jpeg(4330, 4330, 4),
+            "lossless WebP 2500x2500": lambda: lossless_webp(2500),
+            "RLE8 BMP 1000x1000": lambda: rle8_bmp(1000, 1000),
+            "scan bomb 5000x5000 x3000": lambda: progressive_scan_bomb(5000, 3000)}[case]()
+    peak_mb, _, cpu_s, outcome = decode_costs(data, str(tmp_path), "RGB", 84)
+    assert peak_mb < 200 and cpu_s < 2.0, f"{case}: peak +{peak_mb:.0f} MB, {cpu_s:.2f} s CPU ({outcome})"

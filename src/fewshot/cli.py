@@ -161,28 +161,43 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fewshot.artifacts.zoo import is_zoo_name
+    from fewshot.artifacts.zoo import get_entry, is_zoo_name
 
     if is_zoo_name(args.run):  # a zoo bundle, scored as served on its card's protocol
-        from fewshot.zoo import evaluate_entry
+        from fewshot.zoo import entry_data, evaluate_entry
 
-        given = {k: getattr(args, k) for k in ("episodes", "query", "seed")}
-        res = evaluate_entry(args.run, way=args.way, shot=args.shot, mode=args.mode, **given)
-        print(f"{args.run} as served (ONNX Runtime + its decision rule): {res.summary()}")
+        card = get_entry(args.run).card()
+        tasks = ([(args.way or 5, args.shot or 1, args.mode or "any")] if args.way or args.shot else
+                 [(r["way"], r["shot"], r["mode"]) for r in card["results"]])  # default: the card's table
+        data = entry_data(get_entry(args.run), progress=True)
+        for way, shot, mode in tasks:
+            res = evaluate_entry(args.run, way=way, shot=shot, mode=mode, episodes=args.episodes, query=args.query,
+                                 seed=args.seed, data=data)
+            print(f"{args.run} as served (ONNX Runtime + its decision rule): {res.summary()}")
         return 0
-    if (Path(args.run) / "manifest.json").is_file():  # a bundle folder, scored as served
+    from fewshot.config import EvalConfig, load_config
+
+    bundle = (Path(args.run) / "manifest.json").is_file()
+    if not bundle:
+        from fewshot.training.loop import check_run_dir
+
+        check_run_dir(Path(args.run))
+    # a run's eval section, unless given on the command line (a bundle: the protocol's defaults)
+    ev = EvalConfig() if bundle else load_config(Path(args.run) / "config.yaml").eval
+    way, shot = args.way or ev.way, args.shot or ev.shot
+    query, episodes = args.query or ev.query, args.episodes or ev.episodes
+    seed, split, mode = ev.seed if args.seed is None else args.seed, args.split or ev.split, args.mode or ev.domain_mode
+    if bundle:  # a bundle folder, scored as served
         from fewshot.zoo import evaluate_bundle
 
-        res = evaluate_bundle(args.run, way=args.way, shot=args.shot, query=args.query or 15,
-                              episodes=args.episodes or 1000, seed=1234 if args.seed is None else args.seed,
-                              split=args.split, mode=args.mode)
+        res = evaluate_bundle(args.run, way=way, shot=shot, query=query, episodes=episodes, seed=seed, split=split,
+                              mode=mode)
         print(f"{args.run} as served (ONNX Runtime + its decision rule): {res.summary()}")
         return 0
     from fewshot.training.protocol import evaluate_run
 
-    res = evaluate_run(args.run, way=args.way, shot=args.shot, query=args.query or 15,
-                       episodes=args.episodes or 1000, seed=1234 if args.seed is None else args.seed,
-                       split=args.split, mode=args.mode, device=args.device)
+    res = evaluate_run(args.run, way=way, shot=shot, query=query, episodes=episodes, seed=seed, split=split,
+                       mode=mode, device=args.device)
     print(res.summary())
     if args.per_domain:
         for d, acc in res.per_domain.items():
@@ -341,13 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="mean accuracy +- 95%% CI over fixed-seed test episodes")
     p.add_argument("run", help="a run folder (its best checkpoint), a bundle folder or zoo:NAME (as served)")
-    p.add_argument("--way", type=int, default=5)
-    p.add_argument("--shot", type=int, default=1)
-    p.add_argument("--query", type=int, default=None, help="queries per class (default 15, or the zoo card's)")
-    p.add_argument("--episodes", type=int, default=None, help="default 1000, or the zoo card's")
-    p.add_argument("--seed", type=int, default=None, help="default 1234, or the zoo card's")
-    p.add_argument("--split", default="test")
-    p.add_argument("--mode", choices=["any", "within", "across"], default="any",
+    p.add_argument("--way", type=int, default=None,
+                   help="default: the run's eval section; for zoo:NAME without --way / --shot, the card's whole table")
+    p.add_argument("--shot", type=int, default=None)
+    p.add_argument("--query", type=int, default=None, help="queries per class (default: the run's eval section, "
+                                                             "the zoo card's, else 15)")
+    p.add_argument("--episodes", type=int, default=None, help="default: the run's eval section, the card's, else 1000")
+    p.add_argument("--seed", type=int, default=None, help="default: the run's eval section, the card's, else 1234")
+    p.add_argument("--split", default=None, help="default: the run's eval section, else test")
+    p.add_argument("--mode", choices=["any", "within", "across"], default=None,
                    help="within: all classes of an episode from one domain (Lake's within-alphabet)")
     p.add_argument("--device", default="auto")
     p.add_argument("--per-domain", action="store_true", help="print the per-domain breakdown")

@@ -52,17 +52,23 @@ def test_prepare_inspect_train_evaluate_compare_export(workdir: Path, capsys: py
         "model: {backbone: conv4, backbone_args: {hidden: 8}}\n"
         "train: {steps: 4, way: 3, shot: 1, query: 2, val_every: 2, val_episodes: 5, val_way: 2, val_query: 2,"
         " checkpoint_every: 2, precision: fp32, device: cpu}\n"
+        "eval: {way: 3, shot: 2, query: 2, episodes: 600, seed: 7}\n"
     )
     assert main(["train", str(cfg)]) == 0
+    assert main(["evaluate", "runs/tiny"]) == 0  # the run's own eval section when nothing is given
+    assert "3-way 2-shot (any, 600 episodes, seed 7)" in capsys.readouterr().out
     assert main(["evaluate", "runs/tiny", "--way", "2", "--shot", "1", "--query", "2", "--episodes", "600",
                  "--per-domain"]) == 0
     out = capsys.readouterr().out
-    assert "2-way 1-shot (any, 600 episodes, seed 1234)" in out and "dom" in out
+    assert "2-way 1-shot (any, 600 episodes, seed 7)" in out and "dom" in out  # the seed of its eval section
     assert main(["compare", "runs/tiny", "--out", "cmp.png"]) == 0
     assert "| tiny | protonet | conv4 |" in capsys.readouterr().out
     assert main(["export", "runs/tiny", "bundle"]) == 0
     manifest = json.loads((workdir / "bundle" / "manifest.json").read_text())
     assert manifest["embedding_dim"] == 8 and (workdir / "bundle" / "model.onnx").is_file()
+    assert main(["evaluate", "bundle", "--way", "2", "--query", "2", "--episodes", "600"]) == 0  # as served
+    assert "bundle as served (ONNX Runtime + its decision rule): 2-way 1-shot (any, 600 episodes, seed 1234)" in \
+        capsys.readouterr().out
 
 
 def test_errors_are_reported_with_exit_code_2(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

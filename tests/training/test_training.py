@@ -255,3 +255,17 @@ def test_a_checkpoint_of_another_format_is_an_error_not_a_restart(tmp_path: Path
     with pytest.raises(CheckpointError, match="has format 99"):
         train(config(tmp_path, steps=6), data=data, progress=False)
     assert json.loads(path.read_text())["step"] == 3  # nothing was overwritten
+
+
+def test_importing_and_plotting_leave_the_matplotlib_backend_alone(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import matplotlib; matplotlib.use('svg'); from pathlib import Path; "
+        "import fewshot.training.loop, fewshot.distill.report; from fewshot.training.plots import plot_comparison; "
+        f"plot_comparison([('a', '5w1s', 90.0, 1.0)], Path({str(tmp_path / 'c.png')!r}), 't'); "
+        "print(matplotlib.get_backend())"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "svg" and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 from fewshot.config import RunConfig
@@ -108,13 +109,9 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 
 def plot_report(report: dict[str, Any], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     task = report["tasks"][0]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))  # not pyplot: the process's backend is left alone
+    ax = fig.subplots()
     for r in report["rows"]:
         a = r["accuracy"][task]
         ax.errorbar(r["latency_ms"], 100 * a["mean"], yerr=100 * a["ci95"], marker="o", capsize=3,
@@ -126,7 +123,6 @@ def plot_report(report: dict[str, Any], out: Path) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 

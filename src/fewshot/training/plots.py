@@ -1,4 +1,8 @@
-"""Learning curves and comparison plots (PNG, headless)."""
+"""Learning curves and comparison plots (PNG, headless).
+
+Figures are made with `matplotlib.figure.Figure` directly, never through pyplot: importing this
+module leaves the process's matplotlib backend (and pyplot's global figure list) alone.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,7 @@ import csv
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def _read(csv_path: Path) -> dict[str, list[float]]:
@@ -23,7 +25,8 @@ def _read(csv_path: Path) -> dict[str, list[float]]:
 def plot_curves(csv_path: Path, out: Path, title: str = "") -> Path:
     """Training loss/accuracy and validation accuracy against step."""
     cols = _read(csv_path)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
     step = cols.get("step", [])
     # every named term the run logged (task loss, distillation terms); the objective "loss" when it is
     # the only one (Reptile's "loss" is a surrogate whose value means nothing: its "task" is shown)
@@ -51,7 +54,6 @@ def plot_curves(csv_path: Path, out: Path, title: str = "") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     tmp.replace(out)
     return out
 
@@ -65,8 +67,9 @@ def plot_comparison(rows: list[tuple[str, str, float, float]], out: Path, title:
     tasks = list(dict.fromkeys(r[1] for r in rows))
     lookup = {(r[0], r[1]): (r[2], r[3]) for r in rows}
     width = 0.8 / max(1, len(runs))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) * max(1, len(runs)) * 0.35 + 3), 4.2))
-    cmap = plt.get_cmap("tab10")
+    fig = Figure(figsize=(max(6.0, 1.1 * len(tasks) * max(1, len(runs)) * 0.35 + 3), 4.2))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["tab10"]
     for i, run in enumerate(runs):
         xs = [j + (i - (len(runs) - 1) / 2) * width for j, t in enumerate(tasks) if (run, t) in lookup]
         vals = [lookup[(run, t)] for t in tasks if (run, t) in lookup]
@@ -81,5 +84,4 @@ def plot_comparison(rows: list[tuple[str, str, float, float]], out: Path, title:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out

@@ -8,11 +8,15 @@ Measures (targets from the Deployment issue):
   * throughput with batching (images per request)
   * ONNX Runtime vs PyTorch eager embedding throughput at batch 1 (target ORT >= 2x)
   * classify time with 10 / 1,000 / 10,000 classes in a workspace
+  * --memory (issue 16 #1): the server's RSS when idle, at its peak under C concurrent classify
+    requests of N photos each (224x224 RGB model), and 10 s after they end; a bystander's one-image
+    classify latency meanwhile; statuses (503 busy + Retry-After is an allowed answer)
 
 Loopback only; every phase is bounded by a request count and a duration. Prints markdown tables
 and writes the raw numbers to --out (JSON).
 
     python benchmarks/bench_service.py [--bundle DIR] [--out benchmarks/results/service.json]
+    python benchmarks/bench_service.py --memory [--bundle RGB_BUNDLE] [--clients 8] [--images 64]
 """
 
 from __future__ import annotations
@@ -289,6 +293,90 @@ async def run_http(args: argparse.Namespace, port: int, db: Path, dim: int) -> d
     return res
 
 
+def make_photo_bundle(out: Path, hidden: int = 32) -> Path:
+    """Untrained Conv-4 on 224x224 RGB (the photos model's input size): memory follows the input size."""
+    import torch
+
+    from fewshot.artifacts import export_bundle
+    from fewshot.backbones import create_backbone
+    from fewshot.data.imageio import Preprocessing
+
+    torch.manual_seed(0)
+    backbone = create_backbone("conv4", in_channels=3, image_size=224, hidden=hidden)
+    samples = np.random.default_rng(0).integers(0, 256, (4, 3, 224, 224), dtype=np.uint8)
+    pre = Preprocessing("RGB", 224, resample="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    return export_bundle(backbone, out, preprocessing=pre, source={"name": "photos"}, metrics={},
+                         data_fingerprint="synthetic", calibration=None, sample_images=samples)
+
+
+def photo(seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def run_memory(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
+    ws, key = await create_workspace(port, "memory")
+    c = await Conn.open(port)
+    for i in range(3):
+        body, ctype = multipart([photo(100 + i * 5 + j) for j in range(5)], {"label": f"k{i}"})
+        status, _, text = await c.request(raw_request("POST", f"/workspaces/{ws}/classes", body, ctype, key))
+        assert status == 201, text
+    body, ctype = multipart([photo(7)], {"top_k": "1"})
+    one = raw_request("POST", f"/workspaces/{ws}/classify", body, ctype, key)
+    await c.request(one)
+    await asyncio.sleep(1.0)
+    idle = rss_mb(pid)
+    body, ctype = multipart([photo(1000 + j) for j in range(args.images)], {"top_k": "1"})
+    big = raw_request("POST", f"/workspaces/{ws}/classify", body, ctype, key)
+    statuses: dict[str, int] = {}
+    peak, done = idle, False
+    bystander: list[float] = []
+
+    async def client() -> None:
+        conn = await Conn.open(port)
+        status, headers, _ = await conn.request(big)
+        key_ = f"{status}" + (" (Retry-After)" if status == 503 and "retry-after" in headers else "")
+        statuses[key_] = statuses.get(key_, 0) + 1
+        conn.close()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done:
+            peak = max(peak, rss_mb(pid))
+            await asyncio.sleep(0.05)
+
+    async def bystand() -> None:
+        conn = await Conn.open(port)
+        while not done:
+            t0 = time.perf_counter()
+            await conn.request(one)
+            bystander.append((time.perf_counter() - t0) * 1000)
+        conn.close()
+
+    t0 = time.perf_counter()
+    watcher, by = asyncio.create_task(watch()), asyncio.create_task(bystand())
+    await asyncio.gather(*(client() for _ in range(args.clients)))
+    wall = time.perf_counter() - t0
+    done = True
+    await watcher
+    await by
+    await asyncio.sleep(10.0)
+    after = rss_mb(pid)
+    return {"clients": args.clients, "images_per_request": args.images, "idle_rss_mb": idle, "peak_rss_mb": peak,
+            "rss_10s_after_mb": after, "peak_over_idle_mb": peak - idle, "after_over_idle_mb": after - idle,
+            "statuses": statuses, "wall_s": wall, "bystander_ms_p50": pct(bystander, 50),
+            "bystander_ms_max": max(bystander) if bystander else float("nan"), "bystander_requests": len(bystander)}
+
+
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     fmt = [f"{v:.2f}" if isinstance(v, float) else str(v) for r in rows for v in r]
     cells = [fmt[i * len(headers):(i + 1) * len(headers)] for i in range(len(rows))]
@@ -328,7 +416,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--register-n", type=int, default=100)
     p.add_argument("--scale-n", type=int, default=200)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--memory", action="store_true", help="only the memory phase (issue 16 #1)")
+    p.add_argument("--images", type=int, default=64, help="--memory: images per request")
     args = p.parse_args(argv)
+    if args.memory:
+        main_memory(args)
+        return
     with tempfile.TemporaryDirectory(prefix="fewshot-bench-") as tmp:
         bundle = args.bundle or make_bundle(Path(tmp) / "bundle")
         from fewshot.artifacts.bundle import Manifest
@@ -349,6 +442,28 @@ def main(argv: list[str] | None = None) -> None:
     print(report(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nraw numbers: {args.out}")
+
+
+def main_memory(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="fewshot-bench-") as tmp:
+        bundle = args.bundle or make_photo_bundle(Path(tmp) / "photos")
+        port = free_port()
+        proc = start_server(bundle, Path(tmp) / "memory.db", port, 1)
+        try:
+            r = asyncio.run(run_memory(args, port, proc.pid))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    r["command"] = "python benchmarks/bench_service.py --memory " + " ".join(
+        f"--{k} {v}" for k, v in (("clients", args.clients), ("images", args.images)))
+    r["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_1m_after": os.getloadavg()[0]}
+    print(table(["clients x images", "idle MB", "peak MB", "10 s after MB", "statuses", "bystander p50 / max ms"],
+                [[f"{r['clients']} x {r['images_per_request']}", r["idle_rss_mb"], r["peak_rss_mb"],
+                  r["rss_10s_after_mb"], json.dumps(r["statuses"]),
+                  f"{r['bystander_ms_p50']:.0f} / {r['bystander_ms_max']:.0f}"]]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(r, indent=2))
     print(f"\nraw numbers: {args.out}")
 
 

@@ -414,3 +414,75 @@ def test_serve_runs_uvicorn_with_the_read_deadline(tiny_bundle: Path, tmp_path: 
     monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
     serve(str(tiny_bundle), str(tmp_path / "s.db"))
     assert seen["http"] is DeadlineH11Protocol and DeadlineH11Protocol.read_timeout_s == 7.0
+
+
+# -- 1: embedding in chunks, a bounded number at once, memory given back ---------------------------------
+def test_embedding_goes_through_the_model_in_small_chunks(tiny_bundle: Path) -> None:
+    import numpy as np
+
+    from fewshot.artifacts.bundle import load_bundle
+    from fewshot.service.embedding import EmbedGate, GatedEmbedder
+
+    inner = load_bundle(tiny_bundle, verify_parity=False).onnx_embedder
+    sizes: list[int] = []
+    run = inner.session.run
+
+    def spy(outputs: Any, feeds: dict[str, Any], *rest: Any) -> Any:
+        sizes.append(len(next(iter(feeds.values()))))
+        return run(outputs, feeds, *rest)
+
+    inner.session = type("Spy", (), {"run": staticmethod(spy)})()
+    gated = GatedEmbedder(inner, EmbedGate(slots=1), chunk=8)
+    assert gated._run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    images = class_images(0, 21)
+    got = gated.embed(images)
+    assert sizes == [8, 8, 5]
+    inner.session = type("Plain", (), {"run": staticmethod(run)})()
+    assert np.allclose(got, inner.embed(images), atol=1e-5)
+
+
+def test_embed_gate_is_first_come_first_served_and_bounded() -> None:
+    import threading
+    import time
+
+    from fewshot.service.embedding import EmbedGate, ServiceBusy
+
+    gate = EmbedGate(slots=1, max_waiting=2, wait_s=5.0)
+    order: list[str] = []
+
+    def take(name: str) -> None:
+        with gate.slot():
+            order.append(name)
+
+    gate._acquire()  # a long request holds the only slot
+    threads = []
+    for name in ("a", "b"):
+        threads.append(threading.Thread(target=take, args=(name,)))
+        threads[-1].start()
+        while gate.waiting < len(threads):
+            time.sleep(0.01)
+    with pytest.raises(ServiceBusy, match="already wait"):  # the queue (2) is full
+        gate._acquire()
+    gate.max_waiting = 3
+    gate._release()
+    take("holder again")  # it cannot jump the queue it just released to
+    for th in threads:
+        th.join(5)
+    assert order == ["a", "b", "holder again"] and gate.refused == 1
+    quick = EmbedGate(slots=1, max_waiting=4, wait_s=0.05)
+    with quick.slot(), pytest.raises(ServiceBusy, match="within 0.05 s"):
+        quick._acquire()
+    with quick.slot():  # the slot was given back
+        pass
+
+
+def test_full_embedding_queue_is_a_503_with_retry_after(tiny_bundle: Path, tmp_path: Path) -> None:
+    with TestClient(create_app(settings_for(tiny_bundle, tmp_path, embed_slots=1, embed_queue=0))) as c:
+        ws, key = new_workspace(c)
+        teach(c, ws, key, "a", 0, n=2)
+        gate = c.app.state.service.recogniser.embedder.gate  # type: ignore[attr-defined]
+        with gate.slot():  # someone else's images are being embedded
+            r = c.post(f"/workspaces/{ws}/classify", files=files(class_images(0, 1)), headers=auth(key))
+        err = assert_error(r, 503, "busy")
+        assert r.headers["retry-after"] == "1" and "busy" in err["message"]
+        assert c.post(f"/workspaces/{ws}/classify", files=files(class_images(0, 1)), headers=auth(key)).status_code == 200

@@ -43,6 +43,7 @@ from fewshot.artifacts.bundle import Bundle
 from fewshot.artifacts.domain import STATS_SIDE
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.service.auth import KeyGuard, hash_key, key_matches, secret_matches
+from fewshot.service.embedding import EmbedGate, GatedEmbedder, ServiceBusy
 from fewshot.service.forms import FormError, ServiceRoute
 from fewshot.service.images import UploadError, decode_upload
 from fewshot.service.insight import (
@@ -377,6 +378,10 @@ def open_state(settings: ServiceSettings) -> ServiceState:
     except BaseException:
         store.close()
         raise
+    # one gate for every model: they share the cores (fewshot.service.embedding)
+    gate = EmbedGate(settings.embed_slots, settings.embed_queue, settings.embed_wait_s)
+    for m in models.models:
+        m.recogniser.embedder = GatedEmbedder(m.recogniser.embedder, gate, settings.embed_chunk)
     return ServiceState(settings, models.default.bundle, store, models.default.recogniser, models)
 
 
@@ -424,6 +429,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             return body(404, "not_found", str(exc))
         if isinstance(exc, ConflictError):
             return body(409, "conflict", str(exc))
+        if isinstance(exc, ServiceBusy):
+            response = body(503, "busy", str(exc))
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+            return response
         if isinstance(exc, StoreUnavailable):  # a server fault; the message holds no URL or credentials
             response = body(503, "store_unavailable", str(exc))
             if exc.retry_after_s:  # 0: the outcome is unknown; an automatic retry could apply it twice

@@ -35,15 +35,22 @@ class ServiceSettings:
     metrics_public: bool = False  # False: /metrics needs the admin key (Prometheus: bearer_token)
     docs: bool = False  # True: /docs (Swagger UI from a CDN) and /redoc; /openapi.json is always served
     admin_failures_per_minute: int = 5  # failed key attempts per client address before 429 (see auth.KeyGuard)
+    embed_slots: int = 0  # image chunks embedded at once, all models together (0: one per core)
+    embed_chunk: int = 8  # images per model run
+    embed_queue: int = 32  # chunks that may wait for a slot; beyond: 503 busy + Retry-After
+    embed_wait_s: float = 5.0  # longest wait for a slot before 503 busy
     request_read_timeout_s: float = 30.0  # serve: a request's headers and body must arrive within this (408)
     admin_failures_per_minute_total: int = 20  # failed admin-key guesses from all addresses together before 429
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_images_per_request", "max_image_pixels", "max_request_pixels", "max_top_k",
                      "thumbnail_size",
-                     "admin_failures_per_minute", "admin_failures_per_minute_total"):
+                     "admin_failures_per_minute", "admin_failures_per_minute_total", "embed_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name}={getattr(self, name)} must be >= 1")
+        for name in ("embed_slots", "embed_queue", "embed_wait_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"setting {name}={getattr(self, name)} must be >= 0")
 
     def admin_key_warnings(self) -> list[str]:
         """What is wrong with the admin key, for a loud warning at startup (not refused: a test or a

@@ -34,17 +34,26 @@ def _utc_now() -> str:
 
 def code_commit() -> str | None:
     """The git commit of the code that runs (the checkout holding this package), with "-dirty" when
-    tracked files differ from it; None outside a git checkout."""
+    its code or configs differ from it (a run folder committed in the same checkout does not count);
+    None outside a git checkout."""
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/src", ":/configs",
+                                ":/pyproject.toml"], cwd=here, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _command() -> str:
+    """This process's command line, as a user would type it (`fewshot ...` also for `python -m fewshot`)."""
+    if not sys.argv:
+        return ""
+    prog = Path(sys.argv[0]).name
+    return " ".join(["fewshot" if prog in ("fewshot", "__main__.py") else prog, *sys.argv[1:]])
 
 
 def cpu_model() -> str:
@@ -89,7 +98,7 @@ class SegmentLog:
             "fewshot": __version__, "python": platform.python_version(), "cpu": cpu_model(),
             "cores": os.cpu_count(), "threads": torch.get_num_threads(), "world_size": world_size,
             "device": device, "precision": precision,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+            "command": _command(),
         })
         log.segments = kept
         log.write()

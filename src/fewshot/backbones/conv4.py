@@ -15,11 +15,16 @@ from fewshot.errors import ConfigError
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """conv3x3 -> BN -> max-pool 2 -> ReLU: the same function and gradients as the paper's
+    conv-BN-ReLU-pool, since relu(max(x)) == max(relu(x)); pooling first makes the ReLU (forward
+    and backward) touch a quarter of the elements. The ReLU runs in place: max-pool's backward
+    needs only its input and indices, never its output. Indices 0 (conv) and 1 (BN) are the
+    parameter names of every stored Conv-4 ("encoder.<block>.0.weight"), so checkpoints load."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, padding=1),
         EpisodicBatchNorm2d(c_out),
-        nn.ReLU(),
         nn.MaxPool2d(2),
+        nn.ReLU(inplace=True),
     )
 
 

@@ -20,8 +20,8 @@ FLOPs, so a step's GFLOP/s is its convolutions' and matmuls' work over the whole
 "% of conv peak" compares it with the convolution peak of the same precision (a Conv-4 step's
 FLOPs are 3x3 convolutions); the matmul peak is shown beside it.
 
-The process runs as `fewshot train` does, so `set_precision` turns on `keep_freed_memory` (glibc
-keeps freed tensors' memory for reuse) before anything is timed, peaks included;
+The process is set up as `fewshot train` sets up its own: `keep_freed_memory` (glibc keeps freed
+tensors' memory for reuse) is turned on before anything is timed, peaks included;
 `FEWSHOT_KEEP_FREED_MEMORY=0` measures without it.
 
     .venv/bin/python benchmarks/bench_throughput.py [--rounds 3] [--seconds 3] [--profile]
@@ -303,8 +303,8 @@ def main() -> None:
         "loadavg_start": os.getloadavg(),
     }
     print(f"machine: {info}")
+    info["keep_freed_memory"] = keep_freed_memory()  # as the fewshot train command does
     benches = build(sizes, args.seed)
-    info["keep_freed_memory"] = keep_freed_memory()  # already applied by set_precision in build()
     print(f"timing {len(benches)} settings: {args.rounds} round(s) x {args.seconds} s each")
     raw = run_rounds(benches, args.rounds, args.seconds, args.warmup)
     rows = with_peaks([summarise(b, raw[b.name]) for b in benches])

@@ -11,6 +11,15 @@ from typing import Any
 from fewshot.errors import DataError, FewshotError
 
 
+def _training_process() -> None:
+    """What a command that trains or evaluates sets for its whole process (never library code):
+    glibc keeps freed tensor memory for the next step (`fewshot.precision.keep_freed_memory`; 1.8x
+    the Conv-4 training steps of benchmarks/bench_throughput.py on this CPU)."""
+    from fewshot.precision import keep_freed_memory
+
+    keep_freed_memory()
+
+
 def _data_config(args: argparse.Namespace) -> Any:
     """The data section from command-line options, validated like a config file's."""
     from fewshot.config import config_from_dict
@@ -94,6 +103,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    _training_process()
     from fewshot.config import load_config
     from fewshot.training.loop import train
 
@@ -122,6 +132,7 @@ def _launch(config: Any) -> Any:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    _training_process()
     from fewshot.config import load_config
     from fewshot.distill import distill
 
@@ -142,6 +153,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    _training_process()
     from fewshot.config import load_config
     from fewshot.tune import tune
 
@@ -196,6 +208,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     from fewshot.training.protocol import evaluate_run
 
+    _training_process()
     res = evaluate_run(args.run, way=way, shot=shot, query=query, episodes=episodes, seed=seed, split=split,
                        mode=mode, device=args.device)
     print(res.summary())
@@ -292,6 +305,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    _training_process()
     from fewshot.config import load_config
     from fewshot.pipeline import run_pipeline
 

@@ -152,6 +152,9 @@ def keep_freed_memory() -> bool:
     heap and are reused: the process holds its high-water mark (~1.3x the mmap peak) instead of
     returning it between steps. Process-wide and once; a no-op off glibc, or when
     FEWSHOT_KEEP_FREED_MEMORY=0. Returns whether the setting is in force.
+
+    Library code never calls it (it changes the whole process): the `fewshot` commands that train
+    or evaluate do, at their start; a Python user who wants it calls it once, and a server must not.
     """
     if os.environ.get("FEWSHOT_KEEP_FREED_MEMORY", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
@@ -166,11 +169,7 @@ def keep_freed_memory() -> bool:
 
 
 def prepare_model(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
-    """Put the model's 4-D tensors in the policy's memory format (in place; returns the model).
-
-    On CPU it also makes freed tensor memory reusable across steps (`keep_freed_memory`)."""
-    if policy.device_type == "cpu":
-        keep_freed_memory()
+    """Put the model's 4-D tensors in the policy's memory format (in place; returns the model)."""
     if policy.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model

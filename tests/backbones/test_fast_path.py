@@ -66,13 +66,16 @@ def test_conv4_parameter_names_are_those_of_stored_checkpoints():
     assert names == {f"encoder.{b}.{i}" for b in range(4) for i in (0, 1)}  # conv 0, BN 1
 
 
-def test_cpu_policies_keep_freed_memory_and_the_environment_turns_it_off(monkeypatch):
+def test_only_the_training_commands_keep_freed_memory_and_the_environment_turns_it_off(monkeypatch):
+    from fewshot import cli
+
     calls = []
     monkeypatch.setattr(precision, "keep_freed_memory", lambda: calls.append(1) or True)
-    prepare_model(nn.Linear(2, 2), FP32)
+    prepare_model(nn.Linear(2, 2), FP32)  # library code leaves the process's allocator alone
     prepare_model(nn.Linear(2, 2), PrecisionPolicy("bf16", True, "cpu"))
-    prepare_model(nn.Linear(2, 2), PrecisionPolicy("bf16", True, "cuda"))
-    assert len(calls) == 2  # CPU policies only
+    assert calls == []
+    cli._training_process()  # what `fewshot train | distill | tune | evaluate | pipeline` call first
+    assert calls == [1]
     monkeypatch.undo()
 
     monkeypatch.setenv("FEWSHOT_KEEP_FREED_MEMORY", "0")

@@ -15,7 +15,10 @@ was created with (`fewshot.service.models`).
 Workspace routes take `Authorization: Bearer <key>` (keys are accepted in no other place, and a
 key-like query parameter is refused so it never reaches an access log); the admin key opens all.
 Security defaults: /metrics needs the admin key (`metrics_public`), /docs is off (`docs`), failed
-admin-key attempts are throttled per client (429 + Retry-After). A store outage is a 503 with
+key attempts are throttled (`auth.KeyGuard`: admin-key guesses per address and service-wide, mistyped
+workspace keys apart; 429 + Retry-After), the page is served with a Content-Security-Policy, multipart
+text fields are strict (`forms`), embedding is chunked and bounded (`embedding`: 503 busy +
+Retry-After), and `serve` cuts off slow clients (`protocol`: 408). A store outage is a 503 with
 Retry-After and no URL or credentials; /readyz reports it.
 """
 

@@ -148,14 +148,20 @@ def _training_info(config: RunConfig, run_dir: Path, recipe: Path) -> dict[str, 
     segments = SegmentLog.read(run_dir).segments
     if not segments:
         raise CheckpointError(f"run {run_dir} has no segments.json; zoo entries list every stretch of their training")
-    tc = config.train
+    tc, d = config.train, config.distill
     seconds = sum(float(s["train_seconds"]) for s in segments)
+    taught = None if d is None else (
+        "distilled from " + ", ".join(f"{t.path} (weight {t.weight})" for t in d.teachers)
+        + f": episode-logit KD {d.kd_episode_weight} (T = {d.temperature}), base-class KD {d.kd_class_weight}, "
+        f"hint {d.hint_weight}, RKD distance {d.rkd_distance_weight}, RKD angle {d.rkd_angle_weight}, "
+        f"task {d.task_weight}")
     return {"recipe": str(recipe), "run": str(run_dir), "steps": int(last["step"]), "planned_steps": tc.steps,
             "best_step": int(best["step"]), "best_val_acc": best.get("metrics", {}).get("val_acc"),
             "validation": f"{tc.val_episodes} {tc.val_way}-way {tc.val_shot}-shot episodes of the val split",
             "episode": (f"{tc.way}-way {tc.shot}-shot {tc.query}-query episodes (meta-batch {tc.meta_batch}), "
                         f"{tc.optimizer} lr {tc.lr} {tc.schedule} (warm-up {tc.warmup})"),
             "train_hours": seconds / 3600, "cpu_hours": sum(cpu_hours(s) for s in segments),
+            "distillation": taught,
             "machine": ", ".join(sorted({f"{s.get('cpu')} ({s.get('cores')} cores)" for s in segments})),
             "segments": segments}
 

@@ -88,7 +88,8 @@ def test_zoo_names_work_wherever_a_bundle_is_taken(made: dict[str, Any], monkeyp
     assert ModelSpec.parse("zoo:tiny-proto").path == bundle
     assert ModelSpec.parse("chars=zoo:tiny-proto") == ModelSpec(bundle, "chars")
     teacher = load_teacher("zoo:tiny-proto", data=made["data"])
-    assert teacher.source == str(bundle)
+    assert teacher.source == "zoo:tiny-proto"  # as named: the same teacher from any checkout's zoo folder
+    assert teacher.describe()["weights_sha256"] == load_teacher(bundle, data=made["data"]).describe()["weights_sha256"]
     res = evaluate_entry("zoo:tiny-proto", way=3, shot=2, data=made["data"])
     assert res.episodes == 600 and res.mean == pytest.approx(made["entry"].card()["results"][0]["mean"])
     assert "| zoo:tiny-proto | tiny | 3w2s " in entry_table(list_entries())

@@ -130,6 +130,7 @@ def render_model_md(card: dict[str, Any]) -> str:
               f"- recipe: `{t['recipe']}` (resolved config in `card.json`); run folder `{t['run']}`",
               f"- {t['steps']:,} steps of {t['episode']}; checkpoint kept: step {t['best_step']:,} "
               f"(best validation accuracy {_pct(t['best_val_acc'])}% on {t['validation']})",
+              *([f"- {t['distillation']}"] if t.get("distillation") else []),
               f"- {t['train_hours']:.2f} h of training, **{t['cpu_hours']:.2f} CPU core-hours**, on {t['machine']}",
               "", "Segments (each stretch of work, resumed exactly from the previous one's checkpoint):", "",
               "| # | steps | hours | threads | commit | torch | started (UTC) | command |",

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshot.artifacts.zoo import resolve_bundle
+from fewshot.artifacts.zoo import is_zoo_name, resolve_bundle
 from fewshot.data.imageio import Preprocessing
 from fewshot.decision import DecisionRule
 from fewshot.episodes.types import Episode
@@ -159,6 +159,8 @@ def load_teacher(path: str | Path, *, data: Any = None) -> Teacher:
                               "model.onnx); pass a folder made by `fewshot train`, `fewshot distill` or `fewshot export`")
     if data is not None:
         teacher.student_norm = norm_of(data.cache.preprocessing)
+    if is_zoo_name(path):  # named as given: a resume in another checkout (another zoo path) is the same teacher
+        teacher.source = str(path)
     return teacher
 
 

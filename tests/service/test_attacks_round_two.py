@@ -469,6 +469,21 @@ def test_embed_gate_is_first_come_first_served_and_bounded() -> None:
     for th in threads:
         th.join(5)
     assert order == ["a", "b", "holder again"] and gate.refused == 1
+    # a request's first chunk goes before the later chunks of requests already running
+    order.clear()
+    gate._acquire()
+    later = threading.Thread(target=lambda: (gate._acquire(first=False), order.append("later chunk"), gate._release()))
+    later.start()
+    while gate.waiting < 1:
+        time.sleep(0.01)
+    newcomer = threading.Thread(target=take, args=("one-image request",))
+    newcomer.start()
+    while gate.waiting < 2:
+        time.sleep(0.01)
+    gate._release()
+    later.join(5)
+    newcomer.join(5)
+    assert order == ["one-image request", "later chunk"]
     quick = EmbedGate(slots=1, max_waiting=4, wait_s=0.05)
     with quick.slot(), pytest.raises(ServiceBusy, match="within 0.05 s"):
         quick._acquire()

@@ -9,8 +9,10 @@ embedder:
 * each chunk holds one of the `EmbedGate`'s slots (default: one per core; ORT runs one thread per
   call), so concurrent requests interleave chunk by chunk and a bystander's one-image request waits
   for at most a few chunks, not for whole 64-image requests;
-* when `max_waiting` chunks already wait, or a slot does not free within `wait_s`, the request is
-  refused with `ServiceBusy` (503 + Retry-After) instead of queueing without bound;
+* a request is admitted at its first chunk: when `max_waiting` chunks already wait, or a slot does
+  not free within `wait_s`, it is refused with `ServiceBusy` (503 + Retry-After) instead of queueing
+  without bound; an admitted request is finished, its later chunks queued behind newcomers' first
+  chunks (a one-image request waits for the chunks running now, not for whole 64-image requests);
 * ONNX Runtime runs with arena shrinkage (`memory.enable_memory_arena_shrinkage`), so the arena
   returns what a run used to the system after the run.
 
@@ -47,9 +49,13 @@ class ServiceBusy(FewshotError):
 
 
 class EmbedGate:
-    """At most `slots` chunks embedded at once, served first come first served (a thread that just
-    released a slot cannot take it again ahead of those waiting); at most `max_waiting` waiting,
-    each at most `wait_s`."""
+    """At most `slots` chunks embedded at once. A request is admitted at its first chunk: refused
+    (`ServiceBusy`) when `max_waiting` chunks already wait or no slot frees within `wait_s`; its
+    later chunks then wait as long as it takes.
+    Waiting chunks are served first come first served (a thread that just released a slot cannot
+    take it again ahead of those waiting), a request's first chunk ahead of the later chunks of
+    requests already running: a one-image request waits for the chunks running now, not for every
+    chunk of the 64-image requests before it."""
 
     def __init__(self, slots: int = 0, max_waiting: int = 32, wait_s: float = 5.0) -> None:
         self.slots = slots or max(1, os.cpu_count() or 1)
@@ -58,35 +64,45 @@ class EmbedGate:
         self.max_waiting, self.wait_s = max_waiting, wait_s
         self._cond = threading.Condition()
         self._free = self.slots
-        self._queue: deque[object] = deque()
+        self._queues: tuple[deque[object], deque[object]] = (deque(), deque())  # first chunks, later chunks
         self.refused = 0
 
     @property
     def waiting(self) -> int:
-        return len(self._queue)
+        return len(self._queues[0]) + len(self._queues[1])
+
+    def _head(self) -> object:
+        return self._queues[0][0] if self._queues[0] else self._queues[1][0]
 
     def _busy(self, why: str) -> ServiceBusy:
         self.refused += 1
         return ServiceBusy(f"the server is busy ({why}); retry in a second")
 
-    def _acquire(self) -> None:
+    def _acquire(self, first: bool = True) -> None:
         with self._cond:
-            if self._free > 0 and not self._queue:
+            if self._free > 0 and not self.waiting:
                 self._free -= 1
                 return
-            if len(self._queue) >= self.max_waiting:
+            if first and self.waiting >= self.max_waiting:
                 raise self._busy(f"{self.max_waiting} batches of images already wait for the model")
-            me = object()
-            self._queue.append(me)
+            me, queue = object(), self._queues[0 if first else 1]
+            queue.append(me)
+            # admission is decided at a request's first chunk; an admitted request is finished: its later
+            # chunks never time out, and one that waited wait_s goes to the front (no starvation)
             deadline = time.monotonic() + self.wait_s
-            while not (self._queue[0] is me and self._free > 0):
+            while not (self._head() is me and self._free > 0):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._queue.remove(me)
+                if remaining <= 0 and first:
+                    queue.remove(me)
                     self._cond.notify_all()
                     raise self._busy(f"no model slot freed within {self.wait_s:g} s")
-                self._cond.wait(remaining)
-            self._queue.popleft()
+                if remaining <= 0 and queue is self._queues[1]:
+                    queue.remove(me)
+                    queue = self._queues[0]
+                    queue.appendleft(me)
+                    continue
+                self._cond.wait(remaining if remaining > 0 else None)
+            queue.remove(me)
             self._free -= 1
             self._cond.notify_all()  # the next in line, if a slot is still free
 
@@ -96,8 +112,9 @@ class EmbedGate:
             self._cond.notify_all()
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        self._acquire()
+    def slot(self, first: bool = True) -> Iterator[None]:
+        """One chunk's slot; `first`: the request's first chunk (served before later chunks)."""
+        self._acquire(first)
         try:
             yield
         finally:
@@ -135,6 +152,6 @@ class GatedEmbedder:
             return self.inner.embed(images_u8)
         parts = []
         for i in range(0, len(images_u8), self.chunk):
-            with self.gate.slot():
+            with self.gate.slot(first=i == 0):
                 parts.append(self._embed(images_u8[i:i + self.chunk]))
         return np.concatenate(parts)

@@ -25,6 +25,29 @@ def machine() -> dict[str, object]:
     }
 
 
+def _busy_and_total_jiffies() -> tuple[int, int]:
+    """Machine-wide CPU time (busy, total) in clock ticks from /proc/stat's first line."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, *rest = map(int, f.readline().split()[1:])
+    steal = rest[0] if rest else 0
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal
+
+
+def other_busy_cores(window_s: float = 2.0) -> float | None:
+    """Cores' worth of CPU time used by *other* processes over a `window_s` window (this
+    process and its children excluded); None where /proc/stat is missing (not Linux)."""
+    if not os.path.exists("/proc/stat"):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    own0, (busy0, _) = sum(os.times()[:4]), _busy_and_total_jiffies()
+    t0 = time.monotonic()
+    time.sleep(window_s)
+    own1, (busy1, _) = sum(os.times()[:4]), _busy_and_total_jiffies()
+    elapsed = time.monotonic() - t0
+    return max(0.0, ((busy1 - busy0) / tick - (own1 - own0)) / elapsed)
+
+
 def interleaved(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
 ) -> dict[str, list[float]]:

@@ -73,13 +73,21 @@ def server(tiny_bundle: Path, tmp_path: Path) -> Iterator[str]:
 
 
 @contextmanager
-def open_page(browser: Any, base_url: str) -> Iterator[Any]:
-    """A page in a fresh browser context on the server; fails the test on uncaught JavaScript errors."""
-    context = browser.new_context(viewport={"width": 1100, "height": 900}, base_url=base_url)
+def open_page(browser: Any, base_url: str, *, enforce_csp: bool = False) -> Iterator[Any]:
+    """A page in a fresh browser context on the server; fails the test on uncaught JavaScript errors.
+
+    Playwright's `wait_for_function` polls by evaluating its predicate inside the page, which the
+    service's Content-Security-Policy (no eval) blocks, so the tests' contexts bypass the policy;
+    `enforce_csp=True` keeps it and fails the test on any policy violation the page itself causes
+    (test_the_page_works_under_its_content_security_policy)."""
+    context = browser.new_context(viewport={"width": 1100, "height": 900}, base_url=base_url,
+                                  bypass_csp=not enforce_csp)
     context.set_default_timeout(10_000)
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" and "Content Security Policy" in m.text
+          else None)
     pg.on("dialog", lambda d: d.accept())  # the class delete confirmation
     yield pg
     context.close()
@@ -265,3 +273,17 @@ def test_an_out_of_domain_image_shows_a_warning(domain_page: Any, tmp_path: Path
     domain_page.locator("#classify-file").set_input_files(str(photo))
     domain_page.locator("#result-domain").wait_for(state="visible")
     assert "colour" in domain_page.locator("#result-domain").inner_text()
+
+
+def test_the_page_works_under_its_content_security_policy(browser: Any, server: str, tmp_path: Path) -> None:
+    from service_helpers import class_images, png_bytes
+
+    with open_page(browser, server, enforce_csp=True) as pg:
+        assert "script-src 'self'" in (pg.goto("/").headers.get("content-security-policy") or "")
+        _create_workspace(pg)  # the page's own scripts ran: the workspace view opened
+        files = []
+        for i, a in enumerate(class_images(0, 3)):
+            files.append(tmp_path / f"c{i}.png")
+            files[-1].write_bytes(png_bytes(a))
+        _teach(pg, "alpha", files)
+        pg.locator(".class-thumbs img").first.wait_for(state="visible")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -53,3 +54,16 @@ def replace_dir(tmp: Path, path: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password (for operator logs and errors), by structure: everything
+    between the user's ':' and the last '@' of the authority (a host holds no '@'; a password may
+    hold ':', '/', '@' or '?'), and the value of any `password=` parameter:
+    postgresql://user:***@host/db, postgresql://user@host/db?sslmode=require&password=***."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        if ":" in userinfo:
+            rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    return re.sub(r"(?i)(password=)[^&#\s]*", r"\1***", scheme + sep + rest)

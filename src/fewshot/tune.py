@@ -38,6 +38,7 @@ from fewshot.config import (
 )
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.io import atomic_write_json, atomic_write_text
+from fewshot.io import redact_url as redact
 from fewshot.training.data import RunData, load_run_data
 
 PG_DRIVER = "postgresql+psycopg"
@@ -143,17 +144,6 @@ def storage_url(url: str | None, default_dir: Path) -> str:
         return url
     raise ConfigError(f"--storage {redact(url)!r} is not a study storage URL; use postgresql://user:PASSWORD@host/db "
                       "or sqlite:///path/study.db (or leave it out: <output_dir>/<name>-tune/study.db)")
-
-
-def redact(url: str) -> str:
-    """`url` with its password replaced by ***: everything between the user's ':' and the last '@'
-    (a host holds no '@'; a password may hold '/' or '@'), and any ?password= parameter."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        userinfo, _, host = rest.rpartition("@")
-        if ":" in userinfo:
-            rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    return re.sub(r"(?i)(password=)[^&]*", r"\1***", scheme + sep + rest)
 
 
 def open_storage(url: str) -> Any:

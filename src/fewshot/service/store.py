@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from fewshot.errors import FewshotError
+from fewshot.io import redact_url
 from fewshot.service.notify import CHANNEL, PgListener, Tally, VersionFeed, payload
 
 SCHEMA_VERSION = 2  # 2: each workspace records its model (workspaces.bundle_id, table models)
@@ -129,19 +130,6 @@ def is_id(value: str, prefix: str) -> bool:
     """Whether `value` has the shape of an id made by `new_id(prefix)` (checked before any query)."""
     m = _ID.fullmatch(value)
     return m is not None and m.group(1) == prefix
-
-
-def redact_url(url: str) -> str:
-    """A database URL without its password (for operator logs and errors), by structure: everything
-    between the user's ':' and the last '@' of the authority (a host holds no '@'; a password may
-    hold ':', '/', '@' or '?'), and the value of any `password=` parameter:
-    postgresql://user:***@host/db, postgresql://user@host/db?sslmode=require&password=***."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        userinfo, _, host = rest.rpartition("@")
-        if ":" in userinfo:
-            rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    return re.sub(r"(?i)(password=)[^&#\s]*", r"\1***", scheme + sep + rest)
 
 
 def scrub_secrets(text: str, url: str) -> str:

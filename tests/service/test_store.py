@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fewshot.service.store import (
+    SCHEMA_VERSION,
     ConflictError,
     InvalidInput,
     ModelIdentity,
@@ -94,6 +95,33 @@ def test_schema_1_store_migrates_to_its_one_model(store_url: str) -> None:
         assert [w.bundle_id for w in s.list_workspaces()] == ["aaaa", "bbbb"]
     finally:
         s.close()
+
+
+def _sql(url: str, stmt: str) -> list[tuple[object, ...]]:
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url[len("sqlite:///"):]) as conn:
+            return conn.execute(stmt).fetchall()
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(stmt)
+        return cur.fetchall() if cur.description else []
+
+
+def test_store_is_stamped_with_its_schema_version_when_created(store_url: str) -> None:
+    open_store(store_url).close()
+    assert _sql(store_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+
+
+def test_a_database_of_a_newer_schema_is_refused_and_not_restamped(store_url: str) -> None:
+    s = open_store(store_url)
+    s.check_models([(ModelIdentity(64, "aaaa"), "characters")])
+    s.close()
+    newer = str(SCHEMA_VERSION + 1)
+    _sql(store_url, f"UPDATE meta SET value = '{newer}' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError, match=f"schema version '{newer}', newer than this fewshot's {SCHEMA_VERSION}"):
+        open_store(store_url)
+    assert _sql(store_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [(newer,)]
 
 
 def test_class_lifecycle_and_versions(store: Store) -> None:

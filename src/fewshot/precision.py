@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -180,10 +179,3 @@ def prepare_input(x: torch.Tensor, policy: PrecisionPolicy) -> torch.Tensor:
     if policy.channels_last and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-@contextlib.contextmanager
-def no_autocast() -> Iterator[None]:
-    """Numerically sensitive sections (probe fitting, distance reductions) run in fp32."""
-    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-        yield

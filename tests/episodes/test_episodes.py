@@ -91,9 +91,12 @@ def test_same_seed_same_episodes_different_seed_differs(cache: PackedCache) -> N
 def test_known_stream_is_stable_across_machines(cache: PackedCache) -> None:
     """PCG64 streams are platform independent; pin the first episode so a change is noticed."""
     pool = pool_from_split(cache, all_split(cache))
+    # the values below were recorded once (2026-12-06, numpy PCG64); a change to the sampler, the
+    # seeding or numpy's stream shows up here as a different episode
     d = describe_episode(pool, EpisodeSpec(3, 1, 1), episode_rng(0, 0))
-    again = describe_episode(pool, EpisodeSpec(3, 1, 1), np.random.default_rng(np.random.SeedSequence([0, 0])))
-    assert d.class_ids.tolist() == again.class_ids.tolist()
+    assert (d.class_ids.tolist(), d.support_rows.tolist(), d.query_rows.tolist()) == ([7, 6, 8], [42, 38, 53], [47, 40, 48])
+    d = describe_episode(pool, EpisodeSpec(3, 1, 1), episode_rng(0, 1))
+    assert (d.class_ids.tolist(), d.support_rows.tolist(), d.query_rows.tolist()) == ([11, 5, 9], [67, 31, 57], [64, 32, 54])
 
 
 def test_within_domain_and_across_domain(cache: PackedCache) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fewshot.data.cache import PackedCache
@@ -122,9 +121,3 @@ def episode_loader(
         multiprocessing_context="spawn" if num_workers > 0 else None,
         persistent_workers=False,
     )
-
-
-def stack_episodes(episodes: list[Episode]) -> tuple[torch.Tensor, torch.Tensor]:
-    """All support and query images of a meta-batch as one tensor, for grouped forward passes."""
-    xs = [torch.cat([e.support_x, e.query_x]) for e in episodes]
-    return torch.cat(xs), torch.tensor([x.shape[0] for x in xs])

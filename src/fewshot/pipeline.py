@@ -52,18 +52,22 @@ def distill_stage(config: RunConfig, data: RunData, *, progress: bool = True) ->
 PHOTOS_TARGET = 24  # of the 30 held-out photos (3 classes x 10) the photos bundle's service check must get right
 
 
-def photos_stage(out_dir: Path, data_root: Path, *, serve_check: bool = True) -> dict[str, Any]:
-    """Build the photos bundle (`fewshot.photos.build_photos_bundle`) into `out_dir` and check it
-    through the real service: teach 3 CIFAR-10 classes x 5 photos, classify 10 held-out photos of
-    each. Skipped, with the reason, when the `photos` extra or the CIFAR-10 subset is missing."""
+def photos_stage(out_dir: Path, data_root: Path, *, serve_check: bool = True,
+                 variant: str | None = None) -> dict[str, Any]:
+    """Build the photos bundle of `variant` (`fewshot.photos.build_photos_bundle`; default
+    EfficientNet-Lite2, "efficientnet_lite0" for the fast one) into `out_dir` and check it through
+    the real service: teach 3 CIFAR-10 classes x 5 photos, classify 10 held-out photos of each.
+    Skipped, with the reason, when the `photos` extra or the CIFAR-10 subset is missing."""
     from fewshot.photos import (
+        DEFAULT_VARIANT,
         build_photos_bundle,
         cifar10_zip,
         photos_unavailable,
         teach_and_query_photos,
     )
 
-    reason = photos_unavailable(data_root)
+    variant = variant or DEFAULT_VARIANT
+    reason = photos_unavailable(data_root, variant)
     if reason is not None:
         return {"skipped": reason}
     if out_dir.exists():
@@ -71,8 +75,10 @@ def photos_stage(out_dir: Path, data_root: Path, *, serve_check: bool = True) ->
 
         shutil.rmtree(out_dir)
     t0 = time.perf_counter()
-    build_photos_bundle(out_dir, data_root=data_root)
-    out: dict[str, Any] = {"bundle": str(out_dir), "build_s": round(time.perf_counter() - t0, 2)}
+    build_photos_bundle(out_dir, variant=variant, data_root=data_root)
+    out: dict[str, Any] = {"bundle": str(out_dir), "variant": variant, "build_s": round(time.perf_counter() - t0, 2),
+                           "domain": "flags uploads far from ImageNet photos" if Manifest.read(out_dir).domain
+                           else "no domain summary (miniImageNet not under the data root)"}
     if serve_check:
         from fewshot.service.smoke import service_smoke_check
 

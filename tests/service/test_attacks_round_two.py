@@ -441,54 +441,7 @@ def test_embedding_goes_through_the_model_in_small_chunks(tiny_bundle: Path) -> 
     assert np.allclose(got, inner.embed(images), atol=1e-5)
 
 
-def test_embed_gate_is_first_come_first_served_and_bounded() -> None:
-    import threading
-    import time
-
-    from fewshot.service.embedding import EmbedGate, ServiceBusy
-
-    gate = EmbedGate(slots=1, max_waiting=2, wait_s=5.0)
-    order: list[str] = []
-
-    def take(name: str) -> None:
-        with gate.slot():
-            order.append(name)
-
-    gate._acquire()  # a long request holds the only slot
-    threads = []
-    for name in ("a", "b"):
-        threads.append(threading.Thread(target=take, args=(name,)))
-        threads[-1].start()
-        while gate.waiting < len(threads):
-            time.sleep(0.01)
-    with pytest.raises(ServiceBusy, match="already wait"):  # the queue (2) is full
-        gate._acquire()
-    gate.max_waiting = 3
-    gate._release()
-    take("holder again")  # it cannot jump the queue it just released to
-    for th in threads:
-        th.join(5)
-    assert order == ["a", "b", "holder again"] and gate.refused == 1
-    # a request's first chunk goes before the later chunks of requests already running
-    order.clear()
-    gate._acquire()
-    later = threading.Thread(target=lambda: (gate._acquire(first=False), order.append("later chunk"), gate._release()))
-    later.start()
-    while gate.waiting < 1:
-        time.sleep(0.01)
-    newcomer = threading.Thread(target=take, args=("one-image request",))
-    newcomer.start()
-    while gate.waiting < 2:
-        time.sleep(0.01)
-    gate._release()
-    later.join(5)
-    newcomer.join(5)
-    assert order == ["one-image request", "later chunk"]
-    quick = EmbedGate(slots=1, max_waiting=4, wait_s=0.05)
-    with quick.slot(), pytest.raises(ServiceBusy, match="within 0.05 s"):
-        quick._acquire()
-    with quick.slot():  # the slot was given back
-        pass
+# the queue's order, bounds and batching: test_embed_batching.py
 
 
 def test_full_embedding_queue_is_a_503_with_retry_after(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -381,8 +381,9 @@ def open_state(settings: ServiceSettings) -> ServiceState:
     except BaseException:
         store.close()
         raise
-    # one gate for every model: they share the cores (fewshot.service.embedding)
-    gate = EmbedGate(settings.embed_slots, settings.embed_queue, settings.embed_wait_s)
+    # one queue for every model: they share the cores; a run holds at most embed_chunk images, of one
+    # request or batched across requests (fewshot.service.embedding)
+    gate = EmbedGate(settings.embed_slots, settings.embed_queue, settings.embed_wait_s, max_batch=settings.embed_chunk)
     for m in models.models:
         m.recogniser.embedder = GatedEmbedder(m.recogniser.embedder, gate, settings.embed_chunk)
     return ServiceState(settings, models.default.bundle, store, models.default.recogniser, models)

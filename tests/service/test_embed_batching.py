@@ -1,0 +1,207 @@
+"""The embedding queue batches across concurrent requests (issue 16): each request gets exactly the
+rows of its own images, in order, whatever it was batched with; a full queue is a 503 with
+Retry-After; a failing run fails only the requests whose images fail. Tiny models made here."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from service_helpers import ToyEmbedder, class_images
+
+from fewshot.service.embedding import EmbedGate, GatedEmbedder, ServiceBusy, one_request
+
+
+class Recording:
+    """A toy model (fixed random projection) that records the size of every run and can be told
+    to fail on images whose first pixel is 255."""
+
+    def __init__(self, hold: threading.Event | None = None) -> None:
+        self.inner = ToyEmbedder()
+        self.embedding_dim = self.inner.embedding_dim
+        self.sizes: list[int] = []
+        self.pixels: list[list[int]] = []  # each run's first pixel of each image
+        self.hold = hold  # the first run waits for it
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        if self.hold is not None and not self.sizes:
+            self.hold.wait(10)
+        self.sizes.append(len(images))
+        self.pixels.append([int(v) for v in images[:, 0, 0, 0]])
+        if (images[:, 0, 0, 0] == 255).any():
+            raise RuntimeError("poisoned image")
+        return self.inner.embed(images)
+
+
+def wait_for(cond: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def start(gate: EmbedGate, calls: list[Callable[[], Any]]) -> tuple[list[threading.Thread], list[Any]]:
+    """Start the calls one at a time, each queued before the next starts (a known queue order)."""
+    threads, out = [], [None] * len(calls)
+    for i, fn in enumerate(calls):
+        def one(i: int = i, fn: Callable[[], Any] = fn) -> None:
+            try:
+                out[i] = fn()
+            except Exception as exc:  # noqa: BLE001 - handed back to the test
+                out[i] = exc
+        before = gate.queued
+        threads.append(threading.Thread(target=one))
+        threads[-1].start()
+        wait_for(lambda before=before: gate.queued > before, f"call {i} to queue")
+    return threads, out
+
+
+def join(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+
+
+def test_concurrent_requests_share_one_run_and_each_gets_its_own_rows(tiny_bundle: Path) -> None:
+    from fewshot.artifacts.bundle import load_bundle
+
+    inner = load_bundle(tiny_bundle, verify_parity=False).onnx_embedder
+    gate = EmbedGate(slots=1, max_batch=8)
+    gated = GatedEmbedder(inner, gate, chunk=8)
+    requests = [class_images(seed, n) for seed, n in ((1, 1), (2, 3), (3, 1), (4, 2))]  # 7 images in all
+    with gate.slot():  # the model is busy: the four requests queue up
+        threads, out = start(gate, [lambda x=x: gated.embed(x) for x in requests])
+    join(threads)
+    assert gate.runs == 1 and gate.chunks == 4  # one run of 7 images for four requests
+    for x, got in zip(requests, out, strict=True):
+        assert isinstance(got, np.ndarray) and got.shape == (len(x), inner.embedding_dim)
+        assert np.allclose(got, inner.embed(x), atol=1e-5)  # as if embedded alone, rows in order
+
+
+def test_a_run_never_holds_more_than_max_batch_images() -> None:
+    model = Recording()
+    gate = EmbedGate(slots=1, max_batch=4)
+    gated = GatedEmbedder(model, gate, chunk=8)  # a chunk is never larger than the gate's batch
+    requests = [class_images(seed, n) for seed, n in ((1, 3), (2, 2), (3, 1), (4, 6))]
+    with gate.slot():
+        threads, out = start(gate, [lambda x=x: gated.embed(x) for x in requests])
+    join(threads)
+    assert max(model.sizes) <= 4 and sum(model.sizes) == 12
+    for x, got in zip(requests, out, strict=True):
+        assert np.allclose(got, model.inner.embed(x), atol=1e-6)
+
+
+def test_models_are_never_batched_together() -> None:
+    a, b = Recording(), Recording()
+    gate = EmbedGate(slots=1, max_batch=8)
+    ga, gb = GatedEmbedder(a, gate), GatedEmbedder(b, gate)
+    xs = [class_images(s, 1) for s in range(4)]
+    with gate.slot():
+        threads, out = start(gate, [lambda: ga.embed(xs[0]), lambda: gb.embed(xs[1]), lambda: ga.embed(xs[2]),
+                                    lambda: gb.embed(xs[3])])
+    join(threads)
+    assert a.sizes == [2] and b.sizes == [2]
+    for x, got in zip(xs, out, strict=True):
+        assert np.allclose(got, a.inner.embed(x), atol=1e-6)
+
+
+def test_a_failing_run_fails_only_the_requests_whose_images_fail() -> None:
+    model = Recording()
+    gate = EmbedGate(slots=1, max_batch=8)
+    gated = GatedEmbedder(model, gate)
+    good1, good2 = class_images(1, 2), class_images(2, 1)
+    bad = class_images(3, 2)
+    bad[1, 0, 0, 0] = 255
+    with gate.slot():
+        threads, out = start(gate, [lambda: gated.embed(good1), lambda: gated.embed(bad), lambda: gated.embed(good2)])
+    join(threads)
+    assert isinstance(out[1], RuntimeError) and "poisoned" in str(out[1])
+    assert np.allclose(out[0], model.inner.embed(good1), atol=1e-6)
+    assert np.allclose(out[2], model.inner.embed(good2), atol=1e-6)
+    assert model.sizes[0] == 5  # the batched run failed, then each chunk was run alone
+    assert np.allclose(gated.embed(good2), model.inner.embed(good2), atol=1e-6)  # the slot was given back
+
+
+def test_a_full_queue_refuses_newcomers_but_finishes_admitted_requests() -> None:
+    model = Recording()
+    gate = EmbedGate(slots=1, max_waiting=2, max_batch=4)
+    gated = GatedEmbedder(model, gate, chunk=4)
+    big, small = class_images(1, 12), class_images(2, 1)
+    with gate.slot():
+        threads, out = start(gate, [lambda: gated.embed(big), lambda: gated.embed(small)])
+        with pytest.raises(ServiceBusy, match="2 batches of images already wait"):
+            gated.embed(small)
+        assert gate.refused == 1
+    join(threads)
+    assert np.allclose(out[0], model.inner.embed(big), atol=1e-6)  # all 3 chunks, though the queue was full
+    assert np.allclose(out[1], model.inner.embed(small), atol=1e-6)
+
+
+def test_a_request_not_taken_within_wait_s_is_busy() -> None:
+    gate = EmbedGate(slots=1, max_waiting=4, wait_s=0.05)
+    gated = GatedEmbedder(Recording(), gate)
+    with gate.slot(), pytest.raises(ServiceBusy, match="within 0.05 s"):
+        gated.embed(class_images(1, 1))
+    assert gate.waiting == 0
+    gated.embed(class_images(1, 1))  # the slot and the queue were given back
+
+
+def test_first_chunks_go_before_later_chunks_first_come_first_served() -> None:
+    hold = threading.Event()
+    model = Recording(hold)
+    gate = EmbedGate(slots=1, max_batch=2, wait_s=30)
+    gated = GatedEmbedder(model, gate, chunk=2)
+
+    def request(value: int, n: int) -> np.ndarray:
+        return np.full((n, 1, 28, 28), value, np.uint8)
+
+    threads, _ = start(gate, [lambda: gated.embed(request(10, 6))])  # three chunks; its first run is held
+    wait_for(lambda: gate._free == 0, "the long request's first run")
+    more, _ = start(gate, [lambda: gated.embed(request(20, 2)), lambda: gated.embed(request(30, 2))])
+    hold.set()
+    join(threads + more)
+    # newcomers' first chunks went ahead of the long request's later ones, in the order they came
+    assert model.pixels == [[10, 10], [20, 20], [30, 30], [10, 10], [10, 10]]
+
+
+def test_occlusion_embeds_as_one_request() -> None:
+    gate = EmbedGate(slots=1, max_batch=8)
+    gated = GatedEmbedder(Recording(), gate)
+    firsts: list[bool] = []
+    original = gate.embed
+
+    def spy(model: object, run: Any, images: np.ndarray, *, first: bool = True) -> np.ndarray:
+        firsts.append(first)
+        return original(model, run, images, first=first)
+
+    gate.embed = spy  # type: ignore[method-assign]
+    gated.embed(class_images(1, 1))
+    gated.embed(class_images(1, 9))
+    assert firsts == [True, True, False]  # every call is a request of its own
+    firsts.clear()
+    with one_request():  # occlusion: many calls, one request
+        for _ in range(3):
+            gated.embed(class_images(1, 9))
+    assert firsts == [True] + [False] * 5
+
+
+def test_a_run_waits_for_more_work_only_while_another_run_is_going() -> None:
+    model = Recording()
+    gate = EmbedGate(slots=2, max_batch=8, max_delay_s=30.0)
+    gated = GatedEmbedder(model, gate)
+    t0 = time.monotonic()
+    gated.embed(class_images(1, 1))  # an idle server runs at once (no 30 s wait)
+    assert time.monotonic() - t0 < 15 and model.sizes == [1]
+    with gate.slot():  # another run is going: the next run waits for more work to join
+        threads, out = start(gate, [lambda: gated.embed(class_images(2, 3))])
+        wait_for(lambda: gate.waiting == 1 and gate._free == 0, "the run to wait for more work")
+        more, out2 = start(gate, [lambda: gated.embed(class_images(3, 5))])  # 3 + 5: the batch is full
+        join(threads + more)
+    assert model.sizes == [1, 8]
+    assert np.allclose(out[0], model.inner.embed(class_images(2, 3)), atol=1e-6)
+    assert np.allclose(out2[0], model.inner.embed(class_images(3, 5)), atol=1e-6)

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fewshot.openset import OpenSetRule
+from fewshot.decision import DecisionRule, OpenSetRule, ServedDecision, check_metric
 from fewshot.service.app import create_app
-from fewshot.service.insight import ServedRule, workspace_insight
+from fewshot.service.insight import workspace_insight
 from fewshot.service.settings import ServiceSettings
 from fewshot.service.smoke import live_server
 from fewshot.service.store import NewExample
@@ -118,7 +118,8 @@ def bench_compute(dim: int, metric: str, n_classes: int, head: str, reps: int, s
     x = clustered(rng, n_classes, dim, PER_CLASS).reshape(-1, dim)
     y = np.repeat(np.arange(n_classes), PER_CLASS)
     ids = tuple(f"cls_{c}" for c in range(n_classes))
-    rule = ServedRule(metric, head, OpenSetRule("spread", metric, 1.0))  # type: ignore[arg-type]
+    m = check_metric(metric)
+    rule = ServedDecision(DecisionRule("probe" if head == "logistic" else "prototype", m), OpenSetRule("spread", m, 1.0))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()

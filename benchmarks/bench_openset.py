@@ -9,7 +9,7 @@ measured on fresh fixed-seed episodes of validation and TEST classes: N-way K-sh
 per taught class plus 15 queries of one untaught class, for 5w1s, 5w5s, 20w1s, 20w5s, 5w1-5s
 (each class taught with 1..5 examples, as in a real workspace) and 3w5s (the reported user's case).
 
-Candidates (novelty, higher = less like the nearest class; see `fewshot.openset`):
+Candidates (novelty, higher = less like the nearest class; see `fewshot.decision.openset`):
   legacy        d^2 (or 1 - cos) with the bundle's legacy threshold (5% of unknowns accepted): the
                 behaviour before this change
   global        the same score, threshold re-chosen for the targets
@@ -81,7 +81,7 @@ def ratio_novelty(metric: str) -> Callable[[Any], np.ndarray]:
 def choose(val: list[np.ndarray], bundle: Any, args: argparse.Namespace) -> tuple[dict[str, list[Candidate]], dict[str, Any]]:
     """Per metric the candidates, all chosen on validation episodes (same episodes for each)."""
     from fewshot.artifacts.calibration import balanced_threshold, fit_open_set_rules
-    from fewshot.openset import OpenSetRule
+    from fewshot.decision import OpenSetRule
 
     fit = dict(n_way=5, n_shot=5, n_query=15, n_episodes=args.fit_episodes, target_true_accept=TARGET_TA,
                target_rejection=TARGET_REJ)
@@ -89,10 +89,9 @@ def choose(val: list[np.ndarray], bundle: Any, args: argparse.Namespace) -> tupl
     count, _, _ = fit_open_set_rules(val, np.random.default_rng(args.seed), prior_strengths=(1e6,), **fit)  # type: ignore[arg-type]
     out: dict[str, list[Candidate]] = {}
     for m in METRICS:
-        cal = bundle.calibration
-        t = cal.threshold(m) if cal else None
-        legacy = None if t is None else OpenSetRule.from_legacy_threshold(m, t)
-        stored = OpenSetRule.from_dict(cal.rules[m]) if cal and m in cal.rules else None
+        cal = bundle.calibration  # a legacy raw-score threshold reads as its "global" rule (same decisions)
+        stored = cal.rule(m) if cal else None
+        legacy = stored if stored is not None and stored.kind == "global" and not (cal and cal.open_set) else None
         flat = OpenSetRule("global", m, report["measured"][m]["global"]["threshold"])
         s = main[m]
         rn = ratio_novelty(m)(s)

@@ -32,7 +32,7 @@ from torch import nn
 from fewshot.artifacts.quantise import QuantiseConfig
 from fewshot.config import RunConfig, load_config
 from fewshot.data.imageio import Preprocessing, from_model_input
-from fewshot.decision import METRICS, DecisionRule
+from fewshot.decision import METRICS, DecisionRule, episode
 from fewshot.episodes.loader import EpisodeDataset
 from fewshot.episodes.sampling import EpisodeSpec
 from fewshot.episodes.types import Episode
@@ -87,13 +87,14 @@ def deployable_backbone(learner: Any, data: RunData, config: RunConfig) -> nn.Mo
 
 
 def rule_predictor(embed: Any, rule: DecisionRule, pre: Preprocessing) -> Any:
-    """episode -> logits through `embed` (uint8 (N, C, H, W) -> (N, D) numpy) and `rule`; episodes
-    hold the model input under `pre` (the cache's preprocessing)."""
+    """episode -> (n_query, n_way) preferences whose argmax is the served label (`fewshot.decision.
+    episode`: -d^2, cos or the probe's logits), through `embed` (uint8 (N, C, H, W) -> (N, D) numpy)
+    and `rule`; episodes hold the model input under `pre` (the cache's preprocessing)."""
 
     def predict(ep: Episode) -> torch.Tensor:
-        zs = torch.from_numpy(embed(to_uint8(ep.support_x, pre)))
-        zq = torch.from_numpy(embed(to_uint8(ep.query_x, pre)))
-        return rule.episode_logits(zs, ep.support_y.cpu(), ep.n_way, zq).to(ep.query_y.device)
+        zs, zq = embed(to_uint8(ep.support_x, pre)), embed(to_uint8(ep.query_x, pre))
+        answer = episode(rule, zs, ep.support_y.cpu().numpy(), ep.n_way, zq)
+        return torch.from_numpy(answer.preference).to(ep.query_y.device)
 
     return predict
 
@@ -189,7 +190,7 @@ def _open_set(embedder: Any, by_class: dict[str, np.ndarray], config: RunConfig,
     return calibrate_open_set(
         embedder, by_class, np.random.default_rng(seed),
         n_way=max(2, min(5, len(by_class) - 1)), n_shot=n_shot, n_query=max(1, min(15, smallest - n_shot)),
-        n_episodes=config.export.calibration_episodes, target_false_accept=config.export.false_accept_rate,
+        n_episodes=config.export.calibration_episodes,
     ).to_dict()
 
 
@@ -217,8 +218,8 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     """Bundle the best checkpoint of a run: weights, manifest, ONNX (parity-checked), calibration,
     and the accuracy of the bundle as served beside the learner's (refused if it drops too much).
 
-    The unknown-class rules (`fewshot.openset`) and legacy thresholds are calibrated on the validation
-    split (never on test classes). With `int8`, the bundle also holds the int8 model and serves it,
+    The unknown-class rules (`fewshot.decision.OpenSetRule`) are calibrated on the validation split
+    (never on test classes). With `int8`, the bundle also holds the int8 model and serves it,
     after the int8 and fp32 models were measured on the run's test episodes (`quantise_bundle`:
     refused when int8 loses more than `int8.quantise.max_drop`, unless `force`); its open-set rules
     are re-calibrated on the int8 embeddings.

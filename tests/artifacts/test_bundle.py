@@ -17,7 +17,7 @@ from fewshot.artifacts import (
     Calibration,
     Embedder,
     ParityError,
-    calibrate_unknown_threshold,
+    calibrate_open_set,
     load_bundle,
 )
 from fewshot.artifacts.bundle import MANIFEST, ONNX, WEIGHTS, sha256_file
@@ -150,11 +150,12 @@ def test_calibration_stored_and_validated(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     by_class = {f"c{i}": np.clip(sample_images(1, seed=i) + rng.integers(-5, 6, (8, 1, 28, 28)), 0, 255).astype(np.uint8)
                 for i in range(8)}
-    cal = calibrate_unknown_threshold(b0.onnx_embedder, by_class, np.random.default_rng(1), n_way=3, n_shot=2,
-                                      n_query=3, n_episodes=30, target_false_accept=0.1)
-    assert set(cal.thresholds) == {"euclidean", "cosine"}
+    cal = calibrate_open_set(b0.onnx_embedder, by_class, np.random.default_rng(1), n_way=3, n_shot=2,
+                             n_query=3, n_episodes=30)
+    assert set(cal.rules) == {"euclidean", "cosine"}
     b1 = load_bundle(export_tiny(tmp_path / "b1", calibration=cal.to_dict()))
     assert b1.calibration == cal
+    assert dict(b1.decision.open_set) == cal.rules  # the manifest's typed decision serves the calibrated rules
     with pytest.raises(ConfigError, match="malformed"):
         export_tiny(tmp_path / "b2", calibration={"threshold": 1.0})
     assert not (tmp_path / "b2").exists()

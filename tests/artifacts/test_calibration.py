@@ -1,5 +1,5 @@
-"""Unknown-rejection calibration (legacy thresholds and open-set rules) on open-set episodes with
-toy embedders whose geometry we know."""
+"""Unknown-rejection calibration (open-set rules; how legacy thresholds read) on open-set episodes
+with toy embedders whose geometry we know."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ import pytest
 from fewshot.artifacts.calibration import (
     Calibration,
     OpenSetScores,
-    accepts,
     balanced_threshold,
     calibrate_open_set,
-    calibrate_unknown_threshold,
-    nearest_scores,
+    open_set_episode,
     operating_point,
     sample_open_set,
 )
+from fewshot.decision import ClassMemory, DecisionRule, ServedDecision, decide
+from fewshot.decision.openset import OpenSetRule
 from fewshot.errors import ConfigError
-from fewshot.openset import OpenSetRule
 
 
 class IdentityEmbedder:
@@ -39,35 +38,34 @@ def clustered(n_classes: int, n: int, spread: int, seed: int = 0) -> dict[str, n
             .astype(np.uint8).reshape(n, 1, 1, 4) for i in range(n_classes)}
 
 
-def test_threshold_meets_target_false_accept_and_accepts_known() -> None:
-    data = clustered(12, 12, spread=3)
-    cal = calibrate_unknown_threshold(IdentityEmbedder(), data, np.random.default_rng(0), n_way=4, n_shot=3,
-                                      n_query=4, n_episodes=100, target_false_accept=0.05)
-    # tight, well separated clusters: nearly every known query is accepted
-    assert cal.true_accept["euclidean"] > 0.9
-    # on fresh episodes the unknown false-accept rate stays near the target
-    emb = {k: IdentityEmbedder().embed(v) for k, v in clustered(12, 12, spread=3, seed=0).items()}
-    rng = np.random.default_rng(5)
-    fa = []
-    for _ in range(200):
-        keys = rng.choice(sorted(emb), 5, replace=False)
-        protos = np.stack([emb[k][:3].mean(0) for k in keys[:4]])
-        fa.append(accepts("euclidean", nearest_scores(emb[keys[4]], protos, "euclidean"), cal.thresholds["euclidean"]))
-    assert np.mean(np.concatenate(fa)) <= 0.15
-
-
-def test_deterministic_given_rng() -> None:
-    data = clustered(8, 8, spread=10)
-    a = calibrate_unknown_threshold(IdentityEmbedder(), data, np.random.default_rng(3), n_way=3, n_shot=2, n_episodes=20)
-    b = calibrate_unknown_threshold(IdentityEmbedder(), data, np.random.default_rng(3), n_way=3, n_shot=2, n_episodes=20)
-    assert a == b
-
-
 def test_errors_name_the_problem() -> None:
     with pytest.raises(ConfigError, match="at least n_way \\+ 1 = 6"):
-        calibrate_unknown_threshold(IdentityEmbedder(), clustered(3, 8, 2), np.random.default_rng(0))
+        calibrate_open_set(IdentityEmbedder(), clustered(3, 8, 2), np.random.default_rng(0))
     with pytest.raises(ConfigError, match="too few"):
-        calibrate_unknown_threshold(IdentityEmbedder(), clustered(8, 3, 2), np.random.default_rng(0))
+        calibrate_open_set(IdentityEmbedder(), clustered(8, 3, 2), np.random.default_rng(0))
+
+
+def test_episode_queries_are_judged_on_the_class_the_served_decision_answers() -> None:
+    """Calibration sees what the service sees: the served decision's answer over the support set's
+    memory, its score, and that class's count and spread."""
+    emb = [IdentityEmbedder().embed(v) for v in clustered(8, 10, spread=20).values()]
+    s = open_set_episode(emb, np.random.default_rng(2), n_way=4, n_shot=(1, 5), n_query=3)
+    rng = np.random.default_rng(2)  # the same draws, replayed to rebuild the episode
+    chosen = rng.choice(len(emb), size=5, replace=False)
+    shots = rng.integers(1, 6, size=4)
+    support, queries = [], []
+    for i, c in enumerate(chosen):
+        x = emb[c][rng.permutation(len(emb[c]))]
+        k = int(shots[i]) if i < 4 else 0
+        support += [x[:k]] if i < 4 else []
+        queries.append(x[k:k + 3])
+    memory = ClassMemory.of(np.concatenate(support), np.repeat(np.arange(4), shots), 4)
+    for metric, got in s.items():
+        a = decide(ServedDecision(DecisionRule("prototype", metric)), memory, np.concatenate(queries))
+        np.testing.assert_array_equal(got.score, a.score)
+        np.testing.assert_array_equal(got.count, np.maximum(memory.counts, 1)[a.label])
+        np.testing.assert_array_equal(got.spread, memory.spreads[a.label])
+        assert got.correct.tolist() == (a.label == np.repeat(np.arange(5), 3)).tolist()
 
 
 # -- open-set rules --------------------------------------------------------------------------------
@@ -115,12 +113,11 @@ def test_open_set_rule_separates_unknowns_better_than_a_global_threshold(open_se
 
 def test_open_set_calibration_records_its_targets_and_round_trips(open_set_calibration: Calibration) -> None:
     cal = open_set_calibration
-    assert set(cal.rules) == {"euclidean", "cosine"} and set(cal.thresholds) == {"euclidean", "cosine"}
+    assert set(cal.rules) == {"euclidean", "cosine"}
     assert cal.open_set["target_true_accept"] == 0.95 and cal.open_set["target_rejection"] == 0.8
     measured = cal.open_set["measured"]["euclidean"]["spread"]["5w5s"]
     assert 0.0 < measured["true_accept"] <= 1.0 and 0.0 < measured["unknown_rejection"] <= 1.0
     assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
-    assert cal.threshold("euclidean") == cal.thresholds["euclidean"]  # legacy callers keep working
 
 
 def test_open_set_calibration_is_deterministic_given_rng() -> None:
@@ -147,19 +144,20 @@ OLD_MANIFEST_CALIBRATION = {  # as written by bundles before open-set rules (run
 
 def test_old_manifests_read_as_global_rules_with_the_same_decisions() -> None:
     cal = Calibration.from_dict(OLD_MANIFEST_CALIBRATION)
-    assert cal.rules == {} and cal.threshold("euclidean") == 7.39666748046875
+    assert set(cal.rules) == {"euclidean", "cosine"} and not hasattr(cal, "thresholds")
     rng = np.random.default_rng(0)
     for metric, scores in (("euclidean", rng.uniform(0, 15, 500)), ("cosine", rng.uniform(0.9, 1.0, 500))):
         rule = cal.rule(metric)  # type: ignore[arg-type]
         assert rule is not None and rule.kind == "global"
         got = rule.accepts(rule.novelty(scores, np.full(500, 5), np.full(500, 5.0)))
-        assert np.array_equal(got, accepts(metric, scores, OLD_MANIFEST_CALIBRATION["thresholds"][metric]))  # type: ignore[arg-type, index]
+        t = OLD_MANIFEST_CALIBRATION["thresholds"][metric]  # type: ignore[index]
+        assert np.array_equal(got, scores <= t if metric == "euclidean" else scores >= t)  # as they were applied
     assert Calibration.from_dict({**OLD_MANIFEST_CALIBRATION, "thresholds": {}}).rule("euclidean") is None
 
 
 def test_malformed_rules_are_refused(open_set_calibration: Calibration) -> None:
     d = open_set_calibration.to_dict()
-    with pytest.raises(ConfigError, match="rule for 'euclidean' has metric 'cosine'"):
+    with pytest.raises(ConfigError, match="rule stored under 'euclidean' has metric 'cosine'"):
         Calibration.from_dict({**d, "rules": {"euclidean": d["rules"]["cosine"]}})
     with pytest.raises(ConfigError, match="prior_spread -1.0"):
         Calibration.from_dict({**d, "rules": {"euclidean": {**d["rules"]["euclidean"], "prior_spread": -1.0}}})

@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 from service_helpers import ToyEmbedder, class_images
 
+from fewshot.decision import DecisionRule, OpenSetRule, ServedDecision, softmax
 from fewshot.errors import ConfigError
-from fewshot.openset import OpenSetRule
-from fewshot.service.heads import softmax
 from fewshot.service.insight import (
     HeldOut,
     InsightCache,
-    ServedRule,
     confused_pairs,
     cross_validate,
     fold_ids,
@@ -29,6 +27,12 @@ from fewshot.service.recogniser import Recogniser, WorkspaceSettings
 from fewshot.service.store import Store
 
 IDS = ("cls_a", "cls_b", "cls_c")
+
+
+def served(metric: str, head: str = "prototype", open_set: OpenSetRule | None = None) -> ServedDecision:
+    """The served decision of a workspace with this metric, head ("prototype" / "logistic") and rule."""
+    return ServedDecision(DecisionRule("probe" if head == "logistic" else "prototype", metric), open_set)  # type: ignore[arg-type]
+
 LABELS = ("apple", "pear", "plum")
 
 
@@ -43,7 +47,7 @@ def clusters(rng: np.random.Generator, sizes: list[int], dim: int = 8, sep: floa
 @pytest.mark.parametrize("head", ["prototype", "logistic"])
 def test_separated_clusters_are_all_recognised(metric: str, head: str) -> None:
     x, y = clusters(np.random.default_rng(0), [5, 4, 6])
-    ins = workspace_insight(7, IDS, LABELS, x, y, ServedRule(metric, head))  # type: ignore[arg-type]
+    ins = workspace_insight(7, IDS, LABELS, x, y, served(metric, head))  # type: ignore[arg-type]
     assert [c.accuracy for c in ins.classes] == [1.0, 1.0, 1.0]
     assert [c.evaluated for c in ins.classes] == [5, 4, 6]
     np.testing.assert_array_equal(ins.confusion, np.diag([5, 4, 6]))
@@ -56,7 +60,7 @@ def test_an_example_inside_another_cluster_is_a_confusion(head: str) -> None:
     rng = np.random.default_rng(1)
     x, y = clusters(rng, [6, 6, 6])
     x[2] = x[y == 1][:3].mean(0)  # apple's third example sits in pear's cluster
-    ins = workspace_insight(1, IDS, LABELS, x, y, ServedRule("euclidean", head))  # type: ignore[arg-type]
+    ins = workspace_insight(1, IDS, LABELS, x, y, served("euclidean", head))  # type: ignore[arg-type]
     assert ins.confusion[0, 1] == 1 and ins.confusion[0, 0] == 5
     assert ins.confusion.sum() - np.trace(ins.confusion) == 1
     assert ins.classes[0].accuracy == pytest.approx(5 / 6) and ins.classes[1].accuracy == 1.0
@@ -68,7 +72,7 @@ def test_an_example_inside_another_cluster_is_a_confusion(head: str) -> None:
 def test_a_one_example_class_is_not_measured_but_competes() -> None:
     x, y = clusters(np.random.default_rng(2), [5, 5, 1])
     x[0] = x[10] + 0.01  # apple's first example sits on plum's only example
-    ins = workspace_insight(1, IDS, LABELS, x, y, ServedRule("euclidean"))
+    ins = workspace_insight(1, IDS, LABELS, x, y, served("euclidean"))
     plum = ins.classes[2]
     assert plum.accuracy is None and plum.evaluated == 0 and "teach at least 2" in (plum.note or "")
     assert ins.confusion[0, 2] == 1 and ins.confusion[2].sum() == 0
@@ -77,9 +81,9 @@ def test_a_one_example_class_is_not_measured_but_competes() -> None:
 
 def test_one_class_and_no_class() -> None:
     x, y = clusters(np.random.default_rng(3), [4])
-    one = workspace_insight(1, IDS[:1], LABELS[:1], x, y, ServedRule("euclidean"))
+    one = workspace_insight(1, IDS[:1], LABELS[:1], x, y, served("euclidean"))
     assert one.classes[0].accuracy is None and "second class" in (one.classes[0].note or "") and one.pairs == ()
-    none = workspace_insight(0, (), (), np.zeros((0, 8), np.float32), np.zeros(0, np.int64), ServedRule("euclidean"))
+    none = workspace_insight(0, (), (), np.zeros((0, 8), np.float32), np.zeros(0, np.int64), served("euclidean"))
     assert none.classes == () and none.accuracy is None and "no classes yet" in none.notes[0]
 
 
@@ -91,10 +95,10 @@ def test_closed_form_leave_one_out_equals_refitting_without_each_example(metric:
     x, y = clusters(rng, [1, 2, 3, 7, 5], dim=6, sep=1.0)
     spread = OpenSetRule("spread", metric, threshold=0.0, prior_spread=0.5, prior_strength=2.0)  # type: ignore[arg-type]
     fold = np.where(np.bincount(y)[y] >= 2, np.arange(len(y)), -1)
-    probe = leave_one_out(x, y, 5, ServedRule(metric, open_set=spread))  # type: ignore[arg-type]
+    probe = leave_one_out(x, y, 5, served(metric, open_set=spread))  # type: ignore[arg-type]
     nov = np.sort(probe.novelty[probe.evaluated])
     threshold = float(nov[len(nov) // 2 - 1: len(nov) // 2 + 1].mean())  # between two: half are accepted
-    rule = ServedRule(metric, open_set=OpenSetRule("spread", metric, threshold, 0.5, 2.0))  # type: ignore[arg-type]
+    rule = served(metric, open_set=OpenSetRule("spread", metric, threshold, 0.5, 2.0))  # type: ignore[arg-type]
     fast, slow = leave_one_out(x, y, 5, rule), cross_validate(x, y, 5, rule, fold)
     np.testing.assert_array_equal(fast.predicted, slow.predicted)
     np.testing.assert_allclose(fast.novelty, slow.novelty, rtol=1e-4)
@@ -104,8 +108,8 @@ def test_closed_form_leave_one_out_equals_refitting_without_each_example(metric:
 
 def test_rejected_counts_follow_the_open_set_threshold() -> None:
     x, y = clusters(np.random.default_rng(5), [4, 4])
-    strict = workspace_insight(1, IDS[:2], LABELS[:2], x, y, ServedRule("euclidean", open_set=OpenSetRule("global", "euclidean", 1e-9)))
-    loose = workspace_insight(1, IDS[:2], LABELS[:2], x, y, ServedRule("euclidean", open_set=OpenSetRule("global", "euclidean", 1e9)))
+    strict = workspace_insight(1, IDS[:2], LABELS[:2], x, y, served("euclidean", open_set=OpenSetRule("global", "euclidean", 1e-9)))
+    loose = workspace_insight(1, IDS[:2], LABELS[:2], x, y, served("euclidean", open_set=OpenSetRule("global", "euclidean", 1e9)))
     assert [c.rejected for c in strict.classes] == [4, 4] and [c.rejected for c in loose.classes] == [0, 0]
     assert [c.accuracy for c in strict.classes] == [1.0, 1.0]  # forced-choice accuracy is unchanged
 
@@ -140,7 +144,7 @@ def test_cache_recomputes_only_when_the_key_moves() -> None:
 
     def compute() -> object:
         calls.append(1)
-        return workspace_insight(1, IDS[:2], LABELS[:2], x, y, ServedRule("euclidean"))
+        return workspace_insight(1, IDS[:2], LABELS[:2], x, y, served("euclidean"))
 
     cache = InsightCache(max_workspaces=2)
     first = cache.get("ws1", (1, "r"), compute)  # type: ignore[arg-type]

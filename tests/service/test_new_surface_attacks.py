@@ -23,13 +23,12 @@ from test_app_hardening import BrokenDisk
 
 from fewshot.artifacts.bundle import Bundle, load_bundle
 from fewshot.artifacts.byo import bundle_from_onnx
-from fewshot.artifacts.calibration import Calibration
 from fewshot.artifacts.quantise import quantise_bundle
 from fewshot.data.imageio import Preprocessing
+from fewshot.decision import BundleDecision, DecisionRule, OpenSetRule, ServedDecision
 from fewshot.errors import ConfigError
-from fewshot.openset import OpenSetRule
 from fewshot.service.app import create_app
-from fewshot.service.insight import InsightCache, ServedRule, recogniser_insight, workspace_insight
+from fewshot.service.insight import InsightCache, recogniser_insight, workspace_insight
 from fewshot.service.recogniser import Recogniser, WorkspaceSettings
 from fewshot.service.settings import ServiceSettings
 from fewshot.service.standalone import build_standalone
@@ -212,10 +211,9 @@ def test_standalone_equals_the_service_under_the_spread_rule(tiny_bundle: Path, 
                                                              head: str) -> None:
     bundle = load_bundle(tiny_bundle)
     rules = {m: OpenSetRule("spread", m, threshold=1.0, prior_spread=2.0, prior_strength=3.0,  # type: ignore[arg-type]
-                            shot_penalty=0.5).to_dict() for m in ("euclidean", "cosine")}
+                            shot_penalty=0.5) for m in ("euclidean", "cosine")}
     store = SQLiteStore(tmp_path / "s.db")
-    r = Recogniser(bundle.onnx_embedder, store, calibration=Calibration({}, 0.05, {}, 0, 0, 0, 0, rules=rules),
-                   bundle_id=bundle.bundle_id)
+    r = Recogniser(bundle.onnx_embedder, store, decision=BundleDecision(open_set=rules), bundle_id=bundle.bundle_id)
     ws, _ = r.create_workspace("w", WorkspaceSettings(metric, head))  # type: ignore[arg-type]
     for s, n in ((0, 1), (1, 3), (2, 5)):
         r.add_class(ws.id, f"c{s}", class_images(s, n))
@@ -304,7 +302,7 @@ def test_one_class_reports_no_overall_accuracy() -> None:
     """Once, one class of 2+ examples reported 100% held-out accuracy overall while its own report
     said accuracy needs a second class."""
     x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
-    one = workspace_insight(1, ("cls_a",), ("a",), x, np.zeros(3, np.int64), ServedRule("euclidean"))
+    one = workspace_insight(1, ("cls_a",), ("a",), x, np.zeros(3, np.int64), ServedDecision(DecisionRule()))
     assert one.evaluated == 3 and one.accuracy is None and one.classes[0].accuracy is None
 
 

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 from service_helpers import ToyEmbedder, class_images
 
-from fewshot.artifacts.calibration import Calibration
+from fewshot.decision import BundleDecision, OpenSetRule
 from fewshot.errors import ConfigError
 from fewshot.service.recogniser import Recogniser, RecogniserConfig, WorkspaceSettings
 from fewshot.service.store import ConflictError, NotFoundError, Store, open_store
 
 
-def calibration(euclidean: float, cosine: float = 0.5) -> Calibration:
-    return Calibration({"euclidean": euclidean, "cosine": cosine}, 0.05, {}, 1, 1, 1, 1)
+def calibrated(euclidean: float) -> BundleDecision:
+    """A bundle's decision whose Euclidean open-set rule accepts d^2 <= `euclidean`."""
+    return BundleDecision(open_set={"euclidean": OpenSetRule("global", "euclidean", euclidean)})
 
 
 def taught(store: Store, n_classes: int = 3, settings: WorkspaceSettings | None = None) -> tuple[Recogniser, str, list[str]]:
@@ -51,7 +52,7 @@ def test_probabilities_are_protonet_softmax(sqlite_store: Store) -> None:
 
 def test_unknown_rejection_and_overrides(sqlite_store: Store) -> None:
     r, ws, _ = taught(sqlite_store, 2)
-    r.calibration = calibration(euclidean=1e-9)  # nothing is that close: everything is unknown
+    r.decision = calibrated(euclidean=1e-9)  # nothing is that close: everything is unknown
     p = r.classify(ws, class_images(0, 6)[5:])[0]
     assert not p.known and p.label == "unknown" and p.class_id is None and p.top_k  # candidates still shown
     p = r.classify(ws, class_images(0, 6)[5:], threshold=1e9)[0]  # per-call override

@@ -18,9 +18,8 @@ from model_helpers import rgb_class_images, rgb_png
 from service_helpers import ToyEmbedder, class_images, png_bytes
 
 from fewshot.artifacts.bundle import load_bundle
-from fewshot.artifacts.calibration import Calibration
 from fewshot.cli import main
-from fewshot.openset import OpenSetRule
+from fewshot.decision import BundleDecision, OpenSetRule
 from fewshot.service.app import create_app
 from fewshot.service.recogniser import Recogniser, WorkspaceSettings
 from fewshot.service.settings import ServiceSettings
@@ -121,10 +120,10 @@ def test_exported_workspace_answers_as_the_service(rgb_bundle: Path, tmp_path: P
 def test_spread_rule_and_no_rule_are_baked_in(tiny_bundle: Path, tmp_path: Path) -> None:
     bundle = load_bundle(tiny_bundle)
     spread = OpenSetRule("spread", "euclidean", threshold=1.0, prior_spread=2.0, prior_strength=3.0, shot_penalty=0.5)
-    calibration = Calibration({}, 0.05, {}, 0, 0, 0, 0, rules={"euclidean": spread.to_dict()})
+    decision = BundleDecision(open_set={"euclidean": spread})
     store = SQLiteStore(tmp_path / "s.db")
-    for cal, expect_unknown in ((calibration, True), (None, False)):
-        r = Recogniser(bundle.onnx_embedder, store, calibration=cal, bundle_id=bundle.bundle_id)
+    for cal, expect_unknown in ((decision, True), (None, False)):
+        r = Recogniser(bundle.onnx_embedder, store, decision=cal, bundle_id=bundle.bundle_id)
         ws, _ = r.create_workspace("w", WorkspaceSettings("euclidean"))
         for s, n in ((0, 1), (1, 3), (2, 5)):  # different counts: the per-class factor matters
             r.add_class(ws.id, f"c{s}", class_images(s, n))

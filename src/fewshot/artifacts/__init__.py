@@ -11,13 +11,12 @@ from fewshot.artifacts.bundle import (
 from fewshot.artifacts.calibration import (
     Calibration,
     calibrate_open_set,
-    calibrate_unknown_threshold,
 )
 from fewshot.artifacts.embedders import Embedder, OnnxEmbedder, TorchEmbedder
 from fewshot.artifacts.onnx_export import PARITY_TOLERANCE, ParityError, check_parity, export_onnx
 
 __all__ = [
     "BUNDLE_FORMAT_VERSION", "PARITY_TOLERANCE", "Bundle", "Calibration", "Embedder", "Manifest",
-    "OnnxEmbedder", "ParityError", "TorchEmbedder", "calibrate_open_set", "calibrate_unknown_threshold",
+    "OnnxEmbedder", "ParityError", "TorchEmbedder", "calibrate_open_set",
     "check_parity", "export_bundle", "export_onnx", "load_bundle",
 ]

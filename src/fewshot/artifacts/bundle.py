@@ -43,8 +43,8 @@ from fewshot.artifacts.onnx_export import (
 )
 from fewshot.backbones import backbone_from_config
 from fewshot.data.imageio import Preprocessing
-from fewshot.decision import DecisionRule
-from fewshot.errors import CheckpointError
+from fewshot.decision import BundleDecision, DecisionRule
+from fewshot.errors import CheckpointError, ConfigError
 
 BUNDLE_FORMAT_VERSION = 1
 WEIGHTS, ONNX, PARITY, MANIFEST = "weights.safetensors", "model.onnx", "parity.safetensors", "manifest.json"
@@ -93,6 +93,22 @@ class Manifest:
     deployment: dict[str, Any] | None = None
     # the training domain (DomainSummary.to_dict()); None in bundles exported before it existed
     domain: dict[str, Any] | None = None
+    # the served decision (`BundleDecision.to_dict()`: head + open-set rule per metric). Given None
+    # (every manifest written before it existed, and writers that pass `deployment["rule"]` and a
+    # calibration), it is derived from those (`BundleDecision.from_legacy`); given, it must agree.
+    decision: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            derived = BundleDecision.from_legacy(self.deployment, self.calibration)
+            stored = None if self.decision is None else BundleDecision.from_dict(self.decision)
+        except ConfigError as exc:
+            raise CheckpointError(f"bundle {self.bundle_id}: its decision cannot be read ({exc}); re-export it") from exc
+        legacy = "rule" in (self.deployment or {}) or bool((self.calibration or {}).get("rules"))
+        if stored is not None and legacy and stored != derived:
+            raise CheckpointError(f"bundle {self.bundle_id}: manifest decision {self.decision} disagrees with its "
+                                  "deployment rule / calibration rules; re-export the bundle")
+        object.__setattr__(self, "decision", (stored or derived).to_dict())
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
@@ -270,10 +286,15 @@ class Bundle:
     def onnx_path(self) -> Path:
         return self.path / self.served_model
 
+    @cached_property
+    def decision(self) -> BundleDecision:
+        """The served decision: head and open-set rules (`Manifest.decision`)."""
+        return BundleDecision.from_dict(self.manifest.decision or {})
+
     @property
     def decision_rule(self) -> DecisionRule:
-        """The rule the bundle was measured with (older bundles: nearest prototype, Euclidean)."""
-        return DecisionRule.from_dict((self.manifest.deployment or {}).get("rule"))
+        """The head the bundle was measured with (older bundles: nearest prototype, Euclidean)."""
+        return self.decision.rule
 
     @property
     def backbone(self) -> nn.Module:

@@ -2,97 +2,77 @@
 
 Each episode draws `n_way` support classes plus one more class that is *left out* of the support
 set. Queries of the support classes are "known", queries of the left-out class "unknown"; each
-query is scored against its nearest prototype.
+query is answered by the served decision (`fewshot.decision.decide`, nearest-prototype head, on the
+support set's class memory), and judged on the class it is answered with.
 
-* `calibrate_open_set` (what export uses): chooses an `OpenSetRule` per metric (`fewshot.openset`)
+* `calibrate_open_set` (what export uses): chooses an `OpenSetRule` per metric (`fewshot.decision`)
   on validation classes against two targets at once: keep `target_true_accept` of the answers that
   forced choice gets right, and reject `target_rejection` of the queries whose class was never
   taught. The default threshold maximises the smaller of the two margins; when both targets
   cannot be met, it keeps `target_true_accept` of the correct answers and rejects what it can
-  (`balanced_threshold`). It also keeps the legacy per-metric
-  `thresholds` (raw score at `target_false_accept` of unknowns accepted).
-* `calibrate_unknown_threshold`: the legacy thresholds alone.
+  (`balanced_threshold`).
+
+The legacy raw-score thresholds (one per metric, at a target false-accept rate) are gone: a
+calibration stored before open-set rules reads as "global" rules with the same decisions
+(`BundleDecision.from_legacy`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import torch
 
 from fewshot.artifacts.embedders import Embedder
-from fewshot.decision import METRICS, Metric, accepts, nearest, prototype_scores
+from fewshot.decision import (
+    METRICS,
+    BundleDecision,
+    ClassMemory,
+    DecisionRule,
+    Metric,
+    OpenSetRule,
+    ServedDecision,
+    decide,
+)
 from fewshot.errors import ConfigError
-from fewshot.openset import OpenSetRule
 
 PRIOR_STRENGTHS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)  # examples the prior spread is worth
 SHOT_PENALTIES = tuple(round(0.05 * i, 2) for i in range(41))  # gamma in 1 + gamma / n_k: 0 .. 2
 
 
-def nearest_scores(queries: np.ndarray, prototypes: np.ndarray, metric: Metric) -> np.ndarray:
-    """(Q, D), (K, D) -> (Q,) score of the nearest prototype: squared distance (lower = closer)
-    for "euclidean", cosine similarity (higher = closer) for "cosine" (`fewshot.decision`)."""
-    scores = prototype_scores(torch.from_numpy(np.ascontiguousarray(queries, np.float32)),
-                              torch.from_numpy(np.ascontiguousarray(prototypes, np.float32)), metric)
-    return nearest(scores, metric)[1].numpy()
-
-
 @dataclass(frozen=True)
 class Calibration:
-    """Thresholds and open-set rules per metric plus how they were obtained; stored in the bundle
-    manifest. `rules` (metric -> `OpenSetRule.to_dict()`) is what the service should apply;
-    `thresholds` are the legacy raw-score thresholds (accept d^2 <= t, or cos >= t)."""
+    """The open-set rules chosen per metric and how they were obtained; stored in the bundle
+    manifest, whose `decision` serves the rules (`fewshot.decision.BundleDecision`)."""
 
-    thresholds: dict[str, float]
-    target_false_accept: float
-    true_accept: dict[str, float]
     n_episodes: int
     n_way: int
     n_shot: int
     n_query: int
-    rules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rules: dict[Metric, OpenSetRule] = field(default_factory=dict)
     open_set: dict[str, Any] = field(default_factory=dict)  # targets, episodes, measured operating points
 
-    def threshold(self, metric: Metric) -> float | None:
-        """The legacy raw-score threshold; prefer `rule(metric)`."""
-        return self.thresholds.get(metric)
-
     def rule(self, metric: Metric) -> OpenSetRule | None:
-        """The open-set rule for `metric`; a bundle calibrated before rules existed gets a "global"
-        rule with its threshold (same decisions); None when the metric was never calibrated."""
-        if metric in self.rules:
-            return OpenSetRule.from_dict(self.rules[metric])
-        t = self.thresholds.get(metric)
-        return None if t is None else OpenSetRule.from_legacy_threshold(metric, t)
+        """The open-set rule for `metric`; None when the metric was never calibrated."""
+        return self.rules.get(metric)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"n_episodes": self.n_episodes, "n_way": self.n_way, "n_shot": self.n_shot, "n_query": self.n_query,
+                "rules": {m: r.to_dict() for m, r in self.rules.items()}, "open_set": self.open_set}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
+        """A stored calibration; one written before open-set rules (legacy `thresholds`) reads as
+        "global" rules with the same decisions (`BundleDecision.from_legacy`)."""
         try:
-            cal = cls(
-                thresholds={str(k): float(v) for k, v in d["thresholds"].items()},
-                target_false_accept=float(d["target_false_accept"]),
-                true_accept={str(k): float(v) for k, v in d.get("true_accept", {}).items()},
-                n_episodes=int(d["n_episodes"]), n_way=int(d["n_way"]),
-                n_shot=int(d["n_shot"]), n_query=int(d["n_query"]),
-                rules={str(k): dict(v) for k, v in d.get("rules", {}).items()},
-                open_set=dict(d.get("open_set", {})),
-            )
+            return cls(n_episodes=int(d["n_episodes"]), n_way=int(d["n_way"]), n_shot=int(d["n_shot"]),
+                       n_query=int(d["n_query"]), rules=dict(BundleDecision.from_legacy(None, d).open_set),
+                       open_set=dict(d.get("open_set", {})))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ConfigError(
-                f"calibration {dict(d)!r} is malformed ({exc}); produce it with "
-                "fewshot.artifacts.calibrate_open_set(...).to_dict()"
-            ) from exc
-        for metric, r in cal.rules.items():
-            if OpenSetRule.from_dict(r).metric != metric:
-                raise ConfigError(f"calibration rule for {metric!r} has metric {r.get('metric')!r}; "
-                                  "store each rule under its own metric")
-        return cal
+            raise ConfigError(f"calibration {dict(d)!r} is malformed ({exc}); produce it with "
+                              "fewshot.artifacts.calibrate_open_set(...).to_dict()") from exc
 
 
 # -- open-set episodes ---------------------------------------------------------------------------
@@ -115,22 +95,16 @@ class OpenSetScores:
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
 
 
-def _support_stats(support: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Support sets [(n_k, D)] -> prototypes (K, D) float32, counts (K,), spreads (K,) float64."""
-    protos = np.stack([s.mean(0) for s in support]).astype(np.float32)
-    spread = np.array([((s.astype(np.float64) - s.mean(0, dtype=np.float64)) ** 2).sum(-1).mean() for s in support])
-    return protos, np.array([len(s) for s in support], np.float64), spread
-
-
-def _scores(queries: np.ndarray, labels: np.ndarray, protos: np.ndarray, counts: np.ndarray,
-            spreads: np.ndarray, metric: Metric) -> OpenSetScores:
-    """Queries (Q, D) with labels (Q,) (label K = untaught) against K prototypes -> OpenSetScores."""
-    s = prototype_scores(torch.from_numpy(queries), torch.from_numpy(protos), metric)
-    top_t, idx_t = torch.topk(s, min(2, s.shape[1]), dim=1, largest=metric == "cosine")
-    top, idx = top_t.double().numpy(), idx_t.numpy()
-    second = top[:, 1] if top.shape[1] > 1 else np.full(len(top), np.nan)
-    known = labels < len(protos)
-    return OpenSetScores(top[:, 0], second, counts[idx[:, 0]], spreads[idx[:, 0]], known, known & (idx[:, 0] == labels))
+def _scores(queries: np.ndarray, labels: np.ndarray, memory: ClassMemory, metric: Metric) -> OpenSetScores:
+    """Queries (Q, D) with labels (Q,) (label K = untaught) answered by the served nearest-prototype
+    decision over the support set's `memory` (K classes) -> OpenSetScores."""
+    a = decide(ServedDecision(DecisionRule("prototype", metric)), memory, queries)
+    rows = np.arange(len(queries))
+    runner_up = np.argsort(-a.preference, axis=1, kind="stable")[:, 1] if memory.n_classes > 1 else None
+    second = np.full(len(queries), np.nan) if runner_up is None else a.scores[rows, runner_up].astype(np.float64)
+    count, spread = memory.judged(a.label)
+    known = labels < memory.n_classes
+    return OpenSetScores(a.score.astype(np.float64), second, count, spread, known, known & (a.label == labels))
 
 
 def open_set_episode(emb_by_class: Sequence[np.ndarray], rng: np.random.Generator, *, n_way: int,
@@ -149,8 +123,8 @@ def open_set_episode(emb_by_class: Sequence[np.ndarray], rng: np.random.Generato
         queries.append(x[k : k + n_query])
     labels = np.concatenate([np.full(len(q), i) for i, q in enumerate(queries)])
     q = np.ascontiguousarray(np.concatenate(queries), np.float32)
-    protos, counts, spreads = _support_stats(support)
-    return {m: _scores(q, labels, protos, counts, spreads, m) for m in METRICS}
+    memory = ClassMemory.of(np.concatenate(support), np.repeat(np.arange(n_way), [len(s) for s in support]), n_way)
+    return {m: _scores(q, labels, memory, m) for m in METRICS}
 
 
 def sample_open_set(emb_by_class: Sequence[np.ndarray], rng: np.random.Generator, *, n_way: int,
@@ -292,79 +266,19 @@ def _check_rate(name: str, value: float, example: float) -> None:
 def calibrate_open_set(
     embedder: Embedder, images_by_class: Mapping[str, np.ndarray], rng: np.random.Generator, *,
     n_way: int = 5, n_shot: int = 5, n_query: int = 15, n_episodes: int = 200,
-    target_true_accept: float = 0.95, target_rejection: float = 0.80, target_false_accept: float = 0.05,
+    target_true_accept: float = 0.95, target_rejection: float = 0.80,
 ) -> Calibration:
-    """Open-set rules per metric (see module doc) plus the legacy thresholds at `target_false_accept`.
+    """Open-set rules per metric (see module doc).
 
     images_by_class: held-out (validation) class name -> uint8 (n_i, C, H, W) with n_i >= n_shot + 1.
     """
     _check_classes(images_by_class, n_way, n_shot)
     for name, value, example in (("target_true_accept", target_true_accept, 0.95),
-                                 ("target_rejection", target_rejection, 0.8),
-                                 ("target_false_accept", target_false_accept, 0.05)):
+                                 ("target_rejection", target_rejection, 0.8)):
         _check_rate(name, value, example)
     emb = [embedder.embed(images_by_class[k]) for k in sorted(images_by_class)]
-    rules, report, main = fit_open_set_rules(emb, rng, n_way=n_way, n_shot=n_shot, n_query=n_query,
-                                             n_episodes=n_episodes, target_true_accept=target_true_accept,
-                                             target_rejection=target_rejection)
-    thresholds: dict[str, float] = {m: _threshold_at(m, main[m].score[~main[m].known], target_false_accept) for m in METRICS}
-    true_accept: dict[str, float] = {
-        m: float(np.mean(accepts(m, main[m].score[main[m].known], thresholds[m]))) for m in METRICS  # type: ignore[arg-type]
-    }
-    return Calibration(
-        thresholds=thresholds, target_false_accept=target_false_accept, true_accept=true_accept,
-        n_episodes=n_episodes, n_way=n_way, n_shot=n_shot, n_query=n_query,
-        rules={m: r.to_dict() for m, r in rules.items()}, open_set=report,
-    )
-
-
-# -- legacy: one raw-score threshold per metric ---------------------------------------------------
-def _episode_scores(
-    emb_by_class: list[np.ndarray], rng: np.random.Generator, n_way: int, n_shot: int, n_query: int
-) -> dict[Metric, tuple[np.ndarray, np.ndarray]]:
-    """One open-set episode -> per metric (known scores, unknown scores)."""
-    chosen = rng.choice(len(emb_by_class), size=n_way + 1, replace=False)
-    protos, known_q = [], []
-    for c in chosen[:n_way]:
-        idx = rng.permutation(len(emb_by_class[c]))
-        protos.append(emb_by_class[c][idx[:n_shot]].mean(0))
-        known_q.append(emb_by_class[c][idx[n_shot : n_shot + n_query]])
-    left_out = emb_by_class[chosen[-1]]
-    unknown_q = left_out[rng.permutation(len(left_out))[:n_query]]
-    p, k = np.stack(protos), np.concatenate(known_q)
-    return {m: (nearest_scores(k, p, m), nearest_scores(unknown_q, p, m)) for m in METRICS}
-
-
-def _threshold_at(metric: Metric, unknown: np.ndarray, target_false_accept: float) -> float:
-    """The tightest score that accepts at most `target_false_accept` of the unknown queries."""
-    if metric == "euclidean":  # accept d2 <= t: t at the target quantile of unknown distances
-        return float(np.quantile(unknown, target_false_accept, method="lower"))
-    return float(np.quantile(unknown, 1.0 - target_false_accept, method="higher"))
-
-
-def calibrate_unknown_threshold(
-    embedder: Embedder, images_by_class: Mapping[str, np.ndarray], rng: np.random.Generator, *,
-    n_way: int = 5, n_shot: int = 5, n_query: int = 5, n_episodes: int = 200,
-    target_false_accept: float = 0.05,
-) -> Calibration:
-    """Thresholds at `target_false_accept` on queries whose class was left out of the support set.
-
-    images_by_class: held-out class name -> uint8 (n_i, C, H, W) with n_i >= n_shot + 1.
-    """
-    _check_classes(images_by_class, n_way, n_shot)
-    _check_rate("target_false_accept", target_false_accept, 0.05)
-    emb = [embedder.embed(images_by_class[k]) for k in sorted(images_by_class)]
-    known: dict[Metric, list[np.ndarray]] = {m: [] for m in METRICS}
-    unknown: dict[Metric, list[np.ndarray]] = {m: [] for m in METRICS}
-    for _ in range(n_episodes):
-        for m, (k, u) in _episode_scores(emb, rng, n_way, n_shot, n_query).items():
-            known[m].append(k)
-            unknown[m].append(u)
-    thresholds: dict[str, float] = {m: _threshold_at(m, np.concatenate(unknown[m]), target_false_accept) for m in METRICS}
-    true_accept: dict[str, float] = {
-        m: float(np.mean(accepts(m, np.concatenate(known[m]), thresholds[m]))) for m in METRICS  # type: ignore[arg-type]
-    }
-    return Calibration(
-        thresholds=thresholds, target_false_accept=target_false_accept, true_accept=true_accept,
-        n_episodes=n_episodes, n_way=n_way, n_shot=n_shot, n_query=n_query,
-    )
+    rules, report, _ = fit_open_set_rules(emb, rng, n_way=n_way, n_shot=n_shot, n_query=n_query,
+                                          n_episodes=n_episodes, target_true_accept=target_true_accept,
+                                          target_rejection=target_rejection)
+    return Calibration(n_episodes=n_episodes, n_way=n_way, n_shot=n_shot, n_query=n_query, rules=dict(rules),
+                       open_set=report)

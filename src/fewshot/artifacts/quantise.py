@@ -41,7 +41,7 @@ from fewshot.artifacts.bundle import (
 )
 from fewshot.artifacts.embedders import ONNX_INPUT, Embedder, OnnxEmbedder
 from fewshot.data.imageio import Preprocessing, model_input
-from fewshot.decision import DecisionRule
+from fewshot.decision import DecisionRule, episode
 from fewshot.errors import CheckpointError, ConfigError
 
 MIN_CALIBRATION_IMAGES = 32
@@ -255,7 +255,7 @@ def _write_int8_manifest(tmp: Path, manifest: Manifest, pre: Preprocessing,
     deployment = {**(manifest.deployment or {}), "served_model": INT8_ONNX, "int8": int8_record,
                   "models": f"{ONNX}: fp32, parity-checked against the weights; {INT8_ONNX}: int8, served"}
     new = replace(manifest, bundle_id=hashes[INT8_ONNX][:16], sha256=hashes, parity=parity,
-                  calibration=calibration, deployment=deployment)
+                  calibration=calibration, deployment=deployment, decision=None)  # re-derived: the new rules
     (tmp / MANIFEST).write_text(new.to_json())
 
 
@@ -265,9 +265,7 @@ def episode_evaluator(images_by_class: Mapping[str, np.ndarray], rule: DecisionR
     """`evaluate` for `quantise_bundle` on fixed episodes of labelled images: embedder -> {name:
     mean accuracy}. Each image is embedded once (embeddings do not depend on the batch: the
     bundle's parity check holds batch 1 and 16 to the same output), then every episode's queries
-    are scored against its support set by `rule`, as the service scores them."""
-    import torch
-
+    are answered over its support set by `rule`, as the service answers them (`fewshot.decision`)."""
     classes = sorted(images_by_class)
     short = [c for c in classes if len(images_by_class[c]) < shot + query]
     if len(classes) < way or short:
@@ -282,14 +280,13 @@ def episode_evaluator(images_by_class: Mapping[str, np.ndarray], rule: DecisionR
     key = name or f"{way}w{shot}s{query}q_{episodes}ep_seed{seed}"
 
     def evaluate(embedder: Embedder) -> dict[str, float]:
-        emb = {c: torch.from_numpy(_embed_all(embedder, images_by_class[c])) for c in classes}
+        emb = {c: _embed_all(embedder, images_by_class[c]) for c in classes}
         accs = []
+        ys, yq = np.repeat(np.arange(way), shot), np.repeat(np.arange(way), query)
         for ep in plan:
-            zs = torch.cat([emb[c][i[:shot]] for c, i in ep])
-            zq = torch.cat([emb[c][i[shot:]] for c, i in ep])
-            ys = torch.arange(way).repeat_interleave(shot)
-            yq = torch.arange(way).repeat_interleave(query)
-            accs.append(float((rule.episode_logits(zs, ys, way, zq).argmax(1) == yq).float().mean()))
+            zs = np.concatenate([emb[c][i[:shot]] for c, i in ep])
+            zq = np.concatenate([emb[c][i[shot:]] for c, i in ep])
+            accs.append(float((episode(rule, zs, ys, way, zq).label == yq).mean()))
         return {key: float(np.mean(accs))}
 
     return evaluate

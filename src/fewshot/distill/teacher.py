@@ -3,9 +3,11 @@
 The teacher sees the student's images converted to its own input: the student's mean/std
 normalisation undone (back to [0, 1] pixels), resized (bilinear, antialiased) to its side, converted
 to its channels (grey -> RGB by repetition, RGB -> grey by ITU-R 601 luma), then normalised by the
-teacher's own mean/std when its preprocessing has one. Its embeddings come from its deployable backbone in eval mode; its episode logits from its
-decision rule (the one its bundle is served with); base-class logits only from a pre-training run
-(its classifier), for KD on base-class logits.
+teacher's own mean/std when its preprocessing has one. Its embeddings come from its deployable backbone in eval mode; its episode logits from the
+served decision (`fewshot.decision.episode`) with the head its bundle is served with: a bundle's
+own, or for a run folder the head export chooses for that run (`fewshot.deploy.choose_rule`: for
+the MAML family and Reptile, the better prototype metric on validation episodes); base-class logits
+only from a pre-training run (its classifier), for KD on base-class logits.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 
 from fewshot.artifacts.zoo import is_zoo_name, resolve_bundle
 from fewshot.data.imageio import Preprocessing
-from fewshot.decision import DecisionRule
+from fewshot.decision import DecisionRule, episode
 from fewshot.episodes.types import Episode
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.precision import FP32, PrecisionPolicy, autocast_context, prepare_input
@@ -128,14 +130,15 @@ class Teacher:
 
     @torch.no_grad()
     def episode_logits(self, episodes: list[Episode], z_all: Tensor | None = None) -> list[Tensor]:
-        """The teacher's query logits (n_query, n_way) for each episode, by its decision rule.
+        """The teacher's query logits (n_query, n_way) for each episode, by its served decision.
         `z_all`: teacher embeddings of the episodes' images laid out support, query, support, ...
         (the layout of a learner's `LearnerOutput.images`), when already computed."""
         parts = [t for ep in episodes for t in (ep.support_x, ep.query_x)]
         if z_all is None:
             z_all = self.embed(torch.cat(parts))
         z = z_all.split([p.shape[0] for p in parts])
-        return [self.rule.episode_logits(z[2 * i], ep.support_y.to(z[2 * i].device), ep.n_way, z[2 * i + 1])
+        return [torch.from_numpy(episode(self.rule, z[2 * i].cpu().numpy(), ep.support_y.cpu().numpy(), ep.n_way,
+                                         z[2 * i + 1].cpu().numpy()).logits).to(z[2 * i].device)
                 for i, ep in enumerate(episodes)]
 
     def predict(self, episode: Episode) -> Tensor:
@@ -189,7 +192,7 @@ def _from_bundle(p: Path) -> Teacher:
 
 def _from_run(p: Path, data: Any) -> Teacher:
     from fewshot.config import load_config
-    from fewshot.deploy import deployable_backbone
+    from fewshot.deploy import choose_rule, deployable_backbone
     from fewshot.training.loop import load_trained, train_classes
 
     try:
@@ -200,10 +203,12 @@ def _from_run(p: Path, data: Any) -> Teacher:
     if learner.deployment.embedder == "bn-reestimated" and data is None:
         raise CheckpointError(f"teacher run {p} needs its batch norm re-estimated; export it and pass the bundle")
     backbone = deployable_backbone(learner, data, config)
+    # the head export chooses for this run (needs `data` only for the bn-reestimated, checked above)
+    rule = learner.deployment.rule if data is None else choose_rule(learner, backbone, data, config)[0]
     pre = Preprocessing.from_dict(manifest["data"]["preprocessing"])
     classifier = getattr(learner, "classifier", None)
     digest = _weights_digest(p / "checkpoints" / "best" / "model.safetensors")
-    return Teacher(str(p), _frozen(backbone), pre.channels, pre.size, learner.deployment.rule,
+    return Teacher(str(p), _frozen(backbone), pre.channels, pre.size, rule,
                    sorted(train_classes(p)), digest, _frozen(classifier.float()) if classifier is not None else None,
                    norm=norm_of(pre))
 

@@ -1,21 +1,14 @@
 """What a workspace's model knows: the numbers behind the teach page's "under the hood" panel.
 
-Every number comes from the workspace's served decision rule (`fewshot.service.heads` over
-`fewshot.decision`, as `Recogniser.classify` applies it) on the embeddings it stores:
+Every number comes from the workspace's served decision (`fewshot.decision.decide`, as
+`Recogniser.classify` applies it) on the embeddings it stores:
 
-* Held-out accuracy per class. Each stored example is classified with itself removed from what the
-  rule is built from. For the nearest-prototype rule this is exact leave-one-out in closed form:
-  removing x_i from class c (n_c examples, mean mu_c) moves only that mean, to
-  mu_c' = (n_c mu_c - x_i) / (n_c - 1), so
-
-      ||x_i - mu_c'||^2 = (n_c / (n_c - 1))^2 ||x_i - mu_c||^2
-      x_i . mu_c'        = (n_c x_i . mu_c - ||x_i||^2) / (n_c - 1)
-      ||mu_c'||^2        = (n_c^2 ||mu_c||^2 - 2 n_c x_i . mu_c + ||x_i||^2) / (n_c - 1)^2
-
-  and one (N, K) score matrix plus O(N D) corrections gives every held-out answer. The probe
+* Held-out accuracy per class. Each stored example is answered with itself removed from the class
+  memory the decision reads. For the nearest-prototype head this is exact leave-one-out in closed
+  form (`fewshot.decision.LeaveOneOut`: one (N, K) score matrix plus O(N D) corrections). The probe
   ("logistic" head) has no closed form: it is refitted per fold of a k-fold split (`fold_ids`).
-  The open-set rule is applied with the held-out class's count and spread also computed without
-  the example, so `rejected` counts the held-out examples the service would answer "unknown".
+  The open-set rule judges the answered class with its count and spread as the held-out example
+  sees them, so `rejected` counts the held-out examples the service would answer "unknown".
   A class with one example cannot be held out (it would have no prototype): it is reported as
   not measured, and still competes for the other classes' examples.
 * A confusion matrix over the taught classes (rows: true class, columns: forced-choice answer) and
@@ -35,12 +28,9 @@ from itertools import compress
 from threading import Lock
 
 import numpy as np
-import torch
 
-from fewshot.decision import Metric
+from fewshot.decision import LeaveOneOut, ServedDecision, decide, fit_memory
 from fewshot.errors import ConfigError
-from fewshot.openset import OpenSetRule
-from fewshot.service.heads import fit_logistic, prototype_logits, prototype_scores
 from fewshot.service.recogniser import DecisionState, Recogniser
 from fewshot.service.store import ConflictError
 
@@ -48,25 +38,11 @@ Embed = Callable[[np.ndarray], np.ndarray]  # uint8 images (N, C, S, S) -> embed
 Logits = Callable[[np.ndarray], np.ndarray]  # embeddings (N, D) -> served logits (N, K)
 
 
-@dataclass(frozen=True)
-class ServedRule:
-    """The decision rule a workspace serves (metric, head, open-set rule), as `Recogniser.classify`
-    applies it; `probe_folds`: folds of the k-fold split that measures the "logistic" head."""
+PROBE_FOLDS = 5  # folds of the k-fold split that measures the probe ("logistic" head)
 
-    metric: Metric
-    head: str = "prototype"  # "prototype" | "logistic"
-    open_set: OpenSetRule | None = None
-    probe_folds: int = 5
 
-    def __post_init__(self) -> None:
-        if self.head not in ("prototype", "logistic"):
-            raise ConfigError(f"head {self.head!r} is not supported; use 'prototype' or 'logistic'")
-        if self.probe_folds < 2:
-            raise ConfigError(f"probe_folds {self.probe_folds} must be >= 2")
-
-    @property
-    def method(self) -> str:
-        return "leave-one-out" if self.head == "prototype" else f"{self.probe_folds}-fold cross-validation"
+def method(decision: ServedDecision, probe_folds: int = PROBE_FOLDS) -> str:
+    return f"{probe_folds}-fold cross-validation" if decision.uses_probe else "leave-one-out"
 
 
 @dataclass(frozen=True)
@@ -83,96 +59,24 @@ class HeldOut:
         return self.predicted >= 0
 
 
-# -- class statistics ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ClassStats:
-    """Per class, float64: sums (K, D) of embeddings, sq (K,) sums of squared norms, counts (K,)."""
-
-    sums: np.ndarray
-    sq: np.ndarray
-    counts: np.ndarray
-
-    @classmethod
-    def of(cls, x: np.ndarray, y: np.ndarray, n_classes: int) -> ClassStats:
-        x64 = torch.from_numpy(np.ascontiguousarray(x, np.float64))
-        yt = torch.from_numpy(np.asarray(y, np.int64))
-        sums = torch.zeros(n_classes, x64.shape[1], dtype=torch.float64).index_add_(0, yt, x64)
-        sq = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, yt, (x64 * x64).sum(1))
-        return cls(sums.numpy(), sq.numpy(), np.bincount(y, minlength=n_classes).astype(np.int64))
-
-    def means(self) -> np.ndarray:
-        """(K, D) float64 prototypes; a class without examples has the zero vector (as served)."""
-        return self.sums / np.maximum(self.counts, 1)[:, None]
-
-    def spreads(self) -> np.ndarray:
-        """(K,) mean squared distance of a class's examples to its prototype (as served)."""
-        mu = self.means()
-        return np.maximum(self.sq / np.maximum(self.counts, 1) - (mu * mu).sum(1), 0.0)
-
-
-def _served_scores(x: np.ndarray, means64: np.ndarray, metric: Metric) -> np.ndarray:
-    """(N, K) float64 scores through the served function, on float32 prototypes as served."""
-    means = means64.astype(np.float32)
-    return prototype_scores(np.asarray(x, np.float32), means, metric, (means * means).sum(1)).astype(np.float64)
-
-
-def _nearest(scores: np.ndarray, metric: Metric) -> np.ndarray:
-    return scores.argmin(1) if metric == "euclidean" else scores.argmax(1)  # type: ignore[no-any-return]
-
-
-def _open_set(rule: ServedRule, best: np.ndarray, count: np.ndarray, spread: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(accepted, novelty) of forced-choice answers whose nearest class has `count` and `spread`."""
-    if rule.open_set is None:
-        return np.ones(len(best), bool), np.full(len(best), np.nan)
-    novelty = rule.open_set.novelty(best, np.maximum(count, 1), spread)
-    return np.asarray(rule.open_set.accepts(novelty), bool), novelty
-
-
 # -- held-out answers ------------------------------------------------------------------------------
-def leave_one_out(x: np.ndarray, y: np.ndarray, n_classes: int, rule: ServedRule) -> HeldOut:
-    """Exact leave-one-out answers of the nearest-prototype rule, closed form (module docstring).
-    x: (N, D) embeddings, y: (N,) class indices in 0..n_classes-1. Examples of one-example classes
-    are not held out (predicted -1)."""
-    stats = ClassStats.of(x, y, n_classes)
-    mu = stats.means()
-    scores = _served_scores(x, mu, rule.metric)  # (N, K): other classes' columns are already held-out
-    x64 = np.asarray(x, np.float64)
-    n = stats.counts[y].astype(np.float64)
-    held = n >= 2
-    m = np.where(held, n, 2.0)  # avoids 0-division for rows that are not held out
-    xsq = (x64 * x64).sum(1)
-    dot = (x64 * mu[y]).sum(1)
-    mu_sq_loo = np.maximum((m * m * (mu[y] * mu[y]).sum(1) - 2 * m * dot + xsq) / (m - 1) ** 2, 0.0)
-    rows = np.arange(len(y))
-    if rule.metric == "euclidean":
-        own = scores[rows, y] * (m / (m - 1)) ** 2
-    else:  # torch's normalize divides by max(norm, 1e-12)
-        own = ((m * dot - xsq) / (m - 1)) / (np.maximum(np.sqrt(xsq), 1e-12) * np.maximum(np.sqrt(mu_sq_loo), 1e-12))
-    scores[rows[held], y[held]] = own[held]
-    nearest = _nearest(scores, rule.metric)
-    mine = nearest == y
-    count = np.where(mine, n - 1, stats.counts[nearest])
-    spread_loo = np.maximum((stats.sq[y] - xsq) / (m - 1) - mu_sq_loo, 0.0)
-    spread = np.where(mine, spread_loo, stats.spreads()[nearest])
-    accepted, novelty = _open_set(rule, scores[rows, nearest], count, spread)
-    return HeldOut(np.where(held, nearest, -1), accepted & held, np.where(held, novelty, np.nan))
+def leave_one_out(x: np.ndarray, y: np.ndarray, n_classes: int, decision: ServedDecision) -> HeldOut:
+    """Exact leave-one-out answers of the nearest-prototype head (`LeaveOneOut`). x: (N, D)
+    embeddings, y: (N,) class indices in 0..n_classes-1. Examples of one-example classes are not
+    held out (predicted -1)."""
+    memory = LeaveOneOut.of(x, y, n_classes)
+    a = decide(decision, memory, memory.x)
+    held = memory.held
+    novelty = np.full(len(y), np.nan) if a.novelty is None else a.novelty
+    return HeldOut(np.where(held, a.label, -1), a.known & held, np.where(held, novelty, np.nan))
 
 
 def answers(xs: np.ndarray, ys: np.ndarray, n_classes: int, xq: np.ndarray,
-            rule: ServedRule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The served rule built from support (xs (S, D), ys (S,)) answering queries xq (Q, D): forced-
-    choice class (Q,), accepted by the open-set rule (Q,), novelty (Q,)."""
-    stats = ClassStats.of(xs, ys, n_classes)
-    scores = _served_scores(xq, stats.means(), rule.metric)
-    nearest = _nearest(scores, rule.metric)
-    if rule.head == "logistic" and n_classes > 1:
-        predicted = fit_logistic(np.asarray(xs, np.float32), ys, n_classes).probe.logits(
-            torch.from_numpy(np.ascontiguousarray(xq, np.float32))).numpy().argmax(1)
-    else:
-        predicted = nearest
-    accepted, novelty = _open_set(rule, scores[np.arange(len(xq)), nearest], stats.counts[nearest],
-                                  stats.spreads()[nearest])
-    return predicted, accepted, novelty
+            decision: ServedDecision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The served decision over the memory of support (xs (S, D), ys (S,)) answering queries
+    xq (Q, D): answered class (Q,), accepted by the open-set rule (Q,), novelty (Q,)."""
+    a = decide(decision, fit_memory(decision, np.asarray(xs, np.float32), ys, n_classes), xq)
+    return a.label, a.known, np.full(len(xq), np.nan) if a.novelty is None else a.novelty
 
 
 def fold_ids(y: np.ndarray, n_classes: int, folds: int) -> np.ndarray:
@@ -187,22 +91,26 @@ def fold_ids(y: np.ndarray, n_classes: int, folds: int) -> np.ndarray:
     return np.where(counts[y] >= 2, rank % k, -1)
 
 
-def cross_validate(x: np.ndarray, y: np.ndarray, n_classes: int, rule: ServedRule, fold: np.ndarray) -> HeldOut:
-    """Held-out answers with the rule rebuilt for each fold (`fold`: (N,) fold id, -1: never held out)."""
+def cross_validate(x: np.ndarray, y: np.ndarray, n_classes: int, decision: ServedDecision,
+                   fold: np.ndarray) -> HeldOut:
+    """Held-out answers with the memory rebuilt for each fold (`fold`: (N,) fold id, -1: never held out)."""
     predicted = np.full(len(y), -1, np.int64)
     accepted = np.zeros(len(y), bool)
     novelty = np.full(len(y), np.nan)
     for f in np.unique(fold[fold >= 0]):
         q = fold == f
-        predicted[q], accepted[q], novelty[q] = answers(x[~q], y[~q], n_classes, x[q], rule)
+        predicted[q], accepted[q], novelty[q] = answers(x[~q], y[~q], n_classes, x[q], decision)
     return HeldOut(predicted, accepted, novelty)
 
 
-def held_out(x: np.ndarray, y: np.ndarray, n_classes: int, rule: ServedRule) -> HeldOut:
+def held_out(x: np.ndarray, y: np.ndarray, n_classes: int, decision: ServedDecision,
+             probe_folds: int = PROBE_FOLDS) -> HeldOut:
     """Leave-one-out for the prototype head (closed form), k-fold for the probe."""
-    if rule.head == "prototype":
-        return leave_one_out(x, y, n_classes, rule)
-    return cross_validate(x, y, n_classes, rule, fold_ids(y, n_classes, rule.probe_folds))
+    if not decision.uses_probe:
+        return leave_one_out(x, y, n_classes, decision)
+    if probe_folds < 2:
+        raise ConfigError(f"probe_folds {probe_folds} must be >= 2")
+    return cross_validate(x, y, n_classes, decision, fold_ids(y, n_classes, probe_folds))
 
 
 # -- the panel's summary -----------------------------------------------------------------------------
@@ -310,12 +218,13 @@ def summarise(version: int, class_ids: tuple[str, ...], labels: tuple[str, ...],
 
 
 def workspace_insight(version: int, class_ids: tuple[str, ...], labels: tuple[str, ...], x: np.ndarray,
-                      y: np.ndarray, rule: ServedRule) -> Insight:
-    """Held-out answers of the served `rule` on embeddings x (N, D) with class indices y (N,),
+                      y: np.ndarray, decision: ServedDecision, probe_folds: int = PROBE_FOLDS) -> Insight:
+    """Held-out answers of the served `decision` on embeddings x (N, D) with class indices y (N,),
     summarised for the panel."""
     k = len(class_ids)
-    out = held_out(x, y, k, rule) if len(y) else HeldOut(np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0))
-    return summarise(version, class_ids, labels, y, out, rule.method)
+    empty = HeldOut(np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0))
+    out = held_out(x, y, k, decision, probe_folds) if len(y) else empty
+    return summarise(version, class_ids, labels, y, out, method(decision, probe_folds))
 
 
 class InsightCache:
@@ -413,13 +322,9 @@ def occlusion_map(image: np.ndarray, embed: Embed, logits: Logits, *, target: in
 
 # -- a recogniser's workspace ------------------------------------------------------------------------
 def served_logits(state: DecisionState) -> Logits:
-    """Embeddings (N, D) -> (N, K) logits of the workspace's served head (the probe when fitted,
-    else the prototype rule), over the classes of `state.protos`."""
-    p, metric = state.protos, state.settings.metric
-    if state.head is not None:
-        head = state.head
-        return lambda q: head.probe.logits(torch.from_numpy(np.ascontiguousarray(q, np.float32))).numpy()
-    return lambda q: prototype_logits(prototype_scores(q, p.means, metric, p.sq_norms), metric, state.cosine_scale)
+    """Embeddings (N, D) -> (N, K) logits of the workspace's served decision, over the classes of
+    `state.protos`."""
+    return lambda q: decide(state.decision, state.memory, q).logits
 
 
 MAX_INSIGHT_CLASSES = 1000  # the confusion matrix is (K, K), sent as JSON
@@ -440,17 +345,16 @@ def recogniser_insight(recogniser: Recogniser, workspace_id: str, cache: Insight
     """The workspace's insight, computed from its stored embeddings when its version or rule moved
     (`check_insight_size` first)."""
     state = recogniser.decision_state(workspace_id)
-    p = state.protos
+    p, decision = state.protos, state.decision
     check_insight_size(int(p.counts.sum()), len(p.class_ids), max_classes=max_classes, max_scores=max_scores)
-    rule = ServedRule(state.settings.metric, state.settings.head, state.rule)
 
     def compute() -> Insight:
         ex = recogniser.stored_examples(workspace_id)
         keep = np.fromiter((c in p.index for c in ex.class_ids), bool, len(ex.class_ids))  # this version's classes
         y = np.fromiter((p.index[c] for c in compress(ex.class_ids, keep)), np.int64, int(keep.sum()))
-        return workspace_insight(p.version, p.class_ids, p.labels, ex.embeddings[keep], y, rule)
+        return workspace_insight(p.version, p.class_ids, p.labels, ex.embeddings[keep], y, decision)
 
-    return cache.get(workspace_id, (p.version, rule), compute)
+    return cache.get(workspace_id, (p.version, decision), compute)
 
 
 def recogniser_occlusion(recogniser: Recogniser, workspace_id: str, image: np.ndarray, class_id: str,

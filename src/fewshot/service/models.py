@@ -19,9 +19,9 @@ from typing import Any
 from fewshot.artifacts.bundle import Bundle, Manifest, load_bundle
 from fewshot.artifacts.calibration import Calibration
 from fewshot.artifacts.zoo import resolve_bundle
+from fewshot.decision import BundleDecision, Metric
 from fewshot.errors import ConfigError
-from fewshot.openset import OpenSetRule
-from fewshot.service.recogniser import Recogniser, RecogniserConfig, WorkspaceSettings
+from fewshot.service.recogniser import Recogniser, RecogniserConfig
 from fewshot.service.settings import ServiceSettings
 from fewshot.service.store import ConflictError, ModelIdentity, Store, WorkspaceRecord
 
@@ -132,19 +132,25 @@ class ModelSet:
         return [m.describe(default=i == 0) for i, m in enumerate(self.models)]
 
 
-def service_calibration(bundle: Bundle, s: ServiceSettings) -> Calibration | None:
-    """The bundle's calibration with the service-level threshold overrides applied to its open-set
-    rules (on their novelty scale)."""
-    overrides = {m: t for m, t in (("euclidean", s.euclidean_threshold), ("cosine", s.cosine_threshold)) if t is not None}
-    base = bundle.calibration
+def service_decision(bundle: Bundle, s: ServiceSettings) -> tuple[BundleDecision, Calibration | None]:
+    """The bundle's decision with the service-level threshold overrides applied to its open-set
+    rules (on their novelty scale), and its calibration as GET /model shows it (the rules served)."""
+    given: tuple[tuple[Metric, float | None], ...] = (("euclidean", s.euclidean_threshold),
+                                                       ("cosine", s.cosine_threshold))
+    overrides = {m: t for m, t in given if t is not None}
+    decision, calibration = bundle.decision, bundle.calibration
     if not overrides:
-        return base
-    base = base or Calibration({}, 0.0, {}, 0, 0, 0, 0)
-    rules = dict(base.rules)
-    for m, t in overrides.items():
-        rule = base.rule(m)  # type: ignore[arg-type]
-        rules[m] = (replace(rule, threshold=t) if rule else OpenSetRule("global", m, t)).to_dict()  # type: ignore[arg-type]
-    return replace(base, rules=rules)
+        return decision, calibration
+    decision = decision.with_thresholds(overrides)
+    return decision, replace(calibration or Calibration(0, 0, 0, 0), rules=dict(decision.open_set))
+
+
+def service_recogniser(bundle: Bundle, store: Store, settings: ServiceSettings,
+                       config: RecogniserConfig | None = None) -> Recogniser:
+    """The recogniser of `bundle` over `store`, deciding as `settings` says (`service_decision`)."""
+    decision, calibration = service_decision(bundle, settings)
+    return Recogniser(bundle.onnx_embedder, store, decision=decision, calibration=calibration, config=config,
+                      domain=bundle.domain, bundle_id=bundle.bundle_id)
 
 
 def load_models(settings: ServiceSettings, store: Store) -> ModelSet:
@@ -155,9 +161,7 @@ def load_models(settings: ServiceSettings, store: Store) -> ModelSet:
     for raw in settings.model_specs:
         spec = ModelSpec.parse(raw)
         bundle = load_bundle(spec.path, intra_op_threads=settings.ort_threads or None)
-        recogniser = Recogniser(bundle.onnx_embedder, store, calibration=service_calibration(bundle, settings),
-                                config=config, defaults=WorkspaceSettings.from_rule(bundle.decision_rule),
-                                domain=bundle.domain, bundle_id=bundle.bundle_id)
+        recogniser = service_recogniser(bundle, store, settings, config)
         served.append(ServedModel(spec.name or default_model_name(bundle.manifest, spec.path), bundle, recogniser))
     models = ModelSet(served)
     store.check_models([(ModelIdentity(m.bundle.embedding_dim, m.bundle_id), m.name) for m in models.models])

@@ -1,8 +1,10 @@
 """The recogniser: per-workspace class memory over an embedder and a store (no HTTP here).
 
-Each workspace (one knowledge domain) keeps its prototypes in memory as an immutable snapshot:
-a (K, D) matrix of class means plus per-class sums and counts, so adding images to a class updates
-that row only, and classifying is one matrix product. The store is the source of truth: a call
+Each workspace (one knowledge domain) keeps its class memory (`fewshot.decision.ClassMemory`: per
+class the sum of its embeddings, of their squared norms, and the count) as an immutable snapshot,
+so adding images to a class updates that row only. Classifying is the served decision
+(`fewshot.decision.decide`): the bundle's `BundleDecision` with the workspace's metric, head and
+threshold, on that memory (with the probe fitted on the stored examples for the "logistic" head). The store is the source of truth: a call
 first compares the workspace's version counter with the snapshot's (one indexed read) and re-syncs
 only the classes whose version changed, so several processes sharing a store see each other's
 classes. With a PostgreSQL store that listens for changes (`store.feed`, `fewshot.service.notify`),
@@ -18,23 +20,32 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 
-from fewshot.artifacts.calibration import METRICS, Calibration, Metric
+from fewshot.artifacts.calibration import Calibration
 from fewshot.artifacts.domain import DomainSummary, image_statistics
 from fewshot.artifacts.embedders import Embedder
-from fewshot.decision import DecisionRule
+from fewshot.decision import (
+    METRICS,
+    Answer,
+    BundleDecision,
+    ClassMemory,
+    DecisionRule,
+    Metric,
+    ServedDecision,
+    decide,
+    fit_memory,
+)
 from fewshot.errors import ConfigError
-from fewshot.openset import OpenSetRule
 from fewshot.service.auth import hash_key, new_api_key
 from fewshot.service.heads import (
-    LogisticHead,
-    fit_logistic,
-    prototype_logits,
+    SERVICE_HEADS,
+    ServiceHead,
+    head_of,
     prototype_scores,
-    softmax,
+    service_head,
 )
 from fewshot.service.images import UploadError, array_thumbnail
 from fewshot.service.store import (
@@ -47,7 +58,6 @@ from fewshot.service.store import (
     WorkspaceRecord,
 )
 
-Head = Literal["prototype", "logistic"]
 UNKNOWN = "unknown"
 
 
@@ -56,7 +66,7 @@ class WorkspaceSettings:
     """Per-workspace decision rule; `threshold` overrides the bundle's calibrated one."""
 
     metric: Metric = "euclidean"
-    head: Head = "prototype"
+    head: ServiceHead = "prototype"
     threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,7 +75,13 @@ class WorkspaceSettings:
     @classmethod
     def from_rule(cls, rule: DecisionRule) -> WorkspaceSettings:
         """The settings that apply a bundle's decision rule (a probe is the "logistic" head)."""
-        return cls(metric=rule.metric, head="logistic" if rule.rule == "probe" else "prototype")
+        return cls(metric=rule.metric, head=service_head(rule.rule))
+
+    def served(self, bundle: BundleDecision, threshold: float | None = None) -> ServedDecision:
+        """The decision this workspace serves: the bundle's, with its metric, head and threshold
+        (`threshold`: a per-call override, checked)."""
+        t = check_threshold(threshold) if threshold is not None else self.threshold
+        return bundle.served(self.metric, head_of(self.head), t)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], defaults: WorkspaceSettings | None = None) -> WorkspaceSettings:
@@ -76,7 +92,7 @@ class WorkspaceSettings:
         metric, head = d.get("metric", base.metric), d.get("head", base.head)
         if metric not in METRICS:
             raise ConfigError(f"metric {metric!r} is not supported; use one of {list(METRICS)}")
-        if head not in ("prototype", "logistic"):
+        if head not in SERVICE_HEADS:
             raise ConfigError(f"head {head!r} is not supported; use 'prototype' or 'logistic'")
         t = d.get("threshold")
         return cls(metric=metric, head=head, threshold=None if t is None else check_threshold(t))
@@ -100,7 +116,6 @@ def check_threshold(t: object) -> float:
 class RecogniserConfig:
     thumbnail_size: int = 64
     sync_interval_s: float = 0.0  # 0: check the store's version counter on every call (unless notified)
-    cosine_scale: float = 10.0  # softmax temperature for cosine logits
     max_logistic_classes: int = 2000  # the logistic head is refitted on change; bound its cost
     max_images_per_class: int = 1000
 
@@ -132,28 +147,30 @@ class Prototypes:
     version: int
     class_ids: tuple[str, ...]
     rows: tuple[Row, ...]
-    means: np.ndarray  # (K, D) float32 prototypes
-    sq_norms: np.ndarray  # (K,) float32 ||mu_k||^2
-    counts: np.ndarray  # (K,) int64
-    spreads: np.ndarray  # (K,) float64 mean squared distance of a class's examples to its prototype
+    memory: ClassMemory  # what the decision reads (no probe: it is fitted on demand)
     index: dict[str, int] = field(repr=False)
 
     @property
     def labels(self) -> tuple[str, ...]:
         return tuple(r.label for r in self.rows)
 
+    @property
+    def means(self) -> np.ndarray:
+        """(K, D) float32 prototypes."""
+        return self.memory.means
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.memory.counts
+
     @classmethod
     def build(cls, version: int, rows: dict[str, Row]) -> Prototypes:
         ids, rs = tuple(rows), tuple(rows.values())
         dim = rs[0].total.shape[0] if rs else 0
-        counts = np.asarray([r.count for r in rs], np.int64)
-        n = np.maximum(counts, 1)
-        means64 = np.asarray([r.total for r in rs], np.float64).reshape(len(rs), dim) / n[:, None]
-        sq_means = (means64 * means64).sum(1)
-        spreads = np.maximum(np.asarray([r.sq_total for r in rs], np.float64) / n - sq_means, 0.0)
-        means = means64.astype(np.float32)
-        return cls(version, ids, rs, means, (means * means).sum(1), counts, spreads,
-                   {c: i for i, c in enumerate(ids)})
+        memory = ClassMemory(np.asarray([r.total for r in rs], np.float64).reshape(len(rs), dim),
+                             np.asarray([r.sq_total for r in rs], np.float64),
+                             np.asarray([r.count for r in rs], np.int64))
+        return cls(version, ids, rs, memory, {c: i for i, c in enumerate(ids)})
 
     @classmethod
     def empty(cls, version: int = -1) -> Prototypes:
@@ -185,8 +202,8 @@ class Prediction:
     class_id: str | None
     known: bool
     probability: float
-    score: float  # the nearest prototype's score (squared distance or cosine similarity)
-    novelty: float | None  # the open-set rule's novelty of the query for its nearest class
+    score: float  # the answered class's score (squared distance or cosine similarity to its prototype)
+    novelty: float | None  # the open-set rule's novelty of the query for the answered class
     threshold: float | None  # accepted when novelty <= threshold; None: no rule, always accepted
     metric: Metric
     top_k: list[Candidate]
@@ -213,14 +230,13 @@ class Explanation:
 
 @dataclass(frozen=True)
 class DecisionState:
-    """A workspace's decision as `classify` makes it: its settings, class memory, open-set rule
-    (None: every answer accepted), fitted probe (the "logistic" head with 2+ classes, else None)."""
+    """A workspace's decision as `classify` makes it: the served decision and the class memory it
+    reads (`memory`: the snapshot's, with the probe fitted for the "logistic" head), with the
+    snapshot's class ids and labels (`protos`)."""
 
-    settings: WorkspaceSettings
+    decision: ServedDecision
     protos: Prototypes
-    rule: OpenSetRule | None
-    head: LogisticHead | None
-    cosine_scale: float
+    memory: ClassMemory
 
 
 @dataclass
@@ -230,23 +246,30 @@ class _Memory:
     lock: threading.Lock
     examples: ExampleSet | None = None  # cached for explain / logistic, valid at `examples_version`
     examples_version: int = -1
-    logistic: tuple[int, LogisticHead] | None = None
+    probe: tuple[int, ClassMemory] | None = None  # the memory with its fitted probe, at a version
     epoch: int | None = None  # the store feed's epoch when `protos` was last checked (None: no feed)
 
 
 class Recogniser:
     """Teach classes from a few images and classify new ones, per workspace."""
 
-    def __init__(self, embedder: Embedder, store: Store, *, calibration: Calibration | None = None,
-                 config: RecogniserConfig | None = None, defaults: WorkspaceSettings | None = None,
+    def __init__(self, embedder: Embedder, store: Store, *, decision: BundleDecision | None = None,
+                 calibration: Calibration | None = None, config: RecogniserConfig | None = None,
                  domain: DomainSummary | None = None, bundle_id: str = "local") -> None:
+        """decision: the bundle's served decision (default: nearest prototype, Euclidean, no
+        open-set rule); calibration: how its open-set rules were calibrated (shown, not applied)."""
         self.embedder, self.store, self.calibration, self.domain = embedder, store, calibration, domain
+        self.decision = decision or BundleDecision()
         self.bundle_id = bundle_id  # recorded with each workspace made here; others' are refused
         self.config = config or RecogniserConfig()
-        self.defaults = defaults or WorkspaceSettings()  # the bundle's decision rule
         self.dim = int(embedder.embedding_dim)
         self._mem: dict[str, _Memory] = {}
         self._mem_lock = threading.Lock()
+
+    @property
+    def defaults(self) -> WorkspaceSettings:
+        """The settings of a new workspace: the bundle's metric and head."""
+        return WorkspaceSettings.from_rule(self.decision.rule)
 
     # -- workspaces ------------------------------------------------------------------------------
     def create_workspace(self, name: str, settings: WorkspaceSettings | None = None) -> tuple[WorkspaceRecord, str]:
@@ -433,77 +456,59 @@ class Recogniser:
     def class_count(self, workspace_id: str) -> int:
         return len(self._memory(workspace_id).protos.class_ids)
 
-    def decision_state(self, workspace_id: str) -> DecisionState:
+    def decision_state(self, workspace_id: str, threshold: float | None = None) -> DecisionState:
         """Everything `classify` decides with, for one consistent class memory (for export)."""
-        settings = self.settings(workspace_id)
+        decision = self.settings(workspace_id).served(self.decision, threshold)
         mem = self._memory(workspace_id)
         with mem.lock:
             protos = mem.protos
-            head = (self._logistic(workspace_id, mem) if settings.head == "logistic" and len(protos.class_ids) > 1
-                    else None)
-        return DecisionState(settings, protos, self.rule(settings), head, self.config.cosine_scale)
+            return DecisionState(decision, protos, self._class_memory(workspace_id, mem, decision))
 
     def stored_examples(self, workspace_id: str) -> ExampleSet:
         """The workspace's stored examples (ids, class ids, embeddings), read once per version."""
         return self._examples(workspace_id, self._memory(workspace_id))
 
     # -- classification ------------------------------------------------------------------------------
-    def rule(self, settings: WorkspaceSettings, override: float | None = None) -> OpenSetRule | None:
-        """The open-set rule that decides "unknown": the bundle's calibrated rule for the workspace's
-        metric, at the threshold of (call override > workspace setting > calibration). Thresholds are
-        on the rule's novelty scale. Without a calibration, a threshold makes a "global" rule
-        (novelty = squared distance, or 1 - cosine); without either, every answer is accepted."""
-        base = self.calibration.rule(settings.metric) if self.calibration else None
-        t = check_threshold(override) if override is not None else settings.threshold
-        if t is None:
-            return base
-        return replace(base, threshold=t) if base is not None else OpenSetRule("global", settings.metric, t)
-
     def _examples(self, workspace_id: str, mem: _Memory) -> ExampleSet:
         if mem.examples is None or mem.examples_version != mem.protos.version:
             version = mem.protos.version
             mem.examples, mem.examples_version = self.store.examples(workspace_id), version
         return mem.examples
 
-    def _logistic(self, workspace_id: str, mem: _Memory) -> LogisticHead:
+    def _class_memory(self, workspace_id: str, mem: _Memory, decision: ServedDecision) -> ClassMemory:
+        """The snapshot's memory; for a probe head with 2+ classes, with the probe fitted on the
+        stored examples of the snapshot's classes (the decision's C and max_iter; once per version)."""
         p = mem.protos
-        if mem.logistic is not None and mem.logistic[0] == p.version:
-            return mem.logistic[1]
+        if not decision.uses_probe or len(p.class_ids) < 2:
+            return p.memory
+        if mem.probe is not None and mem.probe[0] == p.version:
+            return mem.probe[1]
         if len(p.class_ids) > self.config.max_logistic_classes:
             raise ConfigError(f"the logistic head is limited to {self.config.max_logistic_classes} classes "
                               f"(workspace has {len(p.class_ids)}); use head='prototype'")
         ex = self._examples(workspace_id, mem)
         keep = np.asarray([c in p.index for c in ex.class_ids], bool)  # a class added since is not in `p`
         y = np.asarray([p.index[c] for c in ex.class_ids if c in p.index], np.int64)
-        head = fit_logistic(ex.embeddings[keep], y, len(p.class_ids))
-        mem.logistic = (p.version, head)
-        return head
+        probe = fit_memory(decision, ex.embeddings[keep], y, len(p.class_ids)).probe
+        memory = replace(p.memory, probe=probe)
+        mem.probe = (p.version, memory)
+        return memory
 
     def classify(self, workspace_id: str, images_u8: np.ndarray, *, top_k: int = 5,
                  threshold: float | None = None, previews: Sequence[np.ndarray] | None = None) -> list[Prediction]:
         """Top-k classes with probabilities for each image; "unknown" when the open-set rule rejects
-        the nearest class (threshold: call override > workspace setting > bundle calibration > none).
+        the answered class (threshold: call override > workspace setting > bundle calibration > none).
         previews: each upload as a small RGB array (`fewshot.artifacts.domain.small_rgb`); with the
         bundle's domain summary, images far outside the training domain are flagged."""
-        settings = self.settings(workspace_id)
-        mem = self._memory(workspace_id)
-        p = mem.protos
+        state = self.decision_state(workspace_id, threshold)
+        p = state.protos
         if not p.class_ids:
             raise ConflictError(f"workspace {workspace_id!r} has no classes yet; add a class before classifying")
         if top_k < 1:
             raise ConfigError(f"top_k {top_k} must be >= 1")
         q = self.embed(images_u8)
-        scores = prototype_scores(q, p.means, settings.metric, p.sq_norms)
-        if settings.head == "logistic" and len(p.class_ids) > 1:
-            probs = self._logistic(workspace_id, mem).probabilities(q)
-        else:
-            probs = softmax(prototype_logits(scores, settings.metric, self.config.cosine_scale))
-        rule = self.rule(settings, threshold)
-        idx = scores.argmin(1) if settings.metric == "euclidean" else scores.argmax(1)
-        best = scores[np.arange(len(q)), idx]
-        novelty = None if rule is None else rule.novelty(best, np.maximum(p.counts[idx], 1), p.spreads[idx])
-        preds = [self._prediction(p, scores[i], probs[i], settings.metric, rule,
-                                  None if novelty is None else float(novelty[i]), top_k) for i in range(len(q))]
+        answer = decide(state.decision, state.memory, q)
+        preds = [_prediction(p, answer, i, state.decision, top_k) for i in range(len(q))]
         return self._flag_out_of_domain(preds, q, previews)
 
     def _flag_out_of_domain(self, preds: list[Prediction], q: np.ndarray,
@@ -514,20 +519,6 @@ class Recogniser:
         verdicts = self.domain.check(q, stats)
         return [replace(p, out_of_domain=v.out_of_domain, domain_score=v.score, domain_reasons=v.reasons)
                 for p, v in zip(preds, verdicts)]
-
-    def _prediction(self, p: Prototypes, scores: np.ndarray, probs: np.ndarray, metric: Metric,
-                    rule: OpenSetRule | None, novelty: float | None, top_k: int) -> Prediction:
-        k = min(top_k, len(probs))
-        top = np.argpartition(-probs, k - 1)[:k] if k < len(probs) else np.arange(len(probs))
-        top = top[np.argsort(-probs[top], kind="stable")]
-        cands = [Candidate(p.class_ids[j], p.labels[j], float(probs[j]), float(scores[j])) for j in top]
-        nearest = int(scores.argmin() if metric == "euclidean" else scores.argmax())
-        known = rule is None or novelty is None or bool(rule.accepts(np.asarray([novelty]))[0])
-        best = cands[0]
-        return Prediction(best.label if known else UNKNOWN, best.class_id if known else None, known,
-                          best.probability, float(scores[nearest]), novelty,
-                          None if rule is None else rule.threshold, metric, cands,
-                          None if rule is None else rule.kind)
 
     def explain(self, workspace_id: str, image_u8: np.ndarray, *, k: int = 3, threshold: float | None = None,
                 preview: np.ndarray | None = None) -> Explanation:
@@ -558,6 +549,17 @@ class Recogniser:
 
     def iter_workspaces(self) -> Iterator[WorkspaceRecord]:
         yield from self.store.list_workspaces()
+
+
+def _prediction(p: Prototypes, a: Answer, i: int, decision: ServedDecision, top_k: int) -> Prediction:
+    """Query i of `a` as the service answers it."""
+    cands = [Candidate(p.class_ids[j], p.labels[j], float(a.probabilities[i, j]), float(a.scores[i, j]))
+             for j in a.top(i, min(top_k, len(p.class_ids)))]
+    label, known, rule = int(a.label[i]), bool(a.known[i]), decision.open_set
+    return Prediction(p.labels[label] if known else UNKNOWN, p.class_ids[label] if known else None, known,
+                      float(a.probabilities[i, label]), float(a.score[i]),
+                      None if a.novelty is None else float(a.novelty[i]), decision.threshold, decision.metric, cands,
+                      None if rule is None else rule.kind)
 
 
 MAX_LABEL_CHARS = 200

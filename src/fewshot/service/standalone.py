@@ -1,23 +1,20 @@
 """Export a taught workspace as one standalone ONNX classifier plus a labels file.
 
 The classifier is the bundle's ONNX embedder composed (`onnx.compose.merge_models`) with a small
-preprocessing graph in front and a decision graph behind, holding the workspace's class memory as
-the service computes it from the store:
+preprocessing graph in front and the ONNX form of the workspace's served decision behind
+(`fewshot.decision.onnx_form`, built from the same `ServedDecision` and class memory that
+`Recogniser.classify` passes to `fewshot.decision.decide`):
 
     pixels uint8 (N, C, S, S) -> x / 255 [-> (x - mean) / std] -> embedder -> embeddings (N, D)
     scores (N, K)         squared distances ("euclidean") or cosine similarities to the K prototypes
     probabilities (N, K)  softmax of the head's logits (prototype: -d^2 or scale * cos; logistic: the fitted probe)
-    novelty (N,)          float64, the open-set rule's novelty of the nearest class (`fewshot.openset`)
+    novelty (N,)          float64, the open-set rule's novelty of the answered class
     label_index (N,)      int64, index into labels.json's `labels`; -1 = "unknown" (novelty > threshold)
 
 It runs on ONNX Runtime alone. The embedder is the model the service runs (`Bundle.onnx_path`:
 `model.int8.onnx` in an int8 bundle), its names prefixed with `embedder/` so that no name of a
 bring-your-own model collides with the graphs around it. The added graphs use only operators whose
-form is the same from opset 12 on (row sums are products with a ones vector), so a bundle whose
-model is of opset 12 or newer exports. The decision is the service's (`Recogniser.classify`): the label is
-the most probable class; it stands when the nearest prototype's novelty is <= the threshold. The
-novelty multiplies by the rule's per-class factor (`OpenSetRule.novelty` at unit score) instead of
-dividing by its inverse, so it may differ from the service's in the last bit.
+form is the same from opset 12 on, so a bundle whose model is of opset 12 or newer exports.
 """
 
 from __future__ import annotations
@@ -32,22 +29,28 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
-import torch.nn.functional as F  # noqa: N812
 from onnx import TensorProto, compose, helper, numpy_helper
 
 from fewshot.artifacts.bundle import Bundle, Manifest, load_bundle
 from fewshot.artifacts.embedders import ONNX_INPUT, ONNX_OUTPUT
 from fewshot.data.imageio import Preprocessing
+from fewshot.decision.onnx_form import (
+    LABEL_INDEX,
+    NOVELTY,
+    PROBS,
+    SCORES,
+    UNKNOWN_INDEX,
+    decision_graph,
+)
 from fewshot.errors import ConfigError
-from fewshot.service.recogniser import DecisionState, Recogniser, WorkspaceSettings
+from fewshot.service.heads import service_head
+from fewshot.service.recogniser import DecisionState, Recogniser
 from fewshot.service.settings import ServiceSettings
 from fewshot.service.store import ConflictError, NotFoundError, open_store
 
 FORMAT = "fewshot-standalone-1"
-PIXELS, SCORES, PROBS, NOVELTY, LABEL_INDEX = "pixels", "scores", "probabilities", "novelty", "label_index"
+PIXELS = "pixels"
 MODEL_FILE, LABELS_FILE = "model.onnx", "labels.json"
-UNKNOWN_INDEX = -1
 EMBEDDER_PREFIX = "embedder/"
 MIN_OPSET = 12  # LessOrEqual; the other added operators keep their form from opset 11 on
 
@@ -99,99 +102,11 @@ def _input_graph(pre: Preprocessing) -> onnx.GraphProto:
                              [helper.make_tensor_value_info(ONNX_INPUT, TensorProto.FLOAT, shape)])
 
 
-def _normalised(name: str, src: str) -> list[onnx.NodeProto]:
-    """`F.normalize(x, dim=-1)` (eps 1e-12) of `src` (N, D) into `name`."""
-    return [helper.make_node("Mul", [src, src], [f"{name}_sq"]),
-            helper.make_node("MatMul", [f"{name}_sq", "head_ones"], [f"{name}_sum_sq"]),  # (N, 1)
-            helper.make_node("Sqrt", [f"{name}_sum_sq"], [f"{name}_norm"]),
-            helper.make_node("Max", [f"{name}_norm", "head_eps"], [f"{name}_den"]),
-            helper.make_node("Div", [src, f"{name}_den"], [name])]
-
-
-def _score_nodes(state: DecisionState) -> list[onnx.NodeProto]:
-    """embeddings -> head_scores (N, K), as `fewshot.decision.prototype_scores`."""
-    p = state.protos
-    if state.settings.metric == "cosine":
-        unit = F.normalize(torch.from_numpy(p.means), dim=-1).numpy()
-        return [_const("head_protos_t", np.ascontiguousarray(unit.T)), *_normalised("head_q", ONNX_OUTPUT),
-                helper.make_node("MatMul", ["head_q", "head_protos_t"], [SCORES])]
-    return [_const("head_protos_t", np.ascontiguousarray(p.means.T)), _const("head_proto_sq", p.sq_norms),
-            _const("head_two", np.asarray(2.0, np.float32)), _const("head_zero", np.asarray(0.0, np.float32)),
-            helper.make_node("Mul", [ONNX_OUTPUT, ONNX_OUTPUT], ["head_q2"]),
-            helper.make_node("MatMul", ["head_q2", "head_ones"], ["head_q_sq"]),
-            helper.make_node("MatMul", [ONNX_OUTPUT, "head_protos_t"], ["head_cross"]),
-            helper.make_node("Mul", ["head_cross", "head_two"], ["head_cross2"]),
-            helper.make_node("Sub", ["head_q_sq", "head_cross2"], ["head_d0"]),
-            helper.make_node("Add", ["head_d0", "head_proto_sq"], ["head_d1"]),
-            helper.make_node("Max", ["head_d1", "head_zero"], [SCORES])]
-
-
-def _probability_nodes(state: DecisionState) -> list[onnx.NodeProto]:
-    """-> probabilities (N, K): the service's head (`Recogniser.classify`)."""
-    if state.head is not None:  # the "logistic" head: normalize(z) @ W.T + b
-        probe = state.head.probe
-        return [_const("head_w_t", np.ascontiguousarray(probe.weight.numpy().T.astype(np.float32))),
-                _const("head_b", probe.bias.numpy().astype(np.float32)), *_normalised("head_zn", ONNX_OUTPUT),
-                helper.make_node("MatMul", ["head_zn", "head_w_t"], ["head_wz"]),
-                helper.make_node("Add", ["head_wz", "head_b"], ["head_logits"]),
-                helper.make_node("Softmax", ["head_logits"], [PROBS], axis=1)]
-    if state.settings.metric == "cosine":
-        logit = [_const("head_cos_scale", np.asarray(state.cosine_scale, np.float32)),
-                 helper.make_node("Mul", [SCORES, "head_cos_scale"], ["head_logits"])]
-    else:
-        logit = [helper.make_node("Neg", [SCORES], ["head_logits"])]
-    return [*logit, helper.make_node("Softmax", ["head_logits"], [PROBS], axis=1)]
-
-
-def _novelty_factor(state: DecisionState) -> np.ndarray:
-    """(K,) float64 f_k with novelty = base * f_k (base: d^2, or 1 - cos): the rule at unit base."""
-    p, rule = state.protos, state.rule
-    if rule is None or rule.kind == "global":
-        return np.ones(len(p.class_ids))
-    unit = np.full(len(p.class_ids), 1.0 if rule.metric == "euclidean" else 0.0)
-    return np.asarray(rule.novelty(unit, np.maximum(p.counts, 1), p.spreads), np.float64)
-
-
-def _decision_nodes(state: DecisionState) -> list[onnx.NodeProto]:
-    """-> novelty (N,) float64 and label_index (N,) int64 (-1: unknown)."""
-    euclidean = state.settings.metric == "euclidean"
-    threshold = np.inf if state.rule is None else state.rule.threshold
-    nearest = helper.make_node("ArgMin" if euclidean else "ArgMax", [SCORES], ["head_nearest"], axis=1, keepdims=1)
-    base = [helper.make_node("Cast", ["head_best"], ["head_best64"], to=TensorProto.DOUBLE)]
-    if not euclidean:  # novelty base 1 - cos
-        base = [*base, _const("head_one", np.asarray(1.0, np.float64)),
-                helper.make_node("Sub", ["head_one", "head_best64"], ["head_base"])]
-    return [nearest, _const("head_factor", _novelty_factor(state)),
-            _const("head_threshold", np.asarray(threshold, np.float64)),
-            _const("head_unknown", np.asarray(UNKNOWN_INDEX, np.int64)),
-            helper.make_node("GatherElements", [SCORES, "head_nearest"], ["head_best_col"], axis=1),
-            helper.make_node("Reshape", ["head_best_col", "head_flat"], ["head_best"]),
-            *base,
-            helper.make_node("Reshape", ["head_nearest", "head_flat"], ["head_nearest_1d"]),
-            helper.make_node("Gather", ["head_factor", "head_nearest_1d"], ["head_f"]),
-            helper.make_node("Mul", ["head_base" if not euclidean else "head_best64", "head_f"], [NOVELTY]),
-            helper.make_node("LessOrEqual", [NOVELTY, "head_threshold"], ["head_known"]),
-            helper.make_node("ArgMax", [PROBS], ["head_label"], axis=1, keepdims=0),
-            helper.make_node("Where", ["head_known", "head_label", "head_unknown"], [LABEL_INDEX])]
-
-
-def _head_graph(state: DecisionState, dim: int) -> onnx.GraphProto:
-    k = len(state.protos.class_ids)
-    normalises = state.settings.metric == "cosine" or state.head is not None
-    eps = [_const("head_eps", np.asarray(1e-12, np.float32))] if normalises else []
-    nodes = [_const("head_flat", np.asarray([-1], np.int64)), _const("head_ones", np.ones((dim, 1), np.float32)), *eps,
-             *_score_nodes(state), *_probability_nodes(state), *_decision_nodes(state)]
-    outputs = [helper.make_tensor_value_info(SCORES, TensorProto.FLOAT, ["N", k]),
-               helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["N", k]),
-               helper.make_tensor_value_info(NOVELTY, TensorProto.DOUBLE, ["N"]),
-               helper.make_tensor_value_info(LABEL_INDEX, TensorProto.INT64, ["N"])]
-    return helper.make_graph(nodes, "decision", [helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT,
-                                                                               ["N", dim])], outputs)
-
-
 def _labels_file(state: DecisionState, bundle: Bundle, model_name: str, workspace_id: str) -> dict[str, Any]:
     pre = bundle.preprocessing
-    rule = state.rule
+    d = state.decision
+    rule = d.open_set
+    probe = d.uses_probe and state.memory.probe is not None
     return {
         "format": FORMAT, "labels": list(state.protos.labels), "class_ids": list(state.protos.class_ids),
         "workspace": {"id": workspace_id, "version": state.protos.version},
@@ -202,10 +117,9 @@ def _labels_file(state: DecisionState, bundle: Bundle, model_name: str, workspac
         "preprocessing": {"mode": pre.mode, "size": pre.size, "resample": pre.resample, "crop": pre.crop,
                           "mean": None if pre.mean is None else list(pre.mean),
                           "std": None if pre.std is None else list(pre.std)},
-        "decision": {"metric": state.settings.metric, "head": "logistic" if state.head is not None else "prototype",
-                     "rule": None if rule is None else rule.to_dict(),
-                     "threshold": None if rule is None else rule.threshold,
-                     "cosine_scale": state.cosine_scale},
+        "decision": {"metric": d.metric, "head": service_head("probe" if probe else "prototype"),
+                     "rule": None if rule is None else rule.to_dict(), "threshold": d.threshold,
+                     "cosine_scale": d.rule.cosine_scale},
         "outputs": {SCORES: "(N, K) float32: squared distance (euclidean) or cosine similarity to each class",
                     PROBS: "(N, K) float32: class probabilities; columns in `labels` order",
                     NOVELTY: "(N,) float64: how unlike its nearest class the image is; known when <= threshold",
@@ -231,7 +145,7 @@ def build_standalone(bundle: Bundle, state: DecisionState, *, model_name: str, w
         raise ConflictError(f"workspace {workspace_id!r} has no classes yet; teach at least one class before exporting")
     embedder = _served_embedder(bundle)
     pre = _like(embedder, _input_graph(bundle.preprocessing))
-    head = _like(embedder, _head_graph(state, bundle.embedding_dim))
+    head = _like(embedder, decision_graph(state.decision, state.memory, bundle.embedding_dim, src=ONNX_OUTPUT))
     embedder = compose.add_prefix(embedder, EMBEDDER_PREFIX)
     model = compose.merge_models(pre, embedder, io_map=[(ONNX_INPUT, EMBEDDER_PREFIX + ONNX_INPUT)])
     model = compose.merge_models(model, head, io_map=[(EMBEDDER_PREFIX + ONNX_OUTPUT, ONNX_OUTPUT)])
@@ -252,7 +166,7 @@ def export_stored_workspace(db_url: str, workspace_id: str, bundles: Sequence[st
     bundles: the served bundle folders (or NAME=PATH); the one the workspace was created with is
     used, with the service-wide threshold overrides of the FEWSHOT_* variables, as `serve` applies them.
     """
-    from fewshot.service.models import ModelSpec, default_model_name, service_calibration
+    from fewshot.service.models import ModelSpec, default_model_name, service_recogniser
 
     store = open_store(db_url)
     try:
@@ -268,8 +182,7 @@ def export_stored_workspace(db_url: str, workspace_id: str, bundles: Sequence[st
                               "pass the bundle folder the service serves it with")
         bundle = load_bundle(spec.path)
         settings = ServiceSettings.from_env(bundle_path=raw, db_url=db_url)
-        recogniser = Recogniser(bundle.onnx_embedder, store, calibration=service_calibration(bundle, settings),
-                                defaults=WorkspaceSettings.from_rule(bundle.decision_rule), bundle_id=bundle.bundle_id)
+        recogniser = service_recogniser(bundle, store, settings)
         name = spec.name or default_model_name(bundle.manifest, spec.path)
         return export_workspace(recogniser, bundle, workspace_id, model_name=name).write(out_dir)
     finally:

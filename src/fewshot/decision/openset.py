@@ -25,7 +25,7 @@ less like the class) and accepts the forced-choice answer when `novelty <= thres
   Classification", TPAMI 2013, reduced to one variance per class.
 
 Inputs per query: `nearest_score` (the metric's score to the nearest prototype: squared distance or
-cosine similarity, see `fewshot.decision`), `count` n_k and `spread` (mean squared Euclidean
+cosine similarity, see `fewshot.decision.rule`), `count` n_k and `spread` (mean squared Euclidean
 distance of the class's examples to its prototype in raw embedding space; 0 when n_k == 1) of that
 class. The service keeps n_k, mu_k and the sum of squared norms per class; `class_spread` turns
 those into spread_k.
@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from fewshot.decision import Metric, check_metric
+from fewshot.decision.rule import Metric, check_metric
 from fewshot.errors import ConfigError
 
 RULE_KINDS = ("global", "spread")
@@ -88,22 +88,29 @@ class OpenSetRule:
                 hint="use the number of examples the prior is worth, e.g. 20")
         _finite("shot_penalty", self.shot_penalty, low=0.0, strict=False, hint="use e.g. 0.4 (0 = ignore counts)")
 
-    def novelty(self, nearest_score: np.ndarray, count: np.ndarray, spread: np.ndarray) -> np.ndarray:
-        """(N,) nearest-prototype scores, (N,) counts n_k and (N,) spreads of that class -> (N,)
-        float64 novelty; higher = less like the nearest class."""
-        score = np.asarray(nearest_score, np.float64)
-        base = score if self.metric == "euclidean" else 1.0 - score
+    def base(self, score: np.ndarray) -> np.ndarray:
+        """(N,) scores of the judged class -> (N,) float64 distance-like base: d^2, or 1 - cos."""
+        score = np.asarray(score, np.float64)
+        return score if self.metric == "euclidean" else 1.0 - score
+
+    def scale(self, count: np.ndarray, spread: np.ndarray) -> np.ndarray:
+        """Counts n_k and spreads of the judged classes -> float64 divisor of the base (1 for
+        "global"); novelty = base / scale. Per class (K,) it is what the ONNX form bakes in."""
+        n = np.asarray(count, np.float64)
         if self.kind == "global":
-            return base
-        n = np.broadcast_to(np.asarray(count, np.float64), score.shape)
+            return np.ones(np.broadcast(n, np.asarray(spread)).shape)
         if np.any(n < 1):
             raise ValueError(f"class counts must be >= 1; got {n[n < 1][:5].tolist()}")
-        s = np.maximum(np.broadcast_to(np.asarray(spread, np.float64), score.shape), 0.0)
+        s = np.maximum(np.asarray(spread, np.float64), 0.0)
         shrunk = (self.prior_strength * self.prior_spread + n * s) / (self.prior_strength + n - 1.0)
         scale = shrunk * (1.0 + self.shot_penalty / n)
-        if self.metric == "cosine":
-            scale = scale / self.prior_spread
-        return base / scale
+        return scale / self.prior_spread if self.metric == "cosine" else scale
+
+    def novelty(self, score: np.ndarray, count: np.ndarray, spread: np.ndarray) -> np.ndarray:
+        """(N,) scores of the judged class, (N,) counts n_k and (N,) spreads of that class -> (N,)
+        float64 novelty; higher = less like the class."""
+        base = self.base(score)
+        return base / np.broadcast_to(self.scale(count, spread), base.shape)
 
     def accepts(self, novelty: np.ndarray, threshold: float | None = None) -> np.ndarray:
         """(N,) novelty -> (N,) bool: True where the forced-choice answer stands (novelty <= threshold)."""
@@ -126,7 +133,7 @@ class OpenSetRule:
 
     @classmethod
     def from_legacy_threshold(cls, metric: Metric, threshold: float) -> OpenSetRule:
-        """A pre-rule calibration threshold on the raw score (accept d^2 <= t, or cos >= t) as a
-        "global" rule: the same decisions."""
+        """The documented mapping of a legacy raw-score threshold (manifests calibrated before open-set
+        rules: accept d^2 <= t, or cos >= t) to a "global" rule with the same decisions."""
         metric = check_metric(metric)
         return cls("global", metric, float(threshold) if metric == "euclidean" else 1.0 - float(threshold))

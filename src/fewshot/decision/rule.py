@@ -1,5 +1,4 @@
-"""The decision rules: one implementation, used by learners, evaluation, calibration, export and
-the service ("what is evaluated is what is served").
+"""The heads of the decision: how support and query embeddings become scores and logits.
 
 * Nearest prototype (Snell, Swersky & Zemel, "Prototypical Networks for Few-shot Learning",
   NeurIPS 2017): a class is the mean of its support embeddings; a query's logits are the negative
@@ -66,20 +65,6 @@ def prototype_logits(
     return scores_to_logits(prototype_scores(q, protos, metric), metric, cosine_scale)
 
 
-def nearest(scores: Tensor, metric: Metric) -> tuple[Tensor, Tensor]:
-    """(N, K) scores -> (index (N,), score (N,)) of the nearest prototype."""
-    if metric == "euclidean":
-        best, idx = scores.min(dim=1)
-    else:
-        best, idx = scores.max(dim=1)
-    return idx, best
-
-
-def accepts(metric: Metric, score: Tensor | float, threshold: float) -> Tensor | bool:
-    """True where a nearest-prototype score counts as a known class under `threshold`."""
-    return score <= threshold if metric == "euclidean" else score >= threshold
-
-
 @dataclass(frozen=True)
 class Probe:
     """A fitted linear probe: logits = normalize(z) @ weight.T + bias."""
@@ -118,8 +103,9 @@ def fit_probe(z: Tensor, y: Tensor, n_classes: int, *, c: float = 1.0, max_iter:
 
 @dataclass(frozen=True)
 class DecisionRule:
-    """How a deployed model turns support and query embeddings into logits: the rule stored in a
-    bundle's manifest, applied by evaluation, export checks and the service alike."""
+    """The head of a decision: nearest prototype or probe, its metric, cosine scale and probe
+    parameters (C, max_iter). Learners carry one (`Deployment.rule`); a served decision
+    (`fewshot.decision.ServedDecision`) is this head plus its open-set rule."""
 
     rule: Rule = "prototype"
     metric: Metric = "euclidean"
@@ -131,12 +117,6 @@ class DecisionRule:
         if self.rule not in RULES:
             raise ConfigError(f"decision rule {self.rule!r} is unknown; use one of {list(RULES)}")
         check_metric(self.metric)
-
-    def episode_logits(self, zs: Tensor, ys: Tensor, n_way: int, zq: Tensor) -> Tensor:
-        """Support embeddings (S, D) with labels (S,), queries (Q, D) -> logits (Q, n_way)."""
-        if self.rule == "probe":
-            return fit_probe(zs, ys, n_way, c=self.probe_c, max_iter=self.probe_max_iter).logits(zq)
-        return prototype_logits(zq, prototypes(zs.float(), ys, n_way), self.metric, self.cosine_scale)
 
     def to_dict(self) -> dict[str, object]:
         return {"rule": self.rule, "metric": self.metric, "cosine_scale": self.cosine_scale,

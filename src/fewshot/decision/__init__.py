@@ -1,0 +1,48 @@
+"""decision stage: the served decision ("what is evaluated is what is served").
+
+* `rule`: the heads (nearest prototype, Snell et al. 2017; linear probe, Tian et al. 2020) in torch,
+  and `DecisionRule`, the head's description that learners carry.
+* `openset`: `OpenSetRule`, the novelty of a query for the class it is answered with, and its threshold.
+* `memory`: the per-class memory (sums, squared-norm sums, counts, fitted probe) a decision works on,
+  and its leave-one-out form.
+* `served`: `ServedDecision` (head + open-set rule, frozen), `BundleDecision` (what a bundle's
+  manifest stores) and `decide`, the one function from embeddings to scores, probabilities, label,
+  novelty and known/unknown; `onnx_form` builds the same decision as an ONNX graph.
+
+Calibration, export's measurement as served, the service, its insight panel, distillation teachers
+and the standalone export all call `decide` (or its ONNX form).
+"""
+
+from fewshot.decision.memory import ClassMemory, LeaveOneOut
+from fewshot.decision.openset import OpenSetRule, class_spread
+from fewshot.decision.rule import (
+    METRICS,
+    RULES,
+    DecisionRule,
+    Metric,
+    Probe,
+    Rule,
+    check_metric,
+    fit_probe,
+    prototype_logits,
+    prototype_scores,
+    prototypes,
+    scores_to_logits,
+)
+from fewshot.decision.served import (
+    Answer,
+    BundleDecision,
+    Head,
+    Memory,
+    ServedDecision,
+    decide,
+    episode,
+    fit_memory,
+    softmax,
+)
+
+__all__ = [
+    "METRICS", "RULES", "Answer", "BundleDecision", "ClassMemory", "DecisionRule", "Head", "LeaveOneOut", "Memory",
+    "Metric", "OpenSetRule", "Probe", "Rule", "ServedDecision", "check_metric", "class_spread", "decide", "episode",
+    "fit_memory", "fit_probe", "prototype_logits", "prototype_scores", "prototypes", "scores_to_logits", "softmax",
+]

@@ -141,13 +141,13 @@ def episode_rows(labels: np.ndarray, *, episodes: int, seed: int, way: int = 5, 
 def episodes_accuracy(z: np.ndarray, labels: np.ndarray, rule: Any, *, episodes: int, seed: int, way: int = 5,
                       shot: int = 5, query: int = 15) -> dict[str, float]:
     """Mean / 95% CI (%) of `rule` (a DecisionRule, applied episode by episode as the service does)."""
+    from fewshot.decision import episode
     from fewshot.training.evaluate import mean_ci95
 
-    zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
-    ys, yq = torch.arange(way).repeat_interleave(shot), torch.arange(way).repeat_interleave(query)
+    zt = np.ascontiguousarray(z, dtype=np.float32)
+    ys, yq = np.repeat(np.arange(way), shot), np.repeat(np.arange(way), query)
     s_rows, q_rows = episode_rows(labels, episodes=episodes, seed=seed, way=way, shot=shot, query=query)
-    acc = [float((rule.episode_logits(zt[s], ys, way, zt[q]).argmax(1) == yq).float().mean())
-           for s, q in zip(s_rows, q_rows)]
+    acc = [float((episode(rule, zt[s], ys, way, zt[q]).label == yq).mean()) for s, q in zip(s_rows, q_rows)]
     mean, ci = mean_ci95(np.array(acc))
     return {"mean": round(100 * mean, 2), "ci95": round(100 * ci, 2)}
 

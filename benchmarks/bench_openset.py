@@ -89,9 +89,10 @@ def choose(val: list[np.ndarray], bundle: Any, args: argparse.Namespace) -> tupl
     count, _, _ = fit_open_set_rules(val, np.random.default_rng(args.seed), prior_strengths=(1e6,), **fit)  # type: ignore[arg-type]
     out: dict[str, list[Candidate]] = {}
     for m in METRICS:
-        cal = bundle.calibration  # a legacy raw-score threshold reads as its "global" rule (same decisions)
+        cal = bundle.calibration
+        t = ((bundle.manifest.calibration or {}).get("thresholds") or {}).get(m)  # a bundle's legacy raw-score threshold
+        legacy = None if t is None else OpenSetRule.from_legacy_threshold(m, t)
         stored = cal.rule(m) if cal else None
-        legacy = stored if stored is not None and stored.kind == "global" and not (cal and cal.open_set) else None
         flat = OpenSetRule("global", m, report["measured"][m]["global"]["threshold"])
         s = main[m]
         rn = ratio_novelty(m)(s)

@@ -55,8 +55,8 @@ def test_photos_bundle_teaches_and_classifies_cifar10_through_the_service(tmp_pa
     check = out["service_check"]
     assert check["classes"] == 3 and check["queries"] == 30
     # the target (PHOTOS_TARGET = 24 of 30) is a benchmark, recorded, not asserted: measured
-    # 21 here (23 by forced choice; BENCHMARKS.md). The test asserts the stage works: far above the
-    # 10 of 30 of chance, and few right answers lost to "unknown".
+    # 21 with Lite0 (23 by forced choice) and 21 with Lite2 (21; BENCHMARKS.md). The test asserts the
+    # stage works: far above the 10 of 30 of chance, and few right answers lost to "unknown".
     assert check["right"] >= 16 and check["top1_accuracy_ignoring_unknown"] >= 0.6, check
     assert check["rejected_as_unknown"] <= 0.3, check
     assert check["target_right"] == PHOTOS_TARGET and check["target_met"] == (check["right"] >= PHOTOS_TARGET)

@@ -85,7 +85,8 @@ def photos(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from fewshot.photos import PHOTOS_RULE, build_photos_bundle, cifar10_images
 
     zip_path = args.data / "cifar10-subset" / "cifar10_subset.zip"
-    fp32 = build_photos_bundle(tmp / "photos", data_root=args.data, calibration_per_class=0)
+    fp32 = build_photos_bundle(tmp / "photos", variant="efficientnet_lite0", data_root=args.data,
+                               calibration_per_class=0, domain_per_class=0)  # Lite2: bench_photos.py
     train = cifar10_images(zip_path, "train", 3 * args.calibration_per_class)
     calibration = calibration_sample(train, 10 * args.calibration_per_class, np.random.default_rng(args.seed))
     test = cifar10_images(zip_path, "test", args.test_per_class)

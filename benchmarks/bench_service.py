@@ -8,6 +8,11 @@ Measures (targets from the Deployment issue):
   * throughput with batching (images per request)
   * ONNX Runtime vs PyTorch eager embedding throughput at batch 1 (target ORT >= 2x)
   * classify time with 10 / 1,000 / 10,000 classes in a workspace
+  * --throughput (issue 16): one-image classify, closed loop and paced, for several servers side by
+    side in one run: `--baseline COMMIT` (that commit's service, run from `git archive`, on
+    asyncio's loop as before uvloop was a dependency) and the working tree's with each of
+    `--workers`; requests/s, client and server p50/p99, and the server's CPU ms per request (all its
+    processes; the number that does not depend on what else the machine runs)
   * --memory (issue 16 #1): the server's RSS when idle, at its peak under C concurrent classify
     requests of N photos each (224x224 RGB model), and 10 s after they end; a bystander's one-image
     classify latency meanwhile; statuses (503 busy + Retry-After is an allowed answer)
@@ -17,6 +22,7 @@ and writes the raw numbers to --out (JSON).
 
     python benchmarks/bench_service.py [--bundle DIR] [--out benchmarks/results/service.json]
     python benchmarks/bench_service.py --memory [--bundle RGB_BUNDLE] [--clients 8] [--images 64]
+    python benchmarks/bench_service.py --throughput [--baseline 0b25161] [--workers 1 2] [--max-seconds 20]
 """
 
 from __future__ import annotations
@@ -247,10 +253,16 @@ def bench_runtimes(bundle_dir: Path, seconds: float) -> list[dict[str, Any]]:
 
 
 # -- server --------------------------------------------------------------------------------------
-def start_server(bundle: Path, db: Path, port: int, workers: int) -> subprocess.Popen[bytes]:
-    code = ("import sys; from fewshot.service.app import serve; "
+def start_server(bundle: Path, db: Path, port: int, workers: int, *, src: Path | None = None,
+                 no_uvloop: bool = False) -> subprocess.Popen[bytes]:
+    """`fewshot serve` in a subprocess; `src`: run that copy of the package (a baseline commit's);
+    `no_uvloop`: as if uvloop were not installed (uvicorn then runs asyncio's loop)."""
+    code = (("import sys; sys.modules['uvloop'] = None; " if no_uvloop else "import sys; ") +
+            "from fewshot.service.app import serve; "
             "serve(sys.argv[1], sys.argv[2], '127.0.0.1', int(sys.argv[3]), workers=int(sys.argv[4]), log_level='warning')")
     env = {**os.environ, "FEWSHOT_ADMIN_KEY": ADMIN, "FEWSHOT_MAX_IMAGES_PER_REQUEST": "256"}
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
     proc = subprocess.Popen([sys.executable, "-c", code, str(bundle), str(db), str(port), str(workers)], env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -291,6 +303,76 @@ async def run_http(args: argparse.Namespace, port: int, db: Path, dim: int) -> d
     res["batching"] = batches
     res["class_counts"] = await bench_class_counts(port, db, dim, [10, 1000, 10000], args.scale_n)
     return res
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` and its children now alive (uvicorn's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:  # fields[1]: the parent's pid
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+async def run_throughput_phase(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
+    ws, key = await create_workspace(port, "throughput")
+    c = await Conn.open(port)
+    for i in range(20):  # a realistic small workspace: 20 classes of 5 images
+        body, ctype = multipart([png(1000 + i * 5 + j) for j in range(5)], {"label": f"k{i}"})
+        status, _, text = await c.request(raw_request("POST", f"/workspaces/{ws}/classes", body, ctype, key))
+        assert status == 201, text
+    c.close()
+    body, ctype = multipart([png(5)], {"top_k": "5"})
+    one = raw_request("POST", f"/workspaces/{ws}/classify", body, ctype, key)
+    await load(port, one, 4, 200, 5)  # warm-up
+    c0 = cpu_s(pid)
+    closed = await load(port, one, args.clients, args.max_requests, args.max_seconds)
+    closed["server_cpu_ms_per_request"] = 1000 * (cpu_s(pid) - c0) / max(1, closed["requests"])
+    c0 = cpu_s(pid)
+    paced = await load(port, one, args.clients, args.max_requests, args.max_seconds, interval_s=args.clients / args.paced_rps)
+    paced["server_cpu_ms_per_request"] = 1000 * (cpu_s(pid) - c0) / max(1, paced["requests"])
+    return {"closed_loop": closed, "paced": paced}
+
+
+def main_throughput(args: argparse.Namespace) -> None:
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="fewshot-bench-") as tmp:
+        bundle = args.bundle or make_bundle(Path(tmp) / "bundle")
+        servers: list[tuple[str, Path | None, bool, int]] = []
+        if args.baseline:
+            src = Path(tmp) / "baseline"
+            src.mkdir()
+            archive = subprocess.run(["git", "archive", args.baseline, "src"], check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+            servers.append((f"{args.baseline} (asyncio loop, 1 worker)", src / "src", True, 1))
+        servers += [(f"this tree ({w} worker{'s' if w > 1 else ''})", None, False, w) for w in args.workers]
+        for name, src_dir, no_uvloop, workers in servers:
+            port = free_port()
+            proc = start_server(bundle, Path(tmp) / f"{len(rows)}.db", port, workers, src=src_dir, no_uvloop=no_uvloop)
+            try:
+                r = asyncio.run(run_throughput_phase(args, port, proc.pid))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+            rows.append({"server": name, "workers": workers, **r})
+            print(f"{name}: {r['closed_loop']['requests_per_s']:.0f} requests/s", flush=True)
+    out = {"rows": rows, "command": "python benchmarks/bench_service.py " + " ".join(sys.argv[1:]),
+           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                       "loadavg_1m_after": os.getloadavg()[0], "platform": platform.platform()},
+           "args": {k: str(v) for k, v in vars(args).items()}}
+    print(table(["server", "phase", "requests", "req/s", "client p50 ms", "client p99 ms", "server p50 ms",
+                 "server p99 ms", "server CPU ms/request"],
+                [[r["server"], phase, p["requests"], p["requests_per_s"], p["client_median_ms"], p["client_p99_ms"],
+                  p["server_median_ms"], p["server_p99_ms"], p["server_cpu_ms_per_request"]]
+                 for r in rows for phase, p in (("closed loop", r["closed_loop"]), ("paced", r["paced"]))]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    print(f"\nraw numbers: {args.out}")
 
 
 def make_photo_bundle(out: Path, hidden: int = 32) -> Path:
@@ -415,13 +497,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--paced-rps", type=float, default=160.0, help="total request rate of the paced phase")
     p.add_argument("--register-n", type=int, default=100)
     p.add_argument("--scale-n", type=int, default=200)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, nargs="+", default=[1], help="uvicorn worker processes (--throughput: "
+                   "one server per value)")
     p.add_argument("--memory", action="store_true", help="only the memory phase (issue 16 #1)")
+    p.add_argument("--throughput", action="store_true", help="only one-image classify, servers side by side")
+    p.add_argument("--baseline", help="--throughput: also serve this git commit's service, first")
     p.add_argument("--images", type=int, default=64, help="--memory: images per request")
     args = p.parse_args(argv)
     if args.memory:
         main_memory(args)
         return
+    if args.throughput:
+        if args.out == Path("benchmarks/results/service.json"):
+            args.out = Path("benchmarks/results/service_throughput.json")
+        main_throughput(args)
+        return
+    args.workers = args.workers[0]
     with tempfile.TemporaryDirectory(prefix="fewshot-bench-") as tmp:
         bundle = args.bundle or make_bundle(Path(tmp) / "bundle")
         from fewshot.artifacts.bundle import Manifest

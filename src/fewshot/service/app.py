@@ -43,7 +43,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from fewshot.artifacts.bundle import Bundle
-from fewshot.artifacts.domain import STATS_SIDE
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.service.auth import KeyGuard, hash_key, key_matches, secret_matches
 from fewshot.service.embedding import EmbedGate, GatedEmbedder, ServiceBusy
@@ -208,11 +207,13 @@ class OcclusionPredictionOut(OcclusionOut):
 
 
 # -- dependencies --------------------------------------------------------------------------------
-def get_settings(request: Request) -> ServiceSettings:
+# Dependencies that only read attributes are `async def`: FastAPI runs a plain `def` dependency in
+# the threadpool, a hand-off per dependency per request (issue 16: five hand-offs per classify).
+async def get_settings(request: Request) -> ServiceSettings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     state = getattr(request.app.state, "service", None)
     if state is None:
         raise ApiError(503, "not_ready", "the model is not loaded yet; retry shortly")
@@ -306,7 +307,7 @@ def _short(text: str, n: int = 80) -> str:
 WorkspaceDep = Annotated[str, Depends(workspace_access)]
 
 
-def workspace_model(request: Request, ws: WorkspaceDep, state: StateDep) -> ServedModel:
+async def workspace_model(request: Request, ws: WorkspaceDep, state: StateDep) -> ServedModel:
     """The model the (authorised) workspace was created with."""
     return state.models.of_workspace(request.state.workspace)
 
@@ -333,7 +334,7 @@ def _decode_all(files: list[UploadFile], model: ServedModel, settings: ServiceSe
                        f"{settings.max_images_per_request} per request; split the upload")
     pre = model.bundle.preprocessing
     domain = model.recogniser.domain
-    side = domain.stats_side if domain is not None else STATS_SIDE
+    side = domain.stats_side if domain is not None else 0  # no domain summary: no check, no preview
     arrays, thumbs, names, previews = [], [], [], []
     budget = settings.max_request_pixels
     for i, f in enumerate(files):
@@ -621,18 +622,20 @@ def _add_class_routes(app: FastAPI) -> None:
 
 
 def _add_inference_routes(app: FastAPI) -> None:
-    @app.post("/workspaces/{ws}/classify", tags=["inference"])
+    @app.post("/workspaces/{ws}/classify", tags=["inference"], response_model=ClassifyOut)
     def classify(request: Request, ws: WorkspaceDep, model: ModelDep, settings: SettingsDep, images: Images,
                  top_k: Annotated[int, Form(ge=1)] = 5,
-                 threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None) -> ClassifyOut:
+                 threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None) -> Response:
         """Top-k classes per image; `label` is "unknown" when the nearest class fails the threshold."""
+        # the hot path: serialised here, as FastAPI would re-validate the model in another thread hand-off
         if top_k > settings.max_top_k:
             raise ApiError(400, "invalid_argument", f"top_k {top_k} exceeds the limit of {settings.max_top_k}")
         up = _decode_all(images, model, settings, thumbnails=False)
         preds = model.recogniser.classify(ws, up.arrays, top_k=top_k, threshold=threshold, previews=up.previews)
         request.app.state.metrics.images.labels("classify").inc(len(up.arrays))
-        return ClassifyOut(predictions=[_prediction_out(n, p) for n, p in zip(up.names, preds)],
-                           bundle_id=model.bundle_id, model=model.name)
+        out = ClassifyOut(predictions=[_prediction_out(n, p) for n, p in zip(up.names, preds)],
+                          bundle_id=model.bundle_id, model=model.name)
+        return Response(out.model_dump_json(), media_type="application/json")
 
     @app.post("/workspaces/{ws}/explain", tags=["inference"])
     def explain(ws: WorkspaceDep, model: ModelDep, settings: SettingsDep, image: Annotated[UploadFile, File()],

@@ -37,7 +37,8 @@ class DecodedImage:
     thumbnail_png: bytes  # empty when not asked for (classification needs none)
     pixels: int  # decoded width x height (after JPEG's reduced-scale decoding): the request's budget
     preview: np.ndarray  # uint8 (h, w, 3), longest side <= preview_side: the upload as sent, for
-    # the out-of-domain check (a colour photo stays colour; see fewshot.artifacts.domain)
+    # the out-of-domain check (a colour photo stays colour; see fewshot.artifacts.domain); (0, 0, 3)
+    # when preview_side is 0 (a model without a domain summary needs none)
 
 
 def thumbnail_png(img: Image.Image, size: int) -> bytes:
@@ -62,13 +63,14 @@ def decode_upload(
 ) -> DecodedImage:
     """Bytes -> model input + thumbnail + small RGB preview; raises UploadError naming the file and
     the fix: 400 empty or corrupt, 413 too many pixels or too extreme a shape, 415 not an accepted
-    image. Decoding cost is bounded before decoding (see `fewshot.data.imageio.open_image`)."""
+    image. Decoding cost is bounded before decoding (see `fewshot.data.imageio.open_image`).
+    `preview_side` 0: no preview (it costs a reduce and a conversion per upload)."""
     if not data:
         raise UploadError(400, "empty_image", f"{name}: file is empty (zero bytes); upload a PNG, JPEG, WebP, BMP or GIF")
     try:
         img = open_image(data, max_pixels=max_pixels, name=name, draft_to=draft_size(pre))
         array = to_array(img, pre)
-        preview = small_rgb(img, preview_side)
+        preview = small_rgb(img, preview_side) if preview_side else np.zeros((0, 0, 3), np.uint8)
         thumb = thumbnail_png(img, thumbnail_size) if thumbnail else b""
     except ImageTooLarge as exc:
         raise UploadError(413, "image_too_large", str(exc)) from exc

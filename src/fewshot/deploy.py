@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fewshot.artifacts.quantise import QuantiseConfig
+from fewshot.backbones.base import Backbone
 from fewshot.config import RunConfig, load_config
 from fewshot.data.imageio import Preprocessing, from_model_input
 from fewshot.decision import METRICS, DecisionRule, episode
@@ -52,15 +53,15 @@ def to_uint8(x: torch.Tensor, pre: Preprocessing) -> np.ndarray:
     return from_model_input(x.detach().cpu().float().numpy(), pre)
 
 
-def _plain_copy(backbone: nn.Module) -> nn.Module:
+def _plain_copy(backbone: Backbone) -> Backbone:
     """A float32, CPU, contiguous-memory copy (training may have used bf16 / channels-last)."""
     model = copy.deepcopy(backbone).float().cpu()
     return model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload, no-any-return]
 
 
 @torch.no_grad()
-def reestimate_batch_norm(backbone: nn.Module, data: RunData, spec: EpisodeSpec, *, episodes: int,
-                          seed: int) -> nn.Module:
+def reestimate_batch_norm(backbone: Backbone, data: RunData, spec: EpisodeSpec, *, episodes: int,
+                          seed: int) -> Backbone:
     """A float32 eval-mode copy of `backbone` whose batch-norm running statistics are the mean of
     the statistics of `episodes` training support sets (cumulative average, momentum=None)."""
     model = _plain_copy(backbone)
@@ -77,7 +78,7 @@ def reestimate_batch_norm(backbone: nn.Module, data: RunData, spec: EpisodeSpec,
     return model.eval()
 
 
-def deployable_backbone(learner: Any, data: RunData, config: RunConfig) -> nn.Module:
+def deployable_backbone(learner: Any, data: RunData, config: RunConfig) -> Backbone:
     """The backbone as it will be served: float32, contiguous, eval mode (see module doc)."""
     ev = config.eval
     if learner.deployment.embedder == "bn-reestimated":
@@ -107,7 +108,7 @@ def evaluate_embedder(embed: Any, rule: DecisionRule, data: RunData, *, split: s
                              enforce_protocol=False)
 
 
-def choose_rule(learner: Any, backbone: nn.Module, data: RunData, config: RunConfig) -> tuple[DecisionRule, dict[str, float]]:
+def choose_rule(learner: Any, backbone: Backbone, data: RunData, config: RunConfig) -> tuple[DecisionRule, dict[str, float]]:
     """The learner's rule; for gradient-based learners the better prototype metric on validation."""
     rule: DecisionRule = learner.deployment.rule
     if learner.deployment.embedder != "bn-reestimated" or "val" not in data.splits:

@@ -234,7 +234,7 @@ def build_photos_bundle(
         # calibration and domain embeddings through ONNX Runtime, as served (and ~10x faster than
         # eager PyTorch's depthwise convolutions on CPU); export_bundle checks the same export's parity
         embedder = OnnxEmbedder(export_onnx(backbone, Path(scratch) / "model.onnx", channels=3, size=pre.size),
-                                pre, embedding_dim=int(backbone.embedding_dim))  # type: ignore[arg-type]
+                                pre, embedding_dim=backbone.embedding_dim)
         if zip_path is None:
             sample = synthetic_images(16, pre, seed)
             source["parity_samples"] = "synthetic (no CIFAR-10 subset found)"

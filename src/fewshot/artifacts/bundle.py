@@ -27,7 +27,6 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
-from torch import nn
 
 import fewshot
 from fewshot.artifacts.calibration import Calibration
@@ -42,6 +41,7 @@ from fewshot.artifacts.onnx_export import (
     parity_batches,
 )
 from fewshot.backbones import backbone_from_config
+from fewshot.backbones.base import Backbone
 from fewshot.data.imageio import Preprocessing
 from fewshot.decision import BundleDecision, DecisionRule
 from fewshot.errors import CheckpointError, ConfigError
@@ -139,7 +139,7 @@ class Manifest:
             raise CheckpointError(f"{where}: manifest.json has missing or unknown fields ({exc})") from exc
 
 
-def _check_inputs(backbone: nn.Module, pre: Preprocessing, sample_images: np.ndarray) -> None:
+def _check_inputs(backbone: Backbone, pre: Preprocessing, sample_images: np.ndarray) -> None:
     cfg = getattr(backbone, "config", None)
     if not isinstance(cfg, dict) or "name" not in cfg or not hasattr(backbone, "embedding_dim"):
         raise CheckpointError(
@@ -164,13 +164,13 @@ def _check_domain(domain: dict[str, Any], pre: Preprocessing, embedding_dim: int
 
 
 def _write_files(
-    tmp: Path, backbone: nn.Module, pre: Preprocessing, sample_images: np.ndarray, tolerance: float
+    tmp: Path, backbone: Backbone, pre: Preprocessing, sample_images: np.ndarray, tolerance: float
 ) -> dict[str, Any]:
     """Weights, ONNX, parity sample into `tmp`; returns the parity record. Raises ParityError."""
     state = {k: v.detach().contiguous().clone() for k, v in backbone.state_dict().items()}
     save_torch(state, str(tmp / WEIGHTS))
     export_onnx(backbone, tmp / ONNX, channels=pre.channels, size=pre.size)
-    emb = int(backbone.embedding_dim)  # type: ignore[arg-type]
+    emb = backbone.embedding_dim
     torch_e = TorchEmbedder(backbone, pre)
     onnx_e = OnnxEmbedder(tmp / ONNX, pre, embedding_dim=emb)
     diff = check_parity(torch_e, onnx_e, sample_images, tolerance=tolerance)
@@ -181,7 +181,7 @@ def _write_files(
 
 
 def export_bundle(
-    backbone: nn.Module, out_dir: str | Path, *, preprocessing: Preprocessing, source: dict[str, Any],
+    backbone: Backbone, out_dir: str | Path, *, preprocessing: Preprocessing, source: dict[str, Any],
     metrics: dict[str, Any], data_fingerprint: str, calibration: dict[str, Any] | None,
     sample_images: np.ndarray, tolerance: float = PARITY_TOLERANCE,
     deployment: dict[str, Any] | None = None,
@@ -203,19 +203,19 @@ def export_bundle(
     if calibration is not None:
         Calibration.from_dict(calibration)  # validate before writing anything
     if domain is not None:
-        _check_domain(domain, preprocessing, int(backbone.embedding_dim))  # type: ignore[arg-type]
+        _check_domain(domain, preprocessing, backbone.embedding_dim)
     backbone = backbone.eval()
     with staged_bundle(out) as tmp:
         parity = _write_files(tmp, backbone, preprocessing, sample_images, tolerance)
         hashes = {name: sha256_file(tmp / name) for name in (WEIGHTS, ONNX, PARITY)}
         if evaluate is not None:
             emb = OnnxEmbedder(tmp / ONNX, preprocessing,
-                               embedding_dim=int(backbone.embedding_dim))  # type: ignore[arg-type]
+                               embedding_dim=backbone.embedding_dim)
             metrics = {**metrics, **evaluate(emb)}
         manifest = Manifest(
             format_version=BUNDLE_FORMAT_VERSION, bundle_id=hashes[WEIGHTS][:16],
-            backbone=dict(backbone.config), preprocessing=preprocessing.to_dict(),  # type: ignore[arg-type]
-            embedding_dim=int(backbone.embedding_dim), source=source,  # type: ignore[arg-type]
+            backbone=dict(backbone.config), preprocessing=preprocessing.to_dict(),
+            embedding_dim=backbone.embedding_dim, source=source,
             data_fingerprint=data_fingerprint, metrics=metrics, calibration=calibration,
             versions=library_versions(), sha256=hashes, parity=parity, deployment=deployment, domain=domain,
         )
@@ -251,7 +251,7 @@ class Bundle:
     path: Path
     manifest: Manifest
     onnx_embedder: OnnxEmbedder
-    _backbone: nn.Module | None  # None: an ONNX-only bundle (fewshot.artifacts.byo)
+    _backbone: Backbone | None  # None: an ONNX-only bundle (fewshot.artifacts.byo)
 
     @property
     def bundle_id(self) -> str:
@@ -297,7 +297,7 @@ class Bundle:
         return self.decision.rule
 
     @property
-    def backbone(self) -> nn.Module:
+    def backbone(self) -> Backbone:
         """The PyTorch backbone; refused for an ONNX-only bundle."""
         if self._backbone is None:
             raise CheckpointError(f"{self.path} was made from an ONNX model ({self.manifest.backbone.get('file')}) and "
@@ -338,7 +338,7 @@ def _verify_hashes(root: Path, manifest: Manifest) -> None:
             )
 
 
-def _load_backbone(root: Path, manifest: Manifest) -> nn.Module:
+def _load_backbone(root: Path, manifest: Manifest) -> Backbone:
     backbone = backbone_from_config(manifest.backbone)
     state = load_torch(str(root / WEIGHTS))
     try:

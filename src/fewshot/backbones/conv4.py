@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewshot.backbones.base import Backbone
 from fewshot.backbones.norm import EpisodicBatchNorm2d
 from fewshot.errors import ConfigError
 
@@ -28,7 +29,7 @@ def conv_block(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-class Conv4(nn.Module):
+class Conv4(Backbone):
     """(N, C, H, W) -> (N, hidden * (H // 16) * (W // 16)); 28x28 Omniglot gives 64-d embeddings."""
 
     def __init__(

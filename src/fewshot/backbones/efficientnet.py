@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot.backbones.base import Backbone
 from fewshot.backbones.norm import EpisodicBatchNorm2d
 from fewshot.errors import CheckpointError, ConfigError
 
@@ -178,7 +179,7 @@ class MBConvLite(nn.Module):
         return x + h if self.residual else h
 
 
-class EfficientNetLite(nn.Module):
+class EfficientNetLite(Backbone):
     """EfficientNet-Lite of channel multiplier `width` and repeat multiplier `depth` (Lite0: 1.0,
     1.0; Lite1: 1.0, 1.1; Lite2: 1.1, 1.2; `VARIANTS`): uint8-scaled images (N, 3, H, W) in [0, 1]
     -> (N, 1280) pooled features; H, W >= 32. `logits` gives the (N, num_classes) ImageNet scores.

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewshot.backbones.base import Backbone
 from fewshot.backbones.norm import EpisodicBatchNorm2d
 from fewshot.errors import ConfigError
 
@@ -47,7 +48,7 @@ class InceptionModule(nn.Module):
         return torch.cat([self.b1(x), self.b3(x), self.b5(x), self.bp(x)], dim=1)
 
 
-class InceptionNet(nn.Module):
+class InceptionNet(Backbone):
     """(N, C, H, W) -> (N, D) with D = sum of the last module's branches (320 at width 1)."""
 
     def __init__(self, *, in_channels: int, image_size: int, width: float = 1.0) -> None:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 
 @contextlib.contextmanager
@@ -26,7 +29,7 @@ def built_quietly() -> Iterator[None]:
 
 
 @torch.no_grad()
-def reset_parameters(module: nn.Module, generator: torch.Generator) -> nn.Module:
+def reset_parameters(module: M, generator: torch.Generator) -> M:
     """Re-initialise `module` in place from `generator`; returns it."""
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewshot.backbones.base import Backbone
 from fewshot.backbones.norm import EpisodicBatchNorm2d
 from fewshot.errors import ConfigError
 
@@ -38,7 +39,7 @@ class ResBlock12(nn.Module):
         return self.out(self.body(x) + self.shortcut(x))
 
 
-class ResNet12(nn.Module):
+class ResNet12(Backbone):
     """(N, C, H, W) -> (N, round(channels[-1] * width)); needs image_size >= 16."""
 
     def __init__(

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from torch import nn
 
+from fewshot.backbones.base import Backbone
 from fewshot.config import RunConfig
 from fewshot.data.imageio import Preprocessing
 from fewshot.episodes.sampling import EpisodeSpec
@@ -28,7 +28,7 @@ from fewshot.training.evaluate import EvalResult, evaluate_episodes
 REPORT_JSON = "distill_report.json"
 
 
-def measure_model(backbone: nn.Module, channels: int, size: int, *, runs: int = 300) -> dict[str, float]:
+def measure_model(backbone: Backbone, channels: int, size: int, *, runs: int = 300) -> dict[str, float]:
     """Parameters, ONNX bytes and median batch-1 latency (ms) in ONNX Runtime with one thread."""
     from fewshot.artifacts.embedders import OnnxEmbedder
     from fewshot.artifacts.onnx_export import export_onnx
@@ -40,7 +40,7 @@ def measure_model(backbone: nn.Module, channels: int, size: int, *, runs: int = 
         export_onnx(backbone, path, channels=channels, size=size)
         nbytes = path.stat().st_size
         pre = Preprocessing("L" if channels == 1 else "RGB", size)
-        emb = OnnxEmbedder(path, pre, embedding_dim=int(backbone.embedding_dim),  # type: ignore[arg-type]
+        emb = OnnxEmbedder(path, pre, embedding_dim=backbone.embedding_dim,
                            intra_op_threads=1)
         x = np.random.default_rng(0).integers(0, 256, (1, channels, size, size), dtype=np.uint8)
         for _ in range(20):

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.artifacts.zoo import is_zoo_name, resolve_bundle
+from fewshot.backbones.base import Backbone
 from fewshot.data.imageio import Preprocessing
 from fewshot.decision import DecisionRule, episode
 from fewshot.episodes.types import Episode
@@ -78,7 +79,7 @@ class Teacher:
     """A frozen embedder + rule (+ optional base-class classifier) with its input format."""
 
     source: str
-    backbone: nn.Module
+    backbone: Backbone
     channels: int
     size: int
     rule: DecisionRule
@@ -105,7 +106,7 @@ class Teacher:
 
     @property
     def embedding_dim(self) -> int:
-        return int(self.backbone.embedding_dim)  # type: ignore[arg-type]
+        return self.backbone.embedding_dim
 
     @torch.no_grad()
     def embed(self, x: Tensor) -> Tensor:
@@ -167,7 +168,10 @@ def load_teacher(path: str | Path, *, data: Any = None) -> Teacher:
     return teacher
 
 
-def _frozen(m: nn.Module) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def _frozen(m: M) -> M:
     m.eval()
     for q in m.parameters():
         q.requires_grad_(False)

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
+from fewshot.backbones.base import Backbone
 from fewshot.errors import ConfigError
 from fewshot.learners.base import Deployment, FewShotLearner, LearnerOutput
 from fewshot.learners.maml import ANIL, FOMAML, MAML, MetaSGD
@@ -36,12 +35,12 @@ def learner_class(name: str) -> type[FewShotLearner]:
     return _REGISTRY[name]
 
 
-def create_learner(name: str, backbone: nn.Module, **kwargs: Any) -> FewShotLearner:
+def create_learner(name: str, backbone: Backbone, **kwargs: Any) -> FewShotLearner:
     """Build a learner by name around `backbone`. Unknown names and arguments raise ConfigError."""
     return learner_class(name)(backbone, **kwargs)
 
 
-def learner_from_config(config: dict[str, Any], backbone: nn.Module) -> FewShotLearner:
+def learner_from_config(config: dict[str, Any], backbone: Backbone) -> FewShotLearner:
     """Rebuild a learner from its `config` dict (as stored in manifests) around `backbone`."""
     cfg = dict(config)
     return create_learner(cfg.pop("name"), backbone, **cfg)

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from fewshot.backbones.base import Backbone
 from fewshot.decision import DecisionRule
 from fewshot.episodes.types import Episode
 from fewshot.errors import ConfigError
@@ -90,9 +91,9 @@ class FewShotLearner(nn.Module):
     data_kind: ClassVar[str] = "episodes"  # or "batches"
     Config: ClassVar[type] = object
 
-    def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
+    def __init__(self, backbone: Backbone, **kwargs: Any) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone: Backbone = backbone
         try:
             self.cfg = self.Config(**kwargs)
         except TypeError as exc:

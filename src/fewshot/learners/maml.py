@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from fewshot.backbones.base import Backbone
 from fewshot.backbones.norm import context_statistics, episodic_norms, grouped_context_statistics
 from fewshot.decision import DecisionRule
 from fewshot.episodes.types import Episode
@@ -79,7 +80,7 @@ class GradientLearner(FewShotLearner):
 
     cfg: Any  # MAMLConfig | ReptileConfig
 
-    def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
+    def __init__(self, backbone: Backbone, **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)
         self.embedding_dim = embedding_dim_of(backbone)
         episodic_norms(backbone)  # raises early if the backbone uses plain batch norm
@@ -279,7 +280,7 @@ class FOMAML(MAML):
 
     name = "fomaml"
 
-    def __init__(self, backbone: nn.Module, **kwargs: object) -> None:
+    def __init__(self, backbone: Backbone, **kwargs: object) -> None:
         if kwargs.get("first_order") is False:
             raise ConfigError("fomaml is first order by definition; use learner 'maml' for second order")
         super().__init__(backbone, **{**kwargs, "first_order": True})
@@ -338,7 +339,7 @@ class MetaSGD(MAML):
 
     name = "metasgd"
 
-    def __init__(self, backbone: nn.Module, **kwargs: object) -> None:
+    def __init__(self, backbone: Backbone, **kwargs: object) -> None:
         super().__init__(backbone, **kwargs)
         lr = self.cfg.inner_lr
         rates = {

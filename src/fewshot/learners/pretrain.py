@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot.backbones.base import Backbone
 from fewshot.backbones.init import built_quietly
 from fewshot.decision import DecisionRule, Probe, fit_probe
 from fewshot.errors import ConfigError
@@ -51,7 +52,7 @@ class Pretrain(FewShotLearner):
     Config = PretrainConfig
     cfg: PretrainConfig
 
-    def __init__(self, backbone: nn.Module, **kwargs: object) -> None:
+    def __init__(self, backbone: Backbone, **kwargs: object) -> None:
         super().__init__(backbone, **kwargs)
         with built_quietly():
             self.classifier = nn.Linear(embedding_dim_of(backbone), self.cfg.num_classes)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot.backbones.base import Backbone
 from fewshot.decision import DecisionRule, check_metric, prototype_logits, prototypes
 from fewshot.errors import ConfigError
 from fewshot.learners.base import (
@@ -51,7 +52,7 @@ class ProtoNet(FewShotLearner):
     Config = ProtoNetConfig
     cfg: ProtoNetConfig
 
-    def __init__(self, backbone: nn.Module, **kwargs: object) -> None:
+    def __init__(self, backbone: Backbone, **kwargs: object) -> None:
         super().__init__(backbone, **kwargs)
         self.log_scale = nn.Parameter(
             torch.tensor(float(self.cfg.init_scale)).log(), requires_grad=self.cfg.metric == "cosine"

@@ -72,12 +72,12 @@ def png(seed: int, size: int = 105) -> bytes:
     return buf.getvalue()
 
 
-def multipart(images: list[bytes], fields: dict[str, str] | None = None) -> tuple[bytes, str]:
+def multipart(images: list[bytes], fields: dict[str, str] | None = None, file_field: str = "images") -> tuple[bytes, str]:
     boundary = "bench" + uuid.uuid4().hex
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
              for k, v in (fields or {}).items()]
     for i, img in enumerate(images):
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{i}.png"\r\n'
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{i}.png"\r\n'
                      f"Content-Type: image/png\r\n\r\n".encode() + img + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"

@@ -10,7 +10,12 @@ against real server processes on loopback:
               so classes made on one are extended and classified on the other. Replicas learn of
               each other's changes by LISTEN/NOTIFY;
   * postgres-polling: the same with FEWSHOT_STORE_NOTIFICATIONS=0 (a version read per request);
-  * replicas: postgres, then postgres-polling.
+  * replicas: postgres, then postgres-polling;
+  * photos: one process on an SQLite file serving `--bundle` (the photos model: 224x224 RGB), with
+            colour JPEG uploads and every route that embeds or scores mixed in (`--mix`: classify,
+            explain, occlusion at `--occlusion-cells`, insight, register). Reported besides: the
+            server's peak RSS, and errors other than 503 / 429 with Retry-After (the answers a
+            bounded server may give: "busy, retry").
 
 For the PostgreSQL scenarios each replica's /metrics is read before and after the load: workspace
 version reads (`fewshot_store_version_reads_total`) per request, and notifications received.
@@ -33,6 +38,7 @@ numbers to --out (JSON) with the torch version, machine and date.
     python benchmarks/load_service.py --scenario postgres --replicas 2 --db postgresql://u:p@host/db
     python benchmarks/load_service.py --scenario postgres --pg-restart --duration 30
     python benchmarks/load_service.py --scenario replicas --duration 60 --out benchmarks/results/load_replicas.json
+    python benchmarks/load_service.py --scenario photos --bundle PHOTOS_BUNDLE --out benchmarks/results/load_photos.json
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "service")]
 
-from bench_service import Conn, make_bundle, multipart, pct, png, raw_request, table  # noqa: E402
+from bench_service import Conn, make_bundle, multipart, pct, png, raw_request, rss_mb, table  # noqa: E402
 from fault_helpers import ADMIN, Ledger, PgCluster, ServiceProcess  # noqa: E402
 from postgres_server import find_pg_bin  # noqa: E402
 
@@ -67,13 +73,19 @@ from postgres_server import find_pg_bin  # noqa: E402
 # -- one request, timed ---------------------------------------------------------------------------
 @dataclass
 class Sample:
-    kind: str  # "classify" | "create" | "add"
+    kind: str  # "classify" | "create" | "add" | "explain" | "occlusion" | "insight"
     t_s: float  # when it was sent, seconds since the load started
     status: int  # 0: no answer (connection refused/reset, timeout)
     client_ms: float
     server_ms: float | None  # Server-Timing app;dur
     replica: int
     body: str = ""  # kept for non-2xx only
+    retry_after: bool = False  # the answer carried Retry-After
+
+    @property
+    def error(self) -> bool:
+        """Neither 2xx nor "busy, retry" (503 / 429 with Retry-After)."""
+        return not (200 <= self.status < 300 or (self.status in (503, 429) and self.retry_after))
 
 
 @dataclass
@@ -121,8 +133,13 @@ class Load:
         self.args, self.ports, self.workspaces, self.ledger = args, list(ports), workspaces, ledger
         self.samples: list[Sample] = []
         self.budget = args.max_requests
-        self.images = [png(10_000 + i, 28) for i in range(256)]
+        self.image = photo_jpeg if args.photos else (lambda seed: png(seed, 28))
+        self.images = [self.image(10_000 + i) for i in range(256 if not args.photos else 64)]
         self.probe_bodies = [multipart([self.images[i]], {"top_k": "3"}) for i in range(32)]
+        self.single = [multipart([self.images[i]], file_field="image") for i in range(32)]
+        self.occlusion = [multipart([self.images[i]], {"cells": str(args.occlusion_cells)}, file_field="image")
+                          for i in range(8)]
+        self.mix = mix_of(args)
         self.t0 = 0.0
 
     def now(self) -> float:
@@ -143,9 +160,16 @@ class Load:
             self.budget -= 1
             n += 1
             ws = self.workspaces[int(rng.integers(len(self.workspaces)))]
-            if rng.random() < self.args.classify_share:
+            kind = str(rng.choice(list(self.mix), p=list(self.mix.values())))
+            if kind == "classify":
                 body, ctype = self.probe_bodies[int(rng.integers(len(self.probe_bodies)))]
                 await self.call(c, replica, "classify", raw_request("POST", f"/workspaces/{ws.id}/classify", body, ctype, ws.key))
+            elif kind in ("explain", "occlusion"):
+                bodies = self.single if kind == "explain" else self.occlusion
+                body, ctype = bodies[int(rng.integers(len(bodies)))]
+                await self.call(c, replica, kind, raw_request("POST", f"/workspaces/{ws.id}/{kind}", body, ctype, ws.key))
+            elif kind == "insight":
+                await self.call(c, replica, "insight", raw_request("GET", f"/workspaces/{ws.id}/insight", key=ws.key))
             elif not ws.classes or rng.random() < self.args.new_class_share:
                 label = f"L-{k}-{n}-{uuid.uuid4().hex[:4]}"
                 imgs = [self.images[int(i)] for i in rng.integers(len(self.images), size=3)]
@@ -181,7 +205,7 @@ class Load:
         status, headers, body = await c.send(raw)
         ms = (time.perf_counter() - t0) * 1000
         keep = "" if 200 <= status < 300 else body[:300].decode(errors="replace")
-        self.samples.append(Sample(kind, t, status, ms, _server_ms(headers), replica, keep))
+        self.samples.append(Sample(kind, t, status, ms, _server_ms(headers), replica, keep, "retry-after" in headers))
         return status, body
 
 
@@ -192,7 +216,36 @@ async def _admin(port: int, method: str, path: str, key: str, body: bytes = b"",
     return status, resp
 
 
-async def setup_workspaces(port: int, n: int, ledger: Ledger) -> list[Workspace]:
+def photo_jpeg(seed: int, side: int = 160) -> bytes:
+    """A colour 'photo': smooth gradients of random phase plus a little noise, as a JPEG."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side] / side
+    rgb = np.stack([np.sin(rng.uniform(2, 9) * x + rng.uniform(0, 6)), np.cos(rng.uniform(2, 9) * y + rng.uniform(0, 6)),
+                    np.sin(rng.uniform(2, 9) * (x + y))], -1)
+    arr = np.clip((rgb + 1) * 127.5 + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+MIX_KINDS = ("classify", "explain", "occlusion", "insight", "register")
+
+
+def mix_of(args: argparse.Namespace) -> dict[str, float]:
+    """Shares of each kind of request: --mix for the photos scenario, else classify / register."""
+    if not args.photos:
+        return {"classify": args.classify_share, "register": 1 - args.classify_share}
+    mix = {k: float(v) for k, _, v in (part.partition("=") for part in args.mix.split(","))}
+    if set(mix) - set(MIX_KINDS) or any(v < 0 for v in mix.values()) or not sum(mix.values()):
+        raise SystemExit(f"--mix {args.mix!r}: give shares of {', '.join(MIX_KINDS)} as kind=share,...")
+    return {k: v / sum(mix.values()) for k, v in mix.items()}
+
+
+async def setup_workspaces(port: int, n: int, ledger: Ledger, image: Any = None) -> list[Workspace]:
     """`n` workspaces, each seeded with 3 acknowledged classes (classify needs one)."""
     out = []
     for w in range(n):
@@ -202,7 +255,8 @@ async def setup_workspaces(port: int, n: int, ledger: Ledger) -> list[Workspace]
         ws = Workspace(json.loads(resp)["id"], json.loads(resp)["api_key"])
         for i in range(3):
             label = f"L-seed-{w}-{i}"
-            body, ctype = multipart([png(w * 100 + i * 10 + j, 28) for j in range(3)], {"label": label})
+            body, ctype = multipart([(image or (lambda seed: png(seed, 28)))(w * 100 + i * 10 + j) for j in range(3)],
+                                    {"label": label})
             status, resp = await _admin(port, "POST", f"/workspaces/{ws.id}/classes", ws.key, body, ctype)
             assert status == 201, resp
             cid = json.loads(resp)["id"]
@@ -316,7 +370,8 @@ def read_report(samples: list[Sample], before: list[dict[str, float]], after: li
 # -- reporting -------------------------------------------------------------------------------------
 def summarise(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {"requests": len(samples), "wall_s": wall_s, "requests_per_s": len(samples) / wall_s}
-    by_kind = {"classify": ["classify"], "register": ["create", "add"]}
+    by_kind = {"classify": ["classify"], "register": ["create", "add"], "explain": ["explain"],
+               "occlusion": ["occlusion"], "insight": ["insight"]}
     for name, kinds in by_kind.items():
         ok = [s for s in samples if s.kind in kinds and 200 <= s.status < 300]
         srv = [s.server_ms for s in ok if s.server_ms is not None]
@@ -327,6 +382,8 @@ def summarise(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     out["status_counts"] = {f"{k} {st}": n for (k, st), n in sorted(Counter((s.kind, s.status) for s in samples).items())}
     out["error_samples"] = [{"kind": s.kind, "t_s": round(s.t_s, 3), "status": s.status, "body": s.body}
                             for s in samples if not 200 <= s.status < 300][:50]
+    out["errors_other_than_busy"] = sum(s.error for s in samples)
+    out["busy_with_retry_after"] = sum(s.status in (503, 429) and s.retry_after for s in samples)
     return out
 
 
@@ -372,12 +429,17 @@ def report(results: dict[str, Any]) -> str:
             reads.append([name, "on" if sc["notifications"] else "off", r["requests"], int(r["version_reads"]),
                           f"{r['version_reads_per_request']:.4f}", int(r["notifications"]),
                           " / ".join(f"{p['version_reads_per_request']:.4f}" for p in r["replicas"])])
-        for kind in ("classify", "register"):
+        for kind in ("classify", "register", "explain", "occlusion", "insight"):
             k = s[kind]
+            if not k["n"]:
+                continue
             rows.append([name, kind, k["n"], k["ok"], k["n"] / s["wall_s"], k["client_p50_ms"], k["client_p99_ms"],
                          k["server_p50_ms"], k["server_p99_ms"]])
-        checks.append([name, s["requests"], errors, f"{v['acked_classes']} / {v['acked_examples']}",
+        checks.append([name, s["requests"], errors, s["errors_other_than_busy"],
+                       f"{v['acked_classes']} / {v['acked_examples']}",
                        f"{v['classes']} / {v['examples']}", f"{v['prototype_max_abs_diff']:.2g}",
+                       "-" if "rss" not in sc else f"{sc['rss']['idle_mb']:.0f} / {sc['rss']['peak_mb']:.0f} / "
+                       f"{sc['rss']['after_mb']:.0f}",
                        "OK" if not v["problems"] else f"{len(v['problems'])} problems"])
         if sc.get("restart"):
             r = sc["restart"]
@@ -391,11 +453,13 @@ def report(results: dict[str, Any]) -> str:
     m = results["machine"]
     out = [f"## Service under load ({m['cpus']} CPUs, torch {results['torch']}, {results['date']})", "",
            f"{results['args']['clients']} clients, {results['args']['duration']} s per scenario, "
-           f"{results['args']['classify_share']:.0%} classify.", "",
+           ("; ".join(f"{sc['scenario']}: " + ", ".join(f"{v:.0%} {k}" for k, v in sc["mix"].items())
+                      for sc in results["scenarios"]) + "."), "",
            table(["scenario", "request", "sent", "2xx", "req/s", "client p50 ms", "client p99 ms", "server p50 ms",
                   "server p99 ms"], rows), "",
-           table(["scenario", "requests", "non-2xx (kind status: count)", "acked classes / examples",
-                  "stored classes / examples", "prototype diff", "verification"], checks)]
+           table(["scenario", "requests", "non-2xx (kind status: count)", "errors other than 503/429 + Retry-After",
+                  "acked classes / examples", "stored classes / examples", "prototype diff",
+                  "server RSS MB idle / peak / 10 s after", "verification"], checks)]
     if reads:
         out += ["", table(["scenario", "notifications", "requests", "version reads", "reads / request",
                            "notifications received", "reads / request by replica"], reads)]
@@ -412,10 +476,10 @@ def report(results: dict[str, Any]) -> str:
 # -- scenarios -------------------------------------------------------------------------------------
 async def run_scenario(args: argparse.Namespace, name: str, bundle: Path, tmp: Path) -> dict[str, Any]:
     cluster: PgCluster | None = None
-    replicas = 1 if name == "sqlite" else args.replicas
+    replicas = 1 if name in ("sqlite", "photos") else args.replicas
     notifications = name == "postgres"
-    if name == "sqlite":
-        db_url = f"sqlite:///{tmp / 'load.db'}"
+    if name in ("sqlite", "photos"):
+        db_url = f"sqlite:///{tmp / f'{name}.db'}"
     elif args.db:
         db_url = args.db
     else:
@@ -433,11 +497,19 @@ async def run_scenario(args: argparse.Namespace, name: str, bundle: Path, tmp: P
         for s in servers:
             s.start()
         ports = [s.port for s in servers]
-        workspaces = await setup_workspaces(ports[0], args.workspaces, ledger)
-        load = Load(args, ports, workspaces, ledger)
+        load = Load(args, ports, [], ledger)
+        load.workspaces = workspaces = await setup_workspaces(ports[0], args.workspaces, ledger, load.image)
         restart = asyncio.create_task(pg_restart(args, cluster, load, marks)) if args.pg_restart and cluster else None
         before = await store_counters(ports)
+        rss = RssWatch([s.pid for s in servers])
+        await asyncio.sleep(1.0)
+        rss.idle_mb = rss.now()
+        watcher = asyncio.create_task(rss.watch())
         wall = await load.run(args.duration)
+        rss.done = True
+        await watcher
+        await asyncio.sleep(10.0)
+        rss.after_mb = rss.now()
         if restart is not None:
             await restart
         after = await store_counters(ports)
@@ -447,15 +519,32 @@ async def run_scenario(args: argparse.Namespace, name: str, bundle: Path, tmp: P
             s.stop()
         if cluster is not None:
             cluster.close()
-    result = {"scenario": name, "replicas": replicas, "db": "sqlite" if name == "sqlite" else "postgresql",
-              "notifications": notifications, "load": summarise(load.samples, wall), "verify": verified}
-    if name != "sqlite":
+    result = {"scenario": name, "replicas": replicas, "db": "sqlite" if name in ("sqlite", "photos") else "postgresql",
+              "notifications": notifications, "load": summarise(load.samples, wall), "verify": verified,
+              "rss": {"idle_mb": rss.idle_mb, "peak_mb": rss.peak_mb, "after_mb": rss.after_mb}, "mix": load.mix}
+    if name not in ("sqlite", "photos"):
         result["store_reads"] = read_report(load.samples, before, after)
     if marks:
         assert cluster is not None
         leaks = sum(bool(cluster.secrets_in(x.body, db_url.rsplit("/", 1)[1])) for x in load.samples)
         result["restart"] = restart_report(load.samples, marks, leaks)
     return result
+
+
+class RssWatch:
+    """The servers' resident memory (all replicas together): idle, peak while `watch` runs, after."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids, self.done = pids, False
+        self.idle_mb = self.peak_mb = self.after_mb = 0.0
+
+    def now(self) -> float:
+        return sum(rss_mb(p) for p in self.pids)
+
+    async def watch(self) -> None:
+        while not self.done:
+            self.peak_mb = max(self.peak_mb, self.now())
+            await asyncio.sleep(0.1)
 
 
 async def pg_restart(args: argparse.Namespace, cluster: PgCluster, load: Load, marks: dict[str, Any]) -> None:
@@ -474,7 +563,8 @@ async def pg_restart(args: argparse.Namespace, cluster: PgCluster, load: Load, m
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=["sqlite", "postgres", "postgres-polling", "replicas", "all"], default="all",
+    p.add_argument("--scenario", choices=["sqlite", "postgres", "postgres-polling", "replicas", "photos", "all"],
+                   default="all",
                    help="all: sqlite, postgres; replicas: postgres (notifications on), postgres-polling (off)")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--duration", type=float, default=120.0, help="seconds of load per scenario")
@@ -490,11 +580,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pg-restart", action="store_true", help="restart PostgreSQL a third of the way in")
     p.add_argument("--pg-stop-mode", choices=["fast", "immediate"], default="fast")
     p.add_argument("--pg-down-s", type=float, default=3.0)
-    p.add_argument("--bundle", type=Path, help="bundle directory (default: an untrained Conv-4 made here)")
+    p.add_argument("--bundle", type=Path, help="bundle directory (default: an untrained Conv-4 made here; "
+                   "photos: the photos bundle, required)")
+    p.add_argument("--mix", default="classify=0.5,explain=0.1,occlusion=0.05,insight=0.1,register=0.25",
+                   help="photos: shares of each kind of request")
+    p.add_argument("--occlusion-cells", type=int, default=7, help="photos: occlusion map cells (1 + cells^2 images)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "load.json")
     args = p.parse_args(argv)
     if args.pg_restart and args.db:
         p.error("--pg-restart needs the throwaway PostgreSQL this script starts; drop --db")
+    args.photos = args.scenario == "photos"
+    if args.photos and args.bundle is None:
+        p.error("--scenario photos needs --bundle PHOTOS_BUNDLE (e.g. the photos_bundle of a quickstart run)")
     if args.duration > 900 or args.clients > 256:
         p.error("bounded: --duration <= 900 s, --clients <= 256")
     names = {"all": ["sqlite", "postgres"], "replicas": ["postgres", "postgres-polling"]}.get(args.scenario,
@@ -516,7 +613,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(json.dumps(results, indent=1))
     args.out.with_suffix(".md").write_text(f"{text}\n\nCommand: `{results['command']}`\n\nraw numbers: {args.out.name}\n")
     print(f"\nraw numbers: {args.out} (tables: {args.out.with_suffix('.md')})")
-    if any(sc["verify"]["problems"] or sc.get("restart", {}).get("verdict") == "FAIL" for sc in scenarios):
+    if any(sc["verify"]["problems"] or sc.get("restart", {}).get("verdict") == "FAIL"
+           or (sc["scenario"] == "photos" and sc["load"]["errors_other_than_busy"]) for sc in scenarios):
         sys.exit(1)
 
 

@@ -25,6 +25,7 @@ Retry-After and no URL or credentials; /readyz reports it.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -45,7 +46,8 @@ from starlette.exceptions import HTTPException
 from fewshot.artifacts.bundle import Bundle
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.service.auth import KeyGuard, hash_key, key_matches, secret_matches
-from fewshot.service.embedding import EmbedGate, GatedEmbedder, ServiceBusy
+from fewshot.service.costs import ExportCache, ImageBudget, OneAtATime, OverBudget, Refitter
+from fewshot.service.embedding import EmbedGate, GatedEmbedder, ServiceBusy, one_request
 from fewshot.service.forms import FormError, ServiceRoute
 from fewshot.service.images import UploadError, decode_upload
 from fewshot.service.insight import (
@@ -399,9 +401,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("SECURITY: %s", warning)
     state = open_state(app.state.settings)
     app.state.service = state
+    app.state.refitter = Refitter()
     try:
         yield
     finally:
+        app.state.refitter.close()
         app.state.service = None
         state.store.close()
 
@@ -438,6 +442,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             response = body(503, "busy", str(exc))
             response.headers["Retry-After"] = str(exc.retry_after_s)
             return response
+        if isinstance(exc, OverBudget):
+            response = body(429, "over_budget", str(exc))
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+            return response
         if isinstance(exc, StoreUnavailable):  # a server fault; the message holds no URL or credentials
             response = body(503, "store_unavailable", str(exc))
             if exc.retry_after_s:  # 0: the outcome is unknown; an automatic retry could apply it twice
@@ -469,6 +477,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.metrics.registry.register(StoreCollector(lambda: getattr(app.state.service, "store", None)))
     app.state.insight_cache = InsightCache()
+    # cost bounds of the routes that multiply work (fewshot.service.costs)
+    app.state.occlusion_budget = ImageBudget()
+    app.state.insight_turn, app.state.export_turn = OneAtATime("insight"), OneAtATime("an export")
+    app.state.export_cache = ExportCache()
     _install_error_handlers(app)
     _add_system_routes(app)
     _add_workspace_routes(app)
@@ -576,6 +588,12 @@ def _add_workspace_routes(app: FastAPI) -> None:
 Images = Annotated[list[UploadFile], File(description="one or more image files (PNG, JPEG, WebP, BMP, GIF)")]
 
 
+def _refit_later(request: Request, model: ServedModel, ws: str) -> None:
+    """After a change, bring the workspace's decision (a logistic head's refit: seconds) up to date
+    in the background (`costs.Refitter`), not in the next classify."""
+    request.app.state.refitter.schedule((model.name, ws), lambda: model.recogniser.decision_state(ws))
+
+
 def _add_class_routes(app: FastAPI) -> None:
     @app.get("/workspaces/{ws}/classes", tags=["classes"])
     def list_classes(ws: WorkspaceDep, model: ModelDep) -> list[ClassOut]:
@@ -591,6 +609,7 @@ def _add_class_routes(app: FastAPI) -> None:
         up = _decode_all(images, model, settings)
         rec = model.recogniser.add_class(ws, label, up.arrays, up.thumbnails)
         request.app.state.metrics.images.labels("register").inc(len(up.arrays))
+        _refit_later(request, model, ws)
         return _class_out(rec)
 
     @app.get("/workspaces/{ws}/classes/{cid}", tags=["classes"])
@@ -614,6 +633,7 @@ def _add_class_routes(app: FastAPI) -> None:
         up = _decode_all(images, model, settings)
         rec = model.recogniser.add_images(ws, cid, up.arrays, up.thumbnails)
         request.app.state.metrics.images.labels("register").inc(len(up.arrays))
+        _refit_later(request, model, ws)
         return _class_out(rec)
 
     @app.get("/workspaces/{ws}/examples/{eid}/thumbnail.png", tags=["classes"], response_class=Response)
@@ -653,19 +673,24 @@ def _add_insight_routes(app: FastAPI) -> None:
         """What the model knows of the taught classes: held-out accuracy per class (each stored example
         classified by the workspace's rule without itself), the confusion matrix and the most confused
         pairs with a hint. Recomputed only when the workspace's version or rule changes."""
-        return insight_out(recogniser_insight(model.recogniser, ws, request.app.state.insight_cache))
+        with request.app.state.insight_turn.turn():  # one computation at a time (fewshot.service.costs)
+            return insight_out(recogniser_insight(model.recogniser, ws, request.app.state.insight_cache))
 
     @app.post("/workspaces/{ws}/occlusion", tags=["inference"])
-    def occlusion(ws: WorkspaceDep, model: ModelDep, settings: SettingsDep, image: Annotated[UploadFile, File()],
+    def occlusion(request: Request, ws: WorkspaceDep, model: ModelDep, settings: SettingsDep,
+                  image: Annotated[UploadFile, File()],
                   cells: Annotated[int, Form(ge=MIN_CELLS, le=MAX_CELLS)] = 7,
                   threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None) -> OcclusionPredictionOut:
         """The prediction for one image and which parts of it moved the answer: a cells x cells map of
         how much the answer's margin over the runner-up drops when each region is covered (1 + cells^2
-        images embedded)."""
+        images embedded; a workspace may embed at most 600 such images a minute, beyond that 429 +
+        Retry-After; they queue behind other requests' images)."""
+        request.app.state.occlusion_budget.spend(ws, 2 + cells * cells)  # the prediction, the original, the maps
         up = _decode_all([image], model, settings, thumbnails=False)
-        pred = model.recogniser.classify(ws, up.arrays, top_k=1, threshold=threshold, previews=up.previews)[0]
-        top = pred.top_k[0]
-        m = recogniser_occlusion(model.recogniser, ws, up.arrays[0], top.class_id, cells)
+        with one_request():
+            pred = model.recogniser.classify(ws, up.arrays, top_k=1, threshold=threshold, previews=up.previews)[0]
+            top = pred.top_k[0]
+            m = recogniser_occlusion(model.recogniser, ws, up.arrays[0], top.class_id, cells)
         return OcclusionPredictionOut(prediction=_prediction_out(up.names[0], pred),
                                       **occlusion_out(m, up.arrays[0], top.class_id, top.label).model_dump())
 
@@ -673,13 +698,21 @@ def _add_insight_routes(app: FastAPI) -> None:
 def _add_export_routes(app: FastAPI) -> None:
     @app.get("/workspaces/{ws}/export", tags=["inference"], response_class=Response,
              responses={200: {"content": {"application/zip": {}}}})
-    def export(ws: WorkspaceDep, model: ModelDep) -> Response:
+    def export(request: Request, ws: WorkspaceDep, model: ModelDep) -> Response:
         """The workspace as one standalone classifier: a zip of `model.onnx` (embedder, prototypes,
         decision rule and unknown threshold; runs on ONNX Runtime alone) and `labels.json` (labels in
-        output order, preprocessing, rule, how to read the outputs)."""
+        output order, preprocessing, rule, how to read the outputs). Built once per version of the
+        workspace (and of its settings), one build at a time."""
         from fewshot.service.standalone import export_workspace  # onnx: imported on first use
 
-        zipped = export_workspace(model.recogniser, model.bundle, ws, model_name=model.name).zip_bytes()
+        rec = request.state.workspace
+        key = (rec.version, json.dumps(rec.settings, sort_keys=True), model.bundle_id, model.name)
+
+        def build() -> bytes:
+            with request.app.state.export_turn.turn():
+                return export_workspace(model.recogniser, model.bundle, ws, model_name=model.name).zip_bytes()
+
+        zipped = request.app.state.export_cache.get(ws, key, build)
         return Response(zipped, media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{ws}-classifier.zip"'})
 

@@ -479,7 +479,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.insight_cache = InsightCache()
     # cost bounds of the routes that multiply work (fewshot.service.costs)
     app.state.occlusion_budget = ImageBudget()
-    app.state.insight_turn, app.state.export_turn = OneAtATime("insight"), OneAtATime("an export")
+    app.state.insight_turn = OneAtATime("insight")
     app.state.export_cache = ExportCache()
     _install_error_handlers(app)
     _add_system_routes(app)
@@ -708,11 +708,8 @@ def _add_export_routes(app: FastAPI) -> None:
         rec = request.state.workspace
         key = (rec.version, json.dumps(rec.settings, sort_keys=True), model.bundle_id, model.name)
 
-        def build() -> bytes:
-            with request.app.state.export_turn.turn():
-                return export_workspace(model.recogniser, model.bundle, ws, model_name=model.name).zip_bytes()
-
-        zipped = request.app.state.export_cache.get(ws, key, build)
+        zipped = request.app.state.export_cache.get(
+            ws, key, lambda: export_workspace(model.recogniser, model.bundle, ws, model_name=model.name).zip_bytes())
         return Response(zipped, media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{ws}-classifier.zip"'})
 

@@ -11,7 +11,7 @@
   result the one before it cached.
 * `ExportCache`: export built a 12.5 MB zip (ONNX compose, serialisation) on every call; it is
   cached per workspace, keyed on what it is made of (the workspace's version, its settings, the
-  model), at most `max_entries` zips.
+  model), at most `max_entries` zips, built one at a time.
 * `Refitter`: a logistic head is refitted on the stored examples after every change (6-8 s for a
   large workspace), lazily by the first request that needs it; after a registration the service
   refits in one background thread instead (one workspace at a time, a workspace queued once), so
@@ -91,28 +91,26 @@ class OneAtATime:
 
 
 class ExportCache:
-    """The last `max_entries` exported zips, by workspace, valid while their key holds."""
+    """The last `max_entries` exported zips, by workspace, valid while their key holds. One build at
+    a time: a caller waits for the build going on (then finds it cached if it was the same), or is
+    refused (ServiceBusy) when it cannot start within `wait_s`."""
 
-    def __init__(self, max_entries: int = 4) -> None:
-        self.max_entries = max_entries
+    def __init__(self, max_entries: int = 4, wait_s: float = 10.0) -> None:
+        self.max_entries, self.wait_s = max_entries, wait_s
         self._entries: OrderedDict[str, tuple[Hashable, bytes]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._turn = OneAtATime("an export", wait_s)
         self.builds = 0
 
     def get(self, workspace_id: str, key: Hashable, build: Callable[[], bytes]) -> bytes:
-        with self._lock:
-            hit = self._entries.get(workspace_id)
-            if hit is not None and hit[0] == key:
-                self._entries.move_to_end(workspace_id)
-                return hit[1]
-        zipped = build()
-        with self._lock:
-            self.builds += 1
-            self._entries[workspace_id] = (key, zipped)
-            self._entries.move_to_end(workspace_id)
+        with self._turn.turn():
+            entry = self._entries.pop(workspace_id, None)
+            if entry is None or entry[0] != key:
+                entry = (key, build())
+                self.builds += 1
+            self._entries[workspace_id] = entry  # the most recently used last
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
-        return zipped
+            return entry[1]
 
 
 class Refitter:

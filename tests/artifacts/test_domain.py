@@ -22,6 +22,7 @@ from fewshot.artifacts.domain import (
     FAR,
     DomainSummary,
     ImageStats,
+    cross_fitted_embeddings,
     image_statistics,
     model_image_statistics,
     small_rgb,
@@ -148,6 +149,39 @@ def test_embedding_threshold_is_calibrated_on_held_out_gaussian_points() -> None
     # the subspace is that of the 3 largest variances (the last 3 axes here)
     assert np.allclose(s.variances, sd[::-1][:3] ** 2, rtol=0.15)
     assert (s.basis[:, 5:] ** 2).sum() > 0.95 * 3
+
+
+def classes_of_points(n_classes: int, per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(n_classes * per_class, 8) points: each class a random centre (sd 1..3 by axis) plus noise (sd 0.5)."""
+    sd = np.linspace(1.0, 3.0, 8)
+    centres = rng.normal(size=(n_classes, 8)) * sd
+    groups = np.repeat(np.arange(n_classes), per_class)
+    return centres[groups] + rng.normal(size=(len(groups), 8)) * 0.5, groups
+
+
+def test_cross_fitted_threshold_holds_on_classes_it_never_saw() -> None:
+    """Calibrated with every class held out in turn, the threshold flags about 0.5% of the points of
+    new classes."""
+    rng = np.random.default_rng(0)
+    z, groups = classes_of_points(200, 20, rng)
+    s = cross_fitted_embeddings(z, groups, np.random.default_rng(1), components=3)
+    assert s.n_held_out == s.n_fit == len(z)  # every point calibrates
+    new, _ = classes_of_points(1000, 20, rng)
+    assert 0.002 < (s.score(new) > 1).mean() < 0.012
+    with pytest.raises(ValueError, match="too few for 5 folds"):
+        cross_fitted_embeddings(z[:80], groups[:80], rng, components=3)  # 4 classes
+
+
+def test_summarise_domain_holds_out_whole_classes_when_given_them() -> None:
+    rng = np.random.default_rng(0)
+    images, stats = gaussian_images(600, rng), [image_statistics(character(rng)) for _ in range(10)]
+    groups = np.repeat(np.arange(30), 20)
+    s = summarise_domain(PixelEmbedder(), images, stats, mode="L", size=4, rng=np.random.default_rng(1),
+                         components=4, groups=groups)
+    assert s.embedding.n_held_out == 600
+    with pytest.raises(ValueError, match="class of each of the 600 images"):
+        summarise_domain(PixelEmbedder(), images, stats, mode="L", size=4, rng=np.random.default_rng(1),
+                         groups=groups[:10])
 
 
 def test_embedding_summary_refuses_too_few_points_and_wrong_dims() -> None:

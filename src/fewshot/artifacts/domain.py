@@ -8,7 +8,12 @@ A `DomainSummary` lives in the bundle manifest (a few KB). It records
   natural images", SPIE 2003), mean intensity, contrast, plain-background share and mid-tone share;
 * the embedding distribution of training images: a PCA summary (mean, top-k principal directions
   and their variances, the variance left outside them) and the score of held-out training images,
-  so the threshold is calibrated (by default their 99.5th percentile).
+  so the threshold is calibrated (by default their 99.5th percentile). Given each image's class
+  (`groups`), every image is held out once with its whole class (5 folds), as the characters
+  users teach are new classes: on the 8,460 Vinyals test characters the quickstart bundle's
+  threshold, calibrated on a random fifth of other images of the fitted classes, flagged 0.91%
+  (0.80-1.06% when rebuilt with 3 seeds), cross-fitted by class 0.67-0.70%
+  (benchmarks/bench_domain_calibration.py; BENCHMARKS.md, "Out-of-domain flag").
 
 `DomainSummary.check(embeddings, stats)` returns one `DomainVerdict` per image. An image is out of
 domain when one of its statistics lies outside the training range widened by a tolerance (e.g. a
@@ -244,16 +249,45 @@ def summarise_embeddings(fit: np.ndarray, held: np.ndarray, *, components: int =
         raise ValueError(f"{len(fit)} fit and {len(held)} held-out embeddings are too few: the "
                          f"{100 * threshold_quantile:g}th percentile needs >= {min_held} held out and "
                          f"{components} components >= {2 * components} to fit; pass more training images")
+    stub = _pca_summary(fit, components, threshold_quantile)
+    return _calibrated(stub, stub.distances(held), threshold_quantile, len(fit), len(held))
+
+
+def _pca_summary(fit: np.ndarray, components: int, threshold_quantile: float) -> EmbeddingSummary:
+    """The PCA of `fit` (N, D), not yet calibrated (scales and threshold 1)."""
     mean, basis, var, resid = _quantized_pca(np.asarray(fit, np.float64), components)
-    stub = EmbeddingSummary(mean, basis, tuple(float(x) for x in var), resid, (1.0, 1.0), 1.0,
-                            threshold_quantile, {}, len(fit), len(held))
-    dist = stub.distances(held)
+    return EmbeddingSummary(mean, basis, tuple(float(x) for x in var), resid, (1.0, 1.0), 1.0,
+                            threshold_quantile, {}, len(fit), 0)
+
+
+def cross_fitted_embeddings(z: np.ndarray, groups: np.ndarray, rng: np.random.Generator, *, folds: int = 5,
+                            components: int = 16, threshold_quantile: float = 0.995) -> EmbeddingSummary:
+    """PCA of all of `z` (N, D), calibrated on every image held out by class: the classes
+    (`groups` (N,)) are dealt into `folds` folds at random, and each fold's images are scored by a
+    PCA fitted without their classes, as a new class taught by a user will be. Every image
+    calibrates, so the 99.5th percentile rests on N scores, not on a fifth of them."""
+    classes = np.unique(groups)
+    if len(classes) < folds or len(z) < 2 * components or len(z) < math.ceil(1.0 / (1.0 - threshold_quantile)):
+        raise ValueError(f"{len(z)} embeddings of {len(classes)} classes are too few for {folds} folds and "
+                         f"{components} components; pass more training images")
+    fold_of_class = dict(zip(rng.permutation(classes).tolist(), np.arange(len(classes)) % folds, strict=True))
+    fold = np.array([fold_of_class[c] for c in np.asarray(groups).tolist()])
+    dist = np.zeros((len(z), 2))
+    for f in range(folds):
+        dist[fold == f] = _pca_summary(z[fold != f], components, threshold_quantile).distances(z[fold == f])
+    return _calibrated(_pca_summary(z, components, threshold_quantile), dist, threshold_quantile, len(z), len(z))
+
+
+def _calibrated(stub: EmbeddingSummary, dist: np.ndarray, threshold_quantile: float, n_fit: int,
+                n_held: int) -> EmbeddingSummary:
+    """`stub`'s PCA with scales and threshold at `threshold_quantile` of held-out distances (M, 2)."""
+    mean, basis, resid = stub.mean, stub.basis, stub.residual_variance
     scales = np.maximum(np.quantile(dist, threshold_quantile, axis=0), 1e-12)
     raw = (dist / scales).max(axis=1)
     threshold = max(float(np.quantile(raw, threshold_quantile)), 1e-12)
     qs = {f"p{100 * q:g}": float(np.quantile(raw / threshold, q)) for q in SCORE_QUANTILES}
     return EmbeddingSummary(mean, basis, stub.variances, resid, (float(scales[0]), float(scales[1])),
-                            threshold, threshold_quantile, qs, len(fit), len(held))
+                            threshold, threshold_quantile, qs, n_fit, n_held)
 
 
 # -- the domain ------------------------------------------------------------------------------------
@@ -393,12 +427,14 @@ def summarise_domain(
     embedder: Embedder, images_u8: np.ndarray, stats: Sequence[ImageStats], *, mode: str, size: int,
     rng: np.random.Generator, trained_on: str = "images", image_stats_from: str = "originals",
     held_out: float = 0.2, components: int = 16, threshold_quantile: float = 0.995, batch: int = 512,
-    stats_side: int = STATS_SIDE, max_images: int = 20_000,
+    stats_side: int = STATS_SIDE, max_images: int = 20_000, groups: np.ndarray | None = None,
 ) -> DomainSummary:
     """The domain of training images `images_u8` uint8 (N, C, size, size) under the model's
     preprocessing; `stats` = image_statistics of training images as uploaded (not necessarily the
     same images), taken on small_rgb(img, stats_side). At most `max_images` random images (drawn
-    with `rng`) are embedded; a `held_out` share of them calibrates the embedding threshold."""
+    with `rng`) are embedded; a `held_out` share of them calibrates the embedding threshold, or,
+    when `groups` (N,) gives each image's class, every image is held out once with its class
+    (`cross_fitted_embeddings`, round(1 / held_out) folds)."""
     channels = {"L": 1, "RGB": 3}.get(mode)
     if channels is None or images_u8.dtype != np.uint8 or images_u8.shape[1:] != (channels, size, size):
         raise ValueError(f"images_u8 must be uint8 (N, {channels}, {size}, {size}) for mode {mode!r}; got "
@@ -406,10 +442,17 @@ def summarise_domain(
     if not stats:
         raise ValueError("stats is empty; pass image_statistics(small_rgb(img)) of training uploads, or "
                          "model_image_statistics(images_u8) when the originals are not at hand")
+    if groups is not None and (np.shape(groups) != (len(images_u8),) or len(np.unique(groups)) < 2):
+        raise ValueError(f"groups must give the class of each of the {len(images_u8)} images, of at least 2 "
+                         f"classes; got shape {np.shape(groups)}; pass None to hold out any images")
     order = rng.permutation(len(images_u8))[:max_images]
-    n_held = int(round(held_out * len(order)))
     z = _embed_rows(embedder, images_u8, order, batch)
-    emb = summarise_embeddings(z[n_held:], z[:n_held], components=components, threshold_quantile=threshold_quantile)
+    if groups is not None:
+        emb = cross_fitted_embeddings(z, np.asarray(groups)[order], rng, folds=max(2, round(1 / held_out)),
+                                      components=components, threshold_quantile=threshold_quantile)
+    else:
+        n_held = int(round(held_out * len(order)))
+        emb = summarise_embeddings(z[n_held:], z[:n_held], components=components, threshold_quantile=threshold_quantile)
     values = np.stack([s.as_array() for s in stats])  # (M, n_stats)
     qs = np.quantile(values, STAT_QUANTILES, axis=0)  # (3, n_stats)
     quantiles = {n: (float(qs[0, j]), float(qs[1, j]), float(qs[2, j])) for j, n in enumerate(STAT_NAMES)}

@@ -48,8 +48,7 @@ from fewshot.artifacts.domain import (
 from fewshot.config import load_config
 from fewshot.data.imageio import Preprocessing, open_image, to_array
 from fewshot.data.sources import OmniglotSource
-from fewshot.pipeline import images_by_class
-from fewshot.training.data import RunData, load_run_data
+from fewshot.training.data import RunData, images_by_class, load_run_data
 
 ROOT = Path(__file__).resolve().parents[1]
 Decoded = tuple[np.ndarray, list[ImageStats]]  # model inputs uint8 (N, C, H, W), their upload stats

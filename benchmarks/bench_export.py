@@ -28,8 +28,8 @@ FAMILIES = ["protonet", "maml", "fomaml", "anil", "metasgd", "reptile", "pretrai
 
 def run_family(name: str, args: argparse.Namespace) -> dict[str, object]:
     from fewshot.artifacts.bundle import load_bundle
+    from fewshot.artifacts.export import export_run
     from fewshot.config import load_config
-    from fewshot.deploy import export_run
     from fewshot.training.loop import train
     from fewshot.training.protocol import evaluate_run
 

@@ -56,7 +56,7 @@ def characters_bundle(out: Path) -> Path:
 
 def photos_bundle(out: Path) -> Path:
     """The photos bundle from the shipped EfficientNet-Lite0 weights (no calibration; synthetic parity)."""
-    from fewshot.photos import build_photos_bundle
+    from fewshot.artifacts.photos import build_photos_bundle
 
     return build_photos_bundle(out, data_root=out.parent / "no-data", calibration_per_class=0)
 

@@ -81,8 +81,8 @@ def quantise_variants(fp32: Path, calibration: np.ndarray, evaluate: Any, tmp: P
 
 
 def photos(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from fewshot.artifacts.photos import PHOTOS_RULE, build_photos_bundle, cifar10_images
     from fewshot.artifacts.quantise import calibration_sample, episode_evaluator
-    from fewshot.photos import PHOTOS_RULE, build_photos_bundle, cifar10_images
 
     zip_path = args.data / "cifar10-subset" / "cifar10_subset.zip"
     fp32 = build_photos_bundle(tmp / "photos", variant="efficientnet_lite0", data_root=args.data,
@@ -99,8 +99,12 @@ def photos(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def characters(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from fewshot.artifacts.bundle import load_bundle
+    from fewshot.artifacts.export import (
+        int8_calibration_images,
+        recorded_test_results,
+        served_accuracy,
+    )
     from fewshot.config import load_config
-    from fewshot.deploy import int8_calibration_images, recorded_test_results, served_accuracy
     from fewshot.training.data import load_run_data
 
     run = args.run

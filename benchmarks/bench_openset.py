@@ -60,8 +60,7 @@ class Candidate:
 def embed_splits(bundle: Any, config_path: Path) -> dict[str, list[np.ndarray]]:
     """split -> [(20, D) float32 embeddings per class] through the bundle's ONNX embedder."""
     from fewshot.config import load_config
-    from fewshot.pipeline import images_by_class
-    from fewshot.training.data import load_run_data
+    from fewshot.training.data import images_by_class, load_run_data
 
     data = load_run_data(load_config(config_path).data, progress=False)
     return {split: [bundle.onnx_embedder.embed(x) for _, x in sorted(images_by_class(data, split).items())]

@@ -18,7 +18,7 @@ and measured as served (its ONNX model + its decision, `fewshot.decision.episode
 
 Lite0 studies (`--sections check,variants,served,lite0-latency`):
 1. Preprocessing check: does the ImageNet top-5 of 200 CIFAR-10 test images (20 per class, 32x32
-   upscaled to 224) contain a plausible ImageNet class (`fewshot.photos.PLAUSIBLE_IMAGENET`)? For
+   upscaled to 224) contain a plausible ImageNet class (`fewshot.artifacts.photos.PLAUSIBLE_IMAGENET`)? For
    the backbone's TensorFlow arithmetic (TF "same" padding, batch-norm eps 1e-3, (255 x - 127) / 128
    inside the model) under lanczos / bilinear (imageio's filters) and bicubic (Pillow directly:
    not in imageio), and for symmetric padding, ImageNet mean/std input and eps 1e-5.
@@ -88,8 +88,8 @@ def embed(embedder: Any, images: np.ndarray, batch: int = 4) -> np.ndarray:
 
 def load_test(zip_path: Path, per_class: int, resample: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """-> uint8 (10 * per_class, 3, 224, 224), labels (N,), class names; decoded as the service does."""
+    from fewshot.artifacts.photos import cifar10_images
     from fewshot.data.imageio import Preprocessing
-    from fewshot.photos import cifar10_images
 
     by_class = cifar10_images(zip_path, "test", per_class, Preprocessing("RGB", 224, resample))
     classes = list(by_class)
@@ -97,8 +97,8 @@ def load_test(zip_path: Path, per_class: int, resample: str) -> tuple[np.ndarray
 
 
 def preprocessing_check(zip_path: Path, per_class: int, tmp: Path) -> list[dict[str, Any]]:
+    from fewshot.artifacts.photos import PLAUSIBLE_IMAGENET, plausible_top5
     from fewshot.backbones import create_backbone
-    from fewshot.photos import PLAUSIBLE_IMAGENET, plausible_top5
 
     rows = []
     data = {r: load_test(zip_path, per_class, r) for r in RESAMPLES}
@@ -189,7 +189,7 @@ def prototype_accuracy(z: np.ndarray, labels: np.ndarray, metric: str, *, episod
 
 def split_images(zip_path: Path, split: str, per_class: int, pre: Any) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (10 * per_class, 3, 224, 224) decoded as the service does, and class labels (N,)."""
-    from fewshot.photos import cifar10_images
+    from fewshot.artifacts.photos import cifar10_images
 
     by_class = cifar10_images(zip_path, split, per_class, pre)
     return np.concatenate(list(by_class.values())), np.repeat(np.arange(len(by_class)), per_class)
@@ -228,7 +228,7 @@ def served(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     accuracy), loaded with `load_bundle`, on test photos decoded under its manifest's preprocessing,
     embedded by its ONNX model and classified by its decision rule: the service's path."""
     from fewshot.artifacts.bundle import load_bundle
-    from fewshot.photos import build_photos_bundle
+    from fewshot.artifacts.photos import build_photos_bundle
 
     bundle = load_bundle(build_photos_bundle(tmp / "photos", variant="efficientnet_lite0", data_root=args.data,
                                              calibration_per_class=0, domain_per_class=0))
@@ -262,8 +262,8 @@ def latency(tmp: Path, images: np.ndarray, runs: int) -> dict[str, float]:
 # -- the shipped photos bundles side by side (section "bundles", then "latency") ---------------------
 def mini_test(args: argparse.Namespace, pre: Any) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
     """miniImageNet test classes: uint8 (20 * n, 3, 224, 224), labels, the JPEG bytes (for stats)."""
+    from fewshot.artifacts.photos import miniimagenet_files
     from fewshot.data.imageio import decode_image
-    from fewshot.photos import miniimagenet_files
 
     files = miniimagenet_files(args.data, "test", args.mini_per_class)
     if files is None:
@@ -331,10 +331,10 @@ def bundle_row(variant: str, args: argparse.Namespace, bundles: Path) -> dict[st
     it does not change accuracy), measure it as served, quantise it (int8, forced: the drop is
     recorded, not refused) and measure the int8 model on the same episodes and the domain check."""
     from fewshot.artifacts.bundle import load_bundle
+    from fewshot.artifacts.photos import build_photos_bundle, cifar10_images
     from fewshot.artifacts.quantise import QuantiseConfig, calibration_sample, quantise_bundle
     from fewshot.backbones import create_backbone
     from fewshot.data.imageio import decode_image
-    from fewshot.photos import build_photos_bundle, cifar10_images
 
     zip_path = args.data / "cifar10-subset" / "cifar10_subset.zip"
     t = time.perf_counter()

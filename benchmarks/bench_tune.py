@@ -1,4 +1,4 @@
-"""Hyper-parameter search on Omniglot: an Optuna study (`fewshot.tune` over the space of
+"""Hyper-parameter search on Omniglot: an Optuna study (`fewshot.workflows.tune` over the space of
 configs/tune_protonet_omniglot.yaml) against the hand-written config (configs/protonet_omniglot.yaml)
 at the same training budget.
 
@@ -59,7 +59,7 @@ def main() -> None:
     from fewshot.training.data import load_run_data
     from fewshot.training.loop import train
     from fewshot.training.protocol import evaluate_run  # noqa: F401  (imported before the long run)
-    from fewshot.tune import open_study, storage_url, study_dir, tune, write_outputs
+    from fewshot.workflows.tune import open_study, storage_url, study_dir, tune, write_outputs
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=12, help="trials the study should hold in the end")

@@ -1,4 +1,4 @@
-"""The photos bundles (fewshot.photos): the variant is checked, the domain summary is fitted on
+"""The photos bundles (fewshot.artifacts.photos): the variant is checked, the domain summary is fitted on
 miniImageNet *training* classes only (a tiny miniImageNet layout made here), and, on the real data,
 the shipped domain summary keeps held-out photos and flags characters and blanks."""
 
@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewshot.errors import ConfigError
-from fewshot.photos import (
+from fewshot.artifacts.photos import (
     DOMAIN_PER_CLASS,
     DOMAIN_TRAINED_ON,
     build_photos_bundle,
     miniimagenet_files,
     photos_domain,
 )
+from fewshot.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,22 +8,47 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fewshot.artifacts.bundle import Manifest
+from fewshot.artifacts.byo import bundle_from_onnx, read_folder
+from fewshot.artifacts.export import Int8Export, export_run
+from fewshot.artifacts.zoo import get_entry, is_zoo_name, list_entries, zoo_root
+from fewshot.config import EvalConfig, config_from_dict, load_config
+from fewshot.data.download import download_omniglot
+from fewshot.data.imageio import Preprocessing
+from fewshot.data.splits import check_leakage
+from fewshot.distill import distill
+from fewshot.episodes import EpisodeSpec, describe_episode, episode_rng, materialise
+from fewshot.episodes.grid import episode_grid
 from fewshot.errors import DataError, FewshotError
+from fewshot.precision import keep_freed_memory
+from fewshot.service.app import serve
+from fewshot.service.standalone import export_stored_workspace
+from fewshot.training.data import load_run_data, prepare_data
+from fewshot.training.distributed import World, process_group
+from fewshot.training.loop import check_run_dir, resolve_device, train
+from fewshot.training.protocol import evaluate_run
+from fewshot.workflows.compare import compare_runs
+from fewshot.workflows.pipeline import run_pipeline
+from fewshot.workflows.tune import tune
+from fewshot.workflows.zoo import (
+    entry_data,
+    entry_table,
+    evaluate_bundle,
+    evaluate_entry,
+    publish,
+    rescore,
+)
 
 
 def _training_process() -> None:
     """What a command that trains or evaluates sets for its whole process (never library code):
     glibc keeps freed tensor memory for the next step (`fewshot.precision.keep_freed_memory`; 1.8x
     the Conv-4 training steps of benchmarks/bench_throughput.py on this CPU)."""
-    from fewshot.precision import keep_freed_memory
-
     keep_freed_memory()
 
 
 def _data_config(args: argparse.Namespace) -> Any:
     """The data section from command-line options, validated like a config file's."""
-    from fewshot.config import config_from_dict
-
     given = {"dataset": args.dataset, "image_size": args.size, "mode": args.mode, "cache_dir": args.cache_dir,
              "split": getattr(args, "split", None), "splits_dir": args.splits_dir, "first_level": args.first_level,
              "min_images_per_class": getattr(args, "min_images", 2), "root": args.data or None}
@@ -47,11 +72,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from fewshot.training.data import prepare_data
-
     cfg = _data_config(args)
     if args.download:
-        from fewshot.data.download import download_omniglot
 
         if cfg.dataset != "omniglot":
             raise DataError(f"--download fetches the Omniglot zips only; put dataset {cfg.dataset!r} in place "
@@ -71,10 +93,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from fewshot.data.splits import check_leakage
-    from fewshot.episodes import EpisodeSpec, describe_episode, episode_rng, materialise
-    from fewshot.episodes.grid import episode_grid
-    from fewshot.training.data import load_run_data
 
     data = load_run_data(_data_config(args), progress=True)
     cache = data.cache
@@ -104,8 +122,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _training_process()
-    from fewshot.config import load_config
-    from fewshot.training.loop import train
 
     overrides = list(args.overrides)
     if args.data:
@@ -124,17 +140,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _launch(config: Any) -> Any:
     """The process group of a torchrun launch (gloo on CPU, NCCL on CUDA) around a command."""
-    from fewshot.training.distributed import World, process_group
-    from fewshot.training.loop import resolve_device
-
     world = World.from_env()
     return process_group(world, resolve_device(config.train.device).type)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     _training_process()
-    from fewshot.config import load_config
-    from fewshot.distill import distill
 
     overrides = list(args.overrides)
     if args.data:
@@ -154,8 +165,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     _training_process()
-    from fewshot.config import load_config
-    from fewshot.tune import tune
 
     overrides = list(args.overrides)
     if args.data:
@@ -173,10 +182,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fewshot.artifacts.zoo import get_entry, is_zoo_name
-
     if is_zoo_name(args.run):  # a zoo bundle, scored as served on its card's protocol
-        from fewshot.zoo import entry_data, evaluate_entry
 
         card = get_entry(args.run).card()
         tasks = ([(args.way or 5, args.shot or 1, args.mode or "any")] if args.way or args.shot else
@@ -187,11 +193,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                  seed=args.seed, data=data)
             print(f"{args.run} as served (ONNX Runtime + its decision rule): {res.summary()}")
         return 0
-    from fewshot.config import EvalConfig, load_config
 
     bundle = (Path(args.run) / "manifest.json").is_file()
     if not bundle:
-        from fewshot.training.loop import check_run_dir
 
         check_run_dir(Path(args.run))
     # a run's eval section, unless given on the command line (a bundle: the protocol's defaults)
@@ -200,13 +204,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     query, episodes = args.query or ev.query, args.episodes or ev.episodes
     seed, split, mode = ev.seed if args.seed is None else args.seed, args.split or ev.split, args.mode or ev.domain_mode
     if bundle:  # a bundle folder, scored as served
-        from fewshot.zoo import evaluate_bundle
 
         res = evaluate_bundle(args.run, way=way, shot=shot, query=query, episodes=episodes, seed=seed, split=split,
                               mode=mode)
         print(f"{args.run} as served (ONNX Runtime + its decision rule): {res.summary()}")
         return 0
-    from fewshot.training.protocol import evaluate_run
 
     _training_process()
     res = evaluate_run(args.run, way=way, shot=shot, query=query, episodes=episodes, seed=seed, split=split,
@@ -219,17 +221,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fewshot.training.protocol import compare_runs
-
     print(compare_runs([Path(r) for r in args.runs], Path(args.out)))
     print(f"\nplot: {args.out}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fewshot.artifacts.bundle import Manifest
-    from fewshot.deploy import Int8Export, export_run
-
     int8 = Int8Export(calibration_images=args.calibration_images) if args.int8 else None
     out = export_run(Path(args.run), Path(args.out), force=args.force, int8=int8)
     manifest = Manifest.read(out)
@@ -245,9 +242,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle_onnx(args: argparse.Namespace) -> int:
-    from fewshot.artifacts.byo import bundle_from_onnx, read_folder
-    from fewshot.data.imageio import Preprocessing
-
     pre = Preprocessing(mode=args.mode, size=args.size, resample=args.resample, crop=args.crop,
                         mean=args.mean, std=args.std)
     labelled = read_folder(Path(args.calibrate), pre, labelled=True) if args.calibrate else None
@@ -260,25 +254,18 @@ def cmd_bundle_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fewshot.service.app import serve
-
     serve(args.bundles, db_url=args.db, host=args.host, port=args.port, admin_key=args.admin_key)
     return 0
 
 
 def cmd_export_workspace(args: argparse.Namespace) -> int:
-    from fewshot.service.standalone import export_stored_workspace
-
     out = export_stored_workspace(args.db, args.workspace, args.bundles, args.out)
     print(f"standalone classifier written to {out} (model.onnx + labels.json; runs on ONNX Runtime alone)")
     return 0
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from fewshot.artifacts.zoo import get_entry, list_entries, zoo_root
-
     if args.zoo_command in (None, "list"):
-        from fewshot.zoo import entry_table
 
         entries = list_entries()
         if not entries:
@@ -288,13 +275,11 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         print(f"\nserve one: fewshot serve zoo:{entries[0].name}   (cards: {zoo_root()}/<entry>/MODEL.md)")
         return 0
     if args.zoo_command == "publish":
-        from fewshot.zoo import publish
 
         entry = publish(args.recipe, replace=args.replace, episodes=args.episodes)
         print((entry.path / "MODEL.md").read_text(encoding="utf-8"))
         print(f"entry written to {entry.path}")
         return 0
-    from fewshot.zoo import entry_data, rescore
 
     entry = get_entry(args.name)
     rows = rescore(entry, entry_data(entry, progress=True), episodes=args.episodes)
@@ -306,8 +291,6 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     _training_process()
-    from fewshot.config import load_config
-    from fewshot.pipeline import run_pipeline
 
     overrides = list(args.overrides)
     if args.data:

@@ -13,7 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fewshot.data.imageio import ImageError, Preprocessing
 from fewshot.errors import ConfigError
+from fewshot.io import atomic_write_text
 
 
 class _Frozen(BaseModel):
@@ -75,8 +77,6 @@ class DataConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check_preprocessing(self) -> DataConfig:
-        from fewshot.data.imageio import ImageError, Preprocessing
-
         try:
             Preprocessing(self.mode, self.image_size, crop=self.crop, mean=_tuple(self.mean), std=_tuple(self.std))
         except ImageError as exc:
@@ -159,6 +159,8 @@ class EvalConfig(_Frozen):
 class ExportConfig(_Frozen):
     enabled: bool = True
     calibration_episodes: int = Field(600, ge=10)
+    # no longer read: it chose the legacy raw-score thresholds, which are gone (the open-set rule is
+    # calibrated by fewshot.artifacts.calibration); kept so saved run configs that set it still load
     false_accept_rate: float = Field(0.05, gt=0, lt=1)
     # `fewshot export` measures the bundle as served (ONNX Runtime + the service's rule) on the
     # run's test episodes and refuses it when it is more than this below the learner (unless forced)
@@ -178,7 +180,6 @@ class DistillConfig(_Frozen):
         kd_episode_weight * KD(episode logits) + kd_class_weight * KD(base-class logits)
         + hint_weight * FitNets hint + rkd_distance_weight * RKD-D + rkd_angle_weight * RKD-A)
     """
-
     teachers: list[TeacherConfig] = Field(min_length=1)
     task_weight: float = Field(1.0, ge=0)
     temperature: float = Field(4.0, gt=0)
@@ -203,7 +204,6 @@ class PipelineConfig(_Frozen):
 
 class ZooResult(_Frozen):
     """One row of a zoo card's table: a task, and the published number it is compared with."""
-
     way: int = Field(ge=2)
     shot: int = Field(ge=1)
     mode: Literal["any", "within", "across"] = "any"
@@ -215,7 +215,6 @@ class ZooConfig(_Frozen):
     """A zoo recipe's card (`fewshot zoo publish CONFIG`): what the entry is, what it is for, and the
     protocol and published anchors of its accuracy table. Not part of what a run computes: a resume
     never compares it."""
-
     title: str
     summary: str
     intended_use: str
@@ -232,7 +231,6 @@ class ZooConfig(_Frozen):
 class ParamSpec(_Frozen):
     """One search dimension of `tune.space`: float / int in [low, high] (log-uniform with `log`,
     on a grid with `step`), or one of `choices`."""
-
     type: Literal["float", "int", "categorical"]
     low: float | None = None
     high: float | None = None
@@ -278,7 +276,6 @@ class TuneConfig(_Frozen):
     """`fewshot tune`: an Optuna study over `space` (dotted config paths -> ParamSpec).
 
     Trials are scored by their best validation accuracy (the validation split only)."""
-
     metric: Literal["val_acc"] = "val_acc"  # maximised
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0  # the sampler's seed (plus the number of trials already in the study)
@@ -412,6 +409,4 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
 
 
 def dump_config(config: RunConfig, path: Path) -> None:
-    from fewshot.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

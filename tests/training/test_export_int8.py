@@ -9,8 +9,8 @@ import pytest
 from synthetic_runs import config, run_data, synthetic_cache
 
 from fewshot.artifacts.bundle import INT8_ONNX, load_bundle
+from fewshot.artifacts.export import Int8Export, export_run, recorded_test_results, served_accuracy
 from fewshot.artifacts.quantise import TooFewCalibrationImages
-from fewshot.deploy import Int8Export, export_run, recorded_test_results, served_accuracy
 from fewshot.training.data import RunData
 from fewshot.training.loop import train
 from fewshot.training.protocol import evaluate_run

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import fewshot.backbones.efficientnet as eff
-from fewshot.pipeline import PHOTOS_TARGET, photos_stage
+from fewshot.workflows.pipeline import PHOTOS_TARGET, photos_stage
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from synthetic_runs import config, run_data, synthetic_cache
 
-import fewshot.pipeline as pipeline
+import fewshot.workflows.pipeline as pipeline
 from fewshot.artifacts.bundle import Manifest
 
 

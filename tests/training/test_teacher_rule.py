@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from synthetic_runs import config, run_data, synthetic_cache
 
-import fewshot.deploy as deploy
+import fewshot.artifacts.export as deploy
 from fewshot.decision import DecisionRule
 from fewshot.distill.teacher import load_teacher
 from fewshot.training.loop import load_trained, train

@@ -17,7 +17,8 @@ from fewshot.errors import CheckpointError, ConfigError, EpisodeError
 from fewshot.training.data import RunData
 from fewshot.training.evaluate import evaluate_episodes, mean_ci95
 from fewshot.training.loop import load_trained, lr_at, train
-from fewshot.training.protocol import check_no_training_classes, compare_runs, evaluate_run
+from fewshot.training.protocol import check_no_training_classes, evaluate_run
+from fewshot.workflows.compare import compare_runs
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from synthetic_runs import config, run_data, synthetic_cache
 from fewshot.artifacts.zoo import ZooEntry, get_entry, list_entries, render_model_md, resolve_bundle
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.training.loop import train
-from fewshot.zoo import ZooMismatch, entry_table, evaluate_entry, publish, rescore, verify
+from fewshot.workflows.zoo import ZooMismatch, entry_table, evaluate_entry, publish, rescore, verify
 
 ZOO = {"title": "tiny", "summary": "a tiny test model", "intended_use": "tests", "limitations": "none",
        "data_description": "synthetic patterns", "licence": "CC0", "episodes": 600, "query": 5,
@@ -108,7 +108,7 @@ def test_an_unknown_zoo_name_lists_the_entries(made: dict[str, Any], monkeypatch
 
 
 def test_publish_never_overwrites_a_committed_entry_on_failure(made: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    import fewshot.zoo as zoo
+    import fewshot.workflows.zoo as zoo
 
     with pytest.raises(CheckpointError, match="exists; pass --replace"):
         publish(made["recipe"], root=made["root"] / "zoo", data=made["data"], progress=False)
@@ -141,7 +141,8 @@ def test_publish_refuses_a_recipe_that_is_not_what_the_run_trained(made: dict[st
 
 def test_the_main_jobs_zoo_check_runs_the_entry_beside_the_model_trained_here(made: dict[str, Any],
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from fewshot.pipeline import images_by_class, zoo_service_check
+    from fewshot.training.data import images_by_class
+    from fewshot.workflows.pipeline import zoo_service_check
 
     monkeypatch.setenv("FEWSHOT_ZOO", str(made["root"] / "zoo"))
     assert "no zoo entry 'absent'" in zoo_service_check("absent", {}, [], {})["skipped"]
@@ -155,7 +156,7 @@ def test_the_main_jobs_zoo_check_runs_the_entry_beside_the_model_trained_here(ma
 
 def test_a_bundle_folder_is_scored_as_served_on_the_data_it_records(made: dict[str, Any]) -> None:
     from fewshot.artifacts.bundle import Manifest
-    from fewshot.zoo import evaluate_bundle
+    from fewshot.workflows.zoo import evaluate_bundle
 
     bundle = made["entry"].bundle
     recorded = Manifest.read(bundle).source["data"]

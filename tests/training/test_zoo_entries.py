@@ -10,7 +10,7 @@ import pytest
 
 from fewshot.artifacts.zoo import ZooEntry, list_entries, render_model_md, zoo_root
 from fewshot.training.data import RunData
-from fewshot.zoo import entry_data, verify
+from fewshot.workflows.zoo import entry_data, verify
 
 ENTRIES = list_entries()
 QUICK_EPISODES = 40

@@ -13,7 +13,7 @@ An entry is a folder `zoo/<name>/` holding
 distillation teachers, `fewshot export-workspace`. The zoo folder is `$FEWSHOT_ZOO`, else the `zoo/`
 folder of the checkout this package runs from.
 
-This module only finds, reads and renders entries; `fewshot.zoo` makes and re-scores them.
+This module only finds, reads and renders entries; `fewshot.workflows.zoo` makes and re-scores them.
 """
 
 from __future__ import annotations

@@ -17,22 +17,27 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from fewshot.artifacts.embedders import OnnxEmbedder
+from fewshot.artifacts.onnx_export import export_onnx
 from fewshot.backbones.base import Backbone
 from fewshot.config import RunConfig
 from fewshot.data.imageio import Preprocessing
+from fewshot.distill.teacher import load_teachers
 from fewshot.episodes.sampling import EpisodeSpec
 from fewshot.io import atomic_write_json, atomic_write_text
 from fewshot.training.data import RunData
 from fewshot.training.evaluate import EvalResult, evaluate_episodes
+from fewshot.training.loop import load_trained
 
 REPORT_JSON = "distill_report.json"
 
 
+def report_dir(config: RunConfig) -> Path:
+    return Path(config.output_dir) / f"{config.name}-report"
+
+
 def measure_model(backbone: Backbone, channels: int, size: int, *, runs: int = 300) -> dict[str, float]:
     """Parameters, ONNX bytes and median batch-1 latency (ms) in ONNX Runtime with one thread."""
-    from fewshot.artifacts.embedders import OnnxEmbedder
-    from fewshot.artifacts.onnx_export import export_onnx
-
     backbone = backbone.float().cpu().eval()
     params = sum(p.numel() for p in backbone.parameters())
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,9 +72,6 @@ def _row(name: str, role: str, predictors: dict[str, EvalResult], size: dict[str
 def write_report(config: RunConfig, generations: list[RunConfig], alone: RunConfig | None, *, data: RunData,
                  progress: bool = True, tasks: list[tuple[int, int]] | None = None) -> Path:
     """Evaluate every model on the same episodes, measure it, write JSON + markdown + plot."""
-    from fewshot.distill.task import load_teachers, report_dir
-    from fewshot.training.loop import load_trained
-
     assert config.distill is not None
     tasks = tasks or [(config.eval.way, config.eval.shot)]
     pre = data.cache.preprocessing

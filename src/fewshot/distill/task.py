@@ -20,7 +20,6 @@ recipe of Tian et al. 2020): generation g + 1 is taught by generation g alone. W
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +28,8 @@ from torch import Tensor, nn
 from fewshot.backbones.init import built_quietly, reset_parameters
 from fewshot.config import DistillConfig, RunConfig, TeacherConfig
 from fewshot.distill.losses import HintLoss, RKDAngle, RKDDistance, SoftLogitKD
-from fewshot.distill.teacher import Teacher, check_no_leak, load_teacher
+from fewshot.distill.report import write_report
+from fewshot.distill.teacher import Teacher, load_teachers
 from fewshot.errors import ConfigError
 from fewshot.learners.base import LearnerOutput, embedding_dim_of
 from fewshot.training.data import RunData
@@ -99,17 +99,6 @@ class DistillObjective(TrainObjective):
         return {"loss": total, **terms}
 
 
-def load_teachers(cfg: DistillConfig, data: RunData, device: torch.device) -> list[Teacher]:
-    """Every teacher of `cfg`, frozen, checked for leaks into the student's test split."""
-    teachers = []
-    for t in cfg.teachers:
-        teacher = load_teacher(t.path, data=data)
-        if "test" in data.splits:
-            check_no_leak(teacher, data.class_names("test"))
-        teachers.append(teacher.to(device))
-    return teachers
-
-
 def objective_factory(config: RunConfig, data: RunData) -> Any:
     assert config.distill is not None
 
@@ -161,11 +150,6 @@ def distill(config: RunConfig, *, data: RunData | None = None, progress: bool = 
         results[alone.name] = train(alone, data=data, progress=progress, resume=resume, world=world)
     summary: dict[str, Any] = {"runs": {k: str(v.run_dir) for k, v in results.items()}}
     if report and world.is_main:
-        from fewshot.distill.report import write_report
 
         summary["report"] = str(write_report(config, gens, alone, data=data, progress=progress))
     return summary
-
-
-def report_dir(config: RunConfig) -> Path:
-    return Path(config.output_dir) / f"{config.name}-report"

@@ -5,7 +5,7 @@ normalisation undone (back to [0, 1] pixels), resized (bilinear, antialiased) to
 to its channels (grey -> RGB by repetition, RGB -> grey by ITU-R 601 luma), then normalised by the
 teacher's own mean/std when its preprocessing has one. Its embeddings come from its deployable backbone in eval mode; its episode logits from the
 served decision (`fewshot.decision.episode`) with the head its bundle is served with: a bundle's
-own, or for a run folder the head export chooses for that run (`fewshot.deploy.choose_rule`: for
+own, or for a run folder the head export chooses for that run (`fewshot.artifacts.export.choose_rule`: for
 the MAML family and Reptile, the better prototype metric on validation episodes); base-class logits
 only from a pre-training run (its classifier), for KD on base-class logits.
 """
@@ -21,13 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot.artifacts.bundle import WEIGHTS, load_bundle, sha256_file
+from fewshot.artifacts.export import choose_rule, deployable_backbone
 from fewshot.artifacts.zoo import is_zoo_name, resolve_bundle
 from fewshot.backbones.base import Backbone
+from fewshot.config import DistillConfig, load_config
 from fewshot.data.imageio import Preprocessing
 from fewshot.decision import DecisionRule, episode
 from fewshot.episodes.types import Episode
 from fewshot.errors import CheckpointError, ConfigError
-from fewshot.precision import FP32, PrecisionPolicy, autocast_context, prepare_input
+from fewshot.precision import FP32, PrecisionPolicy, autocast_context, prepare_input, prepare_model
+from fewshot.training.data import RunData
+from fewshot.training.loop import load_trained, train_classes
 
 LUMA = (0.299, 0.587, 0.114)
 # a preprocessing's per-channel (mean, std), or None when its model input is x / 255 alone
@@ -69,15 +74,12 @@ def adapt_images(x: Tensor, channels: int, size: int) -> Tensor:
 
 
 def _weights_digest(path: Path) -> str:
-    from fewshot.artifacts.bundle import sha256_file
-
     return sha256_file(path)
 
 
 @dataclass
 class Teacher:
     """A frozen embedder + rule (+ optional base-class classifier) with its input format."""
-
     source: str
     backbone: Backbone
     channels: int
@@ -92,8 +94,6 @@ class Teacher:
 
     def set_precision(self, policy: PrecisionPolicy) -> Teacher:
         """Run the teacher's forward pass under `policy` (e.g. the student's bf16 on CPU)."""
-        from fewshot.precision import prepare_model
-
         self.precision = policy
         prepare_model(self.backbone, policy)
         return self
@@ -179,8 +179,6 @@ def _frozen(m: M) -> M:
 
 
 def _from_bundle(p: Path) -> Teacher:
-    from fewshot.artifacts.bundle import WEIGHTS, load_bundle
-
     try:
         bundle = load_bundle(p)
     except CheckpointError as exc:
@@ -195,10 +193,6 @@ def _from_bundle(p: Path) -> Teacher:
 
 
 def _from_run(p: Path, data: Any) -> Teacher:
-    from fewshot.config import load_config
-    from fewshot.deploy import choose_rule, deployable_backbone
-    from fewshot.training.loop import load_trained, train_classes
-
     try:
         learner, manifest = load_trained(p)
     except (CheckpointError, FileNotFoundError) as exc:
@@ -225,3 +219,14 @@ def check_no_leak(teacher: Teacher, test_classes: list[str], split_name: str = "
             f"teacher {teacher.source} was trained on {len(leaked)} classes of the student's {split_name} split "
             f"(e.g. {json.dumps(leaked[:5])}): distilling from it would leak test classes. Use a teacher trained "
             "on the student's training classes only")
+
+
+def load_teachers(cfg: DistillConfig, data: RunData, device: torch.device) -> list[Teacher]:
+    """Every teacher of `cfg`, frozen, checked for leaks into the student's test split."""
+    teachers = []
+    for t in cfg.teachers:
+        teacher = load_teacher(t.path, data=data)
+        if "test" in data.splits:
+            check_no_leak(teacher, data.class_names("test"))
+        teachers.append(teacher.to(device))
+    return teachers

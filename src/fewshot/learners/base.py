@@ -31,7 +31,7 @@ from fewshot.backbones.base import Backbone
 from fewshot.decision import DecisionRule
 from fewshot.episodes.types import Episode
 from fewshot.errors import ConfigError
-from fewshot.precision import FP32, PrecisionPolicy, autocast_context, prepare_input
+from fewshot.precision import FP32, PrecisionPolicy, autocast_context, prepare_input, prepare_model
 
 Batch = Any  # list[Episode] | tuple[Tensor, Tensor]
 
@@ -66,7 +66,6 @@ def check_support(support_x: Tensor, support_y: Tensor, n_way: int) -> None:
 @dataclass
 class LearnerOutput:
     """What `compute` returns. `terms["loss"]` is the differentiable objective of the batch."""
-
     terms: dict[str, Tensor]
     images: Tensor | None = None  # (N, C, H, W) float inputs in the order of `embeddings`
     embeddings: Tensor | None = None  # (N, D) fp32, differentiable
@@ -79,14 +78,12 @@ class LearnerOutput:
 @dataclass(frozen=True)
 class Deployment:
     """How a learner is served: embedder + decision rule (recorded in the bundle manifest)."""
-
     embedder: str  # "backbone" (eval mode) | "bn-reestimated" (running statistics re-estimated)
     rule: DecisionRule
 
 
 class FewShotLearner(nn.Module):
     """Base class: see the module docstring for the contract."""
-
     name: ClassVar[str] = "base"
     data_kind: ClassVar[str] = "episodes"  # or "batches"
     Config: ClassVar[type] = object
@@ -120,8 +117,6 @@ class FewShotLearner(nn.Module):
     # ---- precision ---------------------------------------------------------------------------
     def set_precision(self, policy: PrecisionPolicy) -> FewShotLearner:
         """Run compute / predict under `policy` (see fewshot.precision); returns self."""
-        from fewshot.precision import prepare_model
-
         self.precision = policy
         prepare_model(self, policy)
         return self

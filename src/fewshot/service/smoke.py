@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fewshot.service.app import create_app
+from fewshot.service.settings import ServiceSettings
+
 
 @contextmanager
 def live_server(app: Any, startup_timeout_s: float = 20.0) -> Iterator[str]:
@@ -73,8 +76,6 @@ def service_smoke_check(
     another domain (e.g. colour photos for a character model): the share flagged out of domain."""
     import httpx
 
-    from fewshot.service.app import create_app
-    from fewshot.service.settings import ServiceSettings
 
     admin = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,6 +44,7 @@ from fewshot.decision.onnx_form import (
 )
 from fewshot.errors import ConfigError
 from fewshot.service.heads import service_head
+from fewshot.service.models import ModelSpec, default_model_name, service_recogniser
 from fewshot.service.recogniser import DecisionState, Recogniser
 from fewshot.service.settings import ServiceSettings
 from fewshot.service.store import ConflictError, NotFoundError, open_store
@@ -58,7 +59,6 @@ MIN_OPSET = 12  # LessOrEqual; the other added operators keep their form from op
 @dataclass(frozen=True)
 class Standalone:
     """The exported classifier: the ONNX model and the labels file's contents."""
-
     model: onnx.ModelProto
     labels: dict[str, Any]
 
@@ -166,8 +166,6 @@ def export_stored_workspace(db_url: str, workspace_id: str, bundles: Sequence[st
     bundles: the served bundle folders (or NAME=PATH); the one the workspace was created with is
     used, with the service-wide threshold overrides of the FEWSHOT_* variables, as `serve` applies them.
     """
-    from fewshot.service.models import ModelSpec, default_model_name, service_recogniser
-
     store = open_store(db_url)
     try:
         ws = store.get_workspace(workspace_id)

@@ -6,11 +6,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fewshot.config import DataConfig
 from fewshot.data.cache import PackedCache
 from fewshot.data.imageio import Preprocessing
-from fewshot.data.prepare import PreparedData
-from fewshot.data.sources import Source
+from fewshot.data.prepare import PreparedData, prepare
+from fewshot.data.sources import ImageFolderSource, OmniglotSource, Source
+from fewshot.data.splitfiles import (
+    MINIIMAGENET_SPLITS,
+    SplitFileSource,
+    miniimagenet_dir,
+    miniimagenet_source,
+)
+from fewshot.data.splits import make_splits
 from fewshot.episodes.materialise import pool_from_split
 from fewshot.episodes.sampling import ClassPool
 from fewshot.errors import ConfigError
@@ -54,7 +63,6 @@ def splits_dir_of(cfg: DataConfig) -> Path | None:
     if cfg.splits_dir is not None:
         return _under_root(cfg, cfg.splits_dir)
     if cfg.dataset == "miniimagenet":
-        from fewshot.data.splitfiles import MINIIMAGENET_SPLITS, miniimagenet_dir
 
         return miniimagenet_dir(cfg.data_root()) / MINIIMAGENET_SPLITS
     return None
@@ -63,9 +71,6 @@ def splits_dir_of(cfg: DataConfig) -> Path | None:
 def source_of(cfg: DataConfig) -> Source:
     """The raw source `cfg` names: the Omniglot zips, miniImageNet, or an image folder / zip (with
     split files when `cfg.splits_dir` is set)."""
-    from fewshot.data.sources import ImageFolderSource, OmniglotSource
-    from fewshot.data.splitfiles import SplitFileSource, miniimagenet_source
-
     root = cfg.data_root()
     if cfg.dataset == "omniglot":
         return OmniglotSource(root)
@@ -80,8 +85,6 @@ def source_of(cfg: DataConfig) -> Source:
 
 def prepare_data(cfg: DataConfig, *, progress: bool = True, force: bool = False) -> PreparedData:
     """Prepare (or reuse) the packed cache that `cfg` describes (see `source_of`)."""
-    from fewshot.data.prepare import prepare
-
     return prepare(source_of(cfg), Path(cfg.cache_dir), preprocessing_of(cfg),
                    min_images_per_class=cfg.min_images_per_class if cfg.dataset != "omniglot" else 2,
                    progress=progress, force=force)
@@ -89,8 +92,6 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True, force: bool = False)
 
 def load_run_data(cfg: DataConfig, *, progress: bool = True) -> RunData:
     """Prepare (or reuse) the cache for `cfg` and build its splits."""
-    from fewshot.data.splits import make_splits
-
     prepared = prepare_data(cfg, progress=progress)
     splits_dir: Path | None
     if cfg.dataset == "omniglot":
@@ -102,3 +103,13 @@ def load_run_data(cfg: DataConfig, *, progress: bool = True) -> RunData:
         kwargs["fractions"] = (1.0 - cfg.lake_val_fraction, cfg.lake_val_fraction, 0.0)
     splits = make_splits(prepared.cache, cfg.split, seed=cfg.split_seed, splits_dir=splits_dir, **kwargs)
     return RunData(prepared.cache, splits, cfg.split)
+
+
+def images_by_class(data: RunData, split: str, *, limit: int | None = None) -> dict[str, np.ndarray]:
+    """Unrotated images of each class of `split`: name -> uint8 (n, C, H, W)."""
+    out: dict[str, np.ndarray] = {}
+    for cid in dict.fromkeys(int(i) for i in data.splits[split].class_ids):
+        out[data.cache.classes[cid].name] = np.asarray(data.cache.class_images(cid))
+        if limit is not None and len(out) >= limit:
+            break
+    return out

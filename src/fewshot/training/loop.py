@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from fewshot.backbones import backbone_from_config, create_backbone
+from fewshot.backbones.init import built_quietly, reset_parameters
 from fewshot.config import RunConfig, TrainConfig, dump_config
 from fewshot.episodes.batches import sample_batch
 from fewshot.episodes.loader import EpisodeDataset, episode_loader
@@ -33,6 +35,8 @@ from fewshot.episodes.materialise import Augment
 from fewshot.episodes.sampling import EpisodeSpec
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.io import atomic_write_json
+from fewshot.learners import create_learner, learner_class, learner_from_config
+from fewshot.precision import select_precision
 from fewshot.training.checkpoint import (
     load_training_state,
     load_weights,
@@ -76,10 +80,6 @@ def resolve_device(name: str) -> torch.device:
 def build_learner(config: RunConfig, data: RunData, image_shape: tuple[int, int, int]) -> Any:
     """Backbone + learner from the config, initialised from a generator seeded with `config.seed`
     (the global RNG is never seeded); pre-training learners get the number of train classes."""
-    from fewshot.backbones import create_backbone
-    from fewshot.backbones.init import built_quietly, reset_parameters
-    from fewshot.learners import create_learner, learner_class
-
     c, h, _ = image_shape
     gen = torch.Generator().manual_seed(config.seed)
     backbone = create_backbone(config.model.backbone, in_channels=c, image_size=h, generator=gen,
@@ -208,7 +208,6 @@ class TrainObjective(torch.nn.Module):
 @dataclass
 class _Session:
     """Everything a training run holds while it runs."""
-
     config: RunConfig
     data: RunData
     device: torch.device
@@ -236,7 +235,6 @@ def _setup(config: RunConfig, data: RunData, objective_factory: Callable[[Any], 
         world.split(tc.meta_batch, "train.meta_batch")
     device = world.device_for(resolve_device(tc.device))
     learner = build_learner(config, data, data.cache.image_shape).to(device)
-    from fewshot.precision import select_precision
 
     learner.set_precision(select_precision(device, prefer=config.train.precision))
     objective = objective_factory(learner).to(device) if objective_factory is not None else None
@@ -251,8 +249,6 @@ def _setup(config: RunConfig, data: RunData, objective_factory: Callable[[Any], 
 
 
 def learner_data_kind(config: RunConfig) -> str:
-    from fewshot.learners import learner_class
-
     return str(learner_class(config.model.learner).data_kind)
 
 
@@ -460,9 +456,6 @@ def check_run_dir(run_dir: Path) -> Path:
 
 def load_trained(run_dir: Path, *, tag: str = "best", device: str = "cpu") -> tuple[Any, dict[str, Any]]:
     """Rebuild a trained learner from its run folder (no pickle): returns (learner, manifest)."""
-    from fewshot.backbones import backbone_from_config
-    from fewshot.learners import learner_from_config
-
     path = check_run_dir(run_dir) / "checkpoints" / tag
     manifest = read_manifest(path)
     backbone = backbone_from_config(manifest["model"]["backbone"])

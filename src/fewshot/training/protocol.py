@@ -1,4 +1,5 @@
-"""`fewshot evaluate` and `fewshot compare`: the protocol applied to trained runs."""
+"""`fewshot evaluate`: the protocol applied to trained runs, and the results it records
+(`fewshot compare` reads them: `fewshot.workflows.compare`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from fewshot.config import load_config
 from fewshot.episodes.sampling import DomainMode, EpisodeSpec
 from fewshot.errors import EpisodeError
 from fewshot.io import atomic_write_json
+from fewshot.precision import select_precision
 from fewshot.training.data import RunData, load_run_data
 from fewshot.training.evaluate import EvalResult, evaluate_episodes
-from fewshot.training.loop import check_run_dir, load_trained, train_classes
-from fewshot.training.plots import plot_comparison
+from fewshot.training.loop import check_run_dir, load_trained, resolve_device, train_classes
 
 
 def check_no_training_classes(run_dir: Path, data: RunData, split: str) -> None:
@@ -47,7 +48,6 @@ def evaluate_run(
     config = load_config(run_dir / "config.yaml")
     data = data or load_run_data(config.data, progress=progress)
     check_no_training_classes(run_dir, data, split)
-    from fewshot.training.loop import resolve_device
 
     dev = resolve_device(device)
     learner, manifest = load_trained(run_dir, device=str(dev))
@@ -56,7 +56,6 @@ def evaluate_run(
             f"run {run_dir} was trained on data with fingerprint {manifest['data']['fingerprint'][:12]} "
             f"but the current cache has {data.cache.fingerprint[:12]}; the class split may differ"
         )
-    from fewshot.precision import select_precision
 
     learner.set_precision(select_precision(dev, prefer=config.train.precision))
     result = evaluate_episodes(
@@ -72,34 +71,3 @@ def evaluate_run(
 
 def load_results(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(Path(run_dir).glob("eval-*.json"))]
-
-
-def compare_runs(run_dirs: list[Path], out_png: Path) -> str:
-    """A markdown table of every evaluation of every run, and a bar plot of the same numbers;
-    distillation report folders (`<name>-report`) are shown as their report tables."""
-    from fewshot.distill.report import load_report, report_markdown
-
-    found = {p: load_report(p) for p in run_dirs}
-    reports = [r for r in found.values() if r is not None]
-    run_dirs = [p for p, r in found.items() if r is None]
-    if not run_dirs:
-        return "\n".join(report_markdown(r) for r in reports)
-    rows: list[tuple[str, str, float, float]] = []
-    lines = ["| run | learner | backbone | split | task | mode | episodes | accuracy (95% CI) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for run in run_dirs:
-        results = load_results(check_run_dir(run))
-        if not results:
-            raise EpisodeError(f"run {run} has no evaluations; run `fewshot evaluate {run}` first")
-        for r in results:
-            task = f"{r['way']}-way {r['shot']}-shot"
-            lines.append(
-                f"| {r['run']} | {r['learner']} | {r['backbone']} | {r['split_scheme']}/{r['split']} | {task} | "
-                f"{r['mode']} | {r['episodes']} | {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} |"
-            )
-            task_label = task if r["mode"] == "any" else f"{task} ({r['mode']})"
-            if r["split"] != "test":
-                task_label += f" [{r['split']}]"
-            rows.append((r["run"], task_label, 100 * r["mean"], 100 * r["ci95"]))
-    plot_comparison(rows, out_png, "few-shot accuracy (95% CI)")
-    return "\n".join(lines + [""] + [report_markdown(r) for r in reports])

@@ -3,7 +3,7 @@
 `publish` turns a zoo recipe's trained run into an entry: the protocol's test evaluations of the
 learner, the bundle exported from its best checkpoint (refused if it serves more than
 `export.max_drop` below the learner), the bundle scored *as served* (ONNX Runtime + the bundle's
-decision rule: `fewshot.deploy.evaluate_embedder`) on every setting of the card, and the card
+decision rule: `fewshot.artifacts.export.evaluate_embedder`) on every setting of the card, and the card
 (card.json, per-episode accuracies, MODEL.md rendered from them, the training curves). The entry is
 built beside its place and swapped in only when complete: a failed publish leaves the committed
 entry as it was.
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fewshot.artifacts.bundle import Bundle, load_bundle
+from fewshot.artifacts.export import evaluate_embedder, export_run
 from fewshot.artifacts.zoo import (
     BUNDLE_DIR,
     CARD,
@@ -35,11 +36,14 @@ from fewshot.artifacts.zoo import (
     setting_key,
     zoo_root,
 )
-from fewshot.config import RunConfig, config_from_dict, load_config
+from fewshot.config import DataConfig, RunConfig, config_from_dict, load_config
 from fewshot.errors import CheckpointError, ConfigError, EpisodeError
 from fewshot.io import atomic_write_json, atomic_write_text, replace_dir
+from fewshot.training.checkpoint import read_manifest
 from fewshot.training.data import RunData, load_run_data
 from fewshot.training.evaluate import EvalResult, mean_ci95
+from fewshot.training.loop import config_differences
+from fewshot.training.protocol import evaluate_run
 from fewshot.training.segments import SegmentLog, code_commit, cpu_hours, cpu_model
 
 SERVED = "ONNX Runtime on uint8 images (the service's preprocessing) + the bundle's decision rule"
@@ -67,8 +71,6 @@ def score(bundle: Bundle, data: RunData, *, way: int, shot: int, query: int, epi
           split: str = "test", mode: str = "any") -> EvalResult:
     """The protocol's fixed-seed episodes through the bundle as served. Episode i depends only on
     (seed, i), so the first k episodes of a longer evaluation are these episodes."""
-    from fewshot.deploy import evaluate_embedder
-
     check_bundle_data(bundle, data, split)
     return evaluate_embedder(bundle.onnx_embedder.embed, bundle.decision_rule, data, split=split, way=way,
                              shot=shot, query=query, episodes=episodes, seed=seed, mode=mode)
@@ -99,8 +101,6 @@ def evaluate_bundle(path: str | Path, *, way: int, shot: int, episodes: int = 10
                     split: str = "test", mode: str = "any", data: RunData | None = None) -> EvalResult:
     """`fewshot evaluate BUNDLE`: a bundle folder scored as served on the protocol, on the data its
     manifest records (bundles exported by `fewshot export` since the zoo)."""
-    from fewshot.config import DataConfig
-
     bundle = load_bundle(path)
     recorded = bundle.manifest.source.get("data")
     if data is None:
@@ -141,8 +141,6 @@ def _model_info(bundle: Bundle) -> dict[str, Any]:
 
 
 def _training_info(config: RunConfig, run_dir: Path, recipe: Path) -> dict[str, Any]:
-    from fewshot.training.checkpoint import read_manifest
-
     best = read_manifest(run_dir / "checkpoints" / "best")
     last = read_manifest(run_dir / "checkpoints" / "last")
     segments = SegmentLog.read(run_dir).segments
@@ -167,8 +165,6 @@ def _training_info(config: RunConfig, run_dir: Path, recipe: Path) -> dict[str, 
 
 
 def _check_run_matches(config: RunConfig, run_dir: Path) -> None:
-    from fewshot.training.loop import config_differences
-
     if not (run_dir / "checkpoints" / "best" / "manifest.json").is_file():
         raise CheckpointError(f"{run_dir} has no best checkpoint; train it first: fewshot train RECIPE")
     trained = load_config(run_dir / "config.yaml")
@@ -180,9 +176,6 @@ def _check_run_matches(config: RunConfig, run_dir: Path) -> None:
 def publish(recipe: str | Path, *, replace: bool = False, episodes: int | None = None, root: Path | None = None,
             data: RunData | None = None, progress: bool = True) -> ZooEntry:
     """Export, score as served and card the run of zoo recipe `recipe` into `<zoo>/<name>/`."""
-    from fewshot.deploy import export_run
-    from fewshot.training.protocol import evaluate_run
-
     recipe = Path(recipe)
     config = load_config(recipe)
     if config.zoo is None:

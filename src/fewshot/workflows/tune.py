@@ -36,10 +36,12 @@ from fewshot.config import (
     config_from_dict,
     dump_config,
 )
+from fewshot.distill.task import objective_factory
 from fewshot.errors import ConfigError, FewshotError
 from fewshot.io import atomic_write_json, atomic_write_text
 from fewshot.io import redact_url as redact
 from fewshot.training.data import RunData, load_run_data
+from fewshot.training.loop import train
 
 PG_DRIVER = "postgresql+psycopg"
 
@@ -252,10 +254,7 @@ def _reporter(trial: Any, last_step: int) -> Callable[[int, dict[str, float]], N
 
 def run_trial(cfg: RunConfig, data: RunData, on_step: Callable[[int, dict[str, float]], None]) -> float:
     """Train one trial's config; its best validation accuracy."""
-    from fewshot.training.loop import train
-
     if cfg.distill is not None:
-        from fewshot.distill.task import objective_factory
 
         result = train(cfg, data=data, progress=False, resume=False, on_step=on_step,
                        objective_factory=objective_factory(cfg, data))

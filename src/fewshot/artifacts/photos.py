@@ -34,11 +34,13 @@ import torch
 
 from fewshot.artifacts.bundle import export_bundle
 from fewshot.artifacts.calibration import calibrate_open_set
+from fewshot.artifacts.domain import summarise_domain, upload_statistics
 from fewshot.artifacts.embedders import Embedder, OnnxEmbedder
 from fewshot.artifacts.onnx_export import export_onnx
 from fewshot.backbones import create_backbone
 from fewshot.backbones.efficientnet import VARIANTS, weights_unavailable
 from fewshot.data.imageio import Preprocessing, decode_image
+from fewshot.data.splitfiles import read_split_files
 from fewshot.decision import DecisionRule
 from fewshot.errors import ConfigError
 
@@ -148,8 +150,6 @@ def miniimagenet_files(data_root: str | os.PathLike[str] | None, split: str, per
     """class wnid -> [(name, JPEG bytes)] of the first `per_class` files (by name) of each class of
     miniImageNet's Ravi & Larochelle `split` ("train", "val" or "test"), or None when
     `<data_root>/miniimagenet` is not there."""
-    from fewshot.data.splitfiles import read_split_files
-
     root = Path(data_root) if data_root is not None else None
     if root is None or not (root / MINI_ZIP).is_file() or not (root / MINI_SPLITS / f"{split}.csv").is_file():
         return None
@@ -167,8 +167,6 @@ def photos_domain(embedder: Embedder, data_root: str | os.PathLike[str] | None, 
     """The `DomainSummary` of photos for a photos bundle: image statistics and embeddings of the
     first `per_class` photos of each miniImageNet *training* class (as uploaded: 84x84 JPEGs,
     decoded under `PHOTOS_PREPROCESSING`), or None without miniImageNet under `data_root`."""
-    from fewshot.artifacts.domain import summarise_domain, upload_statistics
-
     files = miniimagenet_files(data_root, "train", per_class)
     if files is None:
         return None

@@ -10,30 +10,29 @@ from typing import Any
 import numpy as np
 
 from fewshot.artifacts.bundle import Manifest
+from fewshot.artifacts.export import export_run
+from fewshot.artifacts.photos import (
+    DEFAULT_VARIANT,
+    build_photos_bundle,
+    cifar10_zip,
+    photos_unavailable,
+    teach_and_query_photos,
+)
 from fewshot.artifacts.zoo import get_entry
 from fewshot.config import RunConfig, TeacherConfig, load_config
+from fewshot.distill import distill
+from fewshot.distill.report import load_report, report_dir
 from fewshot.errors import ConfigError
 from fewshot.io import atomic_write_json
-from fewshot.training.data import RunData, load_run_data
-
-
-def images_by_class(data: RunData, split: str, *, limit: int | None = None) -> dict[str, np.ndarray]:
-    """Unrotated images of each class of `split`: name -> uint8 (n, C, H, W)."""
-    out: dict[str, np.ndarray] = {}
-    for cid in dict.fromkeys(int(i) for i in data.splits[split].class_ids):
-        out[data.cache.classes[cid].name] = np.asarray(data.cache.class_images(cid))
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+from fewshot.service.smoke import service_smoke_check
+from fewshot.training.data import RunData, images_by_class, load_run_data
+from fewshot.training.loop import train
+from fewshot.training.protocol import evaluate_run
 
 
 def distill_stage(config: RunConfig, data: RunData, *, progress: bool = True) -> dict[str, Any]:
     """Distil the run just trained into the student of `config.pipeline.distill` (and train the same
     student alone with the same budget); returns the report's accuracy, size and latency rows."""
-    from fewshot.distill import distill
-    from fewshot.distill.report import load_report
-    from fewshot.distill.task import report_dir
-
     assert config.pipeline.distill is not None
     student = load_config(config.pipeline.distill, [f"output_dir={config.output_dir}"])
     if student.distill is None:
@@ -54,18 +53,10 @@ PHOTOS_TARGET = 24  # of the 30 held-out photos (3 classes x 10) the photos bund
 
 def photos_stage(out_dir: Path, data_root: Path, *, serve_check: bool = True,
                  variant: str | None = None) -> dict[str, Any]:
-    """Build the photos bundle of `variant` (`fewshot.photos.build_photos_bundle`; default
+    """Build the photos bundle of `variant` (`fewshot.artifacts.photos.build_photos_bundle`; default
     EfficientNet-Lite2, "efficientnet_lite0" for the fast one) into `out_dir` and check it through
     the real service: teach 3 CIFAR-10 classes x 5 photos, classify 10 held-out photos of each.
     Skipped, with the reason, when the `photos` extra or the CIFAR-10 subset is missing."""
-    from fewshot.photos import (
-        DEFAULT_VARIANT,
-        build_photos_bundle,
-        cifar10_zip,
-        photos_unavailable,
-        teach_and_query_photos,
-    )
-
     variant = variant or DEFAULT_VARIANT
     reason = photos_unavailable(data_root, variant)
     if reason is not None:
@@ -80,7 +71,6 @@ def photos_stage(out_dir: Path, data_root: Path, *, serve_check: bool = True,
                            "domain": "flags uploads far from ImageNet photos" if Manifest.read(out_dir).domain
                            else "no domain summary (miniImageNet not under the data root)"}
     if serve_check:
-        from fewshot.service.smoke import service_smoke_check
 
         zip_path = cifar10_zip(data_root)
         assert zip_path is not None
@@ -96,9 +86,6 @@ def run_pipeline(config: RunConfig, *, serve_check: bool = True, progress: bool 
     """prepare -> train -> evaluate (protocol) -> export (measured as served) -> start the service and
     classify for real -> the photos bundle and its service check (`photos_stage`; `photos=False`
     skips it) -> distil the trained model into a smaller student (`pipeline.distill`)."""
-    from fewshot.training.loop import train
-    from fewshot.training.protocol import evaluate_run
-
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"run": str(config.run_dir())}
     data = load_run_data(config.data, progress=progress)
@@ -115,12 +102,10 @@ def run_pipeline(config: RunConfig, *, serve_check: bool = True, progress: bool 
             import shutil
 
             shutil.rmtree(bundle_dir)
-        from fewshot.deploy import export_run
 
         export_run(config.run_dir(), bundle_dir, data=data)
         summary["bundle"] = str(bundle_dir)
         if serve_check:
-            from fewshot.service.smoke import service_smoke_check
 
             checked = images_by_class(data, ev.split, limit=3)
             foreign = foreign_photos(config.data.data_root())
@@ -144,8 +129,6 @@ def zoo_service_check(name: str, checked: dict[str, np.ndarray], foreign: list[b
                       quick: dict[str, Any]) -> dict[str, Any]:
     """The same live service check on zoo entry `name`, with both models' numbers side by side
     (skipped, with the reason, when the entry is not in the zoo)."""
-    from fewshot.service.smoke import service_smoke_check
-
     try:
         entry = get_entry(name)
     except ConfigError as exc:

@@ -29,7 +29,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from fewshot.artifacts.quantise import QuantiseConfig
+from fewshot.artifacts.bundle import export_bundle
+from fewshot.artifacts.calibration import calibrate_open_set
+from fewshot.artifacts.domain import (
+    min_training_images,
+    model_image_statistics,
+    summarise_domain,
+    upload_statistics,
+)
+from fewshot.artifacts.embedders import TorchEmbedder
+from fewshot.artifacts.quantise import (
+    QuantiseConfig,
+    calibration_sample,
+    check_calibration_images,
+    quantise_bundle,
+)
 from fewshot.backbones.base import Backbone
 from fewshot.config import RunConfig, load_config
 from fewshot.data.imageio import Preprocessing, from_model_input
@@ -38,8 +52,10 @@ from fewshot.episodes.loader import EpisodeDataset
 from fewshot.episodes.sampling import EpisodeSpec
 from fewshot.episodes.types import Episode
 from fewshot.errors import CheckpointError, FewshotError
-from fewshot.training.data import RunData, load_run_data
+from fewshot.training.data import RunData, images_by_class, load_run_data, source_of
 from fewshot.training.evaluate import EvalResult, evaluate_episodes
+from fewshot.training.loop import check_run_dir, load_trained
+from fewshot.training.protocol import load_results
 
 BN_SEED_OFFSET, RULE_SEED_OFFSET, INT8_SEED_OFFSET = 200_003, 300_007, 400_009
 
@@ -113,7 +129,6 @@ def choose_rule(learner: Any, backbone: Backbone, data: RunData, config: RunConf
     rule: DecisionRule = learner.deployment.rule
     if learner.deployment.embedder != "bn-reestimated" or "val" not in data.splits:
         return rule, {}
-    from fewshot.artifacts.embedders import TorchEmbedder
 
     pre = data.cache.preprocessing
     emb = TorchEmbedder(backbone, pre).embed
@@ -127,8 +142,6 @@ def choose_rule(learner: Any, backbone: Backbone, data: RunData, config: RunConf
 
 def recorded_test_results(run_dir: Path) -> list[dict[str, Any]]:
     """The run's recorded test evaluations (`fewshot evaluate`); refused when there are none."""
-    from fewshot.training.protocol import load_results
-
     results = [r for r in load_results(run_dir) if r["split"] == "test"]
     if not results:
         raise CheckpointError(f"run {run_dir} has no test evaluation; run `fewshot evaluate {run_dir}` first")
@@ -184,8 +197,6 @@ def _served_metrics(results: list[dict[str, Any]], data: RunData, rule: Decision
 
 def _open_set(embedder: Any, by_class: dict[str, np.ndarray], config: RunConfig, seed: int) -> dict[str, Any]:
     """Open-set rules at 95% of correct answers kept / 80% of unknowns rejected, on `by_class`."""
-    from fewshot.artifacts.calibration import calibrate_open_set
-
     smallest = min(len(v) for v in by_class.values())
     n_shot = max(1, min(5, smallest - 1))
     return calibrate_open_set(
@@ -198,8 +209,6 @@ def _open_set(embedder: Any, by_class: dict[str, np.ndarray], config: RunConfig,
 def int8_calibration_images(data: RunData, n: int, seed: int) -> np.ndarray:
     """uint8 (n, C, H, W): `n` training-split images spread over the training classes, chosen by
     `seed` (only the chosen images are read from the cache)."""
-    from fewshot.artifacts.quantise import calibration_sample
-
     train = {data.cache.classes[c].name: data.cache.class_images(c)
              for c in dict.fromkeys(int(i) for i in data.splits["train"].class_ids)}
     return calibration_sample(train, n, np.random.default_rng(seed + INT8_SEED_OFFSET))
@@ -209,7 +218,6 @@ def int8_calibration_images(data: RunData, n: int, seed: int) -> np.ndarray:
 class Int8Export:
     """`export_run(..., int8=Int8Export())`: quantise the bundle (fewshot.artifacts.quantise) on
     `calibration_images` training images and serve the int8 model."""
-
     quantise: QuantiseConfig = QuantiseConfig()
     calibration_images: int = 256
 
@@ -225,12 +233,6 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     refused when int8 loses more than `int8.quantise.max_drop`, unless `force`); its open-set rules
     are re-calibrated on the int8 embeddings.
     """
-    from fewshot.artifacts.bundle import export_bundle
-    from fewshot.artifacts.embedders import TorchEmbedder
-    from fewshot.artifacts.quantise import check_calibration_images
-    from fewshot.pipeline import images_by_class
-    from fewshot.training.loop import check_run_dir, load_trained
-
     if out.exists():
         raise CheckpointError(f"{out} already exists; choose a new bundle folder or delete it")
     config = load_config(check_run_dir(run_dir) / "config.yaml")
@@ -271,7 +273,6 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     )
     if int8 is None or int8_images is None:
         return bundle
-    from fewshot.artifacts.quantise import quantise_bundle
 
     try:
         return quantise_bundle(
@@ -290,14 +291,6 @@ def domain_summary(config: RunConfig, data: RunData, embedder: Any, seed: int, *
     packed model inputs when the source cannot be read) and the embedding distribution of about
     `n_embedded` training images, the same number from each class. The service flags uploads far
     outside it. None when the training split is too small to calibrate a threshold."""
-    from fewshot.artifacts.domain import (
-        min_training_images,
-        model_image_statistics,
-        summarise_domain,
-        upload_statistics,
-    )
-    from fewshot.training.data import source_of
-
     rng = np.random.default_rng(seed)
     classes = list(dict.fromkeys(int(c) for c in data.splits["train"].class_ids))
     per_class = max(1, -(-n_embedded // len(classes)))

@@ -141,3 +141,17 @@ def test_a_registration_brings_the_decision_up_to_date_in_the_background(client:
     teach(client, ws, key, "a", 0, n=2)
     assert client.app.state.refitter.idle()  # type: ignore[attr-defined]
     assert any(name.startswith("fewshot-refit") for name in threads), threads
+
+
+def test_occlusion_starts_only_when_no_images_wait_for_the_model(client: TestClient) -> None:
+    ws, key = new_workspace(client)
+    teach(client, ws, key, "a", 0, n=2)
+    gate = client.app.state.service.recogniser.embedder.gate  # type: ignore[attr-defined]
+    gate._queues[0].append(object())  # someone's images wait for the model
+    try:
+        r = occlusion(client, ws, key, 3)
+    finally:
+        gate._queues[0].clear()
+    err = assert_error(r, 503, "busy")
+    assert r.headers["retry-after"] == "1" and "occlusion map" in err["message"]
+    assert occlusion(client, ws, key, 3).status_code == 200

@@ -684,7 +684,12 @@ def _add_insight_routes(app: FastAPI) -> None:
         """The prediction for one image and which parts of it moved the answer: a cells x cells map of
         how much the answer's margin over the runner-up drops when each region is covered (1 + cells^2
         images embedded; a workspace may embed at most 600 such images a minute, beyond that 429 +
-        Retry-After; they queue behind other requests' images)."""
+        Retry-After; they queue behind other requests' images, and the map is refused (503 busy) while
+        other images wait for the model)."""
+        gate = getattr(model.recogniser.embedder, "gate", None)
+        if gate is not None and gate.waiting:  # bulk work starts only when no one waits for the model
+            raise ServiceBusy(f"the server is busy ({gate.waiting} batches of images wait for the model; an "
+                              "occlusion map embeds many images, so it starts only when none wait)")
         request.app.state.occlusion_budget.spend(ws, 2 + cells * cells)  # the prediction, the original, the maps
         up = _decode_all([image], model, settings, thumbnails=False)
         with one_request():

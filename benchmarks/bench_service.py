@@ -352,8 +352,13 @@ def main_throughput(args: argparse.Namespace) -> None:
             servers.append((f"{args.baseline} (asyncio loop, 1 worker)", src / "src", True, 1))
         servers += [(f"this tree ({w} worker{'s' if w > 1 else ''})", None, False, w) for w in args.workers]
         for name, src_dir, no_uvloop, workers in servers:
-            port = free_port()
-            proc = start_server(bundle, Path(tmp) / f"{len(rows)}.db", port, workers, src=src_dir, no_uvloop=no_uvloop)
+            port, served = free_port(), bundle
+            if src_dir is not None and args.bundle is None:  # the same model, exported by the baseline's code
+                served = Path(tmp) / "baseline-bundle"
+                code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; " \
+                       f"from bench_service import make_bundle; make_bundle(Path({str(served)!r}))"
+                subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(src_dir)})
+            proc = start_server(served, Path(tmp) / f"{len(rows)}.db", port, workers, src=src_dir, no_uvloop=no_uvloop)
             try:
                 r = asyncio.run(run_throughput_phase(args, port, proc.pid))
             finally:

@@ -452,7 +452,7 @@ def report(results: dict[str, Any]) -> str:
                              r["verdict"]])
     m = results["machine"]
     out = [f"## Service under load ({m['cpus']} CPUs, torch {results['torch']}, {results['date']})", "",
-           f"{results['args']['clients']} clients, {results['args']['duration']} s per scenario, "
+           f"{results['args']['clients']} clients, {results['args']['duration']} s per scenario, " +
            ("; ".join(f"{sc['scenario']}: " + ", ".join(f"{v:.0%} {k}" for k, v in sc["mix"].items())
                       for sc in results["scenarios"]) + "."), "",
            table(["scenario", "request", "sent", "2xx", "req/s", "client p50 ms", "client p99 ms", "server p50 ms",
@@ -607,10 +607,10 @@ def main(argv: list[str] | None = None) -> None:
                            "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]},
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "db"},
                "scenarios": scenarios}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))  # the raw numbers first, whatever the report does
     text = report(results)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
     args.out.with_suffix(".md").write_text(f"{text}\n\nCommand: `{results['command']}`\n\nraw numbers: {args.out.name}\n")
     print(f"\nraw numbers: {args.out} (tables: {args.out.with_suffix('.md')})")
     if any(sc["verify"]["problems"] or sc.get("restart", {}).get("verdict") == "FAIL"

@@ -289,12 +289,15 @@ def domain_summary(config: RunConfig, data: RunData, embedder: Any, seed: int, *
     """What the bundle knows of its training domain (`fewshot.artifacts.domain`): statistics of
     `n_originals` training files as a user would upload them (read from the raw source; the
     packed model inputs when the source cannot be read) and the embedding distribution of about
-    `n_embedded` training images, the same number from each class. The service flags uploads far
-    outside it. None when the training split is too small to calibrate a threshold."""
+    `n_embedded` training images, the same number from each class, its threshold cross-fitted by
+    class (every image scored by a projection fitted without its class). The service flags uploads
+    far outside it. None when the training split is too small to calibrate a threshold."""
     rng = np.random.default_rng(seed)
     classes = list(dict.fromkeys(int(c) for c in data.splits["train"].class_ids))
     per_class = max(1, -(-n_embedded // len(classes)))
-    train = np.concatenate([np.asarray(data.cache.class_images(c)[:per_class]) for c in classes])
+    parts = [np.asarray(data.cache.class_images(c)[:per_class]) for c in classes]
+    train = np.concatenate(parts)
+    groups = np.repeat(np.arange(len(parts)), [len(p) for p in parts])  # (N,) class of each image
     if len(train) < min_training_images():
         return None  # too few to calibrate a threshold: the bundle flags nothing (recorded in deployment)
     pre = data.cache.preprocessing
@@ -310,4 +313,5 @@ def domain_summary(config: RunConfig, data: RunData, embedder: Any, seed: int, *
     if not stats:  # the raw files are gone or renamed: the packed (already converted) images
         stats, origin = model_image_statistics(train[rng.permutation(len(train))[:n_originals]]), "model inputs"
     return summarise_domain(embedder, train, stats, mode=pre.mode, size=pre.size, rng=rng,
-                            trained_on=f"{config.data.dataset} training images", image_stats_from=origin)
+                            trained_on=f"{config.data.dataset} training images", image_stats_from=origin,
+                            groups=groups)

@@ -70,7 +70,9 @@ def test_only_the_training_commands_keep_freed_memory_and_the_environment_turns_
     from fewshot import cli
 
     calls = []
-    monkeypatch.setattr(precision, "keep_freed_memory", lambda: calls.append(1) or True)
+    record = lambda: calls.append(1) or True  # noqa: E731
+    monkeypatch.setattr(precision, "keep_freed_memory", record)
+    monkeypatch.setattr(cli, "keep_freed_memory", record)  # the name the CLI module imported
     prepare_model(nn.Linear(2, 2), FP32)  # library code leaves the process's allocator alone
     prepare_model(nn.Linear(2, 2), PrecisionPolicy("bf16", True, "cpu"))
     assert calls == []

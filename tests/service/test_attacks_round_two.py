@@ -376,6 +376,8 @@ def _trickle(addr: tuple[str, int], data: bytes, gap_s: float, budget_s: float) 
                     break
             except TimeoutError:
                 pass
+            except ConnectionResetError:  # the server closed on unread bytes: the connection ended
+                break
             if time.monotonic() - start > budget_s:
                 break
         s.settimeout(budget_s)

@@ -69,6 +69,7 @@ def mpo_bytes(side: int = 40) -> bytes:
 CHILD = r"""
 import sys, time
 from fewshot.data.imageio import Preprocessing
+from fewshot.service.http.errors import status_of
 from fewshot.service.images import UploadError, decode_upload
 data = open(sys.argv[1], "rb").read()
 pre = Preprocessing(mode=sys.argv[2], size=int(sys.argv[3]))
@@ -85,7 +86,7 @@ try:
     d = decode_upload(data, pre, max_pixels=25_000_000, thumbnail_size=64, name="x")
     outcome = "decoded " + "x".join(map(str, d.array.shape))
 except UploadError as exc:
-    outcome = f"refused {exc.status}"
+    outcome = f"refused {status_of(exc)[0]}"
 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
 after = status("VmHWM:")
 print(f"{(after - before) / 1024:.1f}\t{seconds:.3f}\t{cpu:.3f}\t{outcome}")

@@ -101,7 +101,7 @@ class BrokenDisk(SQLiteStore):
 
 def test_a_failing_store_is_a_503_with_retry_after_and_no_path(tiny_bundle: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import fewshot.service.app as app_module
+    import fewshot.service.http.app as app_module
 
     db = tmp_path / "secret-location" / "svc.db"
     monkeypatch.setattr(app_module, "open_store", lambda url, **_: BrokenDisk(db))

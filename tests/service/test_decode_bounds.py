@@ -33,6 +33,7 @@ from fewshot.data.imageio import (
     jpeg_layout,
     shrink,
 )
+from fewshot.service.http.errors import status_of
 from fewshot.service.images import UploadError, decode_upload
 
 PRE = Preprocessing(mode="L", size=28)
@@ -47,23 +48,23 @@ def test_a_69_byte_png_declaring_20_million_pixels_in_a_row_is_refused_before_de
     assert len(data) < 100
     with pytest.raises(UploadError) as e:
         decode(data)
-    assert e.value.status == 413 and e.value.code == "image_too_large" and f"{MAX_ASPECT_RATIO}:1" in str(e.value)
+    assert status_of(e.value)[0] == 413 and status_of(e.value)[1] == "image_too_large" and f"{MAX_ASPECT_RATIO}:1" in str(e.value)
 
 
 @pytest.mark.parametrize("w, h", [(2000, 99), (99, 2000)])
 def test_extreme_aspect_ratios_are_refused(w: int, h: int) -> None:
     with pytest.raises(UploadError) as e:
         decode(forged_png(w, h))
-    assert e.value.status == 413
+    assert status_of(e.value)[0] == 413
 
 
 def test_pixel_limit_applies_before_decoding_and_truncated_data_is_a_400() -> None:
     with pytest.raises(UploadError) as e:
         decode(forged_png(3000, 3000), max_pixels=1_000_000)
-    assert e.value.status == 413 and "exceeds the limit" in str(e.value)
+    assert status_of(e.value)[0] == 413 and "exceeds the limit" in str(e.value)
     with pytest.raises(UploadError) as e:
         decode(forged_png(900, 900, bit_depth=16, colour_type=6))  # plausible header, truncated data
-    assert e.value.status == 400 and e.value.code == "corrupt_image"
+    assert status_of(e.value)[0] == 400 and status_of(e.value)[1] == "corrupt_image"
 
 
 def test_sixteen_bit_images_scale_by_their_bit_depth_without_float_copies() -> None:
@@ -122,7 +123,7 @@ def test_progressive_jpegs_get_no_reduced_scale_allowance() -> None:
     assert decode(_jpeg(2000, 1000), max_pixels=1_000_000).array.shape == (1, 28, 28)  # baseline: drafted
     with pytest.raises(UploadError) as e:
         decode(_jpeg(2000, 1000, progressive=True), max_pixels=1_000_000)
-    assert e.value.status == 413
+    assert status_of(e.value)[0] == 413
 
 
 @pytest.mark.parametrize("w, h", [(40, 30), (400, 300), (4000, 3000)])
@@ -154,7 +155,7 @@ def test_a_progressive_jpeg_with_a_scan_repeated_hundreds_of_times_is_refused_be
     data = progressive_scan_bomb(600, 300)  # a valid file: each repeat is a pass over every block
     with pytest.raises(UploadError) as e:
         decode(data)
-    assert e.value.status == 413 and f"more than {MAX_JPEG_SCANS} scans" in str(e.value)
+    assert status_of(e.value)[0] == 413 and f"more than {MAX_JPEG_SCANS} scans" in str(e.value)
     ordinary = progressive_scan_bomb(600, 0)  # the 10 scans libjpeg writes
     assert jpeg_layout(ordinary).process == "progressive" and jpeg_layout(ordinary).scans == 10 and decode(ordinary).array.shape == (1, 28, 28)
 
@@ -165,7 +166,7 @@ def test_a_multi_scan_baseline_jpeg_gets_no_reduced_scale_allowance() -> None:
     assert (layout.process, layout.scans, layout.buffered) == ("baseline", 3, True)
     with pytest.raises(UploadError) as e:
         decode(noninterleaved_baseline_jpeg(2000, 1000), max_pixels=1_000_000)  # 2 MP: would draft to 1/8
-    assert e.value.status == 413 and "3 scans" in str(e.value)
+    assert status_of(e.value)[0] == 413 and "3 scans" in str(e.value)
     assert decode(noninterleaved_baseline_jpeg(1000, 1000), max_pixels=1_000_000).array.shape == (1, 28, 28)
     assert decode(_jpeg(2000, 1000), max_pixels=1_000_000).array.shape == (1, 28, 28)  # one scan: drafted
 
@@ -173,14 +174,14 @@ def test_a_multi_scan_baseline_jpeg_gets_no_reduced_scale_allowance() -> None:
 def test_buffered_jpeg_coefficients_are_bounded_by_component_count() -> None:
     with pytest.raises(UploadError) as e:  # 4 full-resolution components of 810,000 pixels: 3.24 M coefficients
         decode(noninterleaved_baseline_jpeg(900, 900, components=4), max_pixels=1_000_000)
-    assert e.value.status == 413 and "coefficients" in str(e.value)
+    assert status_of(e.value)[0] == 413 and "coefficients" in str(e.value)
 
 
 def test_lossless_and_hierarchical_jpegs_are_refused() -> None:
     lossless = noninterleaved_baseline_jpeg(64, 64).replace(b"\xff\xc0", b"\xff\xc3", 1)
     with pytest.raises(UploadError) as e:
         decode(lossless)
-    assert e.value.status == 415 and "lossless JPEG" in str(e.value)
+    assert status_of(e.value)[0] == 415 and "lossless JPEG" in str(e.value)
 
 
 def test_mpo_scans_of_the_first_frame_only_are_counted() -> None:
@@ -193,7 +194,7 @@ def test_webp_gets_a_quarter_of_the_pixel_limit() -> None:
     """WebP cannot decode at a reduced scale (a 1 KB lossless 5000x5000 file cost +318 MB)."""
     with pytest.raises(UploadError) as e:
         decode(lossless_webp(1100), max_pixels=4_000_000)
-    assert e.value.status == 413 and "WebP" in str(e.value) and "1,000,000" in str(e.value)
+    assert status_of(e.value)[0] == 413 and "WebP" in str(e.value) and "1,000,000" in str(e.value)
     assert decode(lossless_webp(1000), max_pixels=4_000_000).array.shape == (1, 28, 28)
 
 
@@ -201,7 +202,7 @@ def test_rle_bmp_is_bounded_to_a_megapixel() -> None:
     """Pillow decodes RLE BMP in pure Python: a 5.5 KB file cost 2.9 s."""
     with pytest.raises(UploadError) as e:
         decode(rle8_bmp(1100, 1000))
-    assert e.value.status == 413 and "run-length" in str(e.value)
+    assert status_of(e.value)[0] == 413 and "run-length" in str(e.value)
     assert decode(rle8_bmp(300, 200)).array.shape == (1, 28, 28)
 
 

@@ -41,6 +41,7 @@ from PIL import Image
 
 from fewshot.data.imageio import Preprocessing
 from fewshot.service.app import create_app
+from fewshot.service.http.errors import status_of
 from fewshot.service.images import UploadError, decode_upload
 from fewshot.service.settings import ServiceSettings
 
@@ -119,10 +120,11 @@ def check_decode(data: bytes, pre: Preprocessing, thumbnail: bool = True) -> int
         d = decode_upload(data, pre, max_pixels=MAX_PIXELS, thumbnail_size=THUMB, name="fuzz.bin",
                           thumbnail=thumbnail)
     except UploadError as exc:
-        _event(f"refused {exc.status}")
-        assert exc.status in (400, 413, 415), f"UploadError with status {exc.status}: {exc}"
-        assert exc.code and str(exc), "an UploadError needs a code and a message"
-        return exc.status
+        status, code = status_of(exc)
+        _event(f"refused {status}")
+        assert status in (400, 413, 415), f"UploadError with status {status}: {exc}"
+        assert code and str(exc), "an UploadError needs a code and a message"
+        return status
     _event("decoded")
     assert d.array.dtype == np.uint8, d.array.dtype
     assert d.array.shape == (pre.channels, pre.size, pre.size), d.array.shape
@@ -326,6 +328,7 @@ MAX_DECODE_GROWTH_MB = 256  # peak RSS growth for one upload, under the service'
 _MEASURE = """
 import json, re, sys
 from fewshot.data.imageio import Preprocessing
+from fewshot.service.http.errors import status_of
 from fewshot.service.images import UploadError, decode_upload
 from fewshot.service.settings import ServiceSettings
 
@@ -346,7 +349,7 @@ try:
                   thumbnail_size=s.thumbnail_size, name="attack")
     outcome = "decoded"
 except UploadError as exc:
-    outcome = f"UploadError {exc.status}"
+    outcome = f"UploadError {status_of(exc)[0]}"
 print(json.dumps({"growth_mb": (kb("VmHWM") - before) / 1024, "outcome": outcome, "max_pixels": s.max_image_pixels}))
 """
 

@@ -90,7 +90,7 @@ def test_occlusion_bad_input_is_refused_like_classify(client: TestClient) -> Non
 
 
 def test_insight_during_a_store_outage_is_a_503(tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fewshot.service.app as app_module
+    import fewshot.service.http.app as app_module
 
     monkeypatch.setattr(app_module, "open_store", lambda url, **_: BrokenDisk(tmp_path / "svc.db"))
     with TestClient(create_app(settings_for(tiny_bundle, tmp_path)), raise_server_exceptions=False) as c:

@@ -247,7 +247,7 @@ def test_occlusion_and_export_open_only_with_the_workspace_key(client: TestClien
 
 def test_export_during_a_store_outage_is_a_503_without_the_path(tiny_bundle: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import fewshot.service.app as app_module
+    import fewshot.service.http.app as app_module
 
     monkeypatch.setattr(app_module, "open_store", lambda url, **_: BrokenDisk(tmp_path / "hidden-dir" / "svc.db"))
     with TestClient(create_app(settings_for(tiny_bundle, tmp_path)), raise_server_exceptions=False) as c:

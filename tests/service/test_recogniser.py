@@ -7,7 +7,7 @@ import pytest
 from service_helpers import ToyEmbedder, class_images
 
 from fewshot.decision import BundleDecision, OpenSetRule
-from fewshot.errors import ConfigError
+from fewshot.service.errors import RequestError
 from fewshot.service.recogniser import Recogniser, RecogniserConfig, WorkspaceSettings
 from fewshot.service.store import ConflictError, NotFoundError, Store, open_store
 
@@ -91,7 +91,7 @@ def test_rename_delete_and_errors(sqlite_store: Store) -> None:
     assert r.class_count(ws) == 2
     with pytest.raises(NotFoundError):
         r.add_images(ws, ids[0], class_images(0, 1))
-    with pytest.raises(ConfigError, match="reserved"):
+    with pytest.raises(RequestError, match="reserved"):
         r.add_class(ws, "unknown", class_images(9, 1))
     with pytest.raises(ConflictError):
         r.add_class(ws, "class1", class_images(9, 1))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from service_helpers import ToyEmbedder, class_images
 
-from fewshot.errors import ConfigError
+from fewshot.service.errors import RequestError
 from fewshot.service.recogniser import Recogniser, check_label
 from fewshot.service.store import InvalidInput, Store, open_store
 
@@ -65,15 +65,15 @@ def test_labels_are_normalised_and_the_reserved_word_is_caseless(sqlite_store: S
     with pytest.raises(Exception, match="already exists"):
         r.add_class(ws.id, nfc, class_images(1, 2))
     for reserved in ("unknown", "Unknown", "UNKNOWN", " unKnown "):
-        with pytest.raises(ConfigError, match="reserved"):
+        with pytest.raises(RequestError, match="reserved"):
             r.add_class(ws.id, reserved, class_images(2, 2))
     for bad, why in (("", "empty"), ("   ", "empty"), ("a\x00b", "control"), ("tab\there", "control"),
                      ("x" * 201, "at most 200")):
-        with pytest.raises(ConfigError, match=why):
+        with pytest.raises(RequestError, match=why):
             check_label(bad)
-    with pytest.raises(ConfigError, match="control"):
+    with pytest.raises(RequestError, match="control"):
         r.rename_class(ws.id, rec.id, "nul\x00")
-    with pytest.raises(ConfigError, match="control"):
+    with pytest.raises(RequestError, match="control"):
         r.create_workspace("ws\x00name")
 
 
@@ -82,9 +82,9 @@ def test_non_finite_thresholds_are_refused_on_classify(sqlite_store: Store, bad:
     r = Recogniser(ToyEmbedder(), sqlite_store)
     ws, _ = r.create_workspace("t")
     r.add_class(ws.id, "a", class_images(0, 3))
-    with pytest.raises(ConfigError, match="finite"):
+    with pytest.raises(RequestError, match="finite"):
         r.classify(ws.id, class_images(0, 1), threshold=bad)
-    with pytest.raises(ConfigError, match="finite"):
+    with pytest.raises(RequestError, match="finite"):
         r.explain(ws.id, class_images(0, 1)[0], threshold=bad)
 
 
@@ -99,7 +99,7 @@ def test_nul_in_any_text_is_refused_by_both_backends(store: Store) -> None:
 
 def test_spoofed_and_invisible_labels_are_refused() -> None:
     for bad in ("unknown\u200b", "\uff55\uff4e\uff4b\uff4e\uff4f\uff57\uff4e", "\u200b", "\u202enwonknu", "a\u2066b"):
-        with pytest.raises(ConfigError, match="reserved|invisible"):
+        with pytest.raises(RequestError, match="reserved|invisible"):
             check_label(bad)
 
 
@@ -107,7 +107,7 @@ def test_spoofed_and_invisible_labels_are_refused() -> None:
 def test_overflowing_and_boolean_thresholds_are_refused(value: object) -> None:
     from fewshot.service.recogniser import check_threshold
 
-    with pytest.raises(ConfigError, match="finite"):
+    with pytest.raises(RequestError, match="finite"):
         check_threshold(value)
 
 

@@ -1,4 +1,5 @@
-"""service stage: recogniser (class memory over a store), HTTP app, static web page.
+"""service stage: the recogniser core (class memory over a store; no HTTP), the store by backend
+(`store/`), the HTTP layer (`http/`), the static web page.
 
 Imports only from earlier stages (data, backbones, artifacts); never from training code. Names are
 resolved lazily so `fewshot.service.store` can be used without importing FastAPI or torch.
@@ -10,9 +11,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "create_app": "app", "create_app_from_env": "app", "serve": "app",
+    "create_app": "http.app", "create_app_from_env": "http.app", "serve": "http.serve",
     "Prediction": "recogniser", "Recogniser": "recogniser", "RecogniserConfig": "recogniser",
-    "WorkspaceSettings": "recogniser", "ServiceSettings": "settings",
+    "WorkspaceSettings": "workspace_settings", "ServiceSettings": "settings", "RequestError": "errors",
     "ModelIdentity": "store", "ModelMismatchError": "store", "PostgresStore": "store", "SQLiteStore": "store",
     "Store": "store", "open_store": "store",
 }

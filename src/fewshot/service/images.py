@@ -1,5 +1,6 @@
 """Upload decoding for the service: decode with the shared preprocessing path (`fewshot.data.imageio`),
-say *why* an upload is refused (HTTP status + code), make a PNG thumbnail and a small RGB preview."""
+say *why* an upload is refused (its kind and a stable code; the HTTP layer picks the status), make a
+PNG thumbnail and a small RGB preview."""
 
 from __future__ import annotations
 
@@ -21,14 +22,25 @@ from fewshot.data.imageio import (
     to_array,
 )
 from fewshot.errors import ImageError
+from fewshot.service.errors import RequestError, TooLarge, UnsupportedMedia
 
 
-class UploadError(ImageError):
-    """An upload is refused; carries the HTTP status and a stable error code."""
+class UploadError(RequestError, ImageError):
+    """An upload is refused (empty or corrupt); a stable error `code`, no HTTP status."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
+    default_code = "corrupt_image"
+
+
+class UploadTooLarge(UploadError, TooLarge):
+    """Too many pixels, too extreme a shape, or too much decoding work."""
+
+    default_code = "image_too_large"
+
+
+class UploadUnsupported(UploadError, UnsupportedMedia):
+    """Not an image format the service accepts."""
+
+    default_code = "unsupported_media_type"
 
 
 @dataclass(frozen=True)
@@ -62,22 +74,23 @@ def decode_upload(
     thumbnail: bool = True, preview_side: int = STATS_SIDE,
 ) -> DecodedImage:
     """Bytes -> model input + thumbnail + small RGB preview; raises UploadError naming the file and
-    the fix: 400 empty or corrupt, 413 too many pixels or too extreme a shape, 415 not an accepted
-    image. Decoding cost is bounded before decoding (see `fewshot.data.imageio.open_image`).
+    the fix: empty or corrupt, `UploadTooLarge` (too many pixels or too extreme a shape),
+    `UploadUnsupported` (not an accepted image). Decoding cost is bounded before decoding (see `fewshot.data.imageio.open_image`).
     `preview_side` 0: no preview (it costs a reduce and a conversion per upload)."""
     if not data:
-        raise UploadError(400, "empty_image", f"{name}: file is empty (zero bytes); upload a PNG, JPEG, WebP, BMP or GIF")
+        raise UploadError(f"{name}: file is empty (zero bytes); upload a PNG, JPEG, WebP, BMP or GIF",
+                          "empty_image")
     try:
         img = open_image(data, max_pixels=max_pixels, name=name, draft_to=draft_size(pre))
         array = to_array(img, pre)
         preview = small_rgb(img, preview_side) if preview_side else np.zeros((0, 0, 3), np.uint8)
         thumb = thumbnail_png(img, thumbnail_size) if thumbnail else b""
     except ImageTooLarge as exc:
-        raise UploadError(413, "image_too_large", str(exc)) from exc
+        raise UploadTooLarge(str(exc)) from exc
     except UnsupportedImage as exc:
-        raise UploadError(415, "unsupported_media_type", str(exc)) from exc
+        raise UploadUnsupported(str(exc)) from exc
     except ImageError as exc:
-        raise UploadError(400, "corrupt_image", str(exc)) from exc
+        raise UploadError(str(exc)) from exc
     except Exception as exc:  # truncated or corrupt pixel data found while converting
-        raise UploadError(400, "corrupt_image", f"{name}: image data is corrupt ({type(exc).__name__})") from exc
+        raise UploadError(f"{name}: image data is corrupt ({type(exc).__name__})") from exc
     return DecodedImage(array, thumb, img.size[0] * img.size[1], preview)

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
 CHANNEL = "fewshot_changes"
 DELETED = 1 << 62  # the known version of a deleted workspace: every snapshot of it is stale
 log = logging.getLogger("fewshot.service.notify")
@@ -224,8 +226,6 @@ class StoreCollector:
         self.store_of = store_of
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
         store = self.store_of()
         if store is None:
             return

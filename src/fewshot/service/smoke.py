@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
+import uvicorn
 from PIL import Image
 
 from fewshot.service.app import create_app
@@ -27,9 +29,6 @@ from fewshot.service.settings import ServiceSettings
 @contextmanager
 def live_server(app: Any, startup_timeout_s: float = 20.0) -> Iterator[str]:
     """Serve the ASGI `app` with uvicorn on a free 127.0.0.1 port; yields the base URL once /readyz answers."""
-    import httpx
-    import uvicorn
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))  # the kernel picks a free port
         port = probe.getsockname()[1]
@@ -74,8 +73,6 @@ def service_smoke_check(
     """Teach each class `shots` images over HTTP, classify the rest; returns accuracy, how many
     answers were "unknown" or flagged out of domain, and latencies. `foreign`: image files from
     another domain (e.g. colour photos for a character model): the share flagged out of domain."""
-    import httpx
-
 
     admin = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory() as tmp:

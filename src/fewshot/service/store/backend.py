@@ -9,23 +9,24 @@ import logging
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import unquote
 
 from fewshot.io import redact_url
 from fewshot.service.notify import Tally, VersionFeed
 from fewshot.service.store.records import InvalidInput, StoreError, StoreUnavailable
 
 log = logging.getLogger("fewshot.service.store")
-F = TypeVar("F")
+S = TypeVar("S", bound="StoreBackend")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def scrub_secrets(text: str, url: str) -> str:
     """`text` (a driver's error message) with the password of `url` replaced by ***, as written and
     percent-decoded, and the URL itself redacted."""
-    from urllib.parse import unquote
-
     _, sep, rest = url.partition("://")
     userinfo = rest.rpartition("@")[0] if sep else ""
     found = [userinfo.split(":", 1)[1]] if ":" in userinfo else []
@@ -46,14 +47,14 @@ class _CommitUnknown(Exception):
     """The connection failed during COMMIT: the change may or may not be stored."""
 
 
-def _guarded(method: F) -> F:
+def _guarded(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
     """Map backend failures to StoreUnavailable; retry once after a dropped connection."""
 
-    @functools.wraps(method)  # type: ignore[arg-type]
-    def wrapper(self: StoreBackend, *args: Any, **kwargs: Any) -> Any:
+    @functools.wraps(method)
+    def wrapper(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
         for attempt in (1, 2):
             try:
-                return method(self, *args, **kwargs)  # type: ignore[operator]
+                return method(self, *args, **kwargs)
             except StoreError:
                 raise
             except _CommitUnknown as exc:
@@ -73,7 +74,7 @@ def _guarded(method: F) -> F:
                 raise StoreUnavailable(self._unavailable_message(exc)) from exc
         raise AssertionError("unreachable")
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 class StoreBackend(ABC):
     """What each backend supplies: connections, transactions, dialect and failure kinds.

@@ -1,0 +1,1 @@
+"""The routes, one `APIRouter` per resource; `fewshot.service.http.app` includes them."""

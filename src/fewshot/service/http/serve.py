@@ -1,0 +1,68 @@
+"""`serve`: the service under uvicorn (one process or several workers), with the proxy trust and
+the slow-client deadline (`fewshot.service.protocol`) it needs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from fewshot.errors import ConfigError
+from fewshot.service.http.app import create_app
+from fewshot.service.middleware import RedactQueryFilter
+from fewshot.service.protocol import DeadlineH11Protocol
+from fewshot.service.settings import ServiceSettings
+
+log = logging.getLogger("fewshot.service")
+
+
+def proxy_trust(env: Mapping[str, str]) -> tuple[bool, str | None]:
+    """(whether to read X-Forwarded-For, from which addresses) for uvicorn. The header is trusted only
+    when FORWARDED_ALLOW_IPS names the proxy's addresses or networks: otherwise any local process (an
+    ssh tunnel, a port-forward) could pick its client address and dodge the key throttle. "*" is
+    refused: with it uvicorn takes the leftmost address of the header, which the client writes."""
+    raw = env.get("FORWARDED_ALLOW_IPS", "").strip()
+    if not raw:
+        return False, None
+    if "*" in (p.strip() for p in raw.split(",")):
+        raise ConfigError(f"FORWARDED_ALLOW_IPS={raw!r} trusts X-Forwarded-For from any client, so any client "
+                          "could choose the address the key throttle counts; name your proxy's address or network "
+                          "(e.g. FORWARDED_ALLOW_IPS=172.28.0.10 or 10.0.0.0/8), or unset it")
+    return True, raw
+
+
+def serve(bundles: str | Path | Sequence[str | Path], db_url: str, host: str = "127.0.0.1", port: int = 8000, *,
+          admin_key: str | None = None, workers: int = 1, log_level: str = "info") -> None:
+    """Run the service under uvicorn (blocking) on one or more bundles (each a folder or NAME=PATH;
+    the first is the default model). Other settings come from FEWSHOT_* variables."""
+    logging.getLogger("uvicorn.access").addFilter(RedactQueryFilter())
+    specs = [str(bundles)] if isinstance(bundles, str | Path) else [str(b) for b in bundles]
+    if not specs:
+        raise ConfigError("no bundle given; pass one or more bundle folders (or NAME=PATH)")
+    settings = ServiceSettings.from_env(bundle_path=specs[0], extra_bundles=tuple(specs[1:]) or None, db_url=db_url,
+                                        admin_key=admin_key)
+    if admin_key is not None:
+        log.warning("SECURITY: the admin key was given as a command-line argument (--admin-key): every user of "
+                    "this machine can read it in `ps` and shell history; set FEWSHOT_ADMIN_KEY instead")
+    if not settings.torch_threads:
+        settings = replace(settings, torch_threads=1)
+    proxy_headers, allow_ips = proxy_trust(os.environ)
+    if settings.request_read_timeout_s <= 0:
+        raise ConfigError(f"FEWSHOT_REQUEST_READ_TIMEOUT_S={settings.request_read_timeout_s} must be > 0 seconds")
+    # slow clients: each request must arrive within request_read_timeout_s (fewshot.service.protocol)
+    DeadlineH11Protocol.read_timeout_s = settings.request_read_timeout_s
+    os.environ["FEWSHOT_REQUEST_READ_TIMEOUT_S"] = str(settings.request_read_timeout_s)  # for worker processes
+    common: dict[str, Any] = dict(host=host, port=port, log_level=log_level, proxy_headers=proxy_headers,
+                                  forwarded_allow_ips=allow_ips, http=DeadlineH11Protocol)
+    if workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    os.environ.update({"FEWSHOT_BUNDLE_PATH": settings.bundle_path,
+                       "FEWSHOT_EXTRA_BUNDLES": os.pathsep.join(settings.extra_bundles), "FEWSHOT_DB_URL": settings.db_url,
+                       "FEWSHOT_ADMIN_KEY": settings.admin_key, "FEWSHOT_TORCH_THREADS": str(settings.torch_threads)})
+    uvicorn.run("fewshot.service.http.app:create_app_from_env", factory=True, workers=workers, **common)

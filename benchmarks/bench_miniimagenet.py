@@ -25,8 +25,8 @@ import torch
 from fewshot.config import load_config
 from fewshot.distill.report import measure_model
 from fewshot.training.data import load_run_data
-from fewshot.training.loop import load_trained
 from fewshot.training.protocol import evaluate_run
+from fewshot.training.runs import load_trained
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Published 5-way accuracies (%) on the same split and protocol, for the table's reference column.

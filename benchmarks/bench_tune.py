@@ -59,7 +59,8 @@ def main() -> None:
     from fewshot.training.data import load_run_data
     from fewshot.training.loop import train
     from fewshot.training.protocol import evaluate_run  # noqa: F401  (imported before the long run)
-    from fewshot.workflows.tune import open_study, storage_url, study_dir, tune, write_outputs
+    from fewshot.workflows.study import open_study, storage_url, study_dir
+    from fewshot.workflows.tune import tune, write_outputs
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=12, help="trials the study should hold in the end")

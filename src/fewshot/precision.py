@@ -14,12 +14,14 @@ Policy, measured in `benchmarks/bench_learners.py`:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +29,7 @@ from torch import nn
 from fewshot.errors import ConfigError
 
 DType = Literal["fp32", "bf16", "fp16"]
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 _DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
@@ -157,8 +160,6 @@ def keep_freed_memory() -> bool:
     """
     if os.environ.get("FEWSHOT_KEEP_FREED_MEMORY", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
-    import ctypes
-
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # pragma: no cover - glibc without the usual soname
@@ -170,7 +171,15 @@ def keep_freed_memory() -> bool:
 def prepare_model(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
     """Put the model's 4-D tensors in the policy's memory format (in place; returns the model)."""
     if policy.channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        in_memory_format(model, torch.channels_last)
+    return model
+
+
+def in_memory_format(model: ModuleT, memory_format: torch.memory_format) -> ModuleT:
+    """`model.to(memory_format=...)`: its 4-D parameters and buffers in `memory_format`, in place
+    (torch's type stubs list no memory_format for `Module.to`, which takes one)."""
+    to: Callable[..., nn.Module] = model.to
+    to(memory_format=memory_format)
     return model
 
 

@@ -67,7 +67,7 @@ def test_conv4_parameter_names_are_those_of_stored_checkpoints():
 
 
 def test_only_the_training_commands_keep_freed_memory_and_the_environment_turns_it_off(monkeypatch):
-    from fewshot import cli
+    from fewshot.cli import commands as cli
 
     calls = []
     record = lambda: calls.append(1) or True  # noqa: E731

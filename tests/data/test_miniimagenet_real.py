@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from fewshot.data.imageio import Preprocessing
+from fewshot.data.leakage import check_leakage
 from fewshot.data.prepare import PreparedData, prepare
 from fewshot.data.splitfiles import miniimagenet_source
-from fewshot.data.splits import check_leakage, make_splits
+from fewshot.data.splits import make_splits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -80,8 +81,9 @@ def test_trains_on_the_64_training_classes_and_evaluates_on_the_20_test_classes(
 
     from fewshot.config import config_from_dict
     from fewshot.training.data import RunData
-    from fewshot.training.loop import train, train_classes
+    from fewshot.training.loop import train
     from fewshot.training.protocol import evaluate_run
+    from fewshot.training.runs import train_classes
 
     splits = make_splits(mini.cache, "csv")
     config = config_from_dict({

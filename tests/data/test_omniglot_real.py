@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
+from fewshot.data.leakage import check_leakage
 from fewshot.data.prepare import prepare_omniglot
-from fewshot.data.splits import check_leakage, make_splits
+from fewshot.data.splits import make_splits
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,10 @@ from fewshot.cli import main
 from fewshot.config import DataConfig, config_from_dict
 from fewshot.data.cleaning import KEPT, apply_split_rules
 from fewshot.data.imageio import Preprocessing
+from fewshot.data.leakage import check_leakage
 from fewshot.data.prepare import prepare
 from fewshot.data.splitfiles import SplitFileSource, miniimagenet_source, read_split_files
-from fewshot.data.splits import check_leakage, make_splits
+from fewshot.data.splits import make_splits
 from fewshot.errors import ConfigError, DataError
 from fewshot.training.data import load_run_data
 

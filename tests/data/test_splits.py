@@ -8,9 +8,10 @@ import pytest
 from datamaker import fake_omniglot, image_bytes, write_folder
 
 from fewshot.data.cache import PackedCache
+from fewshot.data.leakage import check_leakage
 from fewshot.data.prepare import prepare
 from fewshot.data.sources import OmniglotSource
-from fewshot.data.splits import Split, check_leakage, list_split_schemes, make_splits
+from fewshot.data.splits import Split, list_split_schemes, make_splits
 from fewshot.errors import ConfigError, DataError
 
 

@@ -17,7 +17,8 @@ from fewshot.episodes.sampling import EpisodeSpec
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.training.data import RunData
 from fewshot.training.evaluate import evaluate_episodes
-from fewshot.training.loop import load_trained, train
+from fewshot.training.loop import train
+from fewshot.training.runs import load_trained
 
 EVAL = {"episodes": 600, "way": 5, "shot": 1, "query": 5}
 

@@ -13,7 +13,8 @@ from synthetic_runs import config, run_data, synthetic_cache
 import fewshot.artifacts.export as deploy
 from fewshot.decision import DecisionRule
 from fewshot.distill.teacher import load_teacher
-from fewshot.training.loop import load_trained, train
+from fewshot.training.loop import train
+from fewshot.training.runs import load_trained
 
 
 def test_a_run_teacher_uses_the_rule_export_chooses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,8 +16,9 @@ from fewshot.episodes.sampling import EpisodeSpec
 from fewshot.errors import CheckpointError, ConfigError, EpisodeError
 from fewshot.training.data import RunData
 from fewshot.training.evaluate import evaluate_episodes, mean_ci95
-from fewshot.training.loop import load_trained, lr_at, train
+from fewshot.training.loop import lr_at, train
 from fewshot.training.protocol import check_no_training_classes, evaluate_run
+from fewshot.training.runs import load_trained
 from fewshot.workflows.compare import compare_runs
 
 
@@ -198,7 +199,7 @@ def test_bad_eval_settings_and_devices_are_refused_before_training() -> None:
         config_from_dict({"eval": {"split": "train"}})
     with pytest.raises(ConfigError, match="eval.episodes"):
         config_from_dict({"eval": {"episodes": 100}})
-    from fewshot.training.loop import resolve_device
+    from fewshot.training.runs import resolve_device
 
     with pytest.raises(ConfigError, match="device 'foo'"):
         resolve_device("foo")

@@ -15,7 +15,8 @@ from fewshot.cli import main
 from fewshot.config import load_config
 from fewshot.errors import ConfigError
 from fewshot.training.data import RunData, load_run_data
-from fewshot.workflows.tune import redact, storage_url, tune
+from fewshot.workflows.study import storage_url
+from fewshot.workflows.tune import redact, tune
 
 CONFIG = """\
 name: tiny

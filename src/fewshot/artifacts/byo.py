@@ -27,20 +27,20 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file as save_numpy
 
-from fewshot.artifacts.bundle import (
+from fewshot.artifacts.bundle import PARITY_SAMPLES
+from fewshot.artifacts.calibration import calibrate_open_set
+from fewshot.artifacts.embedders import ONNX_INPUT, ONNX_OUTPUT, OnnxEmbedder
+from fewshot.artifacts.manifest import (
     BUNDLE_FORMAT_VERSION,
     MANIFEST,
     ONNX,
     ONNX_ONLY_BACKBONE,
     PARITY,
-    PARITY_SAMPLES,
     Manifest,
     library_versions,
     sha256_file,
     staged_bundle,
 )
-from fewshot.artifacts.calibration import calibrate_open_set
-from fewshot.artifacts.embedders import ONNX_INPUT, ONNX_OUTPUT, OnnxEmbedder
 from fewshot.data.imageio import Preprocessing, decode_image
 from fewshot.decision import DecisionRule, Metric
 from fewshot.errors import CheckpointError, DataError

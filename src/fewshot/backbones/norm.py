@@ -107,7 +107,7 @@ class GroupedContextNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, groups: int, n: int, eps: float
     ) -> Tensor:
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
@@ -128,7 +128,7 @@ class GroupedContextNorm(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
         dims, n = ctx.dims, ctx.n
         fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last

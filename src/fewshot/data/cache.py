@@ -94,7 +94,8 @@ class PackedCache:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+        c, h, w = self.images.shape[1:]
+        return c, h, w
 
     def class_id(self, name: str) -> int:
         try:

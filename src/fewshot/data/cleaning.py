@@ -14,7 +14,7 @@ two drawings that only coincide after downscaling are different data. Omniglot's
 (Braille/character01 0192_03 and 0192_19, both a single dot) is pixel-identical at 105x105, so
 0192_19 is dropped as a duplicate of 0192_03. miniImageNet's six validation images that repeat a
 training image are dropped as split_duplicate (SOURCES.md lists them). Perceptual hashes (64-bit dHash) are kept per image
-for the cross-split near-duplicate warnings in `splits.check_leakage`.
+for the cross-split near-duplicate warnings in `leakage.check_leakage`.
 """
 
 from __future__ import annotations

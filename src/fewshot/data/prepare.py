@@ -205,7 +205,7 @@ def _build_from(
         "source": source.describe(),
         "source_fingerprint": source_fp,
         "cleaning": cfg.to_dict(),
-        "split_duplicates": [asdict(d) for d in split_dups],  # reported by splits.check_leakage
+        "split_duplicates": [asdict(d) for d in split_dups],  # reported by leakage.check_leakage
     }
     write_cache(
         path,

@@ -113,9 +113,9 @@ class _Container:
             return (self.path / name).read_bytes()
         if self._zip is None:
             self._zip = zipfile.ZipFile(self.path)
-        info = self._zip.getinfo(name)
-        if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1 and hasattr(os, "pread"):
-            return _read_stored(self._zip.fp.fileno(), info, self.path)  # type: ignore[union-attr]
+        info, fp = self._zip.getinfo(name), self._zip.fp  # fp: None only once the zip is closed
+        if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1 and hasattr(os, "pread") and fp:
+            return _read_stored(fp.fileno(), info, self.path)
         return self._zip.read(name)
 
     def fingerprint_into(self, h: hashlib._Hash) -> None:

@@ -27,7 +27,7 @@ from fewshot.episodes.sampling import EpisodeSpec
 from fewshot.io import atomic_write_json, atomic_write_text
 from fewshot.training.data import RunData
 from fewshot.training.evaluate import EvalResult, evaluate_episodes
-from fewshot.training.loop import load_trained
+from fewshot.training.runs import load_trained
 
 REPORT_JSON = "distill_report.json"
 

@@ -100,12 +100,13 @@ class DistillObjective(TrainObjective):
 
 
 def objective_factory(config: RunConfig, data: RunData) -> Any:
-    assert config.distill is not None
+    distill = config.distill
+    assert distill is not None
 
     def make(learner: Any) -> DistillObjective:
         teachers = [t.set_precision(learner.precision)
-                    for t in load_teachers(config.distill, data, learner.device)]  # type: ignore[arg-type]
-        return DistillObjective(config.distill, teachers, embedding_dim_of(learner.backbone), config.seed + 1)  # type: ignore[arg-type]
+                    for t in load_teachers(distill, data, learner.device)]
+        return DistillObjective(distill, teachers, embedding_dim_of(learner.backbone), config.seed + 1)
 
     return make
 

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshot.artifacts.bundle import WEIGHTS, load_bundle, sha256_file
+from fewshot.artifacts.bundle import load_bundle
 from fewshot.artifacts.export import choose_rule, deployable_backbone
+from fewshot.artifacts.manifest import WEIGHTS, sha256_file
 from fewshot.artifacts.zoo import is_zoo_name, resolve_bundle
 from fewshot.backbones.base import Backbone
 from fewshot.config import DistillConfig, load_config
@@ -32,7 +33,7 @@ from fewshot.episodes.types import Episode
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.precision import FP32, PrecisionPolicy, autocast_context, prepare_input, prepare_model
 from fewshot.training.data import RunData
-from fewshot.training.loop import load_trained, train_classes
+from fewshot.training.runs import load_trained, train_classes
 
 LUMA = (0.299, 0.587, 0.114)
 # a preprocessing's per-channel (mean, std), or None when its model input is x / 255 alone

@@ -140,7 +140,7 @@ class FewShotLearner(nn.Module):
     def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> FewShotLearner:
         raise NotImplementedError
 
-    def forward(self, query_x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, query_x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def predict(self, episode: Episode) -> Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.backbones.base import Backbone
-from fewshot.decision import DecisionRule, check_metric, prototype_logits, prototypes
+from fewshot.decision import DecisionRule, Metric, check_metric, prototype_logits, prototypes
 from fewshot.errors import ConfigError
 from fewshot.learners.base import (
     Batch,
@@ -30,7 +30,7 @@ from fewshot.learners.base import (
 
 @dataclass(frozen=True)
 class ProtoNetConfig:
-    metric: str = "euclidean"
+    metric: Metric = "euclidean"
     init_scale: float = 10.0  # cosine only: initial value of the learnable logit scale
 
     def __post_init__(self) -> None:
@@ -62,11 +62,11 @@ class ProtoNet(FewShotLearner):
     @property
     def deployment(self) -> Deployment:
         scale = float(self.log_scale.detach().exp())
-        return Deployment("backbone", DecisionRule("prototype", self.cfg.metric, cosine_scale=scale))  # type: ignore[arg-type]
+        return Deployment("backbone", DecisionRule("prototype", self.cfg.metric, cosine_scale=scale))
 
     def logits(self, protos: Tensor, zq: Tensor) -> Tensor:
         """Prototypes (n_way, D), query embeddings (n_query, D) -> logits (n_query, n_way), fp32."""
-        return prototype_logits(zq, protos, self.cfg.metric, self.log_scale.exp())  # type: ignore[arg-type]
+        return prototype_logits(zq, protos, self.cfg.metric, self.log_scale.exp())
 
     def compute(self, batch: Batch) -> LearnerOutput:
         """All images of the meta-batch go through the backbone as one batch (fastest)."""

@@ -13,8 +13,6 @@ Only rank 0 validates and writes the run folder (checkpoints, metrics, plots).
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fewshot.backbones import backbone_from_config, create_backbone
+from fewshot.backbones import create_backbone
 from fewshot.backbones.init import built_quietly, reset_parameters
 from fewshot.config import RunConfig, TrainConfig, dump_config
 from fewshot.episodes.batches import sample_batch
@@ -35,7 +33,7 @@ from fewshot.episodes.materialise import Augment
 from fewshot.episodes.sampling import EpisodeSpec
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.io import atomic_write_json
-from fewshot.learners import create_learner, learner_class, learner_from_config
+from fewshot.learners import create_learner, learner_class
 from fewshot.precision import select_precision
 from fewshot.training.checkpoint import (
     load_training_state,
@@ -46,13 +44,15 @@ from fewshot.training.checkpoint import (
 from fewshot.training.data import RunData, load_run_data
 from fewshot.training.distributed import DistributedError, World, any_rank, barrier, is_comm_failure
 from fewshot.training.evaluate import evaluate_episodes
+from fewshot.training.metrics_log import MetricsLog
 from fewshot.training.plots import plot_curves
+from fewshot.training.resume import config_differences
+from fewshot.training.runs import resolve_device
 from fewshot.training.segments import SegmentLog
 from fewshot.training.trainer import Trainer
 
 OBJECTIVE_WEIGHTS = "objective.safetensors"
 
-BASE_FIELDS = ["step", "lr", "elapsed_s", "val_acc", "val_ci95"]
 VAL_SEED_OFFSET = 100_003
 
 
@@ -63,18 +63,6 @@ class TrainResult:
     best_val_acc: float  # rank 0's (the rank that validates) under torchrun; -1 on the others
     elapsed_s: float
     learner: Any = field(default=None, repr=False, compare=False)  # this process's trained learner (last step)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use device=auto or cpu")
-    return dev
 
 
 def build_learner(config: RunConfig, data: RunData, image_shape: tuple[int, int, int]) -> Any:
@@ -116,38 +104,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
-class MetricsLog:
-    """metrics.csv in the run folder: step, lr, time, validation, and every term the learner (and
-    the distillation objective) returns. On resume, rows after the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int) -> None:
-        self.path = path
-        self.fields: list[str] | None = None
-        rows: list[dict[str, str]] = []
-        if resume_step > 0 and path.is_file():
-            with open(path, newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                self.fields = list(reader.fieldnames or []) or None
-                rows = [r for r in reader if int(r["step"]) <= resume_step]
-        path.unlink(missing_ok=True)
-        if self.fields is not None:
-            self._write("w", rows)
-
-    def _write(self, mode: str, rows: list[dict[str, Any]]) -> None:
-        assert self.fields is not None
-        with open(self.path, mode, newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, self.fields, extrasaction="ignore")
-            if mode == "w":
-                w.writeheader()
-            w.writerows(rows)
-
-    def append(self, row: dict[str, Any]) -> None:
-        if self.fields is None:
-            self.fields = BASE_FIELDS[:3] + [k for k in row if k not in BASE_FIELDS] + BASE_FIELDS[3:]
-            self._write("w", [])
-        self._write("a", [{k: row.get(k, "") for k in self.fields}])
-
-
 def _model_manifest(learner: Any, config: RunConfig, data: RunData) -> dict[str, Any]:
     return {
         "model": {"backbone": learner.backbone.config, "learner": learner.config},
@@ -159,38 +115,6 @@ def _model_manifest(learner: Any, config: RunConfig, data: RunData) -> dict[str,
             "cache": str(data.cache.path),
         },
     }
-
-
-# Fields a resume may change: they do not change what the run computes (the data fingerprint is
-# checked separately, and the step stream does not depend on them).
-RESUMABLE = {
-    "data": {"root", "cache_dir"},
-    "train": {"steps", "num_workers", "device", "max_seconds", "val_every", "val_episodes", "val_way",
-              "val_shot", "val_query", "checkpoint_every"},
-}
-CONFIG_SECTIONS = ("data", "model", "train", "seed", "distill")
-
-
-def _resumable(section: str, key: str, saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    """A cosine schedule is laid over `train.steps`: changing it changes every later learning rate,
-    so under cosine the budget is fixed for the whole run."""
-    if section == "train" and key == "steps":
-        return "cosine" not in (saved.get("train", {}).get("schedule"), current.get("train", {}).get("schedule"))
-    return key in RESUMABLE.get(section, set())
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Fields that differ, ignoring the ones a resume may change (RESUMABLE)."""
-    diffs = []
-    for section in CONFIG_SECTIONS:
-        a, b = saved.get(section), current.get(section)
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                if not _resumable(section, k, saved, current) and a.get(k) != b.get(k):
-                    diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
-        elif a != b:
-            diffs.append(f"{section}: {a!r} -> {b!r}")
-    return diffs
 
 
 class TrainObjective(torch.nn.Module):
@@ -446,27 +370,3 @@ def _finish(s: _Session, done: int, metrics: dict[str, float], session: float) -
         "precision": s.learner.precision.dtype, "torch": torch.__version__, "world_size": s.world.size})
 
 
-def check_run_dir(run_dir: Path) -> Path:
-    """A run folder made by `fewshot train`, or a clear error."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml); pass a folder made by `fewshot train`")
-    return run_dir
-
-
-def load_trained(run_dir: Path, *, tag: str = "best", device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """Rebuild a trained learner from its run folder (no pickle): returns (learner, manifest)."""
-    path = check_run_dir(run_dir) / "checkpoints" / tag
-    manifest = read_manifest(path)
-    backbone = backbone_from_config(manifest["model"]["backbone"])
-    learner = learner_from_config(manifest["model"]["learner"], backbone)
-    load_weights(path, learner)
-    learner.to(resolve_device(device)).eval()
-    return learner, manifest
-
-
-def train_classes(run_dir: Path) -> set[str]:
-    path = Path(run_dir) / "train_classes.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; it is written by `fewshot train`")
-    return set(json.loads(path.read_text(encoding="utf-8"))["classes"])

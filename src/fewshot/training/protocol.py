@@ -14,7 +14,7 @@ from fewshot.io import atomic_write_json
 from fewshot.precision import select_precision
 from fewshot.training.data import RunData, load_run_data
 from fewshot.training.evaluate import EvalResult, evaluate_episodes
-from fewshot.training.loop import check_run_dir, load_trained, resolve_device, train_classes
+from fewshot.training.runs import check_run_dir, load_trained, resolve_device, train_classes
 
 
 def check_no_training_classes(run_dir: Path, data: RunData, split: str) -> None:

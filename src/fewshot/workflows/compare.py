@@ -7,9 +7,9 @@ from pathlib import Path
 
 from fewshot.distill.report import load_report, report_markdown
 from fewshot.errors import EpisodeError
-from fewshot.training.loop import check_run_dir
 from fewshot.training.plots import plot_comparison
 from fewshot.training.protocol import load_results
+from fewshot.training.runs import check_run_dir
 
 
 def compare_runs(run_dirs: list[Path], out_png: Path) -> str:

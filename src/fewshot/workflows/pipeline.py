@@ -3,14 +3,16 @@ its service check -> distillation, from one config."""
 
 from __future__ import annotations
 
+import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fewshot.artifacts.bundle import Manifest
 from fewshot.artifacts.export import export_run
+from fewshot.artifacts.manifest import Manifest
 from fewshot.artifacts.photos import (
     DEFAULT_VARIANT,
     build_photos_bundle,
@@ -62,8 +64,6 @@ def photos_stage(out_dir: Path, data_root: Path, *, serve_check: bool = True,
     if reason is not None:
         return {"skipped": reason}
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     t0 = time.perf_counter()
     build_photos_bundle(out_dir, variant=variant, data_root=data_root)
@@ -99,8 +99,6 @@ def run_pipeline(config: RunConfig, *, serve_check: bool = True, progress: bool 
     if config.export.enabled:
         bundle_dir = config.run_dir() / "bundle"
         if bundle_dir.exists():
-            import shutil
-
             shutil.rmtree(bundle_dir)
 
         export_run(config.run_dir(), bundle_dir, data=data)
@@ -143,8 +141,6 @@ def zoo_service_check(name: str, checked: dict[str, np.ndarray], foreign: list[b
 def foreign_photos(data_root: Path, n: int = 20) -> list[bytes]:
     """Up to `n` CIFAR-10 test JPEGs (two per class) from `<data_root>/cifar10-subset`, if present:
     colour photos the service check sends to a character model, expecting them flagged."""
-    import zipfile
-
     path = data_root / "cifar10-subset" / "cifar10_subset.zip"
     if not path.is_file():
         return []

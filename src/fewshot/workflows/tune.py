@@ -19,11 +19,7 @@ distill` when it has a distill section), `trials.csv`,
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +28,23 @@ from typing import Any
 from fewshot.config import (
     ParamSpec,
     RunConfig,
-    TuneConfig,
     config_from_dict,
     dump_config,
 )
 from fewshot.distill.task import objective_factory
 from fewshot.errors import ConfigError, FewshotError
-from fewshot.io import atomic_write_json, atomic_write_text
+from fewshot.io import atomic_write_json
 from fewshot.io import redact_url as redact
 from fewshot.training.data import RunData, load_run_data
 from fewshot.training.loop import train
-
-PG_DRIVER = "postgresql+psycopg"
+from fewshot.workflows.study import open_study, storage_url, study_dir, tune_section
+from fewshot.workflows.tune_outputs import (
+    param_importances,
+    plot_history,
+    plot_importance,
+    trial_rows,
+    write_csv,
+)
 
 
 @dataclass(frozen=True)
@@ -60,18 +61,6 @@ class TuneResult:
 
 
 # --------------------------------------------------------------------------- config and space
-
-
-def tune_section(config: RunConfig) -> TuneConfig:
-    if config.tune is None or not config.tune.space:
-        raise ConfigError(
-            f"config {config.name!r} has no tune.space to search; add e.g.\n"
-            "tune:\n  space:\n    train.lr: {type: float, low: 0.0001, high: 0.01, log: true}\n"
-            "    train.way: {type: int, low: 5, high: 30}")
-    if config.distill is not None and config.distill.generations > 1:
-        raise ConfigError(f"distill.generations is {config.distill.generations}; a trial trains one student "
-                          "taught by distill.teachers: set distill.generations=1 to tune it")
-    return config.tune
 
 
 def _set(data: dict[str, Any], path: str, value: Any) -> None:
@@ -124,110 +113,6 @@ def suggest(trial: Any, space: dict[str, ParamSpec]) -> dict[str, Any]:
             params[path] = trial.suggest_float(path, float(spec.low or 0), float(spec.high or 0), step=spec.step,
                                                log=spec.log)
     return params
-
-
-# --------------------------------------------------------------------------- storage
-
-
-def study_dir(config: RunConfig, study_name: str | None = None) -> Path:
-    """<output_dir>/<name>-tune for the default study; <output_dir>/<name>-tune-<study> for a named one."""
-    default = f"{config.name}-tune"
-    return Path(config.output_dir) / (default if study_name in (None, config.name) else f"{default}-{study_name}")
-
-
-def storage_url(url: str | None, default_dir: Path) -> str:
-    """The SQLAlchemy URL of the study storage: SQLite file by default; postgresql:// -> psycopg 3."""
-    if url is None:
-        return f"sqlite:///{(default_dir / 'study.db').resolve()}"
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return PG_DRIVER + "://" + url[len(prefix):]
-    if url.startswith(("sqlite:///", "postgresql+")):
-        return url
-    raise ConfigError(f"--storage {redact(url)!r} is not a study storage URL; use postgresql://user:PASSWORD@host/db "
-                      "or sqlite:///path/study.db (or leave it out: <output_dir>/<name>-tune/study.db)")
-
-
-def open_storage(url: str) -> Any:
-    """Optuna's RDB storage at `url`, or a ConfigError naming the URL (without its password)."""
-    import optuna
-
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("postgresql"):
-        kwargs["connect_args"] = {"connect_timeout": 10}
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # heartbeats: a trial whose process died is marked failed when another worker starts
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=60, grace_period=180)
-    except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        for secret in _passwords(url):
-            reason = reason.replace(secret, "***")
-        raise ConfigError(
-            f"cannot open the study storage {redact(url)}: {type(exc).__name__}: {reason}; check that the database "
-            "server is running and reachable and the user, password and database name are right, or leave out "
-            "--storage to keep the study in a SQLite file") from None
-
-
-def _passwords(url: str) -> list[str]:
-    """The password of `url` as written and percent-decoded, to scrub from driver messages."""
-    from urllib.parse import unquote
-
-    _, sep, rest = url.partition("://")
-    userinfo = rest.rpartition("@")[0] if sep else ""
-    found = [userinfo.split(":", 1)[1]] if ":" in userinfo else []
-    found += re.findall(r"(?i)password=([^&]+)", url)
-    return sorted({v for p in found for v in (p, unquote(p)) if p}, key=len, reverse=True)
-
-
-def open_study(config: RunConfig, url: str, name: str) -> Any:
-    """Create the study, or join it when it exists (another worker, or an earlier run)."""
-    import optuna
-
-    tc = tune_section(config)
-    storage = open_storage(url)
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
-                                pruner=make_pruner(tc))
-    fingerprint = base_fingerprint(config)
-    saved = study.user_attrs.get("base_config")
-    if saved is None:
-        study.set_user_attr("base_config", fingerprint)
-        study.set_user_attr("base_config_dict", config.to_dict())
-    elif saved != fingerprint:
-        raise ConfigError(f"study {name!r} was run with another base config (everything but tune.space's values "
-                          "must match to compare its trials); use --study NEW_NAME for a new study, or the config "
-                          "the study was started with")
-    # the seed moves with the study's length: a resumed study or a joining worker does not replay the
-    # random startup trials already run
-    study.sampler = make_sampler(tc, tc.seed + len(study.trials))
-    return study
-
-
-def base_fingerprint(config: RunConfig) -> str:
-    """What a joining worker or a resumed study must share: the config except where runs are written."""
-    import hashlib
-
-    data = {k: v for k, v in config.to_dict().items() if k not in ("output_dir",)}
-    if isinstance(data.get("data"), dict):
-        data["data"] = {k: v for k, v in data["data"].items() if k not in ("root", "cache_dir")}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def make_sampler(tc: TuneConfig, seed: int) -> Any:
-    import optuna
-
-    if tc.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tc.startup_trials)
-
-
-def make_pruner(tc: TuneConfig) -> Any:
-    import optuna
-
-    if tc.pruner == "none":
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=tc.startup_trials, n_warmup_steps=tc.warmup_steps)
 
 
 # --------------------------------------------------------------------------- trials
@@ -362,96 +247,3 @@ def write_outputs(config: RunConfig, study: Any, out: Path, shown_url: str,
     return TuneResult(out, study.study_name, shown_url, best_value, best_params, best_cfg, counts, files, notes)
 
 
-def trial_rows(study: Any) -> list[dict[str, Any]]:
-    rows = []
-    for t in study.trials:
-        steps = sorted(t.intermediate_values)
-        rows.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
-                     "last_step": steps[-1] if steps else None,
-                     "duration_s": round(t.duration.total_seconds(), 2) if t.duration is not None else None,
-                     "params": dict(t.params),
-                     "intermediate": {str(s): t.intermediate_values[s] for s in steps}})
-    return rows
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    names = sorted({k for r in rows for k in r["params"]})
-    head = ["number", "state", "value", "last_step", "duration_s", *names]
-    lines = [head] + [[r[k] for k in head[:5]] + [r["params"].get(n, "") for n in names] for r in rows]
-    import io
-
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(["" if v is None else v for v in line] for line in lines)
-    atomic_write_text(path, buf.getvalue())
-    return path
-
-
-def param_importances(study: Any, notes: list[str]) -> dict[str, float]:
-    """PED-ANOVA importances (numpy only), or {} with a note saying why they cannot be computed."""
-    import optuna
-
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    varying = {k for k in {k for t in complete for k in t.params}
-               if len({json.dumps(t.params.get(k)) for t in complete}) > 1}
-    if len(complete) < 2 or not varying:
-        notes.append(f"parameter importance not computed: it needs >= 2 completed trials whose parameters vary "
-                     f"(have {len(complete)} completed, {len(varying)} varying parameters); run more trials")
-        return {}
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-            imp = optuna.importance.get_param_importances(study, evaluator=evaluator)
-    except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-        notes.append(f"parameter importance not computed ({type(exc).__name__}: {exc}); run more trials")
-        return {}
-    notes += [f"parameter importance: {w.message} (with {len(complete)} completed trials; run more trials)"
-              for w in caught if issubclass(w.category, UserWarning)
-              and not issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
-    return {k: float(v) for k, v in imp.items()}
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height))
-
-
-def plot_history(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Each trial's score (pruned: its last reported value, hollow) and the best so far."""
-    fig = _figure(7, 4)
-    ax = fig.add_subplot()
-    done = [(r["number"], 100 * r["value"]) for r in rows if r["state"] == "complete"]
-    pruned = [(r["number"], 100 * r["intermediate"][str(r["last_step"])]) for r in rows
-              if r["state"] == "pruned" and r["intermediate"]]
-    if done:
-        x, y = zip(*done)
-        ax.plot(x, y, "o", label="completed trial (best val acc)")
-        best, running = [], -math.inf
-        for v in y:
-            running = max(running, v)
-            best.append(running)
-        ax.step(x, best, where="post", color="C3", label="best so far")
-    if pruned:
-        x, y = zip(*pruned)
-        ax.plot(x, y, "o", mfc="none", color="C7", label="pruned trial (last val acc)")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("optimisation history")
-    if done or pruned:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def plot_importance(importances: dict[str, float], path: Path) -> Path:
-    fig = _figure(7, 0.6 + 0.45 * len(importances))
-    ax = fig.add_subplot()
-    names = list(importances)[::-1]
-    ax.barh(names, [importances[n] for n in names])
-    ax.set_xlabel("importance (PED-ANOVA, normalised)")
-    ax.set_title("parameter importance")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path

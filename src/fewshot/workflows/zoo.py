@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fewshot.artifacts.bundle import Bundle, load_bundle
 from fewshot.artifacts.export import evaluate_embedder, export_run
@@ -36,14 +37,15 @@ from fewshot.artifacts.zoo import (
     setting_key,
     zoo_root,
 )
-from fewshot.config import DataConfig, RunConfig, config_from_dict, load_config
+from fewshot.config import DataConfig, RunConfig, ZooConfig, config_from_dict, load_config
+from fewshot.episodes.sampling import DomainMode
 from fewshot.errors import CheckpointError, ConfigError, EpisodeError
 from fewshot.io import atomic_write_json, atomic_write_text, replace_dir
 from fewshot.training.checkpoint import read_manifest
 from fewshot.training.data import RunData, load_run_data
 from fewshot.training.evaluate import EvalResult, mean_ci95
-from fewshot.training.loop import config_differences
 from fewshot.training.protocol import evaluate_run
+from fewshot.training.resume import config_differences
 from fewshot.training.segments import SegmentLog, code_commit, cpu_hours, cpu_model
 
 SERVED = "ONNX Runtime on uint8 images (the service's preprocessing) + the bundle's decision rule"
@@ -68,7 +70,7 @@ def check_bundle_data(bundle: Bundle, data: RunData, split: str) -> None:
 
 
 def score(bundle: Bundle, data: RunData, *, way: int, shot: int, query: int, episodes: int, seed: int,
-          split: str = "test", mode: str = "any") -> EvalResult:
+          split: str = "test", mode: DomainMode = "any") -> EvalResult:
     """The protocol's fixed-seed episodes through the bundle as served. Episode i depends only on
     (seed, i), so the first k episodes of a longer evaluation are these episodes."""
     check_bundle_data(bundle, data, split)
@@ -85,7 +87,7 @@ def entry_data(entry: ZooEntry, *, root: str | None = None, cache_dir: str | Non
 
 
 def evaluate_entry(name: str, *, way: int, shot: int, episodes: int | None = None, query: int | None = None,
-                   seed: int | None = None, mode: str = "any", data: RunData | None = None) -> EvalResult:
+                   seed: int | None = None, mode: DomainMode = "any", data: RunData | None = None) -> EvalResult:
     """`fewshot evaluate zoo:NAME`: any way / shot as served, on the card's protocol (split, seed,
     queries, episodes) unless given."""
     entry = get_entry(name)
@@ -98,7 +100,7 @@ def evaluate_entry(name: str, *, way: int, shot: int, episodes: int | None = Non
 
 
 def evaluate_bundle(path: str | Path, *, way: int, shot: int, episodes: int = 1000, query: int = 15, seed: int = 1234,
-                    split: str = "test", mode: str = "any", data: RunData | None = None) -> EvalResult:
+                    split: str = "test", mode: DomainMode = "any", data: RunData | None = None) -> EvalResult:
     """`fewshot evaluate BUNDLE`: a bundle folder scored as served on the protocol, on the data its
     manifest records (bundles exported by `fewshot export` since the zoo)."""
     bundle = load_bundle(path)
@@ -199,34 +201,8 @@ def publish(recipe: str | Path, *, replace: bool = False, episodes: int | None =
     try:
         export_run(run_dir, staging / BUNDLE_DIR, data=data, seed=config.seed)
         bundle = load_bundle(staging / BUNDLE_DIR)
-        results, per_episode = [], {}
-        for r in zc.results:
-            key = setting_key(r.way, r.shot, r.mode)
-            res = score(bundle, data, way=r.way, shot=r.shot, query=zc.query, episodes=n, seed=zc.seed,
-                        split=zc.split, mode=r.mode)
-            per_episode[key] = [round(a, 6) for a in res.accuracies]
-            mean, ci = mean_ci95(np.asarray(per_episode[key]))
-            results.append({"key": key, "way": r.way, "shot": r.shot, "mode": r.mode, "mean": mean, "ci95": ci,
-                            "learner_mean": learner[key].mean, "learner_ci95": learner[key].ci95,
-                            "published": r.published, "source": r.source})
-        commit = code_commit()
-        training = _training_info(config, run_dir, recipe)
-        commands = [f"{s['command']}   # segment {s['index']}" for s in training["segments"]]
-        commands.append(f"fewshot zoo publish {recipe}" + ("" if episodes is None else f" --episodes {episodes}"))
-        card = {
-            "name": config.name, "title": zc.title, "summary": " ".join(zc.summary.split()),
-            "intended_use": " ".join(zc.intended_use.split()), "limitations": " ".join(zc.limitations.split()),
-            "model": _model_info(bundle), "recipe": {"path": str(recipe), "config": config.to_dict()},
-            "training": training,
-            "data": {"dataset": config.data.dataset, "split": data.scheme, "fingerprint": data.cache.fingerprint,
-                     "description": " ".join(zc.data_description.split()), "licence": zc.licence},
-            "protocol": {"split": zc.split, "episodes": n, "query": zc.query, "seed": zc.seed, "served": SERVED,
-                         "description": "the few-shot protocol of Vinyals et al. / Snell et al. (N-way K-shot "
-                                        "episodes of unseen classes)"},
-            "results": results,
-            "made": {"date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": commit, "torch": _torch_version(),
-                     "machine": f"{cpu_model()} ({os.cpu_count()} cores)", "commands": commands},
-        }
+        results, per_episode = _served_results(bundle, data, zc, n, learner)
+        card = _card(config, zc, recipe, data, bundle, results, n, episodes)
         atomic_write_json(staging / CARD, card)
         atomic_write_json(staging / EPISODES, per_episode)
         atomic_write_text(staging / MODEL_MD, render_model_md(card))
@@ -239,9 +215,47 @@ def publish(recipe: str | Path, *, replace: bool = False, episodes: int | None =
     return ZooEntry(config.name, dest)
 
 
-def _torch_version() -> str:
-    import torch
+def _served_results(bundle: Bundle, data: RunData, zc: ZooConfig, n: int, learner: dict[str, EvalResult],
+                    ) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+    """The card's results table, scored as served on `n` episodes of each setting, and the
+    per-episode accuracies behind it."""
+    results, per_episode = [], {}
+    for r in zc.results:
+        key = setting_key(r.way, r.shot, r.mode)
+        res = score(bundle, data, way=r.way, shot=r.shot, query=zc.query, episodes=n, seed=zc.seed,
+                    split=zc.split, mode=r.mode)
+        per_episode[key] = [round(a, 6) for a in res.accuracies]
+        mean, ci = mean_ci95(np.asarray(per_episode[key]))
+        results.append({"key": key, "way": r.way, "shot": r.shot, "mode": r.mode, "mean": mean, "ci95": ci,
+                        "learner_mean": learner[key].mean, "learner_ci95": learner[key].ci95,
+                        "published": r.published, "source": r.source})
+    return results, per_episode
 
+
+def _card(config: RunConfig, zc: ZooConfig, recipe: Path, data: RunData, bundle: Bundle,
+          results: list[dict[str, Any]], n: int, episodes: int | None) -> dict[str, Any]:
+    """card.json of an entry: what the model is, how it was trained, and its results as served."""
+    commit = code_commit()
+    training = _training_info(config, config.run_dir(), recipe)
+    commands = [f"{s['command']}   # segment {s['index']}" for s in training["segments"]]
+    commands.append(f"fewshot zoo publish {recipe}" + ("" if episodes is None else f" --episodes {episodes}"))
+    return {
+        "name": config.name, "title": zc.title, "summary": " ".join(zc.summary.split()),
+        "intended_use": " ".join(zc.intended_use.split()), "limitations": " ".join(zc.limitations.split()),
+        "model": _model_info(bundle), "recipe": {"path": str(recipe), "config": config.to_dict()},
+        "training": training,
+        "data": {"dataset": config.data.dataset, "split": data.scheme, "fingerprint": data.cache.fingerprint,
+                 "description": " ".join(zc.data_description.split()), "licence": zc.licence},
+        "protocol": {"split": zc.split, "episodes": n, "query": zc.query, "seed": zc.seed, "served": SERVED,
+                     "description": "the few-shot protocol of Vinyals et al. / Snell et al. (N-way K-shot "
+                                    "episodes of unseen classes)"},
+        "results": results,
+        "made": {"date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": commit, "torch": _torch_version(),
+                 "machine": f"{cpu_model()} ({os.cpu_count()} cores)", "commands": commands},
+    }
+
+
+def _torch_version() -> str:
     return str(torch.__version__)
 
 

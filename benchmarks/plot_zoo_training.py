@@ -2,7 +2,8 @@
 
 Reads every run under `zoo/runs/` (metrics.csv: validation rows; segments.json: the threads each
 stretch of work had), converts each row's training seconds to core-hours through the segment it
-fell in, and plots all runs on one figure. Prints a table of the validation points and writes the
+fell in, and plots the runs in one panel per validation protocol (dataset, way, shot: accuracies on
+different protocols are not comparable). Prints a table of the validation points and writes the
 raw numbers.
 
     python benchmarks/plot_zoo_training.py [--runs zoo/runs] [--out benchmarks/results/zoo_training]
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -49,7 +51,15 @@ def read_run(run: Path) -> dict[str, Any]:
                 points.append({"step": int(row["step"]), "elapsed_s": e, "core_hours": core_hours_at(e, segments),
                                "val_acc": float(row["val_acc"]), "val_ci95": float(row["val_ci95"] or "nan"),
                                "lr": float(row["lr"])})
-    return {"run": run.name, "segments": len(segments), "points": points}
+    return {"run": run.name, "protocol": protocol(run), "segments": len(segments), "points": points}
+
+
+def protocol(run: Path) -> str:
+    """The run's validation protocol from its config.yaml, e.g. "omniglot, 20-way 1-shot"."""
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    train = cfg.get("train") or {}
+    dataset = (cfg.get("data") or {}).get("dataset", "?")
+    return f"{dataset}, {train.get('val_way', '?')}-way {train.get('val_shot', '?')}-shot"
 
 
 def main() -> None:
@@ -60,18 +70,22 @@ def main() -> None:
     runs = [read_run(p) for p in sorted(Path(args.runs).iterdir()) if (p / "metrics.csv").is_file()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    print("| run | step | core-hours | validation accuracy |\n|---|---:|---:|---:|")
-    for r in runs:
-        pts = r["points"]
-        for p in pts:
-            print(f"| {r['run']} | {p['step']:,} | {p['core_hours']:.2f} | {100 * p['val_acc']:.2f} +- {100 * p['val_ci95']:.2f} |")
-        ax.plot([p["core_hours"] for p in pts], [100 * p["val_acc"] for p in pts], marker="o", ms=3, label=r["run"])
-    ax.set_xlabel("CPU core-hours of training (2-core machine: 2 core-hours per hour)")
-    ax.set_ylabel("validation accuracy, %")
-    ax.set_title("zoo runs: accuracy per CPU-hour (validation classes)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    protocols = sorted({r["protocol"] for r in runs})
+    fig, axes = plt.subplots(1, len(protocols), figsize=(7 * len(protocols), 4.2), squeeze=False)
+    print("| run | validation protocol | step | core-hours | validation accuracy |\n|---|---|---:|---:|---:|")
+    for ax, proto in zip(axes[0], protocols):
+        for r in (r for r in runs if r["protocol"] == proto):
+            pts = r["points"]
+            for p in pts:
+                print(f"| {r['run']} | {proto} | {p['step']:,} | {p['core_hours']:.2f} | "
+                      f"{100 * p['val_acc']:.2f} +- {100 * p['val_ci95']:.2f} |")
+            ax.plot([p["core_hours"] for p in pts], [100 * p["val_acc"] for p in pts], marker="o", ms=3,
+                    label=r["run"])
+        ax.set_xlabel("CPU core-hours of training (2-core machine: 2 core-hours per hour)")
+        ax.set_ylabel("validation accuracy, %")
+        ax.set_title(f"accuracy per CPU-hour: {proto} (validation classes)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
     out.with_suffix(".json").write_text(json.dumps(runs, indent=1))

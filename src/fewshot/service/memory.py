@@ -140,8 +140,12 @@ class Memories:
         self._mem: dict[str, WorkspaceMemory] = {}
         self._lock = threading.Lock()
 
-    def get(self, workspace_id: str) -> WorkspaceMemory:
-        """The workspace's memory, re-synced from the store when its version moved."""
+    def get(self, workspace_id: str, version: int | None = None) -> WorkspaceMemory:
+        """The workspace's memory, re-synced from the store when its version moved. `version`: the
+        workspace's current version as the caller just read it (with its record, which the caller
+        has checked): no read here unless the memory is older."""
+        if version is not None:
+            return self._caught_up(workspace_id, self._memory_of(workspace_id), version)
         mem = self._mem.get(workspace_id)
         feed = self.store.feed
         if mem is not None and feed is not None and feed.is_current(workspace_id, mem.protos.version, mem.epoch):
@@ -156,13 +160,22 @@ class Memories:
             raise_missing(workspace_id)
         if mem is None:
             self.check_first(workspace_id)
-            with self._lock:
-                mem = self._mem.setdefault(workspace_id, WorkspaceMemory(Prototypes.empty(), now, threading.Lock()))
-        if mem.protos.version != version:
-            with mem.lock:
-                if mem.protos.version != version:
-                    mem.protos = self._sync(workspace_id, mem.protos)
+            mem = self._memory_of(workspace_id)
+        self._caught_up(workspace_id, mem, version)
         mem.checked_at, mem.epoch = now, epoch
+        return mem
+
+    def _memory_of(self, workspace_id: str) -> WorkspaceMemory:
+        with self._lock:
+            return self._mem.setdefault(workspace_id, WorkspaceMemory(Prototypes.empty(), time.monotonic(),
+                                                                      threading.Lock()))
+
+    def _caught_up(self, workspace_id: str, mem: WorkspaceMemory, version: int) -> WorkspaceMemory:
+        """`mem` synced to at least `version` (versions only grow: a newer snapshot is current too)."""
+        if mem.protos.version < version:
+            with mem.lock:
+                if mem.protos.version < version:
+                    mem.protos = self._sync(workspace_id, mem.protos)
         return mem
 
     def forget(self, workspace_id: str) -> None:

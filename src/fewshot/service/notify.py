@@ -13,9 +13,11 @@ The recogniser trusts a workspace's in-memory snapshot without reading the store
     snapshot is read once, so a change made while the listener was away is still seen), and
   * the snapshot's version >= the newest version known for its workspace.
 Otherwise it reads the version as before (one indexed read per call). Versions the store learns
-without a notification also raise the known version: the workspace row that every HTTP request
-reads anyway for its key check, and the store's own commits. So a change acknowledged by one
-replica is seen by the next request on another even before its notification arrives.
+without a notification also raise the known version: the version every HTTP request reads for its
+key check (`fewshot.service.views`: one read per request, with or without notifications, so a change
+acknowledged by one replica is seen by the next request on another even before its notification
+arrives; the classify path then reads nothing more), and the store's own commits. Notifications
+spare the reads of the other paths (registering images, insight, export).
 
 Connection strings and passwords never reach a log line: failures are logged by exception type.
 """

@@ -198,10 +198,18 @@ class Recogniser:
     def class_count(self, workspace_id: str) -> int:
         return len(self._memory(workspace_id).protos.class_ids)
 
-    def decision_state(self, workspace_id: str, threshold: float | None = None) -> DecisionState:
-        """Everything `classify` decides with, for one consistent class memory (for export)."""
-        decision = self.settings(workspace_id).served(self.decision, threshold)
-        mem = self._memory(workspace_id)
+    def decision_state(self, workspace_id: str, threshold: float | None = None, *,
+                       current: WorkspaceRecord | None = None) -> DecisionState:
+        """Everything `classify` decides with, for one consistent class memory (for export).
+        current: the workspace as the caller just read it (`fewshot.service.views`): its settings and
+        version are used as they are, with no store read unless the class memory is older."""
+        if current is None:
+            record, version = self.workspace(workspace_id), None  # the memory reads the version itself
+        else:
+            self._check_model(current)
+            record, version = current, current.version
+        decision = WorkspaceSettings.from_dict(record.settings).served(self.decision, threshold)
+        mem = self.memories.get(workspace_id, version)
         with mem.lock:
             protos = mem.protos
             return DecisionState(decision, protos, self._class_memory(workspace_id, mem, decision))
@@ -230,13 +238,15 @@ class Recogniser:
         mem.probe = (p.version, memory)
         return memory
 
-    def classify(self, workspace_id: str, images_u8: np.ndarray, *, top_k: int = 5,
-                 threshold: float | None = None, previews: Sequence[np.ndarray] | None = None) -> list[Prediction]:
+    def classify(self, workspace_id: str, images_u8: np.ndarray, *, top_k: int = 5, threshold: float | None = None,
+                 previews: Sequence[np.ndarray] | None = None,
+                 current: WorkspaceRecord | None = None) -> list[Prediction]:
         """Top-k classes with probabilities for each image; "unknown" when the open-set rule rejects
         the answered class (threshold: call override > workspace setting > bundle calibration > none).
         previews: each upload as a small RGB array (`fewshot.artifacts.domain.small_rgb`); with the
-        bundle's domain summary, images far outside the training domain are flagged."""
-        state = self.decision_state(workspace_id, threshold)
+        bundle's domain summary, images far outside the training domain are flagged. current: as in
+        `decision_state`."""
+        state = self.decision_state(workspace_id, threshold, current=current)
         p = state.protos
         if not p.class_ids:
             raise ConflictError(f"workspace {workspace_id!r} has no classes yet; add a class before classifying")
@@ -257,11 +267,11 @@ class Recogniser:
                 for p, v in zip(preds, verdicts)]
 
     def explain(self, workspace_id: str, image_u8: np.ndarray, *, k: int = 3, threshold: float | None = None,
-                preview: np.ndarray | None = None) -> Explanation:
+                preview: np.ndarray | None = None, current: WorkspaceRecord | None = None) -> Explanation:
         """The prediction for one image (C, H, W) and its `k` nearest stored examples."""
         pred = self.classify(workspace_id, image_u8[None], top_k=k, threshold=threshold,
-                             previews=None if preview is None else [preview])[0]
-        mem = self._memory(workspace_id)
+                             previews=None if preview is None else [preview], current=current)[0]
+        mem = self.memories.get(workspace_id, None if current is None else current.version)
         protos = mem.protos
         ex = self.memories.examples(workspace_id, mem)
         known = [i for i, c in enumerate(ex.class_ids) if c in protos.index]  # classes of this snapshot only

@@ -49,6 +49,7 @@ from fewshot.service.models import load_models
 from fewshot.service.notify import StoreCollector
 from fewshot.service.settings import ServiceSettings
 from fewshot.service.store import open_store
+from fewshot.service.views import WorkspaceViews
 
 STATIC_DIR = Path(__file__).parents[1] / "static"
 MAX_TEXT_FIELD_BYTES = 64 * 1024  # a multipart text field (label, top_k, ...); a label is at most 200 characters
@@ -71,7 +72,7 @@ def open_state(settings: ServiceSettings) -> ServiceState:
     gate = EmbedGate(settings.embed_slots, settings.embed_queue, settings.embed_wait_s, max_batch=settings.embed_chunk)
     for m in models.models:
         m.recogniser.embedder = GatedEmbedder(m.recogniser.embedder, gate, settings.embed_chunk)
-    return ServiceState(settings, models.default.bundle, store, models.default.recogniser, models)
+    return ServiceState(settings, models.default.bundle, store, models.default.recogniser, models, WorkspaceViews(store))
 
 
 @asynccontextmanager

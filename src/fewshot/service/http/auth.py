@@ -76,7 +76,7 @@ def workspace_access(request: Request, ws: Annotated[str, PathParam(max_length=6
     key = presented_key(request)
     if not key:
         raise ApiError(401, "unauthorized", "missing API key; send 'Authorization: Bearer <workspace key>'")
-    record = state.store.get_workspace(ws) if is_id(ws, "ws") else None  # ids are checked before any query
+    record = state.views.current(ws) if is_id(ws, "ws") else None  # ids are checked before any query
     request.state.workspace = record
     if record is not None and key_matches(key, record.key_hash):
         return ws

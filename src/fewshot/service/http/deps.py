@@ -17,6 +17,7 @@ from fewshot.service.models import ModelSet
 from fewshot.service.recogniser import Recogniser
 from fewshot.service.settings import ServiceSettings
 from fewshot.service.store import Store
+from fewshot.service.views import WorkspaceViews
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ServiceState:
     store: Store
     recogniser: Recogniser  # the default model's; a workspace's own is `ModelDep` / `models.of_workspace`
     models: ModelSet
+    views: WorkspaceViews  # each workspace's record, read again only when its version moved
 
 
 async def get_settings(request: Request) -> ServiceSettings:

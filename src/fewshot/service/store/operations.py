@@ -128,7 +128,10 @@ class Store(StoreBackend):
         self.version_reads.inc()
         with self._read() as c:
             row = self._exec(c, "SELECT version FROM workspaces WHERE id = ?", (workspace_id,)).fetchone()
-        return None if row is None else int(row[0])
+        if row is None:
+            return None
+        self._observe(workspace_id, int(row[0]))
+        return int(row[0])
 
     def _bump(self, c: Any, workspace_id: str) -> int:
         """The workspace's next version, in the change's transaction (and its notification)."""

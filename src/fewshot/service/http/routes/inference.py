@@ -26,7 +26,8 @@ def classify(request: Request, ws: WorkspaceDep, model: ModelDep, settings: Sett
     if top_k > settings.max_top_k:
         raise ApiError(400, "invalid_argument", f"top_k {top_k} exceeds the limit of {settings.max_top_k}")
     up = decode_all(images, model, settings, thumbnails=False)
-    preds = model.recogniser.classify(ws, up.arrays, top_k=top_k, threshold=threshold, previews=up.previews)
+    preds = model.recogniser.classify(ws, up.arrays, top_k=top_k, threshold=threshold, previews=up.previews,
+                                      current=request.state.workspace)
     request.app.state.metrics.images.labels("classify").inc(len(up.arrays))
     out = ClassifyOut(predictions=[prediction_out(n, p) for n, p in zip(up.names, preds)],
                       bundle_id=model.bundle_id, model=model.name)
@@ -34,10 +35,11 @@ def classify(request: Request, ws: WorkspaceDep, model: ModelDep, settings: Sett
 
 
 @router.post("/workspaces/{ws}/explain", tags=["inference"])
-def explain(ws: WorkspaceDep, model: ModelDep, settings: SettingsDep, image: Annotated[UploadFile, File()],
+def explain(request: Request, ws: WorkspaceDep, model: ModelDep, settings: SettingsDep, image: Annotated[UploadFile, File()],
             k: Annotated[int, Form(ge=1, le=50)] = 3,
             threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None) -> ExplainOut:
     """The prediction for one image and the `k` nearest stored examples (ids + PNG thumbnails)."""
     up = decode_all([image], model, settings, thumbnails=False)
-    return explain_out(up.names[0], model.recogniser.explain(ws, up.arrays[0], k=k, threshold=threshold,
-                                                              preview=up.previews[0]))
+    answer = model.recogniser.explain(ws, up.arrays[0], k=k, threshold=threshold, preview=up.previews[0],
+                                      current=request.state.workspace)
+    return explain_out(up.names[0], answer)

@@ -44,7 +44,8 @@ def occlusion(request: Request, ws: WorkspaceDep, model: ModelDep, settings: Set
     request.app.state.occlusion_budget.spend(ws, 2 + cells * cells)  # the prediction, the original, the maps
     up = decode_all([image], model, settings, thumbnails=False)
     with one_request():
-        pred = model.recogniser.classify(ws, up.arrays, top_k=1, threshold=threshold, previews=up.previews)[0]
+        pred = model.recogniser.classify(ws, up.arrays, top_k=1, threshold=threshold, previews=up.previews,
+                                         current=request.state.workspace)[0]
         top = pred.top_k[0]
         m = recogniser_occlusion(model.recogniser, ws, up.arrays[0], top.class_id, cells)
     return OcclusionPredictionOut(prediction=prediction_out(up.names[0], pred),

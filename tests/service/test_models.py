@@ -3,13 +3,15 @@ survives a restart, and a store holding workspaces of a model that is not served
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from model_helpers import rgb_class_images, rgb_png
-from service_helpers import ToyEmbedder, class_images, png_bytes
+from service_helpers import ToyEmbedder, class_images, colour_photo_jpeg, png_bytes
 
 from fewshot.errors import ConfigError
 from fewshot.service.app import create_app
@@ -131,3 +133,33 @@ def test_a_recogniser_refuses_a_workspace_of_another_model(tmp_path: Path) -> No
     assert [p.label for p in a.classify(ws.id, class_images(0, 1))] == ["x"]
     assert np.isfinite(a.classify(ws.id, class_images(0, 1))[0].score)
     store.close()
+
+
+def test_a_zoo_model_is_named_by_its_entry_not_by_the_run_it_came_from(domain_bundle: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zoo bundle exported from a run named "quickstart" is served under its zoo entry's name,
+    given as `zoo:NAME` or as the entry's bundle folder: the name the page's out-of-domain warning
+    shows ("this image does not look like what the '<model>' model was trained on")."""
+    entry = tmp_path / "zoo" / "chars-zoo"
+    shutil.copytree(domain_bundle, entry / "bundle")
+    manifest = json.loads((entry / "bundle" / "manifest.json").read_text())
+    manifest["source"]["name"] = "quickstart"
+    (entry / "bundle" / "manifest.json").write_text(json.dumps(manifest))
+    (entry / "card.json").write_text(json.dumps({"name": "chars-zoo"}))
+    monkeypatch.setenv("FEWSHOT_ZOO", str(tmp_path / "zoo"))
+    for i, spec in enumerate(("zoo:chars-zoo", str(entry / "bundle"))):
+        settings = ServiceSettings(bundle_path=spec, db_url=str(tmp_path / f"svc{i}.db"), admin_key=ADMIN)
+        with TestClient(create_app(settings)) as c:
+            assert [m["name"] for m in c.get("/models").json()] == ["chars-zoo"]
+            ws, key, made = create(c, "w")
+            assert made["model"] == "chars-zoo"
+            teach(c, ws, key, "a", [gray(100, j) for j in range(3)])
+            photo = [("images", ("p.jpg", colour_photo_jpeg(), "image/jpeg"))]
+            out = c.post(f"/workspaces/{ws}/classify", files=photo, headers=auth(key)).json()
+            assert out["predictions"][0]["out_of_domain"] and out["model"] == "chars-zoo"
+            assert c.get(f"/workspaces/{ws}", headers=auth(key)).json()["model"] == "chars-zoo"  # what the page shows
+    plain = tmp_path / "quickstart-copy"
+    shutil.copytree(entry / "bundle", plain)  # outside a zoo entry: the run's name, as before
+    with TestClient(create_app(ServiceSettings(bundle_path=str(plain), db_url=str(tmp_path / "svc2.db"),
+                                               admin_key=ADMIN))) as c:
+        assert [m["name"] for m in c.get("/models").json()] == ["quickstart"]

@@ -3,8 +3,10 @@ per model over the shared store. A workspace chooses its model at creation; the 
 model's bundle id with it, and every operation of the workspace runs on that model, so embeddings
 of different models never meet.
 
-Names come from the bundle's manifest (`source.name`), else its folder name; `NAME=PATH` on the
-command line renames. The first model is the default (for `POST /workspaces` without `model`, and
+Names say which bundle is served: a zoo entry's name (`zoo:NAME`, or the `bundle` folder of an
+entry), else the bundle's manifest (`source.name`: the run it was exported from), else its folder
+name; `NAME=PATH` on the command line renames. The web page names the model by it (e.g. in the
+out-of-domain warning). The first model is the default (for `POST /workspaces` without `model`, and
 `GET /model`).
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 
 from fewshot.artifacts.bundle import Bundle, Manifest, load_bundle
 from fewshot.artifacts.calibration import Calibration
-from fewshot.artifacts.zoo import resolve_bundle
+from fewshot.artifacts.zoo import BUNDLE_DIR, CARD, resolve_bundle
 from fewshot.decision import BundleDecision, Metric
 from fewshot.errors import ConfigError
 from fewshot.service.recogniser import Recogniser, RecogniserConfig
@@ -56,9 +58,19 @@ def check_model_name(name: str, *, where: str) -> str:
     return name
 
 
+def zoo_entry_name(bundle: Path) -> str | None:
+    """The name of the zoo entry whose bundle folder `bundle` is (`zoo/NAME/bundle`), else None."""
+    entry = bundle.resolve().parent
+    if bundle.resolve().name == BUNDLE_DIR and (entry / CARD).is_file() and MODEL_NAME.fullmatch(entry.name):
+        return entry.name
+    return None
+
+
 def default_model_name(manifest: Manifest, path: Path) -> str:
-    """The manifest's `source.name` when it is a valid model name, else the bundle folder's name."""
-    for candidate in (str(manifest.source.get("name", "")), path.resolve().name.lower()):
+    """The zoo entry's name when `path` is a zoo bundle (a zoo model trained as `quickstart` is served
+    as its entry, not as `quickstart`), else the manifest's `source.name` when it is a valid model
+    name, else the bundle folder's name."""
+    for candidate in (zoo_entry_name(path) or "", str(manifest.source.get("name", "")), path.resolve().name.lower()):
         if MODEL_NAME.fullmatch(candidate):
             return candidate
     return check_model_name(path.name, where=f"bundle {path}")

@@ -21,13 +21,22 @@ from fewshot.decision import (
 )
 from fewshot.decision.onnx_form import decision_graph
 
-CASES = [(m, h, k) for m in ("euclidean", "cosine") for h in ("prototype", "probe") for k in (None, "global", "spread")]
+CASES = [(m, h, k) for m in ("euclidean", "cosine") for h in ("prototype", "probe")
+         for k in (None, "global", "spread", "shape")] + [("cosine", h, "shape-centred") for h in ("prototype", "probe")]
 
 
 def decision(metric: str, head: str, kind: str | None, threshold: float = 1.0) -> ServedDecision:
+    """kind "shape-centred": the "shape" rule with a centre (0.5, -0.25, 0.5, ...) of the test's dimension."""
     rule = DecisionRule(head, metric, cosine_scale=3.5, probe_c=0.5, probe_max_iter=30)  # type: ignore[arg-type]
-    open_set = None if kind is None else OpenSetRule(kind, metric, threshold, prior_spread=2.0,  # type: ignore[arg-type]
-                                                     prior_strength=3.0, shot_penalty=0.5)
+    if kind is None:
+        return ServedDecision(rule)
+    extra: dict[str, object] = {}
+    if kind.startswith("shape"):
+        extra["coefficients"] = (0.1, -0.2, 0.3, -0.05)
+    if kind == "shape-centred":
+        extra["centre"] = tuple([0.5, -0.25] * 4)
+    open_set = OpenSetRule(kind.removesuffix("-centred"), metric, threshold, prior_spread=2.0,  # type: ignore[arg-type]
+                           prior_strength=3.0, shot_penalty=0.5, **extra)  # type: ignore[arg-type]
     return ServedDecision(rule, open_set)
 
 
@@ -81,6 +90,8 @@ def test_numpy_and_onnx_forms_agree_on_exact_ties(metric: str, head: str, kind: 
         w = torch.tensor([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
         memory = ClassMemory(memory.sums, memory.sq_sums, memory.counts, Probe(w, torch.zeros(5)))
     q = np.asarray([[2, -2, 2, -2], [1, -1, 1, -1], [2, 0, 0, 0], [0, 0, 0, 2]], np.float32)
+    if kind == "shape-centred":  # the centre's dimension is the data's
+        kind = "shape"
     d = decision(metric, head, kind, threshold=0.5)
     a = decide(d, memory, q)
     assert a.label[0] == 1 and a.preference[0, 1] == a.preference[0, 3]  # a tie, answered by the first class

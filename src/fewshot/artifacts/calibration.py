@@ -12,6 +12,12 @@ support set's class memory), and judged on the class it is answered with.
   cannot be met, it keeps `target_true_accept` of the correct answers and rejects what it can
   (`balanced_threshold`).
 
+* `fit_shape_rule` (the photos bundle's): the "shape" rule, whose threshold follows the number of
+  classes K and the examples n of the answered class, fitted on episodes of held-out classes at
+  many shapes (`SHAPE_WAYS` x `SHAPE_SHOTS`): per shape the threshold that keeps `keep` of the
+  correct answers, then log t = a0 + a1 log K + a2 / n + a3 log K / n by least squares, so that
+  it reaches shapes the held-out classes cannot (20-way from 16 validation classes).
+
 The legacy raw-score thresholds (one per metric, at a target false-accept rate) are gone: a
 calibration stored before open-set rules reads as "global" rules with the same decisions
 (`BundleDecision.from_legacy`).
@@ -35,9 +41,13 @@ from fewshot.decision import (
     OpenSetRule,
     ServedDecision,
     decide,
+    fit_memory,
 )
 from fewshot.errors import ConfigError
 
+SHAPE_WAYS = (2, 5, 10, 15)  # fit shapes of the "shape" rule: needs >= max + 1 classes
+SHAPE_SHOTS = (1, 2, 5, 10)
+SHAPE_KEEP = 0.95  # kept share of correct answers on the fitting classes (held-out photos kept more: BENCHMARKS.md)
 PRIOR_STRENGTHS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)  # examples the prior spread is worth
 SHOT_PENALTIES = tuple(round(0.05 * i, 2) for i in range(41))  # gamma in 1 + gamma / n_k: 0 .. 2
 
@@ -282,3 +292,90 @@ def calibrate_open_set(
                                           target_rejection=target_rejection)
     return Calibration(n_episodes=n_episodes, n_way=n_way, n_shot=n_shot, n_query=n_query, rules=dict(rules),
                        open_set=report)
+
+
+# -- the "shape" rule: a threshold that follows the number of classes and examples ---------------
+@dataclass(frozen=True)
+class OpenSetEpisodes:
+    """Queries of open-set episodes answered by one served decision: novelty (N,) (nan without an
+    open-set rule), known (N,) (the query's class was taught), correct (N,) (known and answered right),
+    and per query the second-best score (N,) of the head (for reference rules)."""
+
+    novelty: np.ndarray
+    known: np.ndarray
+    correct: np.ndarray
+    second: np.ndarray
+
+    def operating_point(self, threshold: float) -> dict[str, float]:
+        keep = self.novelty <= threshold
+        return {"true_accept": float(keep[self.correct].mean()), "unknown_rejection": float(1 - keep[~self.known].mean()),
+                "accuracy": float(self.correct[self.known].mean())}
+
+
+def served_episodes(decision: ServedDecision, emb_by_class: Sequence[np.ndarray], rng: np.random.Generator, *,
+                    n_way: int, n_shot: int, n_query: int, n_episodes: int,
+                    untaught: Sequence[np.ndarray] | None = None) -> OpenSetEpisodes:
+    """`n_episodes` episodes: `n_way` classes of `emb_by_class` [(n_i, D)] taught with `n_shot`
+    examples, `n_query` queries of each, and `n_query` queries of one untaught class (another class
+    of `emb_by_class`, or one of `untaught` when given), answered by `decide(decision, ...)`."""
+    pool = untaught if untaught is not None else emb_by_class
+    need = n_way + (1 if untaught is None else 0)
+    if len(emb_by_class) < need or not pool:
+        raise ConfigError(f"{n_way}-way open-set episodes need {need} classes (+ an untaught pool); got "
+                          f"{len(emb_by_class)}")
+    parts = []
+    for _ in range(n_episodes):
+        chosen = rng.choice(len(emb_by_class), size=need, replace=False)
+        xs = [emb_by_class[c][rng.permutation(len(emb_by_class[c]))] for c in chosen[:n_way]]
+        other = pool[int(chosen[n_way]) if untaught is None else int(rng.integers(len(pool)))]
+        support = np.concatenate([x[:n_shot] for x in xs])
+        queries = [x[n_shot:n_shot + n_query] for x in xs] + [other[rng.permutation(len(other))[:n_query]]]
+        labels = np.concatenate([np.full(len(q), i) for i, q in enumerate(queries)])
+        q = np.ascontiguousarray(np.concatenate(queries), np.float32)
+        a = decide(decision, fit_memory(decision, support, np.repeat(np.arange(n_way), n_shot), n_way), q)
+        second = (np.sort(a.preference, 1)[:, -2] if n_way > 1 else np.full(len(q), np.nan))
+        nov = np.full(len(q), np.nan) if a.novelty is None else a.novelty
+        known = labels < n_way
+        parts.append((nov, known, known & (a.label == labels), second))
+    return OpenSetEpisodes(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
+
+
+def shape_terms(n_classes: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """(M,) K and (M,) n -> (M, 4) the terms of log t(K, n) (`fewshot.decision.openset.SHAPE_TERMS`)."""
+    log_k, inv_n = np.log(np.asarray(n_classes, np.float64)), 1.0 / np.asarray(count, np.float64)
+    return np.stack([np.ones_like(log_k), log_k, inv_n, log_k * inv_n], 1)
+
+
+def fit_shape_rule(emb_by_class: Sequence[np.ndarray], rng: np.random.Generator, *,
+                   centre: np.ndarray | None = None, ways: Sequence[int] = SHAPE_WAYS,
+                   shots: Sequence[int] = SHAPE_SHOTS, n_query: int = 15, n_episodes: int = 60,
+                   keep: float = SHAPE_KEEP, fitted_on: str = "") -> tuple[OpenSetRule, dict[str, Any]]:
+    """The cosine "shape" rule on held-out classes `emb_by_class` [(n_i, D)] (module doc) -> (rule,
+    report with the threshold and the kept / rejected shares of every fitted shape).
+
+    centre: (D,) the cosine's origin; None: the mean of every embedding given (centring the photos).
+    """
+    _check_rate("keep", keep, SHAPE_KEEP)
+    if len(emb_by_class) < max(ways) + 1:
+        raise ConfigError(f"the shape rule's {max(ways)}-way episodes need {max(ways) + 1} held-out classes; got "
+                          f"{len(emb_by_class)}: pass more classes or lower `ways`")
+    small = {i: len(e) for i, e in enumerate(emb_by_class) if len(e) < max(shots) + 1}
+    if small:
+        raise ConfigError(f"the shape rule's {max(shots)}-shot episodes need >= {max(shots) + 1} embeddings per class; "
+                          f"too few (class index: count): {small}")
+    c = np.concatenate(emb_by_class).mean(0) if centre is None else np.asarray(centre, np.float64)
+    plain = OpenSetRule("shape", "cosine", 1.0, coefficients=(0.0, 0.0, 0.0, 0.0), centre=tuple(c.tolist()))
+    decision = ServedDecision(DecisionRule("prototype", "cosine"), plain)  # novelty = 1 - centred cosine
+    cells = []
+    for k in ways:
+        for n in shots:
+            e = served_episodes(decision, emb_by_class, rng, n_way=k, n_shot=n, n_query=n_query, n_episodes=n_episodes)
+            t = float(np.quantile(e.novelty[e.correct], keep))
+            cells.append({"way": k, "shot": n, "threshold": t, **e.operating_point(t)})
+    terms = shape_terms(np.asarray([r["way"] for r in cells]), np.asarray([r["shot"] for r in cells]))
+    coef, *_ = np.linalg.lstsq(terms, np.log([r["threshold"] for r in cells]), rcond=None)
+    rule = replace(plain, coefficients=tuple(float(a) for a in coef), fitted_on=fitted_on)
+    for r, fit in zip(cells, np.exp(terms @ coef)):
+        r["fitted_threshold"] = float(fit)
+    return rule, {"keep": keep, "ways": list(ways), "shots": list(shots), "n_query": n_query,
+                  "n_episodes": n_episodes, "coefficients": list(rule.coefficients), "cells": cells}

@@ -10,8 +10,10 @@ upscaled, and Lite2's native 260 px did worse on them (issue 18).
 pretrained=True)`, weights from the `photos` extra), and exports it with `export_bundle` under RGB
 224x224 preprocessing: the ONNX graph, the parity check on real photos (CIFAR-10 test images when
 `<data_root>/cifar10-subset/cifar10_subset.zip` is there, else synthetic images), a manifest saying
-what the model is and where its weights come from, when CIFAR-10 is there the open-set calibration
-(`calibrate_open_set`) on CIFAR-10 *train* images, and when miniImageNet is there the domain summary
+what the model is and where its weights come from, the open-set calibration (`photos_open_set`: when
+miniImageNet is there, the cosine "shape" rule, whose threshold follows the number of classes and
+examples, fitted on photos of its *validation* classes; else `calibrate_open_set` on CIFAR-10 *train*
+images), and when miniImageNet is there the domain summary
 (`fewshot.artifacts.domain.summarise_domain`) of photos of the miniImageNet *training* classes (never
 its validation or test classes), so the service flags uploads that are not photos (characters,
 noise, blank images). Measured accuracy, latency and domain flag rates: benchmarks/bench_photos.py.
@@ -33,7 +35,12 @@ import numpy as np
 import torch
 
 from fewshot.artifacts.bundle import export_bundle
-from fewshot.artifacts.calibration import calibrate_open_set
+from fewshot.artifacts.calibration import (
+    Calibration,
+    calibrate_open_set,
+    fit_open_set_rules,
+    fit_shape_rule,
+)
 from fewshot.artifacts.domain import summarise_domain, upload_statistics
 from fewshot.artifacts.embedders import Embedder, OnnxEmbedder
 from fewshot.artifacts.onnx_export import export_onnx
@@ -54,6 +61,7 @@ PHOTOS_RULE = DecisionRule("prototype", "cosine")  # best nearest-prototype metr
 CIFAR_ZIP = Path("cifar10-subset") / "cifar10_subset.zip"
 MINI_ZIP = Path("miniimagenet") / "miniimagenet84.zip"
 MINI_SPLITS = Path("miniimagenet") / "splits" / "ravi"
+OPENSET_PER_CLASS = 40  # x 16 miniImageNet validation classes: the open-set rule's fitting photos
 DOMAIN_PER_CLASS = 16  # x 64 miniImageNet training classes = 1024 photos (summarise_domain needs >= 1000)
 DOMAIN_TRAINED_ON = "ImageNet photos"  # in the domain check's messages: "... than the ImageNet photos this model ..."
 
@@ -179,6 +187,35 @@ def photos_domain(embedder: Embedder, data_root: str | os.PathLike[str] | None, 
                             image_stats_from="originals", batch=32)
 
 
+def photos_open_set(emb_by_class: list[np.ndarray], rng: np.random.Generator, *, fitted_on: str,
+                    n_episodes: int = 200) -> Calibration:
+    """The photos bundle's open-set rules from embeddings of held-out classes [(n_i, D)], n_i >= 11:
+    for "cosine" (the served metric) the "shape" rule (`fit_shape_rule`: centred cosine, threshold
+    t(K, n) of the number of classes and the answered class's examples), for "euclidean" (a workspace
+    may switch) the "spread" rule on 5-way 5-shot episodes, as `calibrate_open_set` chooses it."""
+    per_class = min(len(e) for e in emb_by_class)
+    rules, report, _ = fit_open_set_rules(emb_by_class, rng, n_way=5, n_shot=5, n_query=min(15, per_class - 5),
+                                          n_episodes=n_episodes)
+    shape, shape_report = fit_shape_rule(emb_by_class, rng, n_query=min(15, per_class - 10), fitted_on=fitted_on)
+    return Calibration(n_episodes=n_episodes, n_way=5, n_shot=5, n_query=min(15, per_class - 5),
+                       rules={"euclidean": rules["euclidean"], "cosine": shape},
+                       open_set={**report, "cosine_rule": "shape", "shape": shape_report, "fitted_on": fitted_on})
+
+
+def miniimagenet_embeddings(embedder: Embedder, data_root: str | os.PathLike[str] | None, split: str,
+                            per_class: int, batch: int = 32) -> list[np.ndarray] | None:
+    """[(per_class, D)] embeddings of the first `per_class` photos of each class of miniImageNet's
+    `split` (sorted by wnid), decoded as uploads are, or None without miniImageNet."""
+    files = miniimagenet_files(data_root, split, per_class)
+    if files is None:
+        return None
+    out = []
+    for _, named in sorted(files.items()):
+        images = np.stack([decode_image(b, PHOTOS_PREPROCESSING, name=n) for n, b in named])
+        out.append(np.concatenate([embedder.embed(images[i:i + batch]) for i in range(0, len(images), batch)]))
+    return out
+
+
 def teach_and_query_photos(path: Path, *, classes: int = 3, teach: int = 5, queries: int = 10,
                            ) -> dict[str, np.ndarray]:
     """class name -> uint8 (teach + queries, 3, 32, 32): the CIFAR-10 photos at their own size (the
@@ -202,6 +239,7 @@ def build_photos_bundle(
     out_dir: str | os.PathLike[str], *, variant: str = DEFAULT_VARIANT,
     data_root: str | os.PathLike[str] | None = None, calibration_per_class: int = 20,
     calibration_episodes: int = 200, domain_per_class: int = DOMAIN_PER_CLASS, seed: int = 0,
+    openset_per_class: int = OPENSET_PER_CLASS,
 ) -> Path:
     """Export the photos bundle of `variant` (`PHOTOS_VARIANTS`: "efficientnet_lite2", the default,
     or "efficientnet_lite0", the fast one) to `out_dir` (must not exist) and return its path.
@@ -209,7 +247,10 @@ def build_photos_bundle(
     data_root: folder holding `cifar10-subset/cifar10_subset.zip` and `miniimagenet/` (default
     $FEWSHOT_DATA); without CIFAR-10 the parity samples are synthetic and the bundle has no
     calibration; without miniImageNet it has no domain summary (nothing is flagged out of domain).
-    calibration_per_class: CIFAR-10 train images per class for the open-set calibration (0: none).
+    openset_per_class: photos per miniImageNet validation class for the open-set rules (`photos_open_set`;
+    0: none, else at least 11 for 10-shot episodes).
+    calibration_per_class: without miniImageNet (or with openset_per_class=0), CIFAR-10 train images
+    per class for the older 5-way 5-shot open-set calibration (0: none).
     domain_per_class: photos per miniImageNet training class for the domain summary (0: none;
     else at least 16, so the 64 classes give the 1000 photos a summary needs).
     """
@@ -217,6 +258,9 @@ def build_photos_bundle(
     if 0 < calibration_per_class < 6:
         raise ConfigError(f"calibration_per_class={calibration_per_class}: 5-shot calibration episodes need "
                           ">= 6 images per class (5 support + queries); pass 20, or 0 for no calibration")
+    if 0 < openset_per_class < 11:
+        raise ConfigError(f"openset_per_class={openset_per_class}: the open-set rule's 10-shot episodes need >= 11 "
+                          f"photos per class; pass {OPENSET_PER_CLASS}, or 0 for none")
     if 0 < domain_per_class < DOMAIN_PER_CLASS:
         raise ConfigError(f"domain_per_class={domain_per_class}: the domain summary needs >= 1000 photos, "
                           f"{DOMAIN_PER_CLASS} from each of the 64 miniImageNet training classes; pass "
@@ -242,14 +286,22 @@ def build_photos_bundle(
             source["parity_samples"] = "CIFAR-10 test images (16: 1-2 per class)"
             with open(zip_path, "rb") as f:
                 fingerprint.update(hashlib.sha256(f.read()).digest())
-            if calibration_per_class > 0:
-                by_class = cifar10_images(zip_path, "train", calibration_per_class, pre)
-                calibration = calibrate_open_set(
-                    embedder, by_class, np.random.default_rng(seed), n_way=5, n_shot=5,
-                    n_query=min(15, calibration_per_class - 5), n_episodes=calibration_episodes,
-                ).to_dict()
-                source["calibrated_on"] = (f"CIFAR-10 train, first {calibration_per_class} images of each of "
-                                           "the 10 classes (5-way 5-shot open-set episodes)")
+        val = (miniimagenet_embeddings(embedder, root, "val", openset_per_class) if openset_per_class else None)
+        if val is not None:
+            where = (f"miniImageNet validation classes (Ravi & Larochelle split), first {openset_per_class} photos of "
+                     "each of the 16")
+            calibration = photos_open_set(val, np.random.default_rng(seed), fitted_on=where,
+                                          n_episodes=calibration_episodes).to_dict()
+            source["calibrated_on"] = where + ": cosine 'shape' rule (2-15 way, 1-10 shot episodes)"
+            fingerprint.update(f"open set {openset_per_class} per class of miniImageNet val".encode())
+        elif zip_path is not None and calibration_per_class > 0:
+            by_class = cifar10_images(zip_path, "train", calibration_per_class, pre)
+            calibration = calibrate_open_set(
+                embedder, by_class, np.random.default_rng(seed), n_way=5, n_shot=5,
+                n_query=min(15, calibration_per_class - 5), n_episodes=calibration_episodes,
+            ).to_dict()
+            source["calibrated_on"] = (f"CIFAR-10 train, first {calibration_per_class} images of each of "
+                                       "the 10 classes (5-way 5-shot open-set episodes)")
         summary = photos_domain(embedder, root, per_class=domain_per_class, seed=seed) if domain_per_class else None
     deployment: dict[str, Any] = {"embedder": "backbone", "rule": PHOTOS_RULE.to_dict(), "trained": False}
     if summary is None:

@@ -70,6 +70,14 @@ class ClassMemory:
     def empty(cls, dim: int) -> ClassMemory:
         return cls(np.zeros((0, dim)), np.zeros(0), np.zeros(0, np.int64))
 
+    def shifted(self, centre: np.ndarray) -> ClassMemory:
+        """The memory of the same examples moved by -centre (D,): sums - n_k c, sq_sums - 2 sums . c +
+        n_k ||c||^2 (same counts and spreads; no probe). Its cosines are measured from `centre`."""
+        c = np.asarray(centre, np.float64)
+        n = self.counts.astype(np.float64)
+        return ClassMemory(self.sums - n[:, None] * c, self.sq_sums - 2.0 * (self.sums @ c) + n * float(c @ c),
+                           self.counts)
+
     def scores(self, q: np.ndarray, metric: Metric) -> np.ndarray:
         """Queries (N, D) -> (N, K) float32: squared distances or cosine similarities to the prototypes."""
         return prototype_scores(_t(q), _t(self.means), metric, _t(self.sq_norms)).numpy()
@@ -100,6 +108,11 @@ class LeaveOneOut:
     @classmethod
     def of(cls, x: np.ndarray, y: np.ndarray, n_classes: int) -> LeaveOneOut:
         return cls(ClassMemory.of(x, y, n_classes), np.asarray(x, np.float32), np.asarray(y, np.int64))
+
+    def shifted(self, centre: np.ndarray) -> LeaveOneOut:
+        """The same leave-one-out memory with every example moved by -centre (D,)."""
+        c = np.asarray(centre, np.float32)
+        return LeaveOneOut(self.memory.shifted(c), self.x - c, self.y)
 
     @property
     def probe(self) -> Probe | None:

@@ -84,20 +84,33 @@ def _head_nodes(decision: ServedDecision, memory: ClassMemory, src: str) -> list
     return [*logit, helper.make_node("Softmax", ["head_logits"], [PROBS], axis=1)]
 
 
-def _judge_nodes(decision: ServedDecision, memory: ClassMemory) -> list[onnx.NodeProto]:
+def _centred_nodes(memory: ClassMemory, centre: np.ndarray, src: str) -> list[onnx.NodeProto]:
+    """-> open_centred (N, K): cosines of src - c to the prototypes of the memory shifted by c
+    (`fewshot.decision.served.judged_score`)."""
+    unit = F.normalize(torch.from_numpy(memory.shifted(centre).means), dim=-1).numpy()
+    return [_const("open_centre", np.asarray(centre, np.float32)), _const("open_protos_t", np.ascontiguousarray(unit.T)),
+            helper.make_node("Sub", [src, "open_centre"], ["open_qc"]), *_normalised("open_qn", "open_qc"),
+            helper.make_node("MatMul", ["open_qn", "open_protos_t"], ["open_centred"])]
+
+
+def _judge_nodes(decision: ServedDecision, memory: ClassMemory, src: str) -> list[onnx.NodeProto]:
     """head_label -> novelty (N,) float64 of the label's class and label_index (N,) int64."""
     rule = decision.open_set
     counts, spreads = memory.judged(np.arange(memory.n_classes))
-    scale = np.ones(memory.n_classes) if rule is None else np.asarray(rule.scale(counts, spreads), np.float64)
+    scale = (np.ones(memory.n_classes) if rule is None
+             else np.asarray(rule.scale(counts, spreads, memory.n_classes), np.float64))
+    centre = None if rule is None else rule.centre_array
+    judged = SCORES if centre is None else "open_centred"
+    extra = [] if centre is None else _centred_nodes(memory, centre, src)
     base = [helper.make_node("Cast", ["head_score"], ["head_score64"], to=TensorProto.DOUBLE)]
-    if decision.metric == "cosine":  # base 1 - cos
+    if decision.metric == "cosine":  # base 1 - cos (measured from the centre when the rule has one)
         base += [_const("head_one", np.asarray(1.0, np.float64)),
                  helper.make_node("Sub", ["head_one", "head_score64"], ["head_base"])]
     else:
         base += [helper.make_node("Identity", ["head_score64"], ["head_base"])]
-    return [_const("head_scale", scale), _const("head_unknown", np.asarray(UNKNOWN_INDEX, np.int64)),
+    return [*extra, _const("head_scale", scale), _const("head_unknown", np.asarray(UNKNOWN_INDEX, np.int64)),
             _const("head_threshold", np.asarray(np.inf if rule is None else rule.threshold, np.float64)),
-            helper.make_node("GatherElements", [SCORES, "head_label"], ["head_score_col"], axis=1),
+            helper.make_node("GatherElements", [judged, "head_label"], ["head_score_col"], axis=1),
             helper.make_node("Reshape", ["head_score_col", "head_flat"], ["head_score"]),
             helper.make_node("Reshape", ["head_label", "head_flat"], ["head_label_1d"]),
             *base,
@@ -115,7 +128,7 @@ def decision_graph(decision: ServedDecision, memory: ClassMemory, dim: int, *, s
         raise ValueError("the decision needs at least one class; teach a class first")
     nodes = [_const("head_flat", np.asarray([-1], np.int64)), _const("head_ones", np.ones((dim, 1), np.float32)),
              _const("head_eps", np.asarray(1e-12, np.float32)), *_score_nodes(decision, memory, src),
-             *_head_nodes(decision, memory, src), *_judge_nodes(decision, memory)]
+             *_head_nodes(decision, memory, src), *_judge_nodes(decision, memory, src)]
     outputs = [helper.make_tensor_value_info(SCORES, TensorProto.FLOAT, ["N", k]),
                helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["N", k]),
                helper.make_tensor_value_info(NOVELTY, TensorProto.DOUBLE, ["N"]),

@@ -11,7 +11,8 @@ with its threshold; None: every answer stands). `decide` applies it to a class m
     label (N,)            the head's class: the nearest prototype, or the probe's most likely class
                           (first index on exact ties)
     score (N,)            the label's score: the class that is answered is the class that is judged
-    novelty (N,)          the open-set rule's novelty for the label's class (None without a rule)
+    novelty (N,)          the open-set rule's novelty for the label's class (None without a rule;
+                          a rule with a centre judges the label's cosine measured from it)
     known (N,)            novelty <= threshold
 
 A probe head needs 2 or more classes; with one class the prototype head answers. The ONNX form of
@@ -56,6 +57,8 @@ class Memory(Protocol):
     def scores(self, q: np.ndarray, metric: Metric) -> np.ndarray: ...
 
     def judged(self, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def shifted(self, centre: np.ndarray) -> Memory: ...
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,16 @@ def fit_memory(decision: ServedDecision, x: np.ndarray, y: np.ndarray, n_classes
     return ClassMemory.of(x, y, n_classes, probe)
 
 
+def judged_score(rule: OpenSetRule, memory: Memory, q: np.ndarray, label: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """(N,) the score the open-set rule judges: the label's `score`, or with the rule's centre c the
+    cosine of q - c to the label's prototype moved by -c (the memory `shifted` by c)."""
+    c = rule.centre_array
+    if c is None:
+        return score
+    centred = memory.shifted(c).scores(np.asarray(q, np.float32) - c, "cosine")
+    return np.asarray(centred[np.arange(len(label)), label], np.float64)
+
+
 def decide(decision: ServedDecision, memory: Memory, q: np.ndarray) -> Answer:
     """Query embeddings q (N, D) -> the served `Answer` over the classes of `memory`."""
     if memory.n_classes == 0:
@@ -209,7 +222,8 @@ def decide(decision: ServedDecision, memory: Memory, q: np.ndarray) -> Answer:
     rule = decision.open_set
     if rule is None:
         return Answer(scores, logits, softmax(logits), preference, label, score, None, np.ones(len(label), bool))
-    novelty = rule.novelty(score, *memory.judged(label))
+    novelty = rule.novelty(judged_score(rule, memory, q, label, score), *memory.judged(label),
+                           n_classes=memory.n_classes)
     return Answer(scores, logits, softmax(logits), preference, label, score, novelty,
                   np.asarray(rule.accepts(novelty), bool))
 

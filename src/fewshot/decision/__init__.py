@@ -2,7 +2,9 @@
 
 * `rule`: the heads (nearest prototype, Snell et al. 2017; linear probe, Tian et al. 2020) in torch,
   and `DecisionRule`, the head's description that learners carry.
-* `openset`: `OpenSetRule`, the novelty of a query for the class it is answered with, and its threshold.
+* `openset`: `OpenSetRule`, the novelty of a query for the class it is answered with, and its threshold
+  ("global", "spread", or "shape": a threshold that follows the number of classes and examples,
+  on a cosine measured from a centre; `OpenSetRule.explain` says which threshold a workspace uses and why).
 * `memory`: the per-class memory (sums, squared-norm sums, counts, fitted probe) a decision works on,
   and its leave-one-out form.
 * `served`: `ServedDecision` (head + open-set rule, frozen), `BundleDecision` (what a bundle's

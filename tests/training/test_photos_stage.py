@@ -54,7 +54,7 @@ def test_photos_bundle_teaches_and_classifies_cifar10_through_the_service(tmp_pa
         pytest.skip(out["skipped"])
     check = out["service_check"]
     assert check["classes"] == 3 and check["queries"] == 30
-    # the target (PHOTOS_TARGET = 24 of 30) is a benchmark, recorded, not asserted: measured
+    # the target (PHOTOS_TARGET = 25 of 30) is a benchmark, recorded, not asserted: measured
     # 21 with Lite0 (23 by forced choice) and 21 with Lite2 (21; BENCHMARKS.md). The test asserts the
     # stage works: far above the 10 of 30 of chance, and few right answers lost to "unknown".
     assert check["right"] >= 16 and check["top1_accuracy_ignoring_unknown"] >= 0.6, check

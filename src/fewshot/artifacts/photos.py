@@ -235,6 +235,45 @@ def synthetic_images(n: int, pre: Preprocessing, seed: int = 0) -> np.ndarray:
     return (x * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def _check_photo_counts(calibration_per_class: int, openset_per_class: int, domain_per_class: int) -> None:
+    """Refuse photo counts too small for what they feed (0 turns each off)."""
+    if 0 < calibration_per_class < 6:
+        raise ConfigError(f"calibration_per_class={calibration_per_class}: 5-shot calibration episodes need "
+                          ">= 6 images per class (5 support + queries); pass 20, or 0 for no calibration")
+    if 0 < openset_per_class < 11:
+        raise ConfigError(f"openset_per_class={openset_per_class}: the open-set rule's 10-shot episodes need >= 11 "
+                          f"photos per class; pass {OPENSET_PER_CLASS}, or 0 for none")
+    if 0 < domain_per_class < DOMAIN_PER_CLASS:
+        raise ConfigError(f"domain_per_class={domain_per_class}: the domain summary needs >= 1000 photos, "
+                          f"{DOMAIN_PER_CLASS} from each of the 64 miniImageNet training classes; pass "
+                          f"{DOMAIN_PER_CLASS} or more, or 0 for no domain summary")
+
+
+def _photos_calibration(
+    embedder: OnnxEmbedder, root: str | os.PathLike[str] | None, zip_path: Path | None, source: dict[str, Any],
+    fingerprint: Any, *, seed: int, openset_per_class: int, episodes: int, calibration_per_class: int,
+) -> dict[str, Any] | None:
+    """The photos bundle's open-set calibration (recorded in `source` and the cache `fingerprint`): the
+    'shape' rule fitted on miniImageNet validation photos, else the older CIFAR-10 5-way 5-shot
+    calibration, else none."""
+    val = miniimagenet_embeddings(embedder, root, "val", openset_per_class) if openset_per_class else None
+    if val is not None:
+        where = (f"miniImageNet validation classes (Ravi & Larochelle split), first {openset_per_class} photos of "
+                 "each of the 16")
+        source["calibrated_on"] = where + ": cosine 'shape' rule (2-15 way, 1-10 shot episodes)"
+        fingerprint.update(f"open set {openset_per_class} per class of miniImageNet val".encode())
+        return photos_open_set(val, np.random.default_rng(seed), fitted_on=where, n_episodes=episodes).to_dict()
+    if zip_path is None or calibration_per_class <= 0:
+        return None
+    by_class = cifar10_images(zip_path, "train", calibration_per_class, PHOTOS_PREPROCESSING)
+    source["calibrated_on"] = (f"CIFAR-10 train, first {calibration_per_class} images of each of "
+                               "the 10 classes (5-way 5-shot open-set episodes)")
+    return calibrate_open_set(
+        embedder, by_class, np.random.default_rng(seed), n_way=5, n_shot=5,
+        n_query=min(15, calibration_per_class - 5), n_episodes=episodes,
+    ).to_dict()
+
+
 def build_photos_bundle(
     out_dir: str | os.PathLike[str], *, variant: str = DEFAULT_VARIANT,
     data_root: str | os.PathLike[str] | None = None, calibration_per_class: int = 20,
@@ -255,21 +294,12 @@ def build_photos_bundle(
     else at least 16, so the 64 classes give the 1000 photos a summary needs).
     """
     check_variant(variant)
-    if 0 < calibration_per_class < 6:
-        raise ConfigError(f"calibration_per_class={calibration_per_class}: 5-shot calibration episodes need "
-                          ">= 6 images per class (5 support + queries); pass 20, or 0 for no calibration")
-    if 0 < openset_per_class < 11:
-        raise ConfigError(f"openset_per_class={openset_per_class}: the open-set rule's 10-shot episodes need >= 11 "
-                          f"photos per class; pass {OPENSET_PER_CLASS}, or 0 for none")
-    if 0 < domain_per_class < DOMAIN_PER_CLASS:
-        raise ConfigError(f"domain_per_class={domain_per_class}: the domain summary needs >= 1000 photos, "
-                          f"{DOMAIN_PER_CLASS} from each of the 64 miniImageNet training classes; pass "
-                          f"{DOMAIN_PER_CLASS} or more, or 0 for no domain summary")
+    _check_photo_counts(calibration_per_class, openset_per_class, domain_per_class)
     pre = PHOTOS_PREPROCESSING
     root = data_root if data_root is not None else os.environ.get("FEWSHOT_DATA")
     backbone = create_backbone(variant, in_channels=3, image_size=pre.size, num_classes=0, pretrained=True).eval()
     zip_path = cifar10_zip(root)
-    calibration, domain = None, None
+    domain = None
     source = photos_source(variant)
     fingerprint = hashlib.sha256(f"photos-v2 {VARIANTS[variant].weights_file} {pre.to_dict()}".encode())
     with tempfile.TemporaryDirectory(prefix="fewshot-photos-") as scratch:
@@ -286,22 +316,9 @@ def build_photos_bundle(
             source["parity_samples"] = "CIFAR-10 test images (16: 1-2 per class)"
             with open(zip_path, "rb") as f:
                 fingerprint.update(hashlib.sha256(f.read()).digest())
-        val = (miniimagenet_embeddings(embedder, root, "val", openset_per_class) if openset_per_class else None)
-        if val is not None:
-            where = (f"miniImageNet validation classes (Ravi & Larochelle split), first {openset_per_class} photos of "
-                     "each of the 16")
-            calibration = photos_open_set(val, np.random.default_rng(seed), fitted_on=where,
-                                          n_episodes=calibration_episodes).to_dict()
-            source["calibrated_on"] = where + ": cosine 'shape' rule (2-15 way, 1-10 shot episodes)"
-            fingerprint.update(f"open set {openset_per_class} per class of miniImageNet val".encode())
-        elif zip_path is not None and calibration_per_class > 0:
-            by_class = cifar10_images(zip_path, "train", calibration_per_class, pre)
-            calibration = calibrate_open_set(
-                embedder, by_class, np.random.default_rng(seed), n_way=5, n_shot=5,
-                n_query=min(15, calibration_per_class - 5), n_episodes=calibration_episodes,
-            ).to_dict()
-            source["calibrated_on"] = (f"CIFAR-10 train, first {calibration_per_class} images of each of "
-                                       "the 10 classes (5-way 5-shot open-set episodes)")
+        calibration = _photos_calibration(embedder, root, zip_path, source, fingerprint, seed=seed,
+                                          openset_per_class=openset_per_class, episodes=calibration_episodes,
+                                          calibration_per_class=calibration_per_class)
         summary = photos_domain(embedder, root, per_class=domain_per_class, seed=seed) if domain_per_class else None
     deployment: dict[str, Any] = {"embedder": "backbone", "rule": PHOTOS_RULE.to_dict(), "trained": False}
     if summary is None:
@@ -312,9 +329,6 @@ def build_photos_bundle(
         source["domain_from"] = (f"miniImageNet training classes (Ravi & Larochelle split), first {domain_per_class} "
                                  "photos of each of the 64; never its validation or test classes")
         fingerprint.update(f"domain {domain_per_class} per class of miniImageNet train".encode())
-    out = export_bundle(
-        backbone, Path(out_dir), preprocessing=pre, source=source,
-        metrics={}, data_fingerprint=fingerprint.hexdigest(),
-        calibration=calibration, sample_images=sample, deployment=deployment, domain=domain,
-    )
-    return out
+    return export_bundle(backbone, Path(out_dir), preprocessing=pre, source=source, metrics={},
+                         data_fingerprint=fingerprint.hexdigest(), calibration=calibration, sample_images=sample,
+                         deployment=deployment, domain=domain)

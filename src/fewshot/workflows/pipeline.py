@@ -50,7 +50,7 @@ def distill_stage(config: RunConfig, data: RunData, *, progress: bool = True) ->
         for r in report.get("rows", [])]}
 
 
-PHOTOS_TARGET = 24  # of the 30 held-out photos (3 classes x 10) the photos bundle's service check must get right
+PHOTOS_TARGET = 25  # of the 30 held-out photos (3 classes x 10) the photos bundle's service check must get right (issue 18)
 
 
 def photos_stage(out_dir: Path, data_root: Path, *, serve_check: bool = True,

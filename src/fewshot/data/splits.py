@@ -52,6 +52,21 @@ class Split:
         return int(self.class_ids.size)
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What a scheme is asked: the cache, the seeded draw, the proportions and the options of `make_splits`."""
+
+    cache: PackedCache
+    rng: np.random.Generator
+    fractions: tuple[float, float, float]
+    rotations: bool | None
+    splits_dir: Path | None
+
+    @property
+    def rotated(self) -> bool:
+        return bool(self.rotations)
+
+
 def list_split_schemes() -> list[str]:
     return sorted(_SCHEMES)
 
@@ -76,7 +91,7 @@ def make_splits(
         raise ConfigError(f"unknown split scheme {scheme!r}; valid schemes: {list_split_schemes()}")
     fr = _check_fractions(fractions)
     rng = np.random.default_rng(seed)
-    return _SCHEMES[scheme](cache, rng, fr, rotations, splits_dir)
+    return _SCHEMES[scheme](_Request(cache, rng, fr, rotations, splits_dir))
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -97,13 +112,8 @@ def _split(name: str, class_ids: Sequence[int], rotations: bool) -> Split:
 # --------------------------------------------------------------------------- schemes
 
 
-def _lake(
-    cache: PackedCache,
-    rng: np.random.Generator,
-    fractions: tuple[float, float, float],
-    rotations: bool | None,
-    splits_dir: Path | None,
-) -> dict[str, Split]:
+def _lake(req: _Request) -> dict[str, Split]:
+    cache, rng, fractions = req.cache, req.rng, req.fractions
     subsets = {c.subset for c in cache.classes}
     if not {"background", "evaluation"} <= subsets:
         raise DataError(
@@ -124,20 +134,15 @@ def _lake(
         for i in chars:
             ids["val" if i in val else "train"].append(i)
     names = SPLIT_NAMES if ids["val"] else ("train", "test")
-    return {name: _split(name, ids[name], bool(rotations)) for name in names}
+    return {name: _split(name, ids[name], req.rotated) for name in names}
 
 
 _VINYALS_LINE = re.compile(r"^(?P<cls>[^/]+/[^/]+)/rot(?P<deg>\d{3})$")
 
 
-def _vinyals(
-    cache: PackedCache,
-    rng: np.random.Generator,
-    fractions: tuple[float, float, float],
-    rotations: bool | None,
-    splits_dir: Path | None,
-) -> dict[str, Split]:
-    folder = _vinyals_dir(cache, splits_dir)
+def _vinyals(req: _Request) -> dict[str, Split]:
+    cache, rotations = req.cache, req.rotations
+    folder = _vinyals_dir(cache, req.splits_dir)
     out = {}
     for name in SPLIT_NAMES:
         path = folder / f"{name}.txt"
@@ -179,13 +184,8 @@ def _vinyals_dir(cache: PackedCache, splits_dir: Path | None) -> Path:
     )
 
 
-def _csv(
-    cache: PackedCache,
-    rng: np.random.Generator,
-    fractions: tuple[float, float, float],
-    rotations: bool | None,
-    splits_dir: Path | None,
-) -> dict[str, Split]:
+def _csv(req: _Request) -> dict[str, Split]:
+    cache, splits_dir = req.cache, req.splits_dir
     folder = splits_dir or cache.index.get("source", {}).get("splits_dir")
     if folder is None:
         raise DataError(f"scheme 'csv' needs the folder of its split files (train.csv, val.csv, test.csv); cache "
@@ -201,7 +201,7 @@ def _csv(
                 "collection these split files describe (or all its images were dropped: see the cleaning report)"
             )
         ids[listing.split].append(lookup[label])
-    return {name: _split(name, ids[name], bool(rotations)) for name in files.splits}
+    return {name: _split(name, ids[name], req.rotated) for name in files.splits}
 
 
 def _class_lookup(cache: PackedCache) -> dict[str, int]:
@@ -212,13 +212,8 @@ def _class_lookup(cache: PackedCache) -> dict[str, int]:
     return {**{k: v[0] for k, v in short.items() if len(v) == 1}, **{c.name: i for i, c in enumerate(cache.classes)}}
 
 
-def _domains(
-    cache: PackedCache,
-    rng: np.random.Generator,
-    fractions: tuple[float, float, float],
-    rotations: bool | None,
-    splits_dir: Path | None,
-) -> dict[str, Split]:
+def _domains(req: _Request) -> dict[str, Split]:
+    cache, rng, fractions = req.cache, req.rng, req.fractions
     domains = sorted({c.domain for c in cache.classes})
     counts = _fraction_counts(len(domains), fractions, at_least_one=True)
     if any(n == 0 and f > 0 for n, f in zip(counts, fractions)):
@@ -232,16 +227,11 @@ def _domains(
     ids: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     for i, c in enumerate(cache.classes):
         ids[split_of[c.domain]].append(i)
-    return {name: _split(name, ids[name], bool(rotations)) for name in SPLIT_NAMES}
+    return {name: _split(name, ids[name], req.rotated) for name in SPLIT_NAMES}
 
 
-def _classes(
-    cache: PackedCache,
-    rng: np.random.Generator,
-    fractions: tuple[float, float, float],
-    rotations: bool | None,
-    splits_dir: Path | None,
-) -> dict[str, Split]:
+def _classes(req: _Request) -> dict[str, Split]:
+    cache, rng, fractions = req.cache, req.rng, req.fractions
     ids: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     for domain in sorted({c.domain for c in cache.classes}):
         members = [i for i, c in enumerate(cache.classes) if c.domain == domain]
@@ -252,7 +242,7 @@ def _classes(
     for name, f in zip(SPLIT_NAMES, fractions):
         if f > 0 and not ids[name]:
             raise DataError(f"scheme 'classes' left split {name!r} empty: cache {cache.path} has too few classes per domain")
-    return {name: _split(name, ids[name], bool(rotations)) for name in SPLIT_NAMES}
+    return {name: _split(name, ids[name], req.rotated) for name in SPLIT_NAMES}
 
 
 def _fraction_counts(n: int, fractions: tuple[float, float, float], *, at_least_one: bool) -> tuple[int, int, int]:
@@ -269,7 +259,7 @@ def _fraction_counts(n: int, fractions: tuple[float, float, float], *, at_least_
     return (counts[0], counts[1], counts[2])
 
 
-_SCHEMES: dict[str, Callable[..., dict[str, Split]]] = {
+_SCHEMES: dict[str, Callable[[_Request], dict[str, Split]]] = {
     "lake": _lake,
     "vinyals": _vinyals,
     "csv": _csv,

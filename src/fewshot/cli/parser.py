@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from fewshot.cli.commands import (
     cmd_bundle_onnx,
@@ -38,6 +39,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="image folders: is root/<X>/<class> a knowledge domain or a subset (train/test)?")
 
 
+def _config_command(sub: Any, name: str, help: str, example: str | None) -> argparse.ArgumentParser:
+    """A command that runs a YAML config: its path, key.sub=value overrides and the data root."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help)
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help=example and f"key.sub=value overrides, e.g. {example}")
+    p.add_argument("--data", help="data root (default: $FEWSHOT_DATA)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewshot", description="Few-shot image recognition toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,30 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="episode.png")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("train", help="train a learner from a YAML config")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=500")
-    p.add_argument("--data", help="data root (default: $FEWSHOT_DATA)")
+    p = _config_command(sub, "train", "train a learner from a YAML config", "train.steps=500")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run has a checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("distill", help="distil teachers into a student (same checkpoints and resume as train)")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. distill.temperature=2")
-    p.add_argument("--data", help="data root (default: $FEWSHOT_DATA)")
+    p = _config_command(sub, "distill", "distil teachers into a student (same checkpoints and resume as train)",
+                        "distill.temperature=2")
     p.add_argument("--no-resume", action="store_true", help="start over even if the runs have checkpoints")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("tune", help="Optuna search over the config's tune.space, scored on validation classes")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=500 tune.seed=1")
+    p = _config_command(sub, "tune", "Optuna search over the config's tune.space, scored on validation classes",
+                        "train.steps=500 tune.seed=1")
     p.add_argument("--trials", type=int, required=True, help="trials to add to the study in this process")
     p.add_argument("--storage", default=None,
                    help="study storage URL: postgresql://user:PASSWORD@host/db to share a study between workers, "
                         "or sqlite:///path (default: <output_dir>/<name>-tune/study.db)")
     p.add_argument("--study", default=None, help="study name (default: the config's name)")
     p.add_argument("--timeout", type=float, default=None, help="start no new trial after this many seconds")
-    p.add_argument("--data", help="data root (default: $FEWSHOT_DATA)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="mean accuracy +- 95%% CI over fixed-seed test episodes")
@@ -167,10 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("name", help="entry name (or zoo:NAME)")
     z.add_argument("--episodes", type=int, default=None, help="only the first N episodes of each setting")
 
-    p = sub.add_parser("pipeline", help="prepare -> train -> evaluate -> export -> service check")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--data", help="data root (default: $FEWSHOT_DATA)")
+    p = _config_command(sub, "pipeline", "prepare -> train -> evaluate -> export -> service check", None)
     p.add_argument("--no-serve-check", action="store_true")
     p.set_defaults(func=cmd_pipeline)
     return parser

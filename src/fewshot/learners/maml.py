@@ -50,8 +50,24 @@ HEAD_W, HEAD_B = "head.weight", "head.bias"
 CPU_CLOSED_FORM_CHUNK = 4
 
 
+class InnerLoopChecks:
+    """The checks every inner-loop config (MAML family, Reptile) runs on its step size and step counts."""
+
+    inner_lr: float
+    inner_steps: int
+    eval_inner_steps: int
+
+    def __post_init__(self) -> None:
+        if self.inner_lr <= 0:
+            raise ConfigError(f"inner_lr must be > 0; got {self.inner_lr}")
+        if self.inner_steps < 1 or self.eval_inner_steps < 1:
+            raise ConfigError(
+                f"inner_steps and eval_inner_steps must be >= 1; got {self.inner_steps}, {self.eval_inner_steps}"
+            )
+
+
 @dataclass(frozen=True)
-class MAMLConfig:
+class MAMLConfig(InnerLoopChecks):
     inner_lr: float = 0.4  # Finn et al. Omniglot value
     inner_steps: int = 1  # inner steps per task in meta-training
     # Inner steps when fitting a support set at evaluation. Keep it equal to inner_steps: with the
@@ -61,13 +77,6 @@ class MAMLConfig:
     first_order: bool = False
     transductive: bool = False
 
-    def __post_init__(self) -> None:
-        if self.inner_lr <= 0:
-            raise ConfigError(f"inner_lr must be > 0; got {self.inner_lr}")
-        if self.inner_steps < 1 or self.eval_inner_steps < 1:
-            raise ConfigError(
-                f"inner_steps and eval_inner_steps must be >= 1; got {self.inner_steps}, {self.eval_inner_steps}"
-            )
 
 
 class GradientLearner(FewShotLearner):

@@ -20,25 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewshot.errors import ConfigError
 from fewshot.learners.base import Batch, LearnerOutput, as_meta_batch, check_support
-from fewshot.learners.maml import GradientLearner, Params
+from fewshot.learners.maml import GradientLearner, InnerLoopChecks, Params
 
 
 @dataclass(frozen=True)
-class ReptileConfig:
+class ReptileConfig(InnerLoopChecks):
     inner_lr: float = 0.1
     inner_steps: int = 5
     eval_inner_steps: int = 10
     transductive: bool = False
-
-    def __post_init__(self) -> None:
-        if self.inner_lr <= 0:
-            raise ConfigError(f"inner_lr must be > 0; got {self.inner_lr}")
-        if self.inner_steps < 1 or self.eval_inner_steps < 1:
-            raise ConfigError(
-                f"inner_steps and eval_inner_steps must be >= 1; got {self.inner_steps}, {self.eval_inner_steps}"
-            )
 
     @property
     def first_order(self) -> bool:  # Reptile is first-order by construction

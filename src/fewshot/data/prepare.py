@@ -93,7 +93,7 @@ def prepare(
         reused = _try_reuse(path, key)
         if reused is not None:
             return reused
-    return _build(source, path, key, source_fp, pre, cfg, progress, workers)
+    return _build(_Build(source, path, key, source_fp, pre, cfg, progress, workers))
 
 
 def prepare_omniglot(
@@ -148,36 +148,31 @@ def _try_reuse(path: Path, key: str) -> PreparedData | None:
 # --------------------------------------------------------------------------- the build
 
 
-def _build(
-    source: Source,
-    path: Path,
-    key: str,
-    source_fp: str,
-    pre: Preprocessing,
-    cfg: CleaningConfig,
-    progress: bool,
-    workers: int | None,
-) -> PreparedData:
-    entries = source.entries()
+@dataclass(frozen=True)
+class _Build:
+    """One cache to build: its source, where it goes under which key, and how it is cleaned and decoded."""
+
+    source: Source
+    path: Path
+    key: str
+    source_fp: str
+    pre: Preprocessing
+    cfg: CleaningConfig
+    progress: bool
+    workers: int | None
+
+
+def _build(job: _Build) -> PreparedData:
+    entries = job.source.entries()
     if not entries:
-        raise DataError(f"{source.describe()['root']} holds no files; nothing to prepare")
-    with _scratch_rows(path.parent, (len(entries), pre.channels, pre.size, pre.size)) as rows:
-        return _build_from(source, entries, rows, path, key, source_fp, pre, cfg, progress, workers)
+        raise DataError(f"{job.source.describe()['root']} holds no files; nothing to prepare")
+    with _scratch_rows(job.path.parent, (len(entries), job.pre.channels, job.pre.size, job.pre.size)) as rows:
+        return _build_from(job, entries, rows)
 
 
-def _build_from(
-    source: Source,
-    entries: list[Entry],
-    rows: _Rows,
-    path: Path,
-    key: str,
-    source_fp: str,
-    pre: Preprocessing,
-    cfg: CleaningConfig,
-    progress: bool,
-    workers: int | None,
-) -> PreparedData:
-    status, detail, hashes, phash = _inspect_all(source, entries, pre, cfg, rows, progress, workers)
+def _build_from(job: _Build, entries: list[Entry], rows: _Rows) -> PreparedData:
+    source, path, pre, cfg = job.source, job.path, job.pre, job.cfg
+    status, detail, hashes, phash = _inspect_all(source, entries, pre, cfg, rows, job.progress, job.workers)
     images = rows.open()  # (N, C, H, W), filled by the decoding processes
     class_names = [e.class_name for e in entries]
     source_ids = [e.source_id for e in entries]
@@ -203,7 +198,7 @@ def _build_from(
         "phashes": [f"{int(p):016x}" for p in phash[kept]],
         "report_summary": report.summary(),
         "source": source.describe(),
-        "source_fingerprint": source_fp,
+        "source_fingerprint": job.source_fp,
         "cleaning": cfg.to_dict(),
         "split_duplicates": [asdict(d) for d in split_dups],  # reported by leakage.check_leakage
     }
@@ -213,7 +208,7 @@ def _build_from(
         _class_infos(entries, kept),
         [source_ids[i] for i in kept],
         pre,
-        key,
+        job.key,
         extra=extra,
     )
     report.save(path / REPORT_NAME)

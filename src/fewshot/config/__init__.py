@@ -4,24 +4,20 @@ A wrong field is named with the fix (pydantic's `extra="forbid"`), values are ch
 and the resolved config is echoed into the run folder so a run always says how it was made.
 """
 
-from fewshot.config.loading import apply_overrides, config_from_dict, dump_config, load_config
+from fewshot.config.loading import config_from_dict, dump_config, load_config
 from fewshot.config.run import ParamSpec, RunConfig, TuneConfig
 from fewshot.config.sections import (
-    DATASET_DEFAULTS,
     DataConfig,
     DistillConfig,
     EvalConfig,
-    ExportConfig,
-    ModelConfig,
-    PipelineConfig,
     TeacherConfig,
     TrainConfig,
     ZooConfig,
-    ZooResult,
 )
 
+# The names the rest of the code base imports from here; the others live in fewshot.config.sections
+# (DATASET_DEFAULTS, ModelConfig, ExportConfig, PipelineConfig, ZooResult) and .loading (apply_overrides).
 __all__ = [
-    "DATASET_DEFAULTS", "DataConfig", "DistillConfig", "EvalConfig", "ExportConfig", "ModelConfig", "ParamSpec",
-    "PipelineConfig", "RunConfig", "TeacherConfig", "TrainConfig", "TuneConfig", "ZooConfig", "ZooResult",
-    "apply_overrides", "config_from_dict", "dump_config", "load_config",
+    "DataConfig", "DistillConfig", "EvalConfig", "ParamSpec", "RunConfig", "TeacherConfig", "TrainConfig",
+    "TuneConfig", "ZooConfig", "config_from_dict", "dump_config", "load_config",
 ]

@@ -1,10 +1,8 @@
 """Episodes: descriptions from pure functions with an explicit RNG, materialised from the packed cache."""
 
-from fewshot.episodes.loader import EpisodeDataset, RangeSampler, episode_loader
+from fewshot.episodes.loader import EpisodeDataset, episode_loader
 from fewshot.episodes.materialise import Augment, materialise, pool_from_split
 from fewshot.episodes.sampling import (
-    ClassPool,
-    EpisodeDescription,
     EpisodeSpec,
     VariableSpec,
     describe_episode,
@@ -13,14 +11,13 @@ from fewshot.episodes.sampling import (
 )
 from fewshot.episodes.types import Episode
 
+# What callers import from the package; the rest (ClassPool, EpisodeDescription, RangeSampler) is
+# imported from its module (fewshot.episodes.sampling, fewshot.episodes.loader).
 __all__ = [
     "Augment",
-    "ClassPool",
     "Episode",
     "EpisodeDataset",
-    "EpisodeDescription",
     "EpisodeSpec",
-    "RangeSampler",
     "VariableSpec",
     "describe_episode",
     "describe_variable_episode",

@@ -37,6 +37,7 @@ from fewshot.service.store import (
     Store,
     WorkspaceRecord,
 )
+from fewshot.service.verdict import threshold_why
 from fewshot.service.workspace_settings import WorkspaceSettings, check_threshold
 
 __all__ = ["UNKNOWN", "DecisionState", "Explanation", "Prediction", "Recogniser", "RecogniserConfig",
@@ -213,6 +214,12 @@ class Recogniser:
         with mem.lock:
             protos = mem.protos
             return DecisionState(decision, protos, self._class_memory(workspace_id, mem, decision))
+
+    def threshold_why(self, workspace_id: str, *, current: WorkspaceRecord | None = None) -> dict[str, Any] | None:
+        """The unknown threshold of the workspace's current version and why (`fewshot.service.verdict`)."""
+        record = self.workspace(workspace_id) if current is None else current
+        decision = WorkspaceSettings.from_dict(record.settings).served(self.decision)
+        return threshold_why(decision, self.memories.get(workspace_id, record.version).protos.counts)
 
     def stored_examples(self, workspace_id: str) -> ExampleSet:
         """The workspace's stored examples (ids, class ids, embeddings), read once per version."""

@@ -27,6 +27,10 @@ class WorkspaceOut(BaseModel):
     version: int
     model: str = Field(description="the model the workspace runs on (fixed at creation)")
     api_key: str | None = None  # only in the response that created the workspace
+    threshold_why: dict[str, Any] | None = Field(None, description=(
+        "the unknown threshold of the workspace's current version and why (the open-set rule's explain: `why`, "
+        "and for the 'shape' rule `by_examples`: the threshold per example count; a threshold set on the workspace "
+        "multiplies t(K, n), 1.0 is the calibrated point and larger accepts more); null without a rule"))
 
 
 class SettingsIn(BaseModel):
@@ -83,6 +87,17 @@ class PredictionOut(BaseModel):
                                 "the answer is given but should not be trusted")
     domain_score: float | None = Field(None, description="> 1: out of domain; null when the bundle has no domain summary")
     domain_reasons: list[str] = Field(default_factory=list)
+    effective_threshold: float | None = Field(None, description=(
+        "the answered class's own threshold: t(K, n) x threshold on 1 - centred cosine for the 'shape' rule "
+        "(K classes, n examples of that class), the threshold itself for the others; null without a rule"))
+    threshold_why: dict[str, Any] | None = Field(None, description=(
+        "which threshold the workspace uses and why (the open-set rule's explain: `why`, and for 'shape' "
+        "`by_examples`, the threshold per example count); null without a rule"))
+    confidence: float = Field(0.0, description=(
+        "on the decision's scale: 1 - novelty / (2 threshold), clipped to 0..1; known exactly when >= 0.5 "
+        "(the probability when there is no open-set rule)"))
+    summary: str = Field("", description="the answer and why, in words (e.g. why it is 'unknown')")
+    advice: str = Field("", description="what to do next (add examples, change the threshold)")
 
 
 class ClassifyOut(BaseModel):
@@ -116,7 +131,8 @@ def prediction_out(name: str, p: Prediction) -> PredictionOut:
     return PredictionOut(image=name, label=p.label, class_id=p.class_id, known=p.known, probability=p.probability,
                          score=p.score, novelty=p.novelty, threshold=p.threshold, rule=p.rule, metric=p.metric,
                          out_of_domain=p.out_of_domain, domain_score=p.domain_score,
-                         domain_reasons=list(p.domain_reasons),
+                         domain_reasons=list(p.domain_reasons), effective_threshold=p.effective_threshold,
+                         threshold_why=p.threshold_why, confidence=p.confidence, summary=p.summary, advice=p.advice,
                          top_k=[CandidateOut(**c.__dict__) for c in p.top_k])
 
 
@@ -127,7 +143,8 @@ def explain_out(name: str, e: Explanation) -> ExplainOut:
 
 
 
-def workspace_out(rec: WorkspaceRecord, model: ServedModel, api_key: str | None = None) -> WorkspaceOut:
+def workspace_out(rec: WorkspaceRecord, model: ServedModel, api_key: str | None = None,
+                  why: dict[str, Any] | None = None) -> WorkspaceOut:
     return WorkspaceOut(id=rec.id, name=rec.name, settings=rec.settings, version=rec.version, model=model.name,
-                        api_key=api_key)
+                        api_key=api_key, threshold_why=why)
 

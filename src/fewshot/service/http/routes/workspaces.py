@@ -31,7 +31,8 @@ def create_workspace(body: WorkspaceIn, state: StateDep) -> WorkspaceOut:
 
 @router.get("/workspaces/{ws}", tags=["workspaces"])
 def get_workspace(ws: WorkspaceDep, model: ModelDep) -> WorkspaceOut:
-    return workspace_out(model.recogniser.workspace(ws), model)
+    rec = model.recogniser.workspace(ws)
+    return workspace_out(rec, model, why=model.recogniser.threshold_why(ws, current=rec))
 
 
 @router.patch("/workspaces/{ws}", tags=["workspaces"])
@@ -43,7 +44,8 @@ def patch_workspace(ws: WorkspaceDep, body: SettingsIn, model: ModelDep) -> Work
         raise ApiError(400, "invalid_argument", f"threshold {given['threshold']:g} and clear_threshold=true "
                        "contradict each other; send one of them")
     clear = body.clear_threshold or ("threshold" in body.model_fields_set and body.threshold is None)
-    return workspace_out(model.recogniser.patch_settings(ws, given, clear_threshold=clear), model)
+    rec = model.recogniser.patch_settings(ws, given, clear_threshold=clear)
+    return workspace_out(rec, model, why=model.recogniser.threshold_why(ws, current=rec))
 
 
 @router.delete("/workspaces/{ws}", status_code=204, tags=["workspaces"])

@@ -104,7 +104,8 @@ def test_page_has_csp_framing_and_nosniff_headers(client: TestClient) -> None:
     import re
 
     html = page.text
-    assert re.findall(r"<script([^>]*)>", html) == [' src="app.js" defer', ' src="panel.js" defer']
+    assert re.findall(r"<script([^>]*)>", html) == [' src="app.js" defer', ' src="panel.js" defer',
+                                                     ' src="threshold.js" defer']
     assert "<style" not in html and " style=" not in html and " on" + "click=" not in html
     assert not re.search(r"""(src|href)=["'](https?:)?//""", html)
 

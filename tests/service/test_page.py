@@ -199,7 +199,40 @@ def test_teach_classify_explain(page: Any, server: str, omniglot_classes: dict[s
     _drop_file(page, "#classify-drop", held_out)
     page.locator("#result-verdict.unknown").wait_for()
     assert page.locator("#result-verdict").inner_text() == "unknown"
-    assert "no class is close enough" in page.locator("#result-detail").inner_text()
+    assert page.locator("#result-detail").inner_text().startswith("Not sure: this image is farther from '")
+
+
+def test_an_unknown_answer_says_why_in_words_and_never_shows_full_confidence(
+        page: Any, server: str, omniglot_classes: dict[str, list[Path]]) -> None:
+    """Issue 18 item 4: the words, the confidence on the decision's scale and what to do next come
+    from the API (`fewshot.service.verdict`); the threshold control shows which threshold and why."""
+    ws = _create_workspace(page)
+    page.get_by_role("button", name="Done").click()
+    for label, paths in omniglot_classes.items():
+        _teach(page, label, paths[:N_SHOT])
+    page.wait_for_function("document.getElementById('threshold-why').textContent.startsWith('No ')")
+    page.get_by_label("Threshold", exact=True).fill("0.000000001")
+    page.get_by_role("button", name="Set", exact=True).click()
+    page.wait_for_function("document.getElementById('threshold-why').textContent.includes('above 1e-09')")
+    assert "larger accepts more" in page.locator("#threshold-note").inner_text()
+
+    held_out = next(iter(omniglot_classes.values()))[N_SHOT]
+    page.locator("#classify-file").set_input_files(str(held_out))
+    page.locator("#result-verdict.unknown").wait_for()
+    with held_out.open("rb") as fh:
+        pred = httpx.post(f"{server}/workspaces/{ws['id']}/explain", headers={"Authorization": f"Bearer {ws['key']}"},
+                          files={"image": (held_out.name, fh, "image/png")}, data={"k": "5"}).json()["prediction"]
+    nearest = pred["top_k"][0]["label"]
+    assert page.locator("#result-detail").inner_text() == pred["summary"]
+    assert pred["summary"].startswith(f"Not sure: this image is farther from '{nearest}' than the examples you taught")
+    assert f"Add more examples of '{nearest}'" in page.locator("#result-advice").inner_text()
+    meter = page.locator("#result-confidence-bar")
+    assert float(meter.get_attribute("aria-valuenow")) < 50
+    assert page.locator("#result-confidence-value").inner_text() == f"{100 * pred['confidence']:.1f}%"
+    shown = page.locator("#result .bar-value").all_inner_texts() + page.locator("#result [aria-valuenow]").evaluate_all(
+        "els => els.map(e => e.getAttribute('aria-valuenow') + '%')")
+    assert shown and not any(v.startswith("100.0") for v in shown), shown
+    assert page.locator("#result-top li").all_inner_texts()[0] == nearest  # names only beside "unknown"
 
 
 def test_errors_are_shown_and_page_recovers(page: Any, omniglot_classes: dict[str, list[Path]], tmp_path: Path) -> None:

@@ -198,7 +198,7 @@ async function thumbnailUrl(exampleId) {
 }
 
 async function refreshClasses() {
-  document.dispatchEvent(new Event("fewshot:classes-changed")); // panel.js refreshes alongside the list
+  document.dispatchEvent(new Event("fewshot:classes-changed")); // panel.js, threshold.js refresh alongside the list
   const classes = await api("GET", wsPath("/classes"));
   // Fetch every class's examples and thumbnails before touching the DOM, so a re-render is atomic.
   const details = await Promise.all(classes.map((c) => api("GET", wsPath(`/classes/${encodeURIComponent(c.id)}`))));
@@ -329,9 +329,16 @@ async function classify(file) {
   const verdict = $("result-verdict");
   verdict.textContent = p.known ? p.label : "unknown";
   verdict.className = p.known ? "verdict known" : "verdict unknown";
-  $("result-detail").textContent = p.known
-    ? `${percent(p.probability)} confident`
-    : `no class is close enough (nearest: ${p.top_k[0]?.label ?? "none"}, novelty ${p.novelty?.toFixed(2)} vs threshold ${p.threshold?.toFixed(2)})`;
+  $("result-detail").textContent = p.summary; // the service's words (fewshot.service.verdict)
+  $("result-advice").textContent = p.advice;
+  const meter = $("result-confidence-bar");
+  meter.setAttribute("aria-valuenow", (100 * p.confidence).toFixed(1));
+  meter.firstElementChild.style.width = percent(p.confidence);
+  meter.querySelector(".limit").hidden = p.threshold === null;
+  $("result-confidence-value").textContent = percent(p.confidence);
+  $("result-confidence").className = p.known ? "confidence known" : "confidence unknown";
+  $("result-confidence").hidden = false;
+  $("result-top-title").textContent = p.known ? "Top classes" : "Nearest classes (none close enough)";
   const warning = $("result-domain");
   const model = workspace.model ? `the '${workspace.model}' model` : "the model";
   warning.hidden = !p.out_of_domain;
@@ -344,6 +351,11 @@ async function classify(file) {
     name.className = "bar-label";
     name.textContent = c.label;
     name.title = c.label;
+    if (!p.known) { // an unknown answer has no class to be confident in: names only, no share bars
+      li.className = "nearest";
+      li.append(name);
+      return li;
+    }
     const bar = document.createElement("span");
     bar.className = "bar";
     bar.setAttribute("role", "meter");

@@ -58,7 +58,9 @@ def test_a_workspace_threshold_multiplies_the_shape_threshold(sqlite_store: Stor
     r, ws = shape_workspace(sqlite_store, threshold=2.0)
     p = r.classify(ws, images([200, 6, 0, 0]))[0]
     assert p.effective_threshold == pytest.approx(t_shape(3, 2.0)) and p.threshold == 2.0
-    assert r.threshold_why(ws)["by_examples"]["1"] == pytest.approx(t_shape(1, 2.0))  # type: ignore[index]
+    why = r.threshold_why(ws)
+    assert why is not None and why["by_examples"]["1"] == pytest.approx(t_shape(1, 2.0))
+    assert why["threshold"] == 2.0 and why["calibrated_threshold"] == 1.0 and p.threshold_why == why
 
 
 @pytest.fixture
@@ -79,6 +81,7 @@ def test_the_api_returns_the_words_and_the_threshold_for_a_global_rule(client: T
 
     patched = client.patch(f"/workspaces/{ws}", json={"threshold": 0.0}, headers=auth(key)).json()
     assert patched["threshold_why"]["kind"] == "global" and patched["threshold_why"]["threshold"] == 0.0
+    assert patched["threshold_why"]["calibrated_threshold"] is None  # the tiny bundle is not calibrated
     p = client.post(f"/workspaces/{ws}/classify", files=query, headers=auth(key)).json()["predictions"][0]
     nearest = p["top_k"][0]["label"]
     assert not p["known"] and p["rule"] == "global" and p["effective_threshold"] == 0.0

@@ -58,13 +58,14 @@ class Explanation:
 
 
 
-def prediction_of(p: Prototypes, a: Answer, i: int, decision: ServedDecision, top_k: int) -> Prediction:
-    """Query i of `a` as the service answers it."""
+def prediction_of(p: Prototypes, a: Answer, i: int, decision: ServedDecision, top_k: int,
+                  calibrated: float | None = None) -> Prediction:
+    """Query i of `a` as the service answers it (calibrated: the bundle's threshold for the metric)."""
     cands = [Candidate(p.class_ids[j], p.labels[j], float(a.probabilities[i, j]), float(a.scores[i, j]))
              for j in a.top(i, min(top_k, len(p.class_ids)))]
     label, known, rule = int(a.label[i]), bool(a.known[i]), decision.open_set
     probability, novelty = float(a.probabilities[i, label]), None if a.novelty is None else float(a.novelty[i])
-    v = verdict(decision, p.counts, label, p.labels[label], known, probability, novelty)
+    v = verdict(decision, p.counts, label, p.labels[label], known, probability, novelty, calibrated)
     return Prediction(p.labels[label] if known else UNKNOWN, p.class_ids[label] if known else None, known,
                       probability, float(a.score[i]), novelty, decision.threshold, decision.metric, cands,
                       None if rule is None else rule.kind, effective_threshold=v.effective_threshold,

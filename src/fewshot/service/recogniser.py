@@ -219,7 +219,13 @@ class Recogniser:
         """The unknown threshold of the workspace's current version and why (`fewshot.service.verdict`)."""
         record = self.workspace(workspace_id) if current is None else current
         decision = WorkspaceSettings.from_dict(record.settings).served(self.decision)
-        return threshold_why(decision, self.memories.get(workspace_id, record.version).protos.counts)
+        return threshold_why(decision, self.memories.get(workspace_id, record.version).protos.counts,
+                             self.calibrated_threshold(decision))
+
+    def calibrated_threshold(self, decision: ServedDecision) -> float | None:
+        """The bundle's own threshold for the decision's metric (None: not calibrated for it)."""
+        rule = self.decision.open_set.get(decision.metric)
+        return None if rule is None else rule.threshold
 
     def stored_examples(self, workspace_id: str) -> ExampleSet:
         """The workspace's stored examples (ids, class ids, embeddings), read once per version."""
@@ -261,7 +267,8 @@ class Recogniser:
             raise RequestError(f"top_k {top_k} must be >= 1")
         q = self.embed(images_u8)
         answer = decide(state.decision, state.memory, q)
-        preds = [prediction_of(p, answer, i, state.decision, top_k) for i in range(len(q))]
+        calibrated = self.calibrated_threshold(state.decision)
+        preds = [prediction_of(p, answer, i, state.decision, top_k, calibrated) for i in range(len(q))]
         return self._flag_out_of_domain(preds, q, previews)
 
     def _flag_out_of_domain(self, preds: list[Prediction], q: np.ndarray,

@@ -35,12 +35,14 @@ def count_groups(counts: np.ndarray) -> dict[int, int]:
     return dict(sorted(Counter(int(c) for c in np.asarray(counts)).items()))
 
 
-def threshold_why(decision: ServedDecision, counts: np.ndarray) -> dict[str, Any] | None:
-    """The threshold a workspace with these class counts uses, and why; None without a rule."""
+def threshold_why(decision: ServedDecision, counts: np.ndarray, calibrated: float | None = None) -> dict[str, Any] | None:
+    """The threshold a workspace with these class counts uses, and why; None without a rule.
+    calibrated: the bundle's own threshold for this metric (the served rule holds the workspace's)."""
     rule = decision.open_set
     if rule is None:
         return None
     out = rule.explain(len(counts), count_groups(counts))
+    out["calibrated_threshold"] = calibrated
     out["setting"] = (f"The threshold ({rule.threshold:.4g}) multiplies t(K, n): 1.0 is the calibrated point, larger "
                       "accepts more, smaller answers 'unknown' more often." if rule.kind == "shape" else
                       f"The threshold ({rule.threshold:.4g}) is on this novelty scale: larger accepts more, smaller "
@@ -67,11 +69,11 @@ def fit(novelty: float, threshold: float) -> float:
 
 
 def verdict(decision: ServedDecision, counts: np.ndarray, answered: int, label: str, known: bool,
-            probability: float, novelty: float | None) -> Verdict:
+            probability: float, novelty: float | None, calibrated: float | None = None) -> Verdict:
     """The words and the confidence of one answer: `answered` is the index of the judged class
     (the forced choice), `counts` the (K,) examples per class of the memory it was decided on."""
     rule, n = decision.open_set, int(counts[answered])
-    why = threshold_why(decision, counts)
+    why = threshold_why(decision, counts, calibrated)
     eff = effective_threshold(decision, len(counts), n)
     if rule is None or novelty is None:
         return Verdict(probability, eff, why, f"'{label}': the nearest of your classes (no 'unknown' rule: every "

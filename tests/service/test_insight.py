@@ -8,14 +8,11 @@ import pytest
 from service_helpers import ToyEmbedder, class_images
 
 from fewshot.decision import DecisionRule, OpenSetRule, ServedDecision, softmax
+from fewshot.decision.heldout import HeldOut, cross_validate, fold_ids, leave_one_out
 from fewshot.errors import ConfigError
 from fewshot.service.insight import (
-    HeldOut,
     InsightCache,
     confused_pairs,
-    cross_validate,
-    fold_ids,
-    leave_one_out,
     occlusion_map,
     patch_bounds,
     recogniser_insight,

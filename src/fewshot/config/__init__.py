@@ -6,18 +6,11 @@ and the resolved config is echoed into the run folder so a run always says how i
 
 from fewshot.config.loading import config_from_dict, dump_config, load_config
 from fewshot.config.run import ParamSpec, RunConfig, TuneConfig
-from fewshot.config.sections import (
-    DataConfig,
-    DistillConfig,
-    EvalConfig,
-    TeacherConfig,
-    TrainConfig,
-    ZooConfig,
-)
+from fewshot.config.sections import DataConfig, DistillConfig, EvalConfig, TrainConfig, ZooConfig
 
 # The names the rest of the code base imports from here; the others live in fewshot.config.sections
-# (DATASET_DEFAULTS, ModelConfig, ExportConfig, PipelineConfig, ZooResult) and .loading (apply_overrides).
+# (DATASET_DEFAULTS, ModelConfig, TeacherConfig, ExportConfig, PipelineConfig, ZooResult) and .loading (apply_overrides).
 __all__ = [
-    "DataConfig", "DistillConfig", "EvalConfig", "ParamSpec", "RunConfig", "TeacherConfig", "TrainConfig",
+    "DataConfig", "DistillConfig", "EvalConfig", "ParamSpec", "RunConfig", "TrainConfig",
     "TuneConfig", "ZooConfig", "config_from_dict", "dump_config", "load_config",
 ]

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from fewshot.backbones.init import built_quietly, reset_parameters
-from fewshot.config import DistillConfig, RunConfig, TeacherConfig
+from fewshot.config import DistillConfig, RunConfig
+from fewshot.config.sections import TeacherConfig
 from fewshot.distill.losses import HintLoss, RKDAngle, RKDDistance, SoftLogitKD
 from fewshot.distill.report import write_report
 from fewshot.distill.teacher import Teacher, load_teachers

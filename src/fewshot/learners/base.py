@@ -20,6 +20,7 @@ owns backward, precision, accumulation, clipping and the step):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -33,7 +34,8 @@ from fewshot.episodes.types import Episode
 from fewshot.errors import ConfigError
 from fewshot.precision import FP32, PrecisionPolicy, autocast_context, prepare_input, prepare_model
 
-Batch = Any  # list[Episode] | tuple[Tensor, Tensor]
+# what `compute` takes: episodes (one or a meta-batch) or a labelled batch (images, labels)
+Batch = Episode | list[Episode] | tuple[Tensor, Tensor]
 
 
 def embedding_dim_of(backbone: nn.Module) -> int:
@@ -121,7 +123,7 @@ class FewShotLearner(nn.Module):
         prepare_model(self, policy)
         return self
 
-    def autocast(self) -> Any:
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
         return autocast_context(self.precision, self.device)
 
     def prep(self, x: Tensor) -> Tensor:
@@ -138,6 +140,12 @@ class FewShotLearner(nn.Module):
 
     # ---- inference ---------------------------------------------------------------------------
     def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> FewShotLearner:
+        """Adapt to a support set (labels 0..n_way-1, each present); refuses a malformed one,
+        naming the problem, before any learner sees it. Learners implement `_fit`."""
+        check_support(support_x, support_y, n_way)
+        return self._fit(support_x, support_y, n_way)
+
+    def _fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> FewShotLearner:
         raise NotImplementedError
 
     def forward(self, query_x: Tensor) -> Tensor:
@@ -164,12 +172,9 @@ def episode_terms(losses: list[Tensor], logits: list[Tensor], episodes: list[Epi
 def as_meta_batch(batch: Batch) -> list[Episode]:
     if isinstance(batch, Episode):
         return [batch]
-    if (
-        not isinstance(batch, (list, tuple))
-        or not batch
-        or not all(isinstance(e, Episode) for e in batch)
-    ):
+    episodes = [e for e in batch if isinstance(e, Episode)] if isinstance(batch, (list, tuple)) else []
+    if not episodes or len(episodes) != len(batch):
         raise ConfigError(
             f"episodic learners take a non-empty list[Episode] meta-batch; got {type(batch).__name__}"
         )
-    return list(batch)
+    return episodes

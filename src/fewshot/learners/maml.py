@@ -22,7 +22,7 @@ Classic MAML normalised queries with their own batch statistics, which is transd
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,6 @@ from fewshot.learners.base import (
     FewShotLearner,
     LearnerOutput,
     as_meta_batch,
-    check_support,
     embedding_dim_of,
     episode_terms,
 )
@@ -48,6 +47,21 @@ from fewshot.learners.base import (
 Params = dict[str, Tensor]
 HEAD_W, HEAD_B = "head.weight", "head.bias"
 CPU_CLOSED_FORM_CHUNK = 4
+
+
+class InnerLoopConfig(Protocol):
+    """What the shared inner-loop machinery reads of its learner's config."""
+
+    @property
+    def inner_lr(self) -> float: ...
+    @property
+    def inner_steps(self) -> int: ...
+    @property
+    def eval_inner_steps(self) -> int: ...
+    @property
+    def first_order(self) -> bool: ...
+    @property
+    def transductive(self) -> bool: ...
 
 
 class InnerLoopChecks:
@@ -87,7 +101,7 @@ class GradientLearner(FewShotLearner):
     (`fewshot.training.deploy.reestimate_batch_norm`), and the rule is chosen at export on
     validation episodes (the zero-head one-step update is a prototype-like classifier)."""
 
-    cfg: Any  # MAMLConfig | ReptileConfig
+    cfg: InnerLoopConfig  # MAMLConfig | ReptileConfig
 
     def __init__(self, backbone: Backbone, **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)
@@ -256,9 +270,8 @@ class GradientLearner(FewShotLearner):
         return LearnerOutput(episode_terms(losses, logits_list, episodes), episodes=episodes,
                              episode_logits=logits_list)
 
-    def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> GradientLearner:
+    def _fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> GradientLearner:
         """Adapt fast weights to the support set (eval_inner_steps steps) and keep them."""
-        check_support(support_x, support_y, n_way)
         xs, ys = self.prep(support_x), support_y.to(self.device)
         with torch.enable_grad(), self.autocast():
             params = {**self.body_params(), **self.zero_head(n_way, xs)}
@@ -326,8 +339,7 @@ class ANIL(MAML):
         logits = self.head(head, zq)
         return F.cross_entropy(logits, yq), logits
 
-    def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> ANIL:
-        check_support(support_x, support_y, n_way)
+    def _fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> ANIL:
         xs, ys = self.prep(support_x), support_y.to(self.device)
         with torch.no_grad(), self.autocast():
             zs = self.embed(self.body_params(), xs, xs.shape[0]).float()

@@ -24,7 +24,6 @@ from fewshot.learners.base import (
     Deployment,
     FewShotLearner,
     LearnerOutput,
-    check_support,
     embedding_dim_of,
 )
 
@@ -92,8 +91,7 @@ class Pretrain(FewShotLearner):
         with self.autocast():
             return self.backbone(self.prep(x)).float()
 
-    def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> Pretrain:
-        check_support(support_x, support_y, n_way)
+    def _fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> Pretrain:
         was_training = self.training
         self.eval()
         z = self.embed(support_x)

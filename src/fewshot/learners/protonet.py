@@ -23,7 +23,6 @@ from fewshot.learners.base import (
     FewShotLearner,
     LearnerOutput,
     as_meta_batch,
-    check_support,
     episode_terms,
 )
 
@@ -87,9 +86,8 @@ class ProtoNet(FewShotLearner):
                              episodes=episodes, episode_logits=logits)
 
     @torch.no_grad()
-    def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> ProtoNet:
+    def _fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> ProtoNet:
         """Store the prototypes (n_way, D) of the support set."""
-        check_support(support_x, support_y, n_way)
         with self.autocast():
             zs = self.backbone(self.prep(support_x)).float()
         self._protos = prototypes(zs, support_y.to(zs.device), n_way)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewshot.learners.base import Batch, LearnerOutput, as_meta_batch, check_support
+from fewshot.learners.base import Batch, LearnerOutput, as_meta_batch
 from fewshot.learners.maml import GradientLearner, InnerLoopChecks, Params
 
 
@@ -80,8 +80,7 @@ class Reptile(GradientLearner):
         return LearnerOutput({"loss": surrogate, "task": task, "acc": torch.stack(accs).mean()},
                              episodes=episodes)
 
-    def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> Reptile:
-        check_support(support_x, support_y, n_way)
+    def _fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> Reptile:
         xs, ys = self.prep(support_x), support_y.to(self.device)
         with torch.enable_grad():
             params = {k: p.detach() for k, p in self.body_params().items()}

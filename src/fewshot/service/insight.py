@@ -29,88 +29,19 @@ from threading import Lock
 
 import numpy as np
 
-from fewshot.decision import LeaveOneOut, ServedDecision, decide, fit_memory
+from fewshot.decision import ServedDecision, decide
+from fewshot.decision.heldout import (
+    PROBE_FOLDS,
+    HeldOut,
+    held_out,
+    method,
+)
 from fewshot.errors import ConfigError
 from fewshot.service.recogniser import DecisionState, Recogniser
 from fewshot.service.store import ConflictError
 
 Embed = Callable[[np.ndarray], np.ndarray]  # uint8 images (N, C, S, S) -> embeddings (N, D)
 Logits = Callable[[np.ndarray], np.ndarray]  # embeddings (N, D) -> served logits (N, K)
-
-
-PROBE_FOLDS = 5  # folds of the k-fold split that measures the probe ("logistic" head)
-
-
-def method(decision: ServedDecision, probe_folds: int = PROBE_FOLDS) -> str:
-    return f"{probe_folds}-fold cross-validation" if decision.uses_probe else "leave-one-out"
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """Answers for held-out examples, (N,) each: `predicted` forced-choice class index (-1: the
-    example was not held out), `accepted` by the open-set rule, `novelty` (nan without a rule)."""
-
-    predicted: np.ndarray
-    accepted: np.ndarray
-    novelty: np.ndarray
-
-    @property
-    def evaluated(self) -> np.ndarray:
-        return self.predicted >= 0
-
-
-# -- held-out answers ------------------------------------------------------------------------------
-def leave_one_out(x: np.ndarray, y: np.ndarray, n_classes: int, decision: ServedDecision) -> HeldOut:
-    """Exact leave-one-out answers of the nearest-prototype head (`LeaveOneOut`). x: (N, D)
-    embeddings, y: (N,) class indices in 0..n_classes-1. Examples of one-example classes are not
-    held out (predicted -1)."""
-    memory = LeaveOneOut.of(x, y, n_classes)
-    a = decide(decision, memory, memory.x)
-    held = memory.held
-    novelty = np.full(len(y), np.nan) if a.novelty is None else a.novelty
-    return HeldOut(np.where(held, a.label, -1), a.known & held, np.where(held, novelty, np.nan))
-
-
-def answers(xs: np.ndarray, ys: np.ndarray, n_classes: int, xq: np.ndarray,
-            decision: ServedDecision) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The served decision over the memory of support (xs (S, D), ys (S,)) answering queries
-    xq (Q, D): answered class (Q,), accepted by the open-set rule (Q,), novelty (Q,)."""
-    a = decide(decision, fit_memory(decision, np.asarray(xs, np.float32), ys, n_classes), xq)
-    return a.label, a.known, np.full(len(xq), np.nan) if a.novelty is None else a.novelty
-
-
-def fold_ids(y: np.ndarray, n_classes: int, folds: int) -> np.ndarray:
-    """(N,) fold of each example: the j-th example of a class goes to fold j % folds, so every class
-    keeps >= 1 example in every fold's support; one-example classes are never held out (-1)."""
-    order = np.argsort(y, kind="stable")
-    counts = np.bincount(y, minlength=n_classes)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.empty(len(y), np.int64)
-    rank[order] = np.arange(len(y)) - starts[y[order]]
-    k = max(2, min(folds, int(counts.max(initial=0))))
-    return np.where(counts[y] >= 2, rank % k, -1)
-
-
-def cross_validate(x: np.ndarray, y: np.ndarray, n_classes: int, decision: ServedDecision,
-                   fold: np.ndarray) -> HeldOut:
-    """Held-out answers with the memory rebuilt for each fold (`fold`: (N,) fold id, -1: never held out)."""
-    predicted = np.full(len(y), -1, np.int64)
-    accepted = np.zeros(len(y), bool)
-    novelty = np.full(len(y), np.nan)
-    for f in np.unique(fold[fold >= 0]):
-        q = fold == f
-        predicted[q], accepted[q], novelty[q] = answers(x[~q], y[~q], n_classes, x[q], decision)
-    return HeldOut(predicted, accepted, novelty)
-
-
-def held_out(x: np.ndarray, y: np.ndarray, n_classes: int, decision: ServedDecision,
-             probe_folds: int = PROBE_FOLDS) -> HeldOut:
-    """Leave-one-out for the prototype head (closed form), k-fold for the probe."""
-    if not decision.uses_probe:
-        return leave_one_out(x, y, n_classes, decision)
-    if probe_folds < 2:
-        raise ConfigError(f"probe_folds {probe_folds} must be >= 2")
-    return cross_validate(x, y, n_classes, decision, fold_ids(y, n_classes, probe_folds))
 
 
 # -- the panel's summary -----------------------------------------------------------------------------

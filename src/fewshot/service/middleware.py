@@ -30,17 +30,30 @@ async def send_error(send: Send, status: int, code: str, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class BodyLimitMiddleware:
+class HttpMiddleware:
+    """An ASGI middleware that handles HTTP requests in `http` and passes everything else
+    (lifespan, websockets) through untouched."""
+
+    app: ASGIApp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.http(scope, receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class BodyLimitMiddleware(HttpMiddleware):
     """Refuse bodies over `max_bytes()`: by Content-Length before reading anything, else by counting
     while the body streams in (chunked uploads), so a 100 MB request never sits in memory."""
 
     def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
         self.app, self.max_bytes = app, max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.max_bytes()
         headers = dict(scope.get("headers", []))
         declared = headers.get(b"content-length")
@@ -76,17 +89,14 @@ SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options"
                     (b"referrer-policy", b"no-referrer"))
 
 
-class SecurityHeadersMiddleware:
+class SecurityHeadersMiddleware(HttpMiddleware):
     """nosniff, no framing and no referrer on every response; the page's Content-Security-Policy on
     every response but `csp_exempt` paths (/docs and /redoc, when on, load Swagger UI from a CDN)."""
 
     def __init__(self, app: ASGIApp, csp_exempt: tuple[str, ...] = ()) -> None:
         self.app, self.csp_exempt = app, csp_exempt
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         extra = list(SECURITY_HEADERS)
         if not scope["path"].startswith(self.csp_exempt) or not self.csp_exempt:
             extra.append((b"content-security-policy", PAGE_CSP.encode()))
@@ -114,16 +124,13 @@ class Metrics:
                               registry=self.registry)
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(HttpMiddleware):
     """Counts and times every request by route template; adds `Server-Timing: app;dur=<ms>`."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
         status = 500
 

@@ -110,6 +110,8 @@ class Recogniser:
             d = {**cur.to_dict(), **given}
             if clear_threshold or (d["metric"] != cur.metric and "threshold" not in given):
                 d["threshold"] = None
+            if d["metric"] != cur.metric or d["head"] != cur.head:
+                d["adapted"] = None  # the measurement that chose the head no longer describes it
             return WorkspaceSettings.from_dict(d).to_dict()
 
         return self.store.merge_workspace_settings(workspace_id, merge)

@@ -15,11 +15,14 @@ from fewshot.service.heads import SERVICE_HEADS, ServiceHead, head_of, service_h
 
 @dataclass(frozen=True)
 class WorkspaceSettings:
-    """Per-workspace decision rule; `threshold` overrides the bundle's calibrated one."""
+    """Per-workspace decision rule; `threshold` overrides the bundle's calibrated one; `adapted`:
+    the report of the last measurement that chose the head (`fewshot.service.adapt`; written by
+    the service only, cleared when the head or metric is changed by hand)."""
 
     metric: Metric = "euclidean"
     head: ServiceHead = "prototype"
     threshold: float | None = None
+    adapted: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -36,10 +39,15 @@ class WorkspaceSettings:
         return bundle.served(self.metric, head_of(self.head), t)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], defaults: WorkspaceSettings | None = None) -> WorkspaceSettings:
-        unknown = set(d) - {"metric", "head", "threshold"}
+    def from_dict(cls, d: dict[str, Any], defaults: WorkspaceSettings | None = None, *,
+                  given_by_user: bool = False) -> WorkspaceSettings:
+        """Settings as stored, or (`given_by_user`) as a request gives them, without `adapted`."""
+        unknown = set(d) - {"metric", "head", "threshold"} - (set() if given_by_user else {"adapted"})
         if unknown:
             raise RequestError(f"unknown workspace settings {sorted(unknown)}; valid: metric, head, threshold")
+        adapted = d.get("adapted")
+        if adapted is not None and not isinstance(adapted, dict):
+            raise RequestError(f"stored setting 'adapted' must be a report object; got {type(adapted).__name__}")
         base = defaults or cls()
         metric, head = d.get("metric", base.metric), d.get("head", base.head)
         if metric not in METRICS:
@@ -47,7 +55,7 @@ class WorkspaceSettings:
         if head not in SERVICE_HEADS:
             raise RequestError(f"head {head!r} is not supported; use 'prototype' or 'logistic'")
         t = d.get("threshold")
-        return cls(metric=metric, head=head, threshold=None if t is None else check_threshold(t))
+        return cls(metric=metric, head=head, threshold=None if t is None else check_threshold(t), adapted=adapted)
 
 
 def check_threshold(t: object) -> float:

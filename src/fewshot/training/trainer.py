@@ -47,6 +47,8 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
     if isinstance(batch, tuple):
         x, y = batch
         return [(x[a:b], y[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    if not isinstance(batch, list):  # an Episode has size 1 and returned above
+        raise TypeError(f"cannot split a {type(batch).__name__} batch")
     return [batch[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 

@@ -21,7 +21,8 @@ from fewshot.artifacts.photos import (
     teach_and_query_photos,
 )
 from fewshot.artifacts.zoo import get_entry
-from fewshot.config import RunConfig, TeacherConfig, load_config
+from fewshot.config import RunConfig, load_config
+from fewshot.config.sections import TeacherConfig
 from fewshot.distill import distill
 from fewshot.distill.report import load_report, report_dir
 from fewshot.errors import ConfigError

@@ -148,3 +148,26 @@ def workspace_out(rec: WorkspaceRecord, model: ServedModel, api_key: str | None 
     return WorkspaceOut(id=rec.id, name=rec.name, settings=rec.settings, version=rec.version, model=model.name,
                         api_key=api_key, threshold_why=why)
 
+
+class HeadScoreOut(BaseModel):
+    head: str
+    evaluated: int = Field(description="held-out examples (classes with 2 or more examples)")
+    correct: int = Field(description="answered with their class (forced choice)")
+    right: int = Field(description="answered with their class and accepted (not 'unknown'): what is served")
+    accuracy: float | None
+
+
+class AdaptOut(BaseModel):
+    head: str = Field(description="the head the workspace serves now")
+    previous: str
+    changed: bool
+    chosen: str | None = Field(description="the head the measurement chose; null: too few examples to compare")
+    why: str
+    folds: int
+    scores: list[HeadScoreOut]
+    classes: int
+    examples: int
+    measured_version: int
+    measured_unix: float
+    workspace: WorkspaceOut
+

@@ -27,34 +27,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from fewshot.io import redact_url
+from fewshot.service.store import records
 from fewshot.service.store.backend import scrub_secrets
 from fewshot.service.store.operations import Store
 from fewshot.service.store.postgres import PostgresStore
-from fewshot.service.store.records import (
-    RETRY_AFTER_S,
-    ClassRecord,
-    ConflictError,
-    ExampleSet,
-    InvalidInput,
-    ModelIdentity,
-    ModelMismatchError,
-    NewExample,
-    NotFoundError,
-    StoreError,
-    StoreUnavailable,
-    WorkspaceChanges,
-    WorkspaceRecord,
-    is_id,
-    new_id,
-)
+from fewshot.service.store.records import *  # noqa: F403  (the records' names, listed in records.__all__)
 from fewshot.service.store.schema import SCHEMA_VERSION
 from fewshot.service.store.sqlite import SQLiteStore
 
 __all__ = [
-    "RETRY_AFTER_S", "SCHEMA_VERSION", "ClassRecord", "ConflictError", "ExampleSet", "InvalidInput",
-    "ModelIdentity", "ModelMismatchError", "NewExample", "NotFoundError", "PostgresStore", "SQLiteStore",
-    "Store", "StoreError", "StoreUnavailable", "WorkspaceChanges", "WorkspaceRecord", "is_id", "new_id",
-    "open_store", "scrub_secrets",
+    *records.__all__, "SCHEMA_VERSION", "PostgresStore", "SQLiteStore", "Store", "open_store", "scrub_secrets",
 ]
 
 
@@ -67,5 +49,5 @@ def open_store(url: str | Path, *, notifications: bool = False) -> Store:
     if s.startswith("sqlite:///"):
         return SQLiteStore(s[len("sqlite:///"):])
     if "://" in s:
-        raise StoreError(f"store URL {redact_url(s)!r} is not supported; use sqlite:///path/to.db or postgresql://...")
+        raise records.StoreError(f"store URL {redact_url(s)!r} is not supported; use sqlite:///path/to.db or postgresql://...")
     return SQLiteStore(s)

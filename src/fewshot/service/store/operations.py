@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -100,21 +101,20 @@ class Store(StoreBackend):
         row = self._exec(c, f"{self._WS_SELECT} WHERE {where} = ?", (value,)).fetchone()
         return None if row is None else WorkspaceRecord(row[0], row[1], row[2], json.loads(row[3]), int(row[4]), row[5] or "")
 
-    @_guarded
-    def get_workspace(self, workspace_id: str) -> WorkspaceRecord | None:
+    def _read_workspace(self, where: str, value: str) -> WorkspaceRecord | None:
         with self._read() as c:
-            ws = self._ws_row(c, "id", workspace_id)
+            ws = self._ws_row(c, where, value)
         if ws is not None:
             self._observe(ws.id, ws.version)
         return ws
 
     @_guarded
+    def get_workspace(self, workspace_id: str) -> WorkspaceRecord | None:
+        return self._read_workspace("id", workspace_id)
+
+    @_guarded
     def workspace_by_key_hash(self, key_hash: str) -> WorkspaceRecord | None:
-        with self._read() as c:
-            ws = self._ws_row(c, "key_hash", key_hash)
-        if ws is not None:
-            self._observe(ws.id, ws.version)
-        return ws
+        return self._read_workspace("key_hash", key_hash)
 
     @_guarded
     def list_workspaces(self) -> list[WorkspaceRecord]:
@@ -153,12 +153,16 @@ class Store(StoreBackend):
         return ws
 
     @_guarded
-    def merge_workspace_settings(self, workspace_id: str,
-                                 merge: Callable[[dict[str, Any]], dict[str, Any]]) -> WorkspaceRecord:
+    def merge_workspace_settings(self, workspace_id: str, merge: Callable[[dict[str, Any]], dict[str, Any]], *,
+                                 if_version: int | None = None) -> WorkspaceRecord:
         """Read-modify-write of a workspace's settings in one transaction (the version bump locks
-        the row first), so concurrent partial updates never overwrite each other."""
+        the row first), so concurrent partial updates never overwrite each other. `if_version`:
+        apply only if the workspace is still at that version, else ConflictError and no change."""
         with self._tx() as c:
-            self._bump(c, workspace_id)
+            v = self._bump(c, workspace_id)
+            if if_version is not None and v != if_version + 1:
+                raise ConflictError(f"workspace {workspace_id!r} changed (version {if_version} -> {v - 1}) while "
+                                    "this change was prepared; nothing was changed: try again")
             row = self._exec(c, "SELECT settings FROM workspaces WHERE id = ?", (workspace_id,)).fetchone()
             self._exec(c, "UPDATE workspaces SET settings = ? WHERE id = ?",
                        (json.dumps(merge(json.loads(row[0]))), workspace_id))
@@ -189,22 +193,26 @@ class Store(StoreBackend):
             raise StoreError("a class needs at least one image; upload 1 or more")
         return ids
 
+    @contextmanager
+    def _unique_label(self, workspace_id: str, label: str, fix: str) -> Iterator[None]:
+        """Turn the database's unique-label violation inside the block into a ConflictError."""
+        try:
+            yield
+        except Exception as exc:
+            if self._is_unique_violation(exc):
+                raise ConflictError(f"class label {label!r} already exists in workspace {workspace_id!r}; {fix}") from exc
+            raise
+
     @_guarded
     def add_class(self, workspace_id: str, label: str, examples: Iterable[NewExample]) -> tuple[ClassRecord, list[str]]:
         """Create a class with its examples in one transaction; returns it and the example ids."""
         examples = list(examples)  # a retry after a dropped connection needs them again
         cid = new_id("cls")
-        try:
-            with self._tx() as c:
-                v = self._bump(c, workspace_id)
-                self._exec(c, "INSERT INTO classes (id, workspace_id, label, version, created_unix) "
-                           "VALUES (?, ?, ?, ?, ?)", (cid, workspace_id, label, v, time.time()))
-                ids = self._insert_examples(c, workspace_id, cid, examples)
-        except Exception as exc:
-            if self._is_unique_violation(exc):
-                raise ConflictError(f"class label {label!r} already exists in workspace {workspace_id!r}; "
-                                    "add images to it or choose another label") from exc
-            raise
+        with self._unique_label(workspace_id, label, "add images to it or choose another label"), self._tx() as c:
+            v = self._bump(c, workspace_id)
+            self._exec(c, "INSERT INTO classes (id, workspace_id, label, version, created_unix) "
+                       "VALUES (?, ?, ?, ?, ?)", (cid, workspace_id, label, v, time.time()))
+            ids = self._insert_examples(c, workspace_id, cid, examples)
         self._observe(workspace_id, v)
         return ClassRecord(cid, label, v, len(ids)), ids
 
@@ -234,17 +242,11 @@ class Store(StoreBackend):
 
     @_guarded
     def rename_class(self, workspace_id: str, class_id: str, label: str) -> ClassRecord:
-        try:
-            with self._tx() as c:
-                v = self._bump(c, workspace_id)
-                self._require_class(c, workspace_id, class_id)
-                self._exec(c, "UPDATE classes SET label = ?, version = ? WHERE id = ?", (label, v, class_id))
-                rec = self._class_row(c, workspace_id, class_id)
-        except Exception as exc:
-            if self._is_unique_violation(exc):
-                raise ConflictError(f"class label {label!r} already exists in workspace {workspace_id!r}; "
-                                    "choose another label") from exc
-            raise
+        with self._unique_label(workspace_id, label, "choose another label"), self._tx() as c:
+            v = self._bump(c, workspace_id)
+            self._require_class(c, workspace_id, class_id)
+            self._exec(c, "UPDATE classes SET label = ?, version = ? WHERE id = ?", (label, v, class_id))
+            rec = self._class_row(c, workspace_id, class_id)
         self._observe(workspace_id, v)
         return rec
 

@@ -12,6 +12,12 @@ import numpy as np
 
 from fewshot.errors import FewshotError
 
+__all__ = [
+    "RETRY_AFTER_S", "ClassRecord", "ConflictError", "ExampleSet", "InvalidInput", "ModelIdentity",
+    "ModelMismatchError", "NewExample", "NotFoundError", "StoreError", "StoreUnavailable",
+    "WorkspaceChanges", "WorkspaceRecord", "is_id", "new_id",
+]
+
 RETRY_AFTER_S = 2  # what a 503 tells clients while the store is down
 
 

@@ -1,4 +1,5 @@
-"""Insight routes: what the model knows of the taught classes, and occlusion maps of one answer."""
+"""Insight routes: what the model knows of the taught classes, occlusion maps of one answer, and the
+"Train" step that chooses the workspace's head by what it knows."""
 
 from __future__ import annotations
 
@@ -6,11 +7,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
+from fewshot.service.adapt import adapt_workspace
 from fewshot.service.embedding import ServiceBusy, one_request
 from fewshot.service.forms import ServiceRoute
 from fewshot.service.http.auth import ModelDep, WorkspaceDep
 from fewshot.service.http.deps import SettingsDep
-from fewshot.service.http.schemas import OcclusionPredictionOut, prediction_out
+from fewshot.service.http.schemas import (
+    AdaptOut,
+    OcclusionPredictionOut,
+    prediction_out,
+    workspace_out,
+)
 from fewshot.service.http.uploads import decode_all
 from fewshot.service.insight import MAX_CELLS, MIN_CELLS, recogniser_insight, recogniser_occlusion
 from fewshot.service.insight_api import InsightOut, insight_out, occlusion_out
@@ -25,6 +32,19 @@ def insight(request: Request, ws: WorkspaceDep, model: ModelDep) -> InsightOut:
     pairs with a hint. Recomputed only when the workspace's version or rule changes."""
     with request.app.state.insight_turn.turn():  # one computation at a time (fewshot.service.costs)
         return insight_out(recogniser_insight(model.recogniser, ws, request.app.state.insight_cache))
+
+
+@router.post("/workspaces/{ws}/adapt", tags=["inference"])
+def adapt(request: Request, ws: WorkspaceDep, model: ModelDep) -> AdaptOut:
+    """Train the workspace on its own examples: measure the nearest-prototype and the logistic head on
+    held-out stored examples (5-fold cross-validation, answers of "unknown" count as wrong) and serve
+    the logistic head only when it answers more of them right. Atomic: a change to the workspace
+    while it is measured gives 409 and changes nothing. Needs 10 held-out examples (classes with 2 or
+    more images) to compare; with fewer the head stays and `chosen` is null."""
+    with request.app.state.insight_turn.turn():  # one computation at a time (fewshot.service.costs)
+        report, rec = adapt_workspace(model.recogniser, ws)
+    out = workspace_out(rec, model, why=model.recogniser.threshold_why(ws, current=rec))
+    return AdaptOut(**report, workspace=out)
 
 
 @router.post("/workspaces/{ws}/occlusion", tags=["inference"])

@@ -25,7 +25,8 @@ def create_workspace(body: WorkspaceIn, state: StateDep) -> WorkspaceOut:
     except UnknownModelError as exc:
         raise ApiError(400, "unknown_model", str(exc)) from exc
     rec = model.recogniser
-    ws, key = rec.create_workspace(body.name, WorkspaceSettings.from_dict(body.settings, rec.defaults))
+    settings = WorkspaceSettings.from_dict(body.settings, rec.defaults, given_by_user=True)
+    ws, key = rec.create_workspace(body.name, settings)
     return workspace_out(ws, model, key)
 
 

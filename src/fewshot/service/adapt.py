@@ -40,7 +40,8 @@ def adapt_workspace(recogniser: Recogniser, workspace_id: str, *, max_classes: i
     record = recogniser.workspace(workspace_id)
     settings = WorkspaceSettings.from_dict(record.settings)
     p = recogniser.decision_state(workspace_id, current=record).protos
-    check_insight_size(int(p.counts.sum()), len(p.class_ids), max_classes=max_classes, max_scores=max_scores)
+    check_insight_size(int(p.counts.sum()), len(p.class_ids), max_classes=max_classes, max_scores=max_scores,
+                       what="training on the workspace's examples")
     if p.version != record.version:
         raise ConflictError(f"workspace {workspace_id!r} changed while it was read (version {record.version} -> "
                             f"{p.version}); nothing was changed: try again")

@@ -263,10 +263,10 @@ MAX_INSIGHT_SCORES = 10_000_000  # held-out answers score every stored example a
 
 
 def check_insight_size(n_examples: int, n_classes: int, *, max_classes: int = MAX_INSIGHT_CLASSES,
-                       max_scores: int = MAX_INSIGHT_SCORES) -> None:
-    """Refuse (409) a workspace whose insight would take memory quadratic in its size."""
+                       max_scores: int = MAX_INSIGHT_SCORES, what: str = "insight") -> None:
+    """Refuse (409) a workspace whose insight (or `what`) would take memory quadratic in its size."""
     if n_classes > max_classes or n_examples * n_classes > max_scores:
-        raise ConflictError(f"insight is limited to {max_classes} classes and {max_scores:,} example x class scores; "
+        raise ConflictError(f"{what} is limited to {max_classes} classes and {max_scores:,} example x class scores; "
                             f"this workspace has {n_classes} classes and {n_examples} examples "
                             f"({n_examples * n_classes:,} scores): split it into smaller workspaces")
 

@@ -2,7 +2,7 @@
 // class, confusion matrix, most confused pairs) and which parts of a classified image moved the
 // answer (POST /occlusion). Loaded after app.js and uses its helpers ($, api, wsPath, showError,
 // workspace); app.js announces changes with the events "fewshot:classes-changed" and
-// "fewshot:classified".
+// "fewshot:classified", threshold.js (a threshold set, the Train step) with "fewshot:workspace-changed".
 "use strict";
 
 (() => {
@@ -123,6 +123,8 @@
   }
 
   document.addEventListener("fewshot:classes-changed", () => { refreshInsight().catch(showError); });
+  // threshold.js: the threshold or the served head changed, and with it the held-out answers.
+  document.addEventListener("fewshot:workspace-changed", () => { refreshInsight().catch(showError); });
   document.addEventListener("fewshot:classified", (e) => { showOcclusion(e.detail.file).catch(showError); });
   // app.js runs first and may already have opened a stored workspace (a page reload) and announced
   // it before these listeners existed: draw the panel for the state as it is now.

@@ -31,9 +31,11 @@ from fewshot.training.loop import build_learner, train
 HERE = Path(__file__).parent
 
 
-def torchrun(*args: str, cwd: Path | None = None, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def torchrun(*args: str, cwd: Path | None = None, nproc: int = 2, timeout: float = 600,
+             monitor_interval: float | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    launcher = [] if monitor_interval is None else [f"--monitor-interval={monitor_interval}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *launcher, *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -91,8 +93,10 @@ def test_a_run_resumes_with_a_different_number_of_processes(ddp_runs: Path) -> N
 @pytest.mark.slow
 def test_a_dead_rank_stops_the_others_with_the_checkpoint_intact(tmp_path: Path) -> None:
     cache = synthetic_cache(tmp_path)
+    # torchrun's agent SIGTERMs the surviving rank as soon as its monitor sees the dead one (every 0.1 s by
+    # default), which can come before rank 0's own message; 5 s lets the message through on a busy machine
     proc = torchrun(str(HERE / "ddp_worker.py"), str(tmp_path / "out"), str(cache.path), str(tmp_path), "die@3",
-                    cwd=HERE)
+                    cwd=HERE, monitor_interval=5)
     assert proc.returncode != 0
     log = proc.stdout + proc.stderr
     assert "rank 0 of 2 lost the other processes at step 4" in log, log[-4000:]

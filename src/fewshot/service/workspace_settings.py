@@ -25,7 +25,11 @@ class WorkspaceSettings:
     adapted: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As stored and returned by the API; `adapted` only once a measurement wrote one."""
+        d = asdict(self)
+        if d["adapted"] is None:
+            del d["adapted"]
+        return d
 
     @classmethod
     def from_rule(cls, rule: DecisionRule) -> WorkspaceSettings:

@@ -150,3 +150,8 @@ def test_gradient_learners_need_episodic_batch_norm():
 def step_with(learner, batch, opt):  # type: ignore[no-untyped-def]
     """One optimiser step by the one trainer."""
     return Trainer(learner, opt).step(batch)
+
+
+def test_a_learner_config_without_a_name_is_refused_naming_the_fix(small_conv4) -> None:
+    with pytest.raises(ConfigError, match="needs a 'name' string"):
+        learner_from_config({"metric": "cosine"}, small_conv4())

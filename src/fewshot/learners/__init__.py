@@ -10,7 +10,7 @@ The registry is an explicit dict; nothing registers itself on import.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
 
 from fewshot.backbones.base import Backbone
 from fewshot.errors import ConfigError
@@ -35,15 +35,18 @@ def learner_class(name: str) -> type[FewShotLearner]:
     return _REGISTRY[name]
 
 
-def create_learner(name: str, backbone: Backbone, **kwargs: Any) -> FewShotLearner:
+def create_learner(name: str, backbone: Backbone, **kwargs: object) -> FewShotLearner:
     """Build a learner by name around `backbone`. Unknown names and arguments raise ConfigError."""
     return learner_class(name)(backbone, **kwargs)
 
 
-def learner_from_config(config: dict[str, Any], backbone: Backbone) -> FewShotLearner:
+def learner_from_config(config: Mapping[str, object], backbone: Backbone) -> FewShotLearner:
     """Rebuild a learner from its `config` dict (as stored in manifests) around `backbone`."""
     cfg = dict(config)
-    return create_learner(cfg.pop("name"), backbone, **cfg)
+    name = cfg.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"learner config {config!r} needs a 'name' string; produce it with FewShotLearner.config")
+    return create_learner(name, backbone, **cfg)
 
 
 __all__ = [

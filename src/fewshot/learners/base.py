@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -90,7 +90,7 @@ class FewShotLearner(nn.Module):
     data_kind: ClassVar[str] = "episodes"  # or "batches"
     Config: ClassVar[type] = object
 
-    def __init__(self, backbone: Backbone, **kwargs: Any) -> None:
+    def __init__(self, backbone: Backbone, **kwargs: object) -> None:
         super().__init__()
         self.backbone: Backbone = backbone
         try:
@@ -104,7 +104,7 @@ class FewShotLearner(nn.Module):
 
     # ---- description -------------------------------------------------------------------------
     @property
-    def config(self) -> dict[str, Any]:
+    def config(self) -> dict[str, object]:
         """`{"name": ..., **hyperparameters}`; pass to `learner_from_config` with the backbone."""
         return {"name": self.name, **dataclasses.asdict(self.cfg)}
 

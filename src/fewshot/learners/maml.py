@@ -22,7 +22,7 @@ Classic MAML normalised queries with their own batch statistics, which is transd
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +103,7 @@ class GradientLearner(FewShotLearner):
 
     cfg: InnerLoopConfig  # MAMLConfig | ReptileConfig
 
-    def __init__(self, backbone: Backbone, **kwargs: Any) -> None:
+    def __init__(self, backbone: Backbone, **kwargs: object) -> None:
         super().__init__(backbone, **kwargs)
         self.embedding_dim = embedding_dim_of(backbone)
         episodic_norms(backbone)  # raises early if the backbone uses plain batch norm

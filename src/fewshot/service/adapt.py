@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from itertools import compress
 from typing import Any
-
-import numpy as np
 
 from fewshot.decision.heldout import choose_head
 from fewshot.service.heads import SERVICE_HEADS, service_head
-from fewshot.service.insight import check_insight_size
+from fewshot.service.insight import check_insight_size, stored_embeddings
 from fewshot.service.recogniser import Recogniser
 from fewshot.service.store import ConflictError, WorkspaceRecord
 from fewshot.service.workspace_settings import WorkspaceSettings
@@ -45,17 +42,15 @@ def adapt_workspace(recogniser: Recogniser, workspace_id: str, *, max_classes: i
     if p.version != record.version:
         raise ConflictError(f"workspace {workspace_id!r} changed while it was read (version {record.version} -> "
                             f"{p.version}); nothing was changed: try again")
-    ex = recogniser.stored_examples(workspace_id)
-    keep = np.fromiter((c in p.index for c in ex.class_ids), bool, len(ex.class_ids))
-    y = np.fromiter((p.index[c] for c in compress(ex.class_ids, keep)), np.int64, int(keep.sum()))
+    x, y = stored_embeddings(recogniser, workspace_id, p)
     candidates = [replace(settings, head=h).served(recogniser.decision) for h in SERVICE_HEADS]
-    choice = choose_head(candidates, ex.embeddings[keep], y, len(p.class_ids))
+    choice = choose_head(candidates, x, y, len(p.class_ids))
     head = settings.head if choice.chosen is None else service_head(choice.chosen)
     report = {"scores": [{**sc.to_dict(), "head": service_head(sc.head)} for sc in choice.scores],
               "folds": choice.folds, "why": choice.why(service_head),
               "chosen": None if choice.chosen is None else head, "previous": settings.head, "head": head,
               "changed": head != settings.head, "measured_version": record.version, "classes": len(p.class_ids),
-              "examples": int(keep.sum()), "measured_unix": round(time.time(), 3)}
+              "examples": len(y), "measured_unix": round(time.time(), 3)}
 
     def switch(current: dict[str, Any]) -> dict[str, Any]:
         return {**WorkspaceSettings.from_dict(current).to_dict(), "head": head, "adapted": report}

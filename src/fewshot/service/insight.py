@@ -37,6 +37,7 @@ from fewshot.decision.heldout import (
     method,
 )
 from fewshot.errors import ConfigError
+from fewshot.service.memory import Prototypes
 from fewshot.service.recogniser import DecisionState, Recogniser
 from fewshot.service.store import ConflictError
 
@@ -280,12 +281,19 @@ def recogniser_insight(recogniser: Recogniser, workspace_id: str, cache: Insight
     check_insight_size(int(p.counts.sum()), len(p.class_ids), max_classes=max_classes, max_scores=max_scores)
 
     def compute() -> Insight:
-        ex = recogniser.stored_examples(workspace_id)
-        keep = np.fromiter((c in p.index for c in ex.class_ids), bool, len(ex.class_ids))  # this version's classes
-        y = np.fromiter((p.index[c] for c in compress(ex.class_ids, keep)), np.int64, int(keep.sum()))
-        return workspace_insight(p.version, p.class_ids, p.labels, ex.embeddings[keep], y, decision)
+        x, y = stored_embeddings(recogniser, workspace_id, p)
+        return workspace_insight(p.version, p.class_ids, p.labels, x, y, decision)
 
     return cache.get(workspace_id, (p.version, decision), compute)
+
+
+def stored_embeddings(recogniser: Recogniser, workspace_id: str, p: Prototypes) -> tuple[np.ndarray, np.ndarray]:
+    """The workspace's stored embeddings (N, D) of the classes of `p` and their class indices (N,)
+    in `p`'s order (an example of a class deleted since `p` is left out)."""
+    ex = recogniser.stored_examples(workspace_id)
+    keep = np.fromiter((c in p.index for c in ex.class_ids), bool, len(ex.class_ids))
+    y = np.fromiter((p.index[c] for c in compress(ex.class_ids, keep)), np.int64, int(keep.sum()))
+    return ex.embeddings[keep], y
 
 
 def recogniser_occlusion(recogniser: Recogniser, workspace_id: str, image: np.ndarray, class_id: str,

@@ -330,21 +330,28 @@ async def _echo_app(scope: dict, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": str(size).encode()})
 
 
-@pytest.fixture
-def slow_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, int]]:
+def _deadline_protocols() -> list[Any]:
+    from fewshot.service.protocol import DeadlineH11Protocol, DeadlineHttpToolsProtocol
+
+    return [pytest.param(DeadlineH11Protocol, id="h11"), pytest.param(DeadlineHttpToolsProtocol, id="httptools")]
+
+
+@pytest.fixture(params=_deadline_protocols())
+def slow_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, int]]:
     import socket
     import threading
     import time
 
     import uvicorn
 
-    from fewshot.service.protocol import DeadlineH11Protocol
+    from fewshot.service.protocol import ReadDeadline
 
-    monkeypatch.setattr(DeadlineH11Protocol, "read_timeout_s", 1.0)
+    protocol = request.param
+    monkeypatch.setattr(ReadDeadline, "read_timeout_s", 1.0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(_echo_app, host="127.0.0.1", port=port, http=DeadlineH11Protocol,
+    server = uvicorn.Server(uvicorn.Config(_echo_app, host="127.0.0.1", port=port, http=protocol,
                                            log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -408,15 +415,15 @@ def test_serve_runs_uvicorn_with_the_read_deadline(tiny_bundle: Path, tmp_path: 
     import uvicorn
 
     from fewshot.service.app import serve
-    from fewshot.service.protocol import DeadlineH11Protocol
+    from fewshot.service.protocol import DeadlineHttpToolsProtocol, ReadDeadline
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: seen.update(k))
-    monkeypatch.setattr(DeadlineH11Protocol, "read_timeout_s", DeadlineH11Protocol.read_timeout_s)
+    monkeypatch.setattr(ReadDeadline, "read_timeout_s", ReadDeadline.read_timeout_s)
     monkeypatch.setenv("FEWSHOT_REQUEST_READ_TIMEOUT_S", "7")
     monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
     serve(str(tiny_bundle), str(tmp_path / "s.db"))
-    assert seen["http"] is DeadlineH11Protocol and DeadlineH11Protocol.read_timeout_s == 7.0
+    assert seen["http"] is DeadlineHttpToolsProtocol and seen["http"].read_timeout_s == 7.0
 
 
 # -- 1: embedding in chunks, a bounded number at once, memory given back ---------------------------------

@@ -22,10 +22,6 @@ import torch
 from fewshot.decision.rule import Metric, Probe, prototype_scores
 
 
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-
 @dataclass(frozen=True)
 class ClassMemory:
     """sums (K, D) float64, sq_sums (K,) float64, counts (K,) int64; `probe` fitted on the examples
@@ -80,7 +76,7 @@ class ClassMemory:
 
     def scores(self, q: np.ndarray, metric: Metric) -> np.ndarray:
         """Queries (N, D) -> (N, K) float32: squared distances or cosine similarities to the prototypes."""
-        return prototype_scores(_t(q), _t(self.means), metric, _t(self.sq_norms)).numpy()
+        return prototype_scores(np.asarray(q, np.float32), self.means, metric, self.sq_norms)
 
     def judged(self, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N,) class indices -> (counts (N,) float64 >= 1, spreads (N,) float64) of those classes,

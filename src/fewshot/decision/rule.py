@@ -8,15 +8,17 @@
   mean cross-entropy + ||W||^2 / (2 C n) (sklearn's, divided by n), bias unpenalised, full-batch
   L-BFGS from zero weights in fp32: deterministic for a given input.
 
-Everything here is torch in, torch out, fp32; `numpy` callers wrap with `torch.from_numpy`
-(zero copy). No autocast: the rules run in fp32 whatever the backbone's precision.
+Everything here is torch in, torch out, fp32 (`prototype_scores` also takes numpy arrays, for the
+service's per-request path; other `numpy` callers wrap with `torch.from_numpy`, zero copy). No
+autocast: the rules run in fp32 whatever the backbone's precision.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,6 +29,9 @@ Metric = Literal["euclidean", "cosine"]
 METRICS: tuple[Metric, ...] = ("euclidean", "cosine")
 Rule = Literal["prototype", "probe"]
 RULES: tuple[Rule, ...] = ("prototype", "probe")
+# numpy problems up to this many multiply-adds are scored in numpy: below OpenBLAS's thresholds for
+# starting threads (gemv 9,216; gemm 262,144), so numpy stays on the caller's thread
+SMALL_SCORES = 8192
 
 
 def check_metric(metric: str) -> Metric:
@@ -42,15 +47,50 @@ def prototypes(z: Tensor, y: Tensor, n_way: int) -> Tensor:
     return sums / counts[:, None]
 
 
-def prototype_scores(q: Tensor, protos: Tensor, metric: Metric, proto_sq: Tensor | None = None) -> Tensor:
+@overload
+def prototype_scores(q: Tensor, protos: Tensor, metric: Metric, proto_sq: Tensor | None = None) -> Tensor: ...
+@overload
+def prototype_scores(q: np.ndarray, protos: np.ndarray, metric: Metric,
+                     proto_sq: np.ndarray | None = None) -> np.ndarray: ...
+def prototype_scores(q: Tensor | np.ndarray, protos: Tensor | np.ndarray, metric: Metric,
+                     proto_sq: Tensor | np.ndarray | None = None) -> Tensor | np.ndarray:
     """(N, D) queries vs (K, D) prototypes -> (N, K) fp32: squared distances for "euclidean" (lower
     is closer), cosine similarities for "cosine" (higher is closer). One matrix product (faster than
-    cdist and its backward); `proto_sq` (K,) may pass precomputed squared norms."""
+    cdist and its backward); `proto_sq` (K,) may pass precomputed squared norms.
+
+    Tensors in, a tensor out (training: differentiable); numpy arrays in, an array out (the
+    service). A small numpy problem (at most `SMALL_SCORES` multiply-adds: one query against a
+    typical workspace) is computed in numpy, where a few torch calls cost several times as much; a
+    larger one in torch, whose thread count the service pins, where numpy's BLAS would start its
+    own threads. Cosine divides by max(norm, 1e-12) in both, as `F.normalize` does."""
+    if isinstance(q, np.ndarray) and isinstance(protos, np.ndarray):
+        sq_np = None if proto_sq is None else np.asarray(proto_sq)
+        if q.shape[0] * protos.shape[0] * protos.shape[-1] <= SMALL_SCORES:
+            return _scores_np(q, protos, metric, sq_np)
+        sq_t = None if sq_np is None else _f32(sq_np)
+        return prototype_scores(_f32(q), _f32(protos), metric, sq_t).numpy()
+    if isinstance(q, np.ndarray) or isinstance(protos, np.ndarray) or isinstance(proto_sq, np.ndarray):
+        raise TypeError("prototype_scores takes all tensors or all numpy arrays, not a mix")
     q, protos = q.float(), protos.float()
     if metric == "cosine":
         return F.normalize(q, dim=-1) @ F.normalize(protos, dim=-1).T
     sq = protos.pow(2).sum(-1) if proto_sq is None else proto_sq.float()
     return (q.pow(2).sum(-1, keepdim=True) - 2.0 * q @ protos.T + sq[None, :]).clamp_min(0.0)
+
+
+def _f32(a: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def _scores_np(q: np.ndarray, protos: np.ndarray, metric: Metric, proto_sq: np.ndarray | None) -> np.ndarray:
+    # float64 arithmetic, float32 out: the same answer whatever the BLAS kernel's summation order
+    q64, p64 = np.asarray(q, np.float64), np.asarray(protos, np.float64)
+    if metric == "cosine":
+        qn = q64 / np.maximum(np.sqrt((q64 * q64).sum(-1, keepdims=True)), 1e-12)
+        pn = p64 / np.maximum(np.sqrt((p64 * p64).sum(-1, keepdims=True)), 1e-12)
+        return (qn @ pn.T).astype(np.float32)
+    sq = (p64 * p64).sum(-1) if proto_sq is None else np.asarray(proto_sq, np.float64)
+    return np.maximum((q64 * q64).sum(-1, keepdims=True) - 2.0 * (q64 @ p64.T) + sq[None, :], 0.0).astype(np.float32)
 
 
 def scores_to_logits(scores: Tensor, metric: Metric, cosine_scale: float | Tensor = 10.0) -> Tensor:

@@ -20,11 +20,17 @@ import numpy as np
 from fewshot.artifacts.calibration import Calibration
 from fewshot.artifacts.domain import DomainSummary, image_statistics
 from fewshot.artifacts.embedders import Embedder
-from fewshot.decision import BundleDecision, ClassMemory, ServedDecision, decide, fit_memory
+from fewshot.decision import (
+    BundleDecision,
+    ClassMemory,
+    ServedDecision,
+    decide,
+    fit_memory,
+    prototype_scores,
+)
 from fewshot.service.answers import Explanation, Neighbour, Prediction, prediction_of
 from fewshot.service.auth import hash_key, new_api_key
 from fewshot.service.errors import RequestError, Unprocessable
-from fewshot.service.heads import prototype_scores
 from fewshot.service.images import array_thumbnail
 from fewshot.service.labels import UNKNOWN, check_label, normalise_text
 from fewshot.service.memory import Change, DecisionState, Memories, Prototypes, Row, WorkspaceMemory

@@ -15,7 +15,7 @@ import uvicorn
 from fewshot.errors import ConfigError
 from fewshot.service.http.app import create_app
 from fewshot.service.middleware import RedactQueryFilter
-from fewshot.service.protocol import DeadlineH11Protocol
+from fewshot.service.protocol import ReadDeadline, serving_protocol
 from fewshot.service.settings import ServiceSettings
 
 log = logging.getLogger("fewshot.service")
@@ -55,10 +55,10 @@ def serve(bundles: str | Path | Sequence[str | Path], db_url: str, host: str = "
     if settings.request_read_timeout_s <= 0:
         raise ConfigError(f"FEWSHOT_REQUEST_READ_TIMEOUT_S={settings.request_read_timeout_s} must be > 0 seconds")
     # slow clients: each request must arrive within request_read_timeout_s (fewshot.service.protocol)
-    DeadlineH11Protocol.read_timeout_s = settings.request_read_timeout_s
+    ReadDeadline.read_timeout_s = settings.request_read_timeout_s
     os.environ["FEWSHOT_REQUEST_READ_TIMEOUT_S"] = str(settings.request_read_timeout_s)  # for worker processes
     common: dict[str, Any] = dict(host=host, port=port, log_level=log_level, proxy_headers=proxy_headers,
-                                  forwarded_allow_ips=allow_ips, http=DeadlineH11Protocol)
+                                  forwarded_allow_ips=allow_ips, http=serving_protocol())
     if workers == 1:
         uvicorn.run(create_app(settings), **common)
         return

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, cast
+from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -29,7 +29,7 @@ DEFAULT_READ_TIMEOUT_S = 30.0
 _RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)  # the client's side of the request is complete
 
 
-class ReadDeadline:
+class ReadDeadline(asyncio.Protocol):
     """The deadline, for a uvicorn HTTP protocol class that it is mixed into (before it). Class
     attribute `read_timeout_s`; for several workers each worker reads it from
     FEWSHOT_REQUEST_READ_TIMEOUT_S."""
@@ -40,6 +40,19 @@ class ReadDeadline:
     transport: asyncio.Transport
     cycle: Any
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()  # a connection that never sends a whole request is closed too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._read_deadline is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm()  # the first bytes of the next request on a kept-alive connection
+        super().data_received(data)
+
     def _arm(self) -> None:
         self._disarm()
         self._read_deadline = self.loop.call_later(self.read_timeout_s, self._read_expired)
@@ -48,10 +61,6 @@ class ReadDeadline:
         if self._read_deadline is not None:
             self._read_deadline.cancel()
             self._read_deadline = None
-
-    def _arm_for_next_request(self) -> None:
-        if self._read_deadline is None and (self.cycle is None or self.cycle.response_complete):
-            self._arm()  # the first bytes of the next request on a kept-alive connection
 
     def _read_expired(self) -> None:
         self._read_deadline = None
@@ -68,35 +77,14 @@ class ReadDeadline:
 class DeadlineH11Protocol(ReadDeadline, H11Protocol):
     """uvicorn's h11 protocol (pure Python) with the per-request read deadline."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(cast(asyncio.Transport, transport))
-        self._arm()  # a connection that never sends a whole request is closed too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
     def data_received(self, data: bytes) -> None:
-        self._arm_for_next_request()
         super().data_received(data)
         if self.conn.their_state in _RECEIVED:
-            self._disarm()
+            self._disarm()  # headers and body are in
 
 
 class DeadlineHttpToolsProtocol(ReadDeadline, HttpToolsProtocol):
     """uvicorn's httptools protocol (llhttp, in C) with the per-request read deadline."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(cast(asyncio.Transport, transport))
-        self._arm()  # a connection that never sends a whole request is closed too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        self._arm_for_next_request()
-        super().data_received(data)
 
     def on_message_complete(self) -> None:
         self._disarm()  # headers and body are in

@@ -12,7 +12,9 @@ Measures (targets from the Deployment issue):
     side in one run: `--baseline COMMIT` (that commit's service, run from `git archive`, on
     asyncio's loop as before uvloop was a dependency) and the working tree's with each of
     `--workers`; requests/s, client and server p50/p99, and the server's CPU ms per request (all its
-    processes; the number that does not depend on what else the machine runs)
+    processes; the number that does not depend on what else the machine runs); with `--paired REPS`
+    the baseline and this tree run at once, on the same loop and workers, their closed-loop phases
+    alternated REPS times (the comparison that holds on a machine whose load drifts)
   * --memory (issue 16 #1): the server's RSS when idle, at its peak under C concurrent classify
     requests of N photos each (224x224 RGB model), and 10 s after they end; a bystander's one-image
     classify latency meanwhile; statuses (503 busy + Retry-After is an allowed answer)
@@ -23,6 +25,7 @@ and writes the raw numbers to --out (JSON).
     python benchmarks/bench_service.py [--bundle DIR] [--out benchmarks/results/service.json]
     python benchmarks/bench_service.py --memory [--bundle RGB_BUNDLE] [--clients 8] [--images 64]
     python benchmarks/bench_service.py --throughput [--baseline 0b25161] [--workers 1 2] [--max-seconds 20]
+    python benchmarks/bench_service.py --throughput --baseline COMMIT --paired 5 --workers 2 --max-seconds 5
 """
 
 from __future__ import annotations
@@ -380,6 +383,73 @@ def main_throughput(args: argparse.Namespace) -> None:
     print(f"\nraw numbers: {args.out}")
 
 
+def main_paired(args: argparse.Namespace) -> None:
+    """--paired REPS: the baseline commit's service and this tree's, each with --workers[0] workers
+    on uvloop, serving the same bundle at once; closed-loop phases of --max-seconds alternate between
+    them REPS times, so drifting load on the machine hits both alike. Medians over the phases."""
+    if not args.baseline:
+        raise SystemExit("--paired needs --baseline COMMIT")
+    workers = args.workers[0]
+    phases: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="fewshot-bench-") as tmp:
+        bundle = args.bundle or make_bundle(Path(tmp) / "bundle")
+        src = Path(tmp) / "baseline"
+        src.mkdir()
+        archive = subprocess.run(["git", "archive", args.baseline, "src"], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+        names = [f"{args.baseline} (baseline)", "this tree"]
+        servers: list[tuple[str, int, subprocess.Popen[bytes]]] = []
+        try:
+            for name, src_dir in zip(names, (src / "src", None)):
+                port = free_port()
+                servers.append((name, port, start_server(bundle, Path(tmp) / f"{len(servers)}.db", port, workers,
+                                                         src=src_dir)))
+            requests = {name: asyncio.run(_classify_request(port)) for name, port, _ in servers}
+            for _ in range(args.paired):
+                for name, port, proc in servers:
+                    c0 = cpu_s(proc.pid)
+                    r = asyncio.run(load(port, requests[name], args.clients, args.max_requests, args.max_seconds))
+                    r["server_cpu_ms_per_request"] = 1000 * (cpu_s(proc.pid) - c0) / max(1, r["requests"])
+                    phases.setdefault(name, []).append(r)
+        finally:
+            for _, _, proc in servers:
+                proc.terminate()
+                proc.wait(timeout=30)
+    keys = ("requests_per_s", "client_median_ms", "client_p99_ms", "server_median_ms", "server_p99_ms",
+            "server_cpu_ms_per_request")
+    med = {name: {k: float(np.median([r[k] for r in rs])) for k in keys} for name, rs in phases.items()}
+    print(table(["server", "workers", "phases", "req/s (median)", "req/s (each phase)", "client p50 / p99 ms",
+                 "server p50 / p99 ms", "server CPU ms/request"],
+                [[name, workers, len(phases[name]), f"{m['requests_per_s']:.0f}",
+                  " ".join(f"{r['requests_per_s']:.0f}" for r in phases[name]),
+                  f"{m['client_median_ms']:.1f} / {m['client_p99_ms']:.1f}",
+                  f"{m['server_median_ms']:.1f} / {m['server_p99_ms']:.1f}", f"{m['server_cpu_ms_per_request']:.2f}"]
+                 for name, m in med.items()]))
+    out = {"medians": med, "phases": phases, "workers": workers,
+           "command": "python benchmarks/bench_service.py " + " ".join(sys.argv[1:]),
+           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                       "loadavg_1m_after": os.getloadavg()[0], "platform": platform.platform()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    print(f"\nraw numbers: {args.out}")
+
+
+async def _classify_request(port: int) -> bytes:
+    """A workspace of 20 classes x 5 images on the server at `port`, warmed up; the raw one-image
+    classify request for it."""
+    ws, key = await create_workspace(port, "paired")
+    c = await Conn.open(port)
+    for i in range(20):
+        body, ctype = multipart([png(1000 + i * 5 + j) for j in range(5)], {"label": f"k{i}"})
+        status, _, text = await c.request(raw_request("POST", f"/workspaces/{ws}/classes", body, ctype, key))
+        assert status == 201, text
+    c.close()
+    body, ctype = multipart([png(5)], {"top_k": "5"})
+    one = raw_request("POST", f"/workspaces/{ws}/classify", body, ctype, key)
+    await load(port, one, 4, 200, 2)  # warm-up
+    return one
+
+
 def make_photo_bundle(out: Path, hidden: int = 32) -> Path:
     """Untrained Conv-4 on 224x224 RGB (the photos model's input size): memory follows the input size."""
     import torch
@@ -508,6 +578,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--throughput", action="store_true", help="only one-image classify, servers side by side")
     p.add_argument("--baseline", help="--throughput: also serve this git commit's service, first")
     p.add_argument("--images", type=int, default=64, help="--memory: images per request")
+    p.add_argument("--paired", type=int, default=0, metavar="REPS",
+                   help="--throughput --baseline C: both servers up at once (same loop, same --workers), closed-loop "
+                        "phases alternated REPS times; the fair comparison on a machine whose load drifts")
     args = p.parse_args(argv)
     if args.memory:
         main_memory(args)
@@ -515,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.throughput:
         if args.out == Path("benchmarks/results/service.json"):
             args.out = Path("benchmarks/results/service_throughput.json")
-        main_throughput(args)
+        (main_paired if args.paired else main_throughput)(args)
         return
     args.workers = args.workers[0]
     with tempfile.TemporaryDirectory(prefix="fewshot-bench-") as tmp:

@@ -124,6 +124,7 @@ class TrainConfig(_Frozen):
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # its aspect-ratio (w / h) range
     color_jitter: float = Field(0.0, ge=0, lt=1)  # brightness / contrast / saturation in [1 - v, 1 + v]; RGB only
     hue_jitter: float = Field(0.0, ge=0, le=0.5)  # hue rotation of up to +-v turns; RGB only
+    affine: bool = False  # Koch et al. 2015's random affine distortions (fewshot.episodes.materialise.random_affine)
     domain_mode: Literal["any", "within", "across"] = "any"
     max_seconds: float | None = Field(None, gt=0)  # stop early (validate, checkpoint) after this wall time
     accumulate: int = Field(1, ge=1)  # backpropagate the batch in this many parts (same gradient for episodes)

@@ -55,6 +55,8 @@ class Augment:
     color_jitter: brightness, contrast and saturation factors each drawn from [1 - v, 1 + v]
       (RGB only); 0: off.
     hue_jitter: a hue rotation of up to +-v turns (RGB only, in YIQ space); 0: off.
+    affine: Koch, Zemel & Salakhutdinov (2015)'s random affine distortions for characters
+      (`random_affine`); False: off.
     """
 
     crop_pad: int = 0
@@ -63,6 +65,7 @@ class Augment:
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     color_jitter: float = 0.0
     hue_jitter: float = 0.0
+    affine: bool = False
 
     def __post_init__(self) -> None:
         if self.rrc_scale is not None and not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
@@ -77,7 +80,7 @@ class Augment:
 
     @property
     def active(self) -> bool:
-        return self.crop_pad > 0 or self.hflip or self.rrc_scale is not None or self.colour
+        return self.crop_pad > 0 or self.hflip or self.rrc_scale is not None or self.colour or self.affine
 
     @property
     def colour(self) -> bool:
@@ -95,16 +98,17 @@ def rotate(images: np.ndarray, quarter_turns: np.ndarray) -> np.ndarray:
 
 
 def augment(images: np.ndarray, aug: Augment, rng: np.random.Generator) -> np.ndarray:
-    """uint8 (n, C, H, W) -> augmented uint8 (n, C, H, W), driven only by `rng`: random crop (edge
-    padding), random resized crop, horizontal flip, colour jitter, in that order."""
+    """uint8 (n, C, H, W) -> augmented uint8 (n, C, H, W), driven only by `rng`: random affine
+    distortion, random crop (edge padding), random resized crop, horizontal flip, colour jitter, in
+    that order."""
     n, h, w = int(images.shape[0]), int(images.shape[2]), int(images.shape[3])
     if aug.colour and images.shape[1] != 3:
         raise EpisodeError(f"color_jitter / hue_jitter need RGB images; these have {images.shape[1]} channel(s); "
                            "set train.color_jitter and train.hue_jitter to 0 for grayscale data")
-    out = images
+    out = random_affine(images, rng) if aug.affine else images
     if aug.crop_pad > 0:
         p = aug.crop_pad
-        padded = np.pad(images, ((0, 0), (0, 0), (p, p), (p, p)), mode="edge")
+        padded = np.pad(out, ((0, 0), (0, 0), (p, p), (p, p)), mode="edge")
         dy = [int(v) for v in rng.integers(0, 2 * p + 1, size=(n,))]
         dx = [int(v) for v in rng.integers(0, 2 * p + 1, size=(n,))]
         out = np.stack([padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(zip(dy, dx))])
@@ -117,6 +121,47 @@ def augment(images: np.ndarray, aug: Augment, rng: np.random.Generator) -> np.nd
     if aug.colour:
         out = colour_jitter(out, aug.color_jitter, aug.hue_jitter, rng)
     return out
+
+
+# Koch et al. 2015, section 3.3 (105 x 105 characters): rotation, shear, scale and translation,
+# each component present with probability 0.5; translation scaled here to the image's side
+AFFINE_ROTATION_DEG = 10.0
+AFFINE_SHEAR = 0.3
+AFFINE_SCALE = (0.8, 1.2)
+AFFINE_TRANSLATE = 2.0 / 105.0  # of the side
+
+
+def affine_matrices(n: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 2, 3) sampling transforms in `affine_grid`'s normalised coordinates, Koch et al.'s
+    distribution: rotation U(-10, 10) degrees, shears U(-0.3, 0.3), scales U(0.8, 1.2) and
+    translations U(-2, 2) pixels at 105 px, each of the four present with probability 0.5."""
+    present = rng.random((n, 4)) < 0.5
+    theta = np.where(present[:, 0], rng.uniform(-1, 1, n) * np.deg2rad(AFFINE_ROTATION_DEG), 0.0)
+    shear = np.where(present[:, 1:2], rng.uniform(-AFFINE_SHEAR, AFFINE_SHEAR, (n, 2)), 0.0)
+    scale = np.where(present[:, 2:3], rng.uniform(*AFFINE_SCALE, (n, 2)), 1.0)
+    shift = np.where(present[:, 3:4], rng.uniform(-1, 1, (n, 2)) * AFFINE_TRANSLATE * 2, 0.0)  # normalised: side = 2
+    cos, sin = np.cos(theta), np.sin(theta)
+    rot = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], 1)  # (n, 2, 2)
+    sh = np.stack([np.stack([np.ones(n), shear[:, 0]], -1), np.stack([shear[:, 1], np.ones(n)], -1)], 1)
+    a = rot @ sh @ (scale[:, :, None] * np.eye(2)[None])
+    return np.concatenate([a, shift[:, :, None]], axis=2)
+
+
+def random_affine(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (n, C, H, W) -> each image under its own Koch et al. affine distortion (`affine_matrices`;
+    bilinear, the border's value outside the image: a character's background), uint8."""
+    n, _, h, w = images.shape
+    return warp(images, affine_matrices(n, h, w, rng))
+
+
+def warp(images: np.ndarray, mats: np.ndarray) -> np.ndarray:
+    """uint8 (n, C, H, W), (n, 2, 3) transforms -> output pixel at normalised position p samples the
+    input at mats @ [p, 1] (`affine_grid` / `grid_sample`, bilinear, border values outside), uint8."""
+    n, c, h, w = images.shape
+    grid = torch.nn.functional.affine_grid(torch.from_numpy(mats).float(), [n, c, h, w], align_corners=False)
+    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def crop_boxes(n: int, h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float],

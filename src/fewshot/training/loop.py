@@ -210,7 +210,7 @@ def _batches(s: _Session) -> Callable[[int], Any]:
     config, data, tc, world = s.config, s.data, s.config.train, s.world
     pool = data.pool("train", add_rotations=config.data.train_rotations)
     aug = Augment(tc.crop_pad, tc.hflip, rrc_scale=tc.rrc_scale, rrc_ratio=tc.rrc_ratio,
-                  color_jitter=tc.color_jitter, hue_jitter=tc.hue_jitter)
+                  color_jitter=tc.color_jitter, hue_jitter=tc.hue_jitter, affine=tc.affine)
     if s.learner.data_kind == "batches":
         per = world.split(tc.batch_size, "train.batch_size")
         lo = world.rank * per

@@ -323,16 +323,7 @@ def cpu_s(pid: int) -> float:
 
 
 async def run_throughput_phase(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
-    ws, key = await create_workspace(port, "throughput")
-    c = await Conn.open(port)
-    for i in range(20):  # a realistic small workspace: 20 classes of 5 images
-        body, ctype = multipart([png(1000 + i * 5 + j) for j in range(5)], {"label": f"k{i}"})
-        status, _, text = await c.request(raw_request("POST", f"/workspaces/{ws}/classes", body, ctype, key))
-        assert status == 201, text
-    c.close()
-    body, ctype = multipart([png(5)], {"top_k": "5"})
-    one = raw_request("POST", f"/workspaces/{ws}/classify", body, ctype, key)
-    await load(port, one, 4, 200, 5)  # warm-up
+    one = await _classify_request(port, "throughput", warm_up_s=5)
     c0 = cpu_s(pid)
     closed = await load(port, one, args.clients, args.max_requests, args.max_seconds)
     closed["server_cpu_ms_per_request"] = 1000 * (cpu_s(pid) - c0) / max(1, closed["requests"])
@@ -404,7 +395,7 @@ def main_paired(args: argparse.Namespace) -> None:
                 port = free_port()
                 servers.append((name, port, start_server(bundle, Path(tmp) / f"{len(servers)}.db", port, workers,
                                                          src=src_dir)))
-            requests = {name: asyncio.run(_classify_request(port)) for name, port, _ in servers}
+            requests = {name: asyncio.run(_classify_request(port, "paired", warm_up_s=2)) for name, port, _ in servers}
             for _ in range(args.paired):
                 for name, port, proc in servers:
                     c0 = cpu_s(proc.pid)
@@ -434,10 +425,10 @@ def main_paired(args: argparse.Namespace) -> None:
     print(f"\nraw numbers: {args.out}")
 
 
-async def _classify_request(port: int) -> bytes:
+async def _classify_request(port: int, name: str, *, warm_up_s: float) -> bytes:
     """A workspace of 20 classes x 5 images on the server at `port`, warmed up; the raw one-image
     classify request for it."""
-    ws, key = await create_workspace(port, "paired")
+    ws, key = await create_workspace(port, name)
     c = await Conn.open(port)
     for i in range(20):
         body, ctype = multipart([png(1000 + i * 5 + j) for j in range(5)], {"label": f"k{i}"})
@@ -446,7 +437,7 @@ async def _classify_request(port: int) -> bytes:
     c.close()
     body, ctype = multipart([png(5)], {"top_k": "5"})
     one = raw_request("POST", f"/workspaces/{ws}/classify", body, ctype, key)
-    await load(port, one, 4, 200, 2)  # warm-up
+    await load(port, one, 4, 200, warm_up_s)  # warm-up
     return one
 
 

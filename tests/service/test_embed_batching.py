@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 from service_helpers import ToyEmbedder, class_images
 
-from fewshot.service.embedding import EmbedGate, GatedEmbedder, ServiceBusy, one_request
+from fewshot.service.embedding import (
+    EmbedGate,
+    GatedEmbedder,
+    HeapTrimmer,
+    ServiceBusy,
+    _malloc_trim,
+    one_request,
+)
 
 
 class Recording:
@@ -169,25 +176,52 @@ def test_first_chunks_go_before_later_chunks_first_come_first_served() -> None:
     assert model.pixels == [[10, 10], [20, 20], [30, 30], [10, 10], [10, 10]]
 
 
+def test_a_request_that_waited_wait_s_gets_its_later_chunks_run_first() -> None:
+    """Promotion counts from the request's admission, not from each chunk's own queueing: a request
+    of many chunks must not wait wait_s per chunk behind a stream of newcomers (a 50-image occlusion
+    map under 32 clients went unanswered for 30 s)."""
+    model = Recording()
+    gate = EmbedGate(slots=1, max_batch=2, wait_s=30)
+    gated = GatedEmbedder(model, gate, chunk=2)
+    admitted_long_ago = time.monotonic() - 60
+    with gate.slot():  # the model is busy; a newcomer's first chunk queues, then an old request's later chunk
+        threads, out = start(gate, [
+            lambda: gated.embed(np.full((2, 1, 28, 28), 20, np.uint8)),
+            lambda: gate.embed(gated, gated._embed, np.full((2, 1, 28, 28), 10, np.uint8), first=False,
+                               since=admitted_long_ago),
+            lambda: gate.embed(gated, gated._embed, np.full((2, 1, 28, 28), 30, np.uint8), first=False,
+                               since=time.monotonic())])
+    join(threads)
+    # the old request's chunk went ahead of the newcomer; the fresh request's later chunk behind it
+    assert model.pixels == [[10, 10], [20, 20], [30, 30]]
+
+
 def test_occlusion_embeds_as_one_request() -> None:
     gate = EmbedGate(slots=1, max_batch=8)
     gated = GatedEmbedder(Recording(), gate)
     firsts: list[bool] = []
+    sinces: list[float | None] = []
     original = gate.embed
 
-    def spy(model: object, run: Any, images: np.ndarray, *, first: bool = True) -> np.ndarray:
+    def spy(model: object, run: Any, images: np.ndarray, *, first: bool = True, since: float | None = None
+            ) -> np.ndarray:
         firsts.append(first)
-        return original(model, run, images, first=first)
+        sinces.append(since)
+        return original(model, run, images, first=first, since=since)
 
     gate.embed = spy  # type: ignore[method-assign]
     gated.embed(class_images(1, 1))
     gated.embed(class_images(1, 9))
     assert firsts == [True, True, False]  # every call is a request of its own
+    assert sinces[0] is not None and sinces[0] < sinces[1] == sinces[2]  # admitted at its first chunk
     firsts.clear()
-    with one_request():  # occlusion: many calls, one request
+    sinces.clear()
+    with one_request():  # occlusion: many calls, one request, admitted once
         for _ in range(3):
+            time.sleep(0.01)
             gated.embed(class_images(1, 9))
     assert firsts == [True] + [False] * 5
+    assert sinces[0] is not None and sinces == [sinces[0]] * 6
 
 
 def test_a_run_waits_for_more_work_only_while_another_run_is_going() -> None:
@@ -205,3 +239,41 @@ def test_a_run_waits_for_more_work_only_while_another_run_is_going() -> None:
     assert model.sizes == [1, 8]
     assert np.allclose(out[0], model.inner.embed(class_images(2, 3)), atol=1e-6)
     assert np.allclose(out2[0], model.inner.embed(class_images(3, 5)), atol=1e-6)
+
+
+def test_heap_trimmer_trims_once_after_work_and_only_when_idle() -> None:
+    gate = EmbedGate(slots=1, max_batch=8)
+    gated = GatedEmbedder(Recording(), gate)
+    trims: list[int] = []
+    trimmer = HeapTrimmer(gate, every_s=3600, trim=lambda: trims.append(gate.runs))  # checked by hand here
+    try:
+        assert not trimmer.check() and trims == []  # nothing ran yet
+        gated.embed(class_images(1, 3))
+        with gate.slot():
+            assert not trimmer.check()  # a run is going: not now
+        assert trimmer.check() and trims == [1]  # idle after work
+        assert not trimmer.check() and trims == [1]  # no work since
+        gated.embed(class_images(1, 3))
+        assert trimmer.check() and trims == [1, 2]
+    finally:
+        trimmer.close()
+
+
+def test_heap_trimmer_thread_gives_memory_back_after_a_burst_and_stops() -> None:
+    gate = EmbedGate(slots=1, max_batch=8)
+    gated = GatedEmbedder(Recording(), gate)
+    done = threading.Event()
+    trimmer = HeapTrimmer(gate, every_s=0.01, trim=done.set)
+    gated.embed(class_images(1, 2))
+    assert done.wait(10)
+    trimmer.close()
+    assert trimmer.trims == 1 and not trimmer._thread.is_alive()  # type: ignore[union-attr]
+
+
+def test_the_c_library_trim_is_found_on_glibc() -> None:
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    trim = _malloc_trim()
+    assert trim is not None and trim() in (0, 1)

@@ -32,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 
 from fewshot.service.auth import KeyGuard
 from fewshot.service.costs import ExportCache, ImageBudget, OneAtATime, Refitter
-from fewshot.service.embedding import EmbedGate, GatedEmbedder
+from fewshot.service.embedding import EmbedGate, GatedEmbedder, HeapTrimmer
 from fewshot.service.forms import ServiceRoute
 from fewshot.service.http.deps import ServiceState
 from fewshot.service.http.errors import install_error_handlers
@@ -72,7 +72,8 @@ def open_state(settings: ServiceSettings) -> ServiceState:
     gate = EmbedGate(settings.embed_slots, settings.embed_queue, settings.embed_wait_s, max_batch=settings.embed_chunk)
     for m in models.models:
         m.recogniser.embedder = GatedEmbedder(m.recogniser.embedder, gate, settings.embed_chunk)
-    return ServiceState(settings, models.default.bundle, store, models.default.recogniser, models, WorkspaceViews(store))
+    return ServiceState(settings, models.default.bundle, store, models.default.recogniser, models, WorkspaceViews(store),
+                        gate)
 
 
 @asynccontextmanager
@@ -82,9 +83,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = open_state(app.state.settings)
     app.state.service = state
     app.state.refitter = Refitter()
+    trimmer = HeapTrimmer(state.gate)  # memory back to the system after a burst
     try:
         yield
     finally:
+        trimmer.close()
         app.state.refitter.close()
         app.state.service = None
         state.store.close()

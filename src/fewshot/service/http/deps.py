@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from fewshot.artifacts.bundle import Bundle
+from fewshot.service.embedding import EmbedGate
 from fewshot.service.http.errors import ApiError
 from fewshot.service.models import ModelSet
 from fewshot.service.recogniser import Recogniser
@@ -30,6 +31,7 @@ class ServiceState:
     recogniser: Recogniser  # the default model's; a workspace's own is `ModelDep` / `models.of_workspace`
     models: ModelSet
     views: WorkspaceViews  # each workspace's record, read again only when its version moved
+    gate: EmbedGate  # the one embedding queue every model's images go through
 
 
 async def get_settings(request: Request) -> ServiceSettings:

@@ -96,6 +96,31 @@ def test_lake_scheme(omni_cache: PackedCache) -> None:
     check_leakage(omni_cache, rotated)  # four rotations of a character in one split: no leak
 
 
+def test_lake_holds_out_whole_alphabets_for_within_alphabet_validation(tmp_path: Path) -> None:
+    root = fake_omniglot(tmp_path / "data", alphabets=4, chars=20, drawers=2)
+    cache = prepare(OmniglotSource(root, check_counts=False), tmp_path / "cache", progress=False, workers=0).cache
+    splits = make_splits(cache, "lake", seed=3, fractions=(1.0, 0.0, 0.0), val_alphabets=2)
+    domains = {k: {cache.classes[i].domain for i in _ids(s)} for k, s in splits.items()}
+    # two whole alphabets (all 20 characters each) are val, the other two train: no alphabet in both
+    assert len(domains["val"]) == 2 and len(splits["val"]) == 40
+    assert len(domains["train"]) == 2 and not domains["train"] & domains["val"]
+    assert make_splits(cache, "lake", seed=3, fractions=(1.0, 0.0, 0.0), val_alphabets=2)["val"].class_ids.tolist() \
+        == splits["val"].class_ids.tolist()
+    # with a fraction too, the remaining alphabets also lose characters to val
+    both = make_splits(cache, "lake", seed=3, fractions=(0.9, 0.1, 0.0), val_alphabets=1)
+    assert len(both["val"]) == 20 + 3 * 2
+    check_leakage(cache, both)
+    with pytest.raises(ConfigError, match="val_alphabets=4: only 4 of the 4 background alphabets.*at most 3"):
+        make_splits(cache, "lake", val_alphabets=4)
+    with pytest.raises(ConfigError, match="needs scheme 'lake', not 'classes'"):
+        make_splits(cache, "classes", val_alphabets=1)
+
+
+def test_lake_alphabets_too_small_to_validate_within_are_never_held_out(omni_cache: PackedCache) -> None:
+    with pytest.raises(ConfigError, match="only 0 of the 5 background alphabets have 20\\+ characters"):
+        make_splits(omni_cache, "lake", val_alphabets=1)
+
+
 def _write_vinyals(folder: Path, splits: dict[str, list[str]]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, classes in splits.items():

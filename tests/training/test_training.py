@@ -39,6 +39,15 @@ def test_train_writes_run_folder_and_learns(tmp_path: Path, data: RunData) -> No
     assert echoed == cfg
 
 
+def test_validation_draws_its_episodes_as_val_domain_mode_says(tmp_path: Path, data: RunData) -> None:
+    # the 6 val classes lie in 3 domains of 2: 2-way episodes fit within one domain, 3-way do not
+    within2 = train(config(tmp_path, name="w2", steps=3, val_way=2, val_domain_mode="within"), data=data, progress=False)
+    anywhere2 = train(config(tmp_path, name="a2", steps=3, val_way=2), data=data, progress=False)
+    assert within2.best_val_acc != anywhere2.best_val_acc  # same model, other episodes
+    with pytest.raises(EpisodeError, match="within"):
+        train(config(tmp_path, name="w3", steps=3, val_way=3, val_domain_mode="within"), data=data, progress=False)
+
+
 @pytest.mark.parametrize("schedule", ["step", "cosine"])
 def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path: Path, data: RunData, schedule: str) -> None:
     full = config(tmp_path / "a", schedule=schedule, warmup=2, step_every=2)

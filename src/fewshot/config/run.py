@@ -62,8 +62,9 @@ class ParamSpec(_Frozen):
 # config fields a search may not sample: they name the run, or change how trials are scored
 # fields that name the run or change how trials are scored (which classes or episodes validate them)
 _UNTUNABLE = ("name", "output_dir", "tune", "zoo", "eval", "seed", "train.val_every", "train.val_episodes", "train.val_way",
-              "train.val_shot", "train.val_query", "data.split", "data.splits_dir", "data.split_seed",
-              "data.root", "data.dataset", "data.lake_val_fraction", "data.min_images_per_class", "data.first_level",
+              "train.val_shot", "train.val_query", "train.val_domain_mode", "data.split", "data.splits_dir", "data.split_seed",
+              "data.root", "data.dataset", "data.lake_val_fraction", "data.lake_val_alphabets",
+              "data.min_images_per_class", "data.first_level",
               "distill.generations", "distill.baseline")
 
 

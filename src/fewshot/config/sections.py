@@ -51,6 +51,9 @@ class DataConfig(_Frozen):
     # split "lake": validation characters held out from each of the 30 background alphabets
     # (seeded); every alphabet stays in training. 0 = no validation split (train on all 964).
     lake_val_fraction: float = Field(0.1, ge=0, lt=1)
+    # split "lake": also hold out this many whole background alphabets (seeded, 20+ characters each)
+    # as val, for choosing a recipe on within-alphabet episodes of unseen alphabets (0: none)
+    lake_val_alphabets: int = Field(0, ge=0, le=29)
 
     @model_validator(mode="before")
     @classmethod
@@ -113,6 +116,7 @@ class TrainConfig(_Frozen):
     val_way: int = Field(5, ge=2)
     val_shot: int = Field(1, ge=1)
     val_query: int = Field(15, ge=1)
+    val_domain_mode: Literal["any", "within", "across"] = "any"  # how validation episodes draw classes
     checkpoint_every: int = Field(250, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N

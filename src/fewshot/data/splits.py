@@ -5,7 +5,10 @@ A split is a list of few-shot classes: (cache class id, quarter-turn rotation) p
 - "lake": Omniglot's 30 background alphabets -> train, evaluation alphabets -> test (Lake et al.,
   Science 2015). Validation never removes an alphabet from training: `fractions[1]` of the
   characters of *each* background alphabet (seeded, at least one where the fraction is > 0) are
-  held out as val; with `fractions[1] == 0` there is no val split. Rotations optional.
+  held out as val; with `fractions[1] == 0` there is no val split. `val_alphabets` > 0 also holds
+  out that many *whole* background alphabets (seeded, among those with at least 20 characters) as
+  val, so validation can run Lake's 20-way within-alphabet episodes on unseen alphabets (for
+  choosing a recipe; a final run trains on all 30). Rotations optional.
 - "vinyals": the class lists of Vinyals et al. 2016 (`splits/vinyals/{train,val,test}.txt`, lines
   `Alphabet/characterNN/rotDDD`), each rotation its own class: 1028 / 172 / 423 characters x 4.
 - "csv": the class split of split files `{train,val,test}.csv` (`filename,label`; e.g. Ravi &
@@ -61,6 +64,7 @@ class _Request:
     fractions: tuple[float, float, float]
     rotations: bool | None
     splits_dir: Path | None
+    val_alphabets: int = 0
 
     @property
     def rotated(self) -> bool:
@@ -79,6 +83,7 @@ def make_splits(
     splits_dir: Path | None = None,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     rotations: bool | None = None,
+    val_alphabets: int = 0,
 ) -> dict[str, Split]:
     """{"train", "val", "test"} -> Split under `scheme`; deterministic given `seed`.
 
@@ -86,12 +91,16 @@ def make_splits(
     True = every class under 4 quarter turns, all in the class's split.
     `splits_dir`: folder of the vinyals files (default: `<omniglot>/splits/vinyals` of the source) or
     of the csv files (default: the split folder the cache's source was prepared with).
+    `val_alphabets`: scheme "lake" only, whole background alphabets held out as val (see the module doc).
     """
     if scheme not in _SCHEMES:
         raise ConfigError(f"unknown split scheme {scheme!r}; valid schemes: {list_split_schemes()}")
     fr = _check_fractions(fractions)
     rng = np.random.default_rng(seed)
-    return _SCHEMES[scheme](_Request(cache, rng, fr, rotations, splits_dir))
+    if val_alphabets and scheme != "lake":
+        raise ConfigError(f"val_alphabets={val_alphabets} holds out whole Omniglot background alphabets and needs "
+                          f"scheme 'lake', not {scheme!r}; set it to 0")
+    return _SCHEMES[scheme](_Request(cache, rng, fr, rotations, splits_dir, val_alphabets))
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -127,14 +136,32 @@ def _lake(req: _Request) -> dict[str, Split]:
             ids["test"].append(i)
         elif c.subset == "background":
             by_alphabet.setdefault(c.domain, []).append(i)
+    held_out = _held_out_alphabets(by_alphabet, req.val_alphabets, rng)
     for alphabet in sorted(by_alphabet):  # sorted: the same draw on every machine
         chars = by_alphabet[alphabet]
+        if alphabet in held_out:
+            ids["val"].extend(chars)
+            continue
         n_val = min(len(chars) - 1, max(1, round(fractions[1] * len(chars)))) if fractions[1] > 0 else 0
         val = set(rng.choice(chars, size=n_val, replace=False).tolist()) if n_val else set()
         for i in chars:
             ids["val" if i in val else "train"].append(i)
     names = SPLIT_NAMES if ids["val"] else ("train", "test")
     return {name: _split(name, ids[name], req.rotated) for name in names}
+
+
+LAKE_VAL_MIN_CHARACTERS = 20  # a held-out alphabet must hold one 20-way within-alphabet episode
+
+
+def _held_out_alphabets(by_alphabet: dict[str, list[int]], n: int, rng: np.random.Generator) -> set[str]:
+    if n == 0:
+        return set()
+    eligible = sorted(a for a, chars in by_alphabet.items() if len(chars) >= LAKE_VAL_MIN_CHARACTERS)
+    if n >= len(eligible) or n >= len(by_alphabet):
+        raise ConfigError(f"val_alphabets={n}: only {len(eligible)} of the {len(by_alphabet)} background alphabets have "
+                          f"{LAKE_VAL_MIN_CHARACTERS}+ characters and some must stay in training; use at most "
+                          f"{min(len(eligible), len(by_alphabet)) - 1}")
+    return set(rng.choice(eligible, size=n, replace=False).tolist())
 
 
 _VINYALS_LINE = re.compile(r"^(?P<cls>[^/]+/[^/]+)/rot(?P<deg>\d{3})$")

@@ -101,6 +101,10 @@ def load_run_data(cfg: DataConfig, *, progress: bool = True) -> RunData:
     kwargs: dict[str, Any] = {}
     if cfg.split == "lake":
         kwargs["fractions"] = (1.0 - cfg.lake_val_fraction, cfg.lake_val_fraction, 0.0)
+        kwargs["val_alphabets"] = cfg.lake_val_alphabets
+    elif cfg.lake_val_alphabets:
+        raise ConfigError(f"data.lake_val_alphabets={cfg.lake_val_alphabets} needs data.split 'lake', not "
+                          f"{cfg.split!r}; set it to 0")
     splits = make_splits(prepared.cache, cfg.split, seed=cfg.split_seed, splits_dir=splits_dir, **kwargs)
     return RunData(prepared.cache, splits, cfg.split)
 

@@ -242,7 +242,7 @@ def _validate(s: _Session) -> tuple[float, float]:
     tc = s.config.train
     res = evaluate_episodes(s.learner.predict, s.data.cache, s.data.pool("val"),
                             EpisodeSpec(tc.val_way, tc.val_shot, tc.val_query), episodes=tc.val_episodes,
-                            seed=s.config.seed + VAL_SEED_OFFSET, device=s.device, progress=False,
+                            seed=s.config.seed + VAL_SEED_OFFSET, mode=tc.val_domain_mode, device=s.device, progress=False,
                             enforce_protocol=False)
     return res.mean, res.ci95
 

@@ -103,3 +103,24 @@ def test_initialisation_comes_from_the_generator_not_the_global_rng(name):
     for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), k
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
+def test_conv4_rfs_variant_averages_an_unpooled_last_map():
+    # RFS's ConvNet: no pool after block 4, the map averaged: channels-d, whatever the image size
+    rfs = create_backbone("conv4", in_channels=3, image_size=84, width=0.25, pool_last=False, global_pool=True).eval()
+    assert rfs.embedding_dim == 16 and rfs.config["pool_last"] is False and rfs.config["global_pool"] is True
+    x = torch.rand(2, 3, 84, 84, generator=torch.Generator().manual_seed(0))
+    assert rfs.encoder(x).shape == (2, 16, 10, 10)  # 84 -> 42 -> 21 -> 10, then no fourth pool
+    z = rfs(x)
+    torch.testing.assert_close(z, rfs.encoder(x).mean((2, 3)))
+    # the recorded config rebuilds the same network
+    clone = backbone_from_config(rfs.config).eval()
+    clone.load_state_dict(rfs.state_dict())
+    torch.testing.assert_close(clone(x), z)
+    # the default Conv-4 records neither key: configs saved before the options existed are unchanged
+    plain = create_backbone("conv4", in_channels=3, image_size=84, width=0.25)
+    assert "pool_last" not in plain.config and "global_pool" not in plain.config
+    assert plain.embedding_dim == 16 * 5 * 5
+    assert plain.state_dict().keys() == rfs.state_dict().keys()  # checkpoints of either load by the same names
+    exported = torch.export.export(rfs, (x,))
+    torch.testing.assert_close(exported.module()(x), z)

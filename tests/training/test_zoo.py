@@ -16,7 +16,15 @@ from synthetic_runs import config, run_data, synthetic_cache
 from fewshot.artifacts.zoo import ZooEntry, get_entry, list_entries, render_model_md, resolve_bundle
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.training.loop import train
-from fewshot.workflows.zoo import ZooMismatch, entry_table, evaluate_entry, publish, rescore, verify
+from fewshot.workflows.zoo import (
+    ZooMismatch,
+    entry_table,
+    evaluate_entry,
+    publish,
+    rescore,
+    training_recipe,
+    verify,
+)
 
 ZOO = {"title": "tiny", "summary": "a tiny test model", "intended_use": "tests", "limitations": "none",
        "data_description": "synthetic patterns", "licence": "CC0", "episodes": 600, "query": 5,
@@ -51,7 +59,16 @@ def test_publish_writes_an_entry_whose_card_is_its_numbers(made: dict[str, Any])
     segs = card["training"]["segments"]
     assert len(segs) == 1 and segs[0]["end_step"] == 20 and card["training"]["cpu_hours"] > 0
     md = (entry.path / "MODEL.md").read_text()
+    assert "20 steps of 4-way 2-shot 3-query episodes (meta-batch 1), adam lr 0.003" in md
     assert "| 3-way 2-shot |" in md and "40.00" in md and "made up" in md and "**yes**" in md
+
+
+def test_a_batch_learners_card_names_its_batches_not_episodes(tmp_path: Path) -> None:
+    cfg = config(tmp_path, "pretrain", batch_size=32, optimizer="sgd", lr=0.05)
+    assert training_recipe(cfg).startswith("batches of 32 labelled images, sgd lr 0.05")
+    lake = config(tmp_path, way=6, shot=1, query=2, domain_mode="within", affine=True)
+    assert training_recipe(lake).startswith("6-way 1-shot 2-query episodes (meta-batch 1) with classes drawn within one "
+                                            "domain, affine distortions, adam")
 
 
 def test_rescore_reproduces_the_recorded_episodes(made: dict[str, Any]) -> None:

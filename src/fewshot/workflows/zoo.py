@@ -44,6 +44,7 @@ from fewshot.io import atomic_write_json, atomic_write_text, replace_dir
 from fewshot.training.checkpoint import read_manifest
 from fewshot.training.data import RunData, load_run_data
 from fewshot.training.evaluate import EvalResult, mean_ci95
+from fewshot.training.loop import learner_data_kind
 from fewshot.training.protocol import evaluate_run
 from fewshot.training.resume import config_differences
 from fewshot.training.segments import SegmentLog, code_commit, cpu_hours, cpu_model
@@ -142,6 +143,18 @@ def _model_info(bundle: Bundle) -> dict[str, Any]:
             "input": f"{'grayscale' if pre.mode == 'L' else 'RGB'} {pre.size}x{pre.size}"}
 
 
+def training_recipe(config: RunConfig) -> str:
+    """What one training step saw, and the optimiser, in words (a card's "N steps of ...")."""
+    tc = config.train
+    seen = (f"batches of {tc.batch_size} labelled images" if learner_data_kind(config) == "batches" else
+            f"{tc.way}-way {tc.shot}-shot {tc.query}-query episodes (meta-batch {tc.meta_batch})")
+    if learner_data_kind(config) != "batches" and tc.domain_mode != "any":
+        seen += " with classes drawn " + ("within one domain" if tc.domain_mode == "within" else "across domains")
+    if tc.affine:
+        seen += ", affine distortions"
+    return f"{seen}, {tc.optimizer} lr {tc.lr} {tc.schedule} (warm-up {tc.warmup})"
+
+
 def _training_info(config: RunConfig, run_dir: Path, recipe: Path) -> dict[str, Any]:
     best = read_manifest(run_dir / "checkpoints" / "best")
     last = read_manifest(run_dir / "checkpoints" / "last")
@@ -158,8 +171,7 @@ def _training_info(config: RunConfig, run_dir: Path, recipe: Path) -> dict[str, 
     return {"recipe": str(recipe), "run": str(run_dir), "steps": int(last["step"]), "planned_steps": tc.steps,
             "best_step": int(best["step"]), "best_val_acc": best.get("metrics", {}).get("val_acc"),
             "validation": f"{tc.val_episodes} {tc.val_way}-way {tc.val_shot}-shot episodes of the val split",
-            "episode": (f"{tc.way}-way {tc.shot}-shot {tc.query}-query episodes (meta-batch {tc.meta_batch}), "
-                        f"{tc.optimizer} lr {tc.lr} {tc.schedule} (warm-up {tc.warmup})"),
+            "episode": training_recipe(config),
             "train_hours": seconds / 3600, "cpu_hours": sum(cpu_hours(s) for s in segments),
             "distillation": taught,
             "machine": ", ".join(sorted({f"{s.get('cpu')} ({s.get('cores')} cores)" for s in segments})),

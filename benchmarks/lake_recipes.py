@@ -6,13 +6,15 @@ background alphabets (rotations as extra classes) and validates on 20-way 1-shot
 episodes of the 5 whole background alphabets held out (`data.lake_val_alphabets=5`, seeded): the
 same kind of episode as the test, on alphabets none of the variants saw. Each variant gets the same
 wall-clock budget on the same threads, one after another (never two at once), with a constant
-learning rate so that no schedule is cut short by the budget. The winner is then trained on all 30
-alphabets (`configs/protonet_lake.yaml`) and scored once on the evaluation alphabets.
+learning rate so that no schedule is cut short by the budget (validation, about 9 s a point, counts
+in it). Every variant starts from scratch (`--no-resume`). The winner is then trained on all 30
+alphabets (`configs/zoo/omniglot_protonet_conv4_lake.yaml`) and scored once on the evaluation
+alphabets.
 
     python benchmarks/lake_recipes.py [--seconds 300] [--variants base,shot1,...] \
         [--out benchmarks/results/lake_recipes]
 
-Prints a table (best and last validation accuracy per variant, steps, images/s) and writes
+Prints a table (best and last validation accuracy per variant, steps) and writes
 `results.json` (every validation point) and `curves.png` (validation accuracy against CPU
 core-hours, one line per variant).
 """
@@ -59,7 +61,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 def run_variant(name: str, overrides: list[str], seconds: float, out: Path, threads: int) -> dict[str, Any]:
     run_dir = out / "runs"
-    cmd = [sys.executable, "-m", "fewshot", "train", str(CONFIG), *COMMON, *overrides,
+    cmd = [sys.executable, "-m", "fewshot", "train", "--no-resume", str(CONFIG), *COMMON, *overrides,
            f"name=lake-recipe-{name}", f"output_dir={run_dir}", f"train.max_seconds={seconds}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()

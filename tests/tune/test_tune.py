@@ -228,6 +228,24 @@ def test_a_named_study_has_its_own_folder_and_a_changed_base_config_is_refused(w
         tune(changed, trials=1, **quiet)
 
 
+def test_a_study_started_before_a_config_field_existed_is_joined(workdir: Path) -> None:
+    """A field added to the config since a study began (with its default) is not "another base config"."""
+    import optuna
+
+    config = load_config("c.yaml")
+    quiet: dict[str, Any] = {"progress": False, "echo": lambda _: None}
+    first = tune(config, trials=1, **quiet)
+    study = optuna.load_study(study_name=config.name, storage=storage_url(None, first.study_dir))
+    old = study.user_attrs["base_config_dict"]
+    del old["train"]["val_domain_mode"]  # as a study saved before the field existed,
+    study.set_user_attr("base_config_dict", old)
+    study.set_user_attr("base_config", "fingerprint-of-an-older-version")  # whose hash today's code does not reproduce
+    again = tune(config, trials=1, **quiet)  # joins: the saved config read today is this config
+    assert again.study_dir == first.study_dir
+    with pytest.raises(ConfigError, match="another base config"):
+        tune(load_config("c.yaml", ["train.steps=6"]), trials=1, **quiet)
+
+
 def test_a_failing_trial_fails_alone_and_the_outputs_are_written(workdir: Path) -> None:
     """A way of 30 cannot be served by 20 classes: each such trial fails, the study goes on."""
     config = load_config("c.yaml", ["tune.space={train.way: {type: categorical, choices: [30]}}"])

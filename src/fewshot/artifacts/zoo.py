@@ -104,9 +104,12 @@ def headline(card: dict[str, Any]) -> str:
 def render_model_md(card: dict[str, Any]) -> str:
     """MODEL.md from card.json: every number here is read from the card."""
     p, t, d = card["protocol"], card["training"], card["data"]
+    head = card["results"][0]  # the headline task: the command scores it
+    mode = "" if head.get("mode", "any") == "any" else f" --mode {head['mode']}"
     lines = [f"# {card['name']}: {card['title']}", "", card["summary"], "",
              f"Serve it: `fewshot serve zoo:{card['name']}`. Score it as served: "
-             f"`fewshot evaluate zoo:{card['name']} --way 20 --shot 1` (any way / shot on the card's protocol).", "",
+             f"`fewshot evaluate zoo:{card['name']} --way {head['way']} --shot {head['shot']}{mode}` (any way / shot on the "
+             "card's protocol).", "",
              "## Accuracy as served", "",
              f"Protocol: {p['description']}. Split `{d['split']}`, {p['split']} classes (never trained on), "
              f"{p['episodes']} episodes per setting from seed {p['seed']}, {p['query']} queries per class, "

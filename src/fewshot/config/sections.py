@@ -52,7 +52,10 @@ class DataConfig(_Frozen):
     # (seeded); every alphabet stays in training. 0 = no validation split (train on all 964).
     lake_val_fraction: float = Field(0.1, ge=0, lt=1)
     # split "lake": also hold out this many whole background alphabets (seeded, 20+ characters each)
-    # as val, for choosing a recipe on within-alphabet episodes of unseen alphabets (0: none)
+    # as val, for choosing a recipe on within-alphabet episodes of unseen alphabets (0: none). With
+    # lake_val_fraction > 0 too, the other alphabets' held-out characters are val as well, and
+    # within-alphabet val episodes small enough for them draw from those seen alphabets too: set the
+    # fraction to 0 to validate on unseen alphabets only.
     lake_val_alphabets: int = Field(0, ge=0, le=29)
 
     @model_validator(mode="before")

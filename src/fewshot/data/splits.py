@@ -157,10 +157,10 @@ def _held_out_alphabets(by_alphabet: dict[str, list[int]], n: int, rng: np.rando
     if n == 0:
         return set()
     eligible = sorted(a for a, chars in by_alphabet.items() if len(chars) >= LAKE_VAL_MIN_CHARACTERS)
-    if n >= len(eligible) or n >= len(by_alphabet):
+    most = min(len(eligible), len(by_alphabet) - 1)  # at least one alphabet stays in training
+    if n > most:
         raise ConfigError(f"val_alphabets={n}: only {len(eligible)} of the {len(by_alphabet)} background alphabets have "
-                          f"{LAKE_VAL_MIN_CHARACTERS}+ characters and some must stay in training; use at most "
-                          f"{min(len(eligible), len(by_alphabet)) - 1}")
+                          f"{LAKE_VAL_MIN_CHARACTERS}+ characters and one must stay in training; use at most {most}")
     return set(rng.choice(eligible, size=n, replace=False).tolist())
 
 

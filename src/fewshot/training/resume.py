@@ -9,7 +9,7 @@ from typing import Any
 RESUMABLE = {
     "data": {"root", "cache_dir"},
     "train": {"steps", "num_workers", "device", "max_seconds", "val_every", "val_episodes", "val_way",
-              "val_shot", "val_query", "checkpoint_every"},
+              "val_shot", "val_query", "val_domain_mode", "checkpoint_every"},
 }
 CONFIG_SECTIONS = ("data", "model", "train", "seed", "distill")
 

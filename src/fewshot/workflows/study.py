@@ -94,7 +94,7 @@ def open_study(config: RunConfig, url: str, name: str) -> Any:
     if saved is None:
         study.set_user_attr("base_config", fingerprint)
         study.set_user_attr("base_config_dict", config.to_dict())
-    elif saved != fingerprint:
+    elif fingerprint not in (saved, _saved_fingerprint(study.user_attrs.get("base_config_dict"))):
         raise ConfigError(f"study {name!r} was run with another base config (everything but tune.space's values "
                           "must match to compare its trials); use --study NEW_NAME for a new study, or the config "
                           "the study was started with")
@@ -110,6 +110,19 @@ def base_fingerprint(config: RunConfig) -> str:
     if isinstance(data.get("data"), dict):
         data["data"] = {k: v for k, v in data["data"].items() if k not in ("root", "cache_dir")}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _saved_fingerprint(saved: Any) -> str | None:
+    """The fingerprint of a study's saved base config as this version reads it: a field added since
+    the study was started takes its default, as it does when a run resumes."""
+    from fewshot.config import config_from_dict
+
+    if not isinstance(saved, dict):
+        return None
+    try:
+        return base_fingerprint(config_from_dict(saved))
+    except (ConfigError, ValueError):
+        return None
 
 
 def make_sampler(tc: TuneConfig, seed: int) -> Any:

@@ -185,8 +185,8 @@ def _require_val(data: RunData, config: RunConfig) -> None:
         raise ConfigError(
             f"split scheme {data.scheme!r} of config {config.name!r} has no validation split (splits: "
             f"{sorted(data.splits)}); trials are scored on validation classes only, never on test classes: use a "
-            "scheme with a val split (vinyals, domains, classes, lake with data.lake_val_fraction > 0, or csv with "
-            "a val.csv)")
+            "scheme with a val split (vinyals, domains, classes, lake with data.lake_val_fraction > 0 or "
+            "data.lake_val_alphabets > 0, or csv with a val.csv)")
 
 
 # --------------------------------------------------------------------------- the study

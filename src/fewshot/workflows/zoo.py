@@ -170,7 +170,8 @@ def _training_info(config: RunConfig, run_dir: Path, recipe: Path) -> dict[str, 
         f"task {d.task_weight}")
     return {"recipe": str(recipe), "run": str(run_dir), "steps": int(last["step"]), "planned_steps": tc.steps,
             "best_step": int(best["step"]), "best_val_acc": best.get("metrics", {}).get("val_acc"),
-            "validation": f"{tc.val_episodes} {tc.val_way}-way {tc.val_shot}-shot episodes of the val split",
+            "validation": f"{tc.val_episodes} {tc.val_way}-way {tc.val_shot}-shot episodes of the val split"
+                          + {"any": "", "within": " (within one domain)", "across": " (across domains)"}[tc.val_domain_mode],
             "episode": training_recipe(config),
             "train_hours": seconds / 3600, "cpu_hours": sum(cpu_hours(s) for s in segments),
             "distillation": taught,

@@ -143,13 +143,18 @@ def _model_info(bundle: Bundle) -> dict[str, Any]:
             "input": f"{'grayscale' if pre.mode == 'L' else 'RGB'} {pre.size}x{pre.size}"}
 
 
+_DRAWN = {"within": "within one domain", "across": "across domains"}  # an episode's classes, by domain mode
+
+
 def training_recipe(config: RunConfig) -> str:
     """What one training step saw, and the optimiser, in words (a card's "N steps of ...")."""
     tc = config.train
-    seen = (f"batches of {tc.batch_size} labelled images" if learner_data_kind(config) == "batches" else
-            f"{tc.way}-way {tc.shot}-shot {tc.query}-query episodes (meta-batch {tc.meta_batch})")
-    if learner_data_kind(config) != "batches" and tc.domain_mode != "any":
-        seen += " with classes drawn " + ("within one domain" if tc.domain_mode == "within" else "across domains")
+    if learner_data_kind(config) == "batches":
+        seen = f"batches of {tc.batch_size} labelled images"
+    else:
+        seen = f"{tc.way}-way {tc.shot}-shot {tc.query}-query episodes (meta-batch {tc.meta_batch})"
+        if tc.domain_mode in _DRAWN:
+            seen += f" with classes drawn {_DRAWN[tc.domain_mode]}"
     if tc.affine:
         seen += ", affine distortions"
     return f"{seen}, {tc.optimizer} lr {tc.lr} {tc.schedule} (warm-up {tc.warmup})"
@@ -171,7 +176,7 @@ def _training_info(config: RunConfig, run_dir: Path, recipe: Path) -> dict[str, 
     return {"recipe": str(recipe), "run": str(run_dir), "steps": int(last["step"]), "planned_steps": tc.steps,
             "best_step": int(best["step"]), "best_val_acc": best.get("metrics", {}).get("val_acc"),
             "validation": f"{tc.val_episodes} {tc.val_way}-way {tc.val_shot}-shot episodes of the val split"
-                          + {"any": "", "within": " (within one domain)", "across": " (across domains)"}[tc.val_domain_mode],
+                          + (f" ({_DRAWN[tc.val_domain_mode]})" if tc.val_domain_mode in _DRAWN else ""),
             "episode": training_recipe(config),
             "train_hours": seconds / 3600, "cpu_hours": sum(cpu_hours(s) for s in segments),
             "distillation": taught,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from fewshot.config import RunConfig, TuneConfig
+from fewshot.config import RunConfig, TuneConfig, config_from_dict
 from fewshot.errors import ConfigError
 from fewshot.io import redact_url as redact
 
@@ -115,7 +115,6 @@ def base_fingerprint(config: RunConfig) -> str:
 def _saved_fingerprint(saved: Any) -> str | None:
     """The fingerprint of a study's saved base config as this version reads it: a field added since
     the study was started takes its default, as it does when a run resumes."""
-    from fewshot.config import config_from_dict
 
     if not isinstance(saved, dict):
         return None

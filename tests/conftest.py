@@ -41,11 +41,19 @@ def data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def omniglot_prepared(data_root: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def real_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder for the real datasets in a test session: each cache is keyed by its source
+    and preprocessing (`fewshot.data.prepare.cache_dir`), so the tests that read the same data at the
+    same size share one build instead of decoding 32k-60k images again."""
+    return tmp_path_factory.mktemp("real-cache")
+
+
+@pytest.fixture(scope="session")
+def omniglot_prepared(data_root: Path, real_cache_root: Path):  # type: ignore[no-untyped-def]
     """Full Omniglot prepared once per test session (28x28, grayscale)."""
     from fewshot.data.prepare import prepare_omniglot
 
-    return prepare_omniglot(data_root, tmp_path_factory.mktemp("omniglot-cache"), progress=False)
+    return prepare_omniglot(data_root, real_cache_root, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -31,12 +31,12 @@ VAL_TRAIN = [
 
 
 @pytest.fixture(scope="module")
-def mini(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+def mini(data_root: Path, real_cache_root: Path) -> PreparedData:
     if not (data_root / "miniimagenet" / "miniimagenet84.zip").is_file():
         if os.environ.get("FEWSHOT_REQUIRE_ALL", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"required in CI but unavailable: miniImageNet under {data_root}")
         pytest.skip(f"miniImageNet not found under {data_root}; set FEWSHOT_DATA")
-    return prepare(miniimagenet_source(data_root), tmp_path_factory.mktemp("mini-cache"),
+    return prepare(miniimagenet_source(data_root), real_cache_root,
                    Preprocessing("RGB", 84), progress=False)
 
 

@@ -22,9 +22,9 @@ def test_the_repository_has_a_zoo() -> None:
 
 @pytest.fixture(scope="module", params=ENTRIES, ids=[e.name for e in ENTRIES])
 def entry_and_data(request: pytest.FixtureRequest, data_root: Path,
-                   tmp_path_factory: pytest.TempPathFactory) -> tuple[ZooEntry, RunData]:
+                   real_cache_root: Path) -> tuple[ZooEntry, RunData]:
     entry: ZooEntry = request.param
-    return entry, entry_data(entry, root=str(data_root), cache_dir=str(tmp_path_factory.mktemp("zoo-cache")))
+    return entry, entry_data(entry, root=str(data_root), cache_dir=str(real_cache_root))
 
 
 @pytest.mark.integration

@@ -56,6 +56,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                       ["train.shot=1", "train.domain_mode=within", "train.affine=true"]),
     "px56": ("60-way 1-shot at 56x56 px instead of 28x28 (a 3x3 final feature map)",
              ["train.shot=1", "data.image_size=56"]),
+    "wide": ("within_affine on a double-width Conv-4 (128 channels, about 4x the compute per image)",
+             ["train.shot=1", "train.domain_mode=within", "train.affine=true", "model.backbone_args.width=2.0"]),
+    "pretrain": ("classification pre-training over every training character and rotation, batches of 128, "
+                 "SGD 0.05 + affine distortions (Lake et al. 2015's ConvNet baseline, RFS's recipe), then the "
+                 "learner's served rule",
+                 ["model.learner=pretrain", "train.batch_size=128", "train.optimizer=sgd", "train.lr=0.05",
+                  "train.momentum=0.9", "train.weight_decay=0.0005", "train.affine=true"]),
 }
 
 

@@ -7,7 +7,7 @@ episodes of the 5 whole background alphabets held out (`data.lake_val_alphabets=
 same kind of episode as the test, on alphabets none of the variants saw. Each variant gets the same
 wall-clock budget on the same threads, one after another (never two at once), with a constant
 learning rate so that no schedule is cut short by the budget (validation, about 9 s a point, counts
-in it). Every variant starts from scratch (`--no-resume`). The winner is then trained on all 30
+in it). Every variant starts from scratch (`--no-resume`). The winner is then trained on the 30
 alphabets (`configs/zoo/omniglot_protonet_conv4_lake.yaml`) and scored once on the evaluation
 alphabets.
 

@@ -113,6 +113,17 @@ def test_within_domain_and_across_domain(cache: PackedCache) -> None:
         describe_episode(pool, EpisodeSpec(4, 1, 1), episode_rng(0, 0), mode="across")
 
 
+def test_domains_too_small_for_within_episodes_are_named(cache: PackedCache) -> None:
+    pool = pool_from_split(cache, all_split(cache))  # A: 6 classes of 6, B: 4 of 6, C: one of 3, one of 6
+    assert pool.domains_too_small(4, 2) == {"C": 2}
+    assert pool.domains_too_small(5, 6) == {"B": 4, "C": 1}  # C's 3-image class cannot serve 6
+    assert pool.domains_too_small(2, 2) == {}
+    never = {names for i in range(50) for names in
+             {cache.classes[c].domain for c in describe_episode(pool, EpisodeSpec(5, 1, 5), episode_rng(2, i),
+                                                                 mode="within").class_ids}}
+    assert never == {"A"}  # what the method names is what the sampler skips
+
+
 def test_impossible_way_or_shot_names_the_numbers(cache: PackedCache) -> None:
     pool = pool_from_split(cache, all_split(cache))
     with pytest.raises(EpisodeError, match=r"20-way episode needs 20 classes with at least 6 images"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,18 @@ def test_validation_draws_its_episodes_as_val_domain_mode_says(tmp_path: Path, d
     assert within2.best_val_acc != anywhere2.best_val_acc  # same model, other episodes
     with pytest.raises(EpisodeError, match="within"):
         train(config(tmp_path, name="w3", steps=3, val_way=3, val_domain_mode="within"), data=data, progress=False)
+
+
+def test_training_names_the_domains_within_episodes_never_draw(tmp_path: Path, data: RunData) -> None:
+    splits = dict(data.splits)
+    train_split = splits["train"]
+    splits["train"] = type(train_split)("train", train_split.class_ids[:11], train_split.rotations[:11])  # D2: 3 classes
+    short = RunData(data.cache, splits, data.scheme)
+    with pytest.warns(UserWarning, match=r"never draw from the 1 domains with fewer than 4 training classes: D2 \(3\)"):
+        train(config(tmp_path, name="w", steps=1, domain_mode="within", val_every=100), data=short, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every domain has 4: nothing to say
+        train(config(tmp_path, name="ok", steps=1, domain_mode="within", val_every=100), data=data, progress=False)
 
 
 @pytest.mark.parametrize("schedule", ["step", "cosine"])

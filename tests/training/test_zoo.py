@@ -20,6 +20,7 @@ from fewshot.workflows.zoo import (
     ZooMismatch,
     entry_table,
     evaluate_entry,
+    protocol_description,
     publish,
     rescore,
     training_recipe,
@@ -61,6 +62,13 @@ def test_publish_writes_an_entry_whose_card_is_its_numbers(made: dict[str, Any])
     md = (entry.path / "MODEL.md").read_text()
     assert "20 steps of 4-way 2-shot 3-query episodes (meta-batch 1), adam lr 0.003" in md
     assert "| 3-way 2-shot |" in md and "40.00" in md and "made up" in md and "**yes**" in md
+
+
+def test_a_card_names_the_protocol_of_its_split(made: dict[str, Any]) -> None:
+    assert made["entry"].card()["protocol"]["description"] == protocol_description("synthetic")
+    assert "Vinyals" in protocol_description("vinyals") and "Lake" not in protocol_description("vinyals")
+    lake = protocol_description("lake")
+    assert "20 evaluation alphabets" in lake and "within" in lake and "Vinyals" not in lake
 
 
 def test_a_batch_learners_card_names_its_batches_not_episodes(tmp_path: Path) -> None:

@@ -34,8 +34,10 @@ def conv_block(c_in: int, c_out: int, pool: bool = True) -> nn.Sequential:
 
 
 class Conv4(Backbone):
-    """(N, C, H, W) -> (N, hidden * (H // 16) * (W // 16)); 28x28 Omniglot gives 64-d embeddings.
-    With `global_pool`: (N, channels), the last map averaged over its positions."""
+    """(N, C, H, W) -> (N, channels * h * w): channels = round(hidden * width), and h, w are H, W
+    halved (floored) once per pooled block (every block; all but the last with `pool_last=False`).
+    28x28 Omniglot gives 64-d embeddings, 84x84 miniImageNet 1600-d. With `global_pool`:
+    (N, channels), the last map averaged over its positions."""
 
     def __init__(
         self,

@@ -49,7 +49,8 @@ class DataConfig(_Frozen):
     min_images_per_class: int = Field(2, ge=1)
     first_level: Literal["domain", "subset"] = "domain"  # image folders: root/<domain>/<class> or root/<subset>/<class>
     # split "lake": validation characters held out from each of the 30 background alphabets
-    # (seeded); every alphabet stays in training. 0 = no validation split (train on all 964).
+    # (seeded); every alphabet stays in training unless lake_val_alphabets (below) holds some out.
+    # 0 = no validation split (train on all 964).
     lake_val_fraction: float = Field(0.1, ge=0, lt=1)
     # split "lake": also hold out this many whole background alphabets (seeded, 20+ characters each)
     # as val, for choosing a recipe on within-alphabet episodes of unseen alphabets (0: none). With

@@ -3,7 +3,7 @@
 A split is a list of few-shot classes: (cache class id, quarter-turn rotation) pairs. Schemes:
 
 - "lake": Omniglot's 30 background alphabets -> train, evaluation alphabets -> test (Lake et al.,
-  Science 2015). Validation never removes an alphabet from training: `fractions[1]` of the
+  Science 2015). By default validation removes no alphabet from training: `fractions[1]` of the
   characters of *each* background alphabet (seeded, at least one where the fraction is > 0) are
   held out as val; with `fractions[1] == 0` there is no val split. `val_alphabets` > 0 also holds
   out that many *whole* background alphabets (seeded, among those with at least 20 characters) as

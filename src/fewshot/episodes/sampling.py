@@ -71,6 +71,17 @@ class ClassPool:
     def __len__(self) -> int:
         return int(self.class_ids.shape[0])
 
+    def domains_too_small(self, n_way: int, need: int) -> dict[str, int]:
+        """Domains a within-domain `n_way`-way episode can never draw from (fewer than `n_way`
+        classes with `need` images): name -> how many such classes it has."""
+        ok = self.counts >= need
+        out: dict[str, int] = {}
+        for d in np.unique(self.domains):
+            n = int(np.count_nonzero(ok & (self.domains == d)))
+            if n < n_way:
+                out[self.domain_names[int(d)]] = n
+        return out
+
     def with_rotations(self) -> ClassPool:
         """Each class under 0/90/180/270 degrees as four separate classes (Vinyals et al. 2016)."""
         rep = lambda a: np.repeat(a, 4)  # noqa: E731

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -222,6 +223,13 @@ def _batches(s: _Session) -> Callable[[int], Any]:
         return slice_of
     episodes = EpisodeDataset(data.cache, pool, EpisodeSpec(tc.way, tc.shot, tc.query), seed=config.seed,
                               mode=tc.domain_mode, aug=aug)
+    if tc.domain_mode == "within":
+        small = pool.domains_too_small(tc.way, tc.shot + tc.query)
+        if small and world.rank == 0:
+            listed = ", ".join(f"{name} ({n})" for name, n in sorted(small.items()))
+            warnings.warn(f"within-domain {tc.way}-way training episodes never draw from the {len(small)} "
+                          f"domains with fewer than {tc.way} training classes: {listed}; "
+                          "lower train.way to train on them", stacklevel=2)
     mb = tc.meta_batch
     per = world.split(mb, "train.meta_batch")
     first = world.rank * per

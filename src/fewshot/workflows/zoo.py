@@ -265,12 +265,19 @@ def _card(config: RunConfig, zc: ZooConfig, recipe: Path, data: RunData, bundle:
         "data": {"dataset": config.data.dataset, "split": data.scheme, "fingerprint": data.cache.fingerprint,
                  "description": " ".join(zc.data_description.split()), "licence": zc.licence},
         "protocol": {"split": zc.split, "episodes": n, "query": zc.query, "seed": zc.seed, "served": SERVED,
-                     "description": "the few-shot protocol of Vinyals et al. / Snell et al. (N-way K-shot "
-                                    "episodes of unseen classes)"},
+                     "description": protocol_description(data.scheme)},
         "results": results,
         "made": {"date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": commit, "torch": _torch_version(),
                  "machine": f"{cpu_model()} ({os.cpu_count()} cores)", "commands": commands},
     }
+
+
+def protocol_description(scheme: str) -> str:
+    """The card's one-line name of the protocol its table follows, by split scheme."""
+    if scheme == "lake":
+        return ("Lake et al.'s one-shot protocol (N-way K-shot episodes of the 20 evaluation alphabets, never "
+                "trained on; a 'within' row draws every class of an episode from one alphabet)")
+    return "the few-shot protocol of Vinyals et al. / Snell et al. (N-way K-shot episodes of unseen classes)"
 
 
 def _torch_version() -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fewshot.artifacts.bundle import Bundle, load_bundle
+from fewshot.artifacts.embedders import MemoEmbed
 from fewshot.artifacts.export import evaluate_embedder, export_run
 from fewshot.artifacts.zoo import (
     BUNDLE_DIR,
@@ -71,12 +72,14 @@ def check_bundle_data(bundle: Bundle, data: RunData, split: str) -> None:
 
 
 def score(bundle: Bundle, data: RunData, *, way: int, shot: int, query: int, episodes: int, seed: int,
-          split: str = "test", mode: DomainMode = "any") -> EvalResult:
+          split: str = "test", mode: DomainMode = "any", embed: MemoEmbed | None = None) -> EvalResult:
     """The protocol's fixed-seed episodes through the bundle as served. Episode i depends only on
-    (seed, i), so the first k episodes of a longer evaluation are these episodes."""
+    (seed, i), so the first k episodes of a longer evaluation are these episodes. Each distinct
+    image goes through the bundle's ONNX embedder once (`embed`: share one `MemoEmbed` of it across
+    the settings of a table)."""
     check_bundle_data(bundle, data, split)
-    return evaluate_embedder(bundle.onnx_embedder.embed, bundle.decision_rule, data, split=split, way=way,
-                             shot=shot, query=query, episodes=episodes, seed=seed, mode=mode)
+    return evaluate_embedder(embed or MemoEmbed(bundle.onnx_embedder.embed), bundle.decision_rule, data,
+                             split=split, way=way, shot=shot, query=query, episodes=episodes, seed=seed, mode=mode)
 
 
 def entry_data(entry: ZooEntry, *, root: str | None = None, cache_dir: str | None = None,
@@ -121,11 +124,12 @@ def rescore(entry: ZooEntry, data: RunData, *, episodes: int | None = None) -> l
     card, recorded = entry.card(), entry.episodes()
     proto = card["protocol"]
     bundle = load_bundle(entry.bundle)
+    embed = MemoEmbed(bundle.onnx_embedder.embed)
     out = []
     for r in card["results"]:
         n = len(recorded[r["key"]]) if episodes is None else min(episodes, len(recorded[r["key"]]))
         res = score(bundle, data, way=r["way"], shot=r["shot"], query=proto["query"], episodes=n,
-                    seed=proto["seed"], split=proto["split"], mode=r["mode"])
+                    seed=proto["seed"], split=proto["split"], mode=r["mode"], embed=embed)
         rec = np.asarray(recorded[r["key"]][:n])
         out.append({"key": r["key"], "episodes": n, "recorded_mean": float(rec.mean()), "mean": res.mean,
                     "ci95": res.ci95, "card_mean": r["mean"], "card_ci95": r["ci95"],
@@ -238,10 +242,11 @@ def _served_results(bundle: Bundle, data: RunData, zc: ZooConfig, n: int, learne
     """The card's results table, scored as served on `n` episodes of each setting, and the
     per-episode accuracies behind it."""
     results, per_episode = [], {}
+    embed = MemoEmbed(bundle.onnx_embedder.embed)
     for r in zc.results:
         key = setting_key(r.way, r.shot, r.mode)
         res = score(bundle, data, way=r.way, shot=r.shot, query=zc.query, episodes=n, seed=zc.seed,
-                    split=zc.split, mode=r.mode)
+                    split=zc.split, mode=r.mode, embed=embed)
         per_episode[key] = [round(a, 6) for a in res.accuracies]
         mean, ci = mean_ci95(np.asarray(per_episode[key]))
         results.append({"key": key, "way": r.way, "shot": r.shot, "mode": r.mode, "mean": mean, "ci95": ci,

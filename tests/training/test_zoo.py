@@ -13,8 +13,12 @@ import pytest
 import yaml
 from synthetic_runs import config, run_data, synthetic_cache
 
+from fewshot.artifacts.bundle import load_bundle
+from fewshot.artifacts.embedders import MemoEmbed
+from fewshot.artifacts.export import evaluate_embedder
 from fewshot.artifacts.zoo import ZooEntry, get_entry, list_entries, render_model_md, resolve_bundle
 from fewshot.errors import CheckpointError, ConfigError
+from fewshot.training.data import RunData
 from fewshot.training.loop import train
 from fewshot.workflows.zoo import (
     ZooMismatch,
@@ -23,6 +27,7 @@ from fewshot.workflows.zoo import (
     protocol_description,
     publish,
     rescore,
+    score,
     training_recipe,
     verify,
 )
@@ -65,10 +70,25 @@ def test_publish_writes_an_entry_whose_card_is_its_numbers(made: dict[str, Any])
 
 
 def test_a_card_names_the_protocol_of_its_split(made: dict[str, Any]) -> None:
-    assert made["entry"].card()["protocol"]["description"] == protocol_description("synthetic")
-    assert "Vinyals" in protocol_description("vinyals") and "Lake" not in protocol_description("vinyals")
-    lake = protocol_description("lake")
-    assert "20 evaluation alphabets" in lake and "within" in lake and "Vinyals" not in lake
+    assert "Vinyals" in made["entry"].card()["protocol"]["description"]
+    data = made["data"]
+    lake = publish(made["recipe"], root=made["root"] / "zoo-lake", data=RunData(data.cache, data.splits, "lake"),
+                   episodes=10, progress=False)
+    said = lake.card()["protocol"]["description"]
+    assert "20 evaluation alphabets" in said and "within" in said and "Vinyals" not in said
+    assert "evaluation alphabets" not in protocol_description("lake", "val")
+
+
+def test_scoring_embeds_each_image_once_with_the_served_answers(made: dict[str, Any]) -> None:
+    entry, data = made["entry"], made["data"]
+    bundle = load_bundle(entry.bundle)
+    memo = MemoEmbed(bundle.onnx_embedder.embed)
+    kw = {"split": "test", "way": 3, "shot": 2, "query": 5, "episodes": 50, "seed": 1234}
+    memoised = score(bundle, data, embed=memo, **kw)
+    direct = evaluate_embedder(bundle.onnx_embedder.embed, bundle.decision_rule, data, **kw)
+    assert memoised.accuracies == pytest.approx(direct.accuracies)
+    n_test = sum(data.cache.classes[i].count for i in data.splits["test"].class_ids)
+    assert memo.embedded <= n_test < 50 * 3 * (2 + 5)  # each image once, not once per episode
 
 
 def test_a_batch_learners_card_names_its_batches_not_episodes(tmp_path: Path) -> None:

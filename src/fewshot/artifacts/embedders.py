@@ -45,9 +45,11 @@ def check_batch(images_u8: np.ndarray, channels: int, size: int) -> None:
 class MemoEmbed:
     """`embed` with every distinct image embedded once: an evaluation draws the same test images
     into thousands of episodes, and the embedding of an image does not depend on its episode (the
-    served embedder is fixed; no batch statistics). Images are keyed by a digest of their bytes, so a
-    rotated or re-cropped image is a new image. Holds one (D,) float32 row per distinct image: a
-    test split's worth (12,000 miniImageNet images at 1600-d: 77 MB)."""
+    served embedder is fixed; no batch statistics), up to float rounding that can differ with the
+    size of the batch an image is first embedded in (a rare tie may flip; `fewshot.workflows.zoo.
+    verify` allows 0.5 points). Images are keyed by a digest of their bytes, so a rotated or
+    re-cropped image is a new image. Holds one (D,) float32 row per distinct image it has seen: at
+    most the split's images (12,000 miniImageNet test images at 1600-d: 77 MB)."""
 
     def __init__(self, embed: Callable[[np.ndarray], np.ndarray]) -> None:
         self._embed = embed
@@ -55,6 +57,8 @@ class MemoEmbed:
         self.embedded = 0  # images that went through `embed`
 
     def __call__(self, images_u8: np.ndarray) -> np.ndarray:
+        if images_u8.dtype != np.uint8 or images_u8.ndim != 4:
+            raise ValueError(f"expected uint8 images (N, C, H, W); got {images_u8.dtype} {tuple(images_u8.shape)}")
         keys = [hashlib.blake2b(np.ascontiguousarray(im).tobytes(), digest_size=16).digest() for im in images_u8]
         missing = {k: i for i, k in enumerate(keys) if k not in self._rows}
         if missing:

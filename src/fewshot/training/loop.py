@@ -228,7 +228,8 @@ def _batches(s: _Session) -> Callable[[int], Any]:
         if small and world.rank == 0:
             listed = ", ".join(f"{name} ({n})" for name, n in sorted(small.items()))
             warnings.warn(f"within-domain {tc.way}-way training episodes never draw from the {len(small)} "
-                          f"domains with fewer than {tc.way} training classes: {listed}; "
+                          f"domains with fewer than {tc.way} training classes of {tc.shot + tc.query}+ images: "
+                          f"{listed}; "
                           "lower train.way to train on them", stacklevel=2)
     mb = tc.meta_batch
     per = world.split(mb, "train.meta_batch")

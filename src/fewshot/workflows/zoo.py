@@ -78,7 +78,8 @@ def score(bundle: Bundle, data: RunData, *, way: int, shot: int, query: int, epi
     image goes through the bundle's ONNX embedder once (`embed`: share one `MemoEmbed` of it across
     the settings of a table)."""
     check_bundle_data(bundle, data, split)
-    return evaluate_embedder(embed or MemoEmbed(bundle.onnx_embedder.embed), bundle.decision_rule, data,
+    embed = embed if embed is not None else MemoEmbed(bundle.onnx_embedder.embed)
+    return evaluate_embedder(embed, bundle.decision_rule, data,
                              split=split, way=way, shot=shot, query=query, episodes=episodes, seed=seed, mode=mode)
 
 
@@ -270,18 +271,21 @@ def _card(config: RunConfig, zc: ZooConfig, recipe: Path, data: RunData, bundle:
         "data": {"dataset": config.data.dataset, "split": data.scheme, "fingerprint": data.cache.fingerprint,
                  "description": " ".join(zc.data_description.split()), "licence": zc.licence},
         "protocol": {"split": zc.split, "episodes": n, "query": zc.query, "seed": zc.seed, "served": SERVED,
-                     "description": protocol_description(data.scheme)},
+                     "description": protocol_description(data.scheme, zc.split)},
         "results": results,
         "made": {"date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": commit, "torch": _torch_version(),
                  "machine": f"{cpu_model()} ({os.cpu_count()} cores)", "commands": commands},
     }
 
 
-def protocol_description(scheme: str) -> str:
-    """The card's one-line name of the protocol its table follows, by split scheme."""
-    if scheme == "lake":
+def protocol_description(scheme: str, split: str = "test") -> str:
+    """The card's one-line name of the protocol its table follows, by split scheme and split."""
+    if scheme == "lake" and split == "test":
         return ("Lake et al.'s one-shot protocol (N-way K-shot episodes of the 20 evaluation alphabets, never "
                 "trained on; a 'within' row draws every class of an episode from one alphabet)")
+    if scheme == "lake":
+        return (f"Lake et al.'s split, its {split} classes (N-way K-shot episodes; a 'within' row draws every "
+                "class of an episode from one alphabet)")
     return "the few-shot protocol of Vinyals et al. / Snell et al. (N-way K-shot episodes of unseen classes)"
 
 

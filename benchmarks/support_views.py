@@ -1,4 +1,4 @@
-"""Support-set views at test time for a miniImageNet zoo bundle (issue 15, miniImageNet target).
+"""Support-set views at test time for a zoo bundle (issue 15: the miniImageNet target first).
 
 RFS (Tian et al. 2020; `eval_fewshot.py --n_aug_support_samples 5`) fits its logistic-regression
 probe on 5 copies of every support image, each through the *training* augmentation (8-pixel padded
@@ -14,15 +14,19 @@ for every variant (seeded by episode index), the bundle's ONNX embedder and its 
     mirror         + its left-right mirror                                             2
     rfs5           5 training-augmented copies, no plain copy (RFS's default)          5
     plain+aug4     the image + 4 training-augmented copies                             5
-    shift4+mirror  the image, 4 shifted copies (8-pixel edge-padded corner crops) and   10
-                   the mirror of each: deterministic, so a service could store them
+    shift4         the image and 4 shifted copies (corner crops of the image edge-      5
+                   padded by --shift pixels; 8 at 84 px): deterministic
+    shift4+mirror  the same and the mirror of each: deterministic, so a service could   10
+                   store them
     *-mean         the same views averaged into one embedding per image (what a          1
                    service could store in place of the image's embedding)
 
-Random augmentations are drawn from a generator seeded by (seed, episode), so runs repeat.
+Random augmentations are drawn from a generator seeded by (seed, episode), so runs repeat. For
+characters (an Omniglot entry: `--way 20 --shift 2 --variants plain shift4 shift4-mean`) leave out
+the mirror and the colour-jittered copies (`rfs5`, `plain+aug4` need RGB).
 
-    python benchmarks/mini_support_views.py [--entry miniimagenet-pretrain-conv4-rfs] [--split val] \
-        [--episodes 600] [--out benchmarks/results/mini_support_views.json]
+    python benchmarks/support_views.py [--entry miniimagenet-pretrain-conv4-rfs] [--split val] \
+        [--episodes 600] [--out benchmarks/results/support_views.json]
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("plain", "mirror", "rfs5", "plain+aug4", "shift4+mirror", "mirror-mean", "shift4+mirror-mean")
+VARIANTS = ("plain", "mirror", "rfs5", "plain+aug4", "shift4", "shift4+mirror", "mirror-mean", "shift4-mean",
+            "shift4+mirror-mean")
 
 
 def shifted(images: np.ndarray, pad: int) -> list[np.ndarray]:
@@ -49,7 +54,7 @@ def shifted(images: np.ndarray, pad: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(p[:, :, y:y + h, x:x + w]) for y in (0, 2 * pad) for x in (0, 2 * pad)]
 
 
-def views(variant: str, images: np.ndarray, aug: Any, rng: np.random.Generator) -> list[np.ndarray]:
+def views(variant: str, images: np.ndarray, aug: Any, rng: np.random.Generator, shift: int) -> list[np.ndarray]:
     from fewshot.episodes.materialise import augment
 
     mirror = lambda a: np.ascontiguousarray(a[:, :, :, ::-1])  # noqa: E731
@@ -62,8 +67,10 @@ def views(variant: str, images: np.ndarray, aug: Any, rng: np.random.Generator) 
         return [augment(images, aug, rng) for _ in range(5)]
     if variant == "plain+aug4":
         return [images] + [augment(images, aug, rng) for _ in range(4)]
+    if variant == "shift4":
+        return [images, *shifted(images, shift)]
     if variant == "shift4+mirror":
-        base = [images, *shifted(images, 8)]
+        base = [images, *shifted(images, shift)]
         return base + [mirror(b) for b in base]
     raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
 
@@ -74,9 +81,11 @@ def main() -> None:
     ap.add_argument("--split", default="val", choices=["val", "test"])
     ap.add_argument("--episodes", type=int, default=600)
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--way", type=int, default=5)
+    ap.add_argument("--shift", type=int, default=8, help="pixels of the shifted views (8 at 84 px, 2 at 28 px)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mini_support_views.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "support_views.json")
     args = ap.parse_args()
 
     import torch
@@ -102,7 +111,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     for shot in args.shots:
-        spec = EpisodeSpec(5, shot, 15)
+        spec = EpisodeSpec(args.way, shot, 15)
         acc: dict[str, list[float]] = {v: [] for v in args.variants}
         for i in range(args.episodes):
             desc = describe_episode(pool, spec, episode_rng(args.seed, i))
@@ -115,16 +124,16 @@ def main() -> None:
             zq = memo(qx)
             for v in args.variants:
                 rng = np.random.default_rng([args.seed, 777, shot, i])
-                vs = views(v, sx, aug, rng)
+                vs = views(v, sx, aug, rng, args.shift)
                 first_random = {"rfs5": 0, "plain+aug4": 1}.get(v, len(vs))  # views before it repeat
                 zs = np.concatenate([(memo if k < first_random else embed_random)(x) for k, x in enumerate(vs)])
                 if v.endswith("-mean"):  # one row per support image: the mean of its views
-                    answer = episode(rule, zs.reshape(len(vs), len(sx), -1).mean(0), ys, 5, zq)
+                    answer = episode(rule, zs.reshape(len(vs), len(sx), -1).mean(0), ys, args.way, zq)
                 else:
-                    answer = episode(rule, zs, np.tile(ys, len(vs)), 5, zq)
+                    answer = episode(rule, zs, np.tile(ys, len(vs)), args.way, zq)
                 acc[v].append(float(np.mean(answer.preference.argmax(1) == yq)))
             if (i + 1) % 100 == 0:
-                print(f"  5w{shot}s: {i + 1}/{args.episodes} episodes ({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(f"  {args.way}w{shot}s: {i + 1}/{args.episodes} episodes ({time.perf_counter() - t0:.0f} s)", flush=True)
         base = np.asarray(acc["plain"]) if "plain" in acc else None
         for v, a in acc.items():
             arr = np.asarray(a)
@@ -133,9 +142,10 @@ def main() -> None:
             if base is not None and v != "plain":
                 d_mean, d_ci = mean_ci95(arr - base)
                 row.update({"minus_plain": d_mean, "minus_plain_ci95": d_ci})
-            results[f"5w{shot}s/{v}"] = row
+            results[f"{args.way}w{shot}s/{v}"] = row
 
-    print(f"\n### {args.entry}: support views, {args.split} classes, 5-way, {args.episodes} episodes, 15 queries\n")
+    print(f"\n### {args.entry}: support views, {args.split} classes, {args.way}-way, {args.episodes} episodes, "
+          f"15 queries\n")
     print("| shot | variant | accuracy | minus plain (paired) |")
     print("|---|---|---:|---:|")
     for key, r in results.items():
@@ -145,7 +155,8 @@ def main() -> None:
     out = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
            "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
            "entry": args.entry, "bundle_id": bundle.bundle_id,
-           "rule": rule.to_dict(), "split": args.split, "episodes": args.episodes, "seed": args.seed,
+           "rule": rule.to_dict(), "split": args.split, "way": args.way, "shift": args.shift,
+           "episodes": args.episodes, "seed": args.seed,
            "wall_s": round(time.perf_counter() - t0, 1), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))

@@ -32,7 +32,7 @@ from torch import nn
 from fewshot.artifacts.bundle import export_bundle
 from fewshot.artifacts.calibration import calibrate_open_set
 from fewshot.artifacts.domain import summarise_domain
-from fewshot.artifacts.embedders import TorchEmbedder
+from fewshot.artifacts.embedders import MemoEmbed, TorchEmbedder
 from fewshot.artifacts.embedding_summary import min_training_images
 from fewshot.artifacts.image_stats import model_image_statistics, upload_statistics
 from fewshot.artifacts.quantise import (
@@ -150,9 +150,10 @@ def _result_key(r: dict[str, Any]) -> str:
     return f"{r['split']}_{r['way']}w{r['shot']}s_{r['mode']}"
 
 
-def _served(embedder: Any, rule: DecisionRule, data: RunData, r: dict[str, Any]) -> EvalResult:
-    """The episodes of recorded evaluation `r` through `embedder` + `rule`."""
-    return evaluate_embedder(embedder.embed, rule, data, split=r["split"], way=r["way"], shot=r["shot"],
+def _served(embed: Any, rule: DecisionRule, data: RunData, r: dict[str, Any]) -> EvalResult:
+    """The episodes of recorded evaluation `r` through `embed` (an embedder's, or a `MemoEmbed` of
+    it shared across evaluations) + `rule`."""
+    return evaluate_embedder(embed, rule, data, split=r["split"], way=r["way"], shot=r["shot"],
                              query=r["query"], episodes=r["episodes"], seed=r["seed"], mode=r["mode"])
 
 
@@ -161,7 +162,8 @@ def served_accuracy(results: list[dict[str, Any]], data: RunData, rule: Decision
     (the `evaluate` of `quantise_bundle`)."""
 
     def evaluate(embedder: Any) -> dict[str, float]:
-        return {_result_key(r): _served(embedder, rule, data, r).mean for r in results}
+        embed = MemoEmbed(embedder.embed)  # each test image once across the evaluations
+        return {_result_key(r): _served(embed, rule, data, r).mean for r in results}
 
     return evaluate
 
@@ -174,8 +176,9 @@ def _served_metrics(results: list[dict[str, Any]], data: RunData, rule: Decision
     def evaluate(onnx_embedder: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
         worst = None
+        embed = MemoEmbed(onnx_embedder.embed)  # each test image once across the evaluations
         for r in results:
-            served = _served(onnx_embedder, rule, data, r)
+            served = _served(embed, rule, data, r)
             key = _result_key(r)
             drop = r["mean"] - served.mean
             out[key] = {"mean": r["mean"], "ci95": r["ci95"], "episodes": r["episodes"], "seed": r["seed"],

@@ -73,7 +73,7 @@ def test_a_card_names_the_protocol_of_its_split(made: dict[str, Any]) -> None:
     assert "Vinyals" in made["entry"].card()["protocol"]["description"]
     data = made["data"]
     lake = publish(made["recipe"], root=made["root"] / "zoo-lake", data=RunData(data.cache, data.splits, "lake"),
-                   episodes=10, progress=False)
+                   progress=False)
     said = lake.card()["protocol"]["description"]
     assert "20 evaluation alphabets" in said and "within" in said and "Vinyals" not in said
     assert "evaluation alphabets" not in protocol_description("lake", "val")

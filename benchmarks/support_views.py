@@ -18,8 +18,9 @@ for every variant (seeded by episode index), the bundle's ONNX embedder and its 
                    padded by --shift pixels; 8 at 84 px): deterministic
     shift4+mirror  the same and the mirror of each: deterministic, so a service could   10
                    store them
-    *-mean         the same views averaged into one embedding per image (what a          1
-                   service could store in place of the image's embedding)
+    *-mean         the same views averaged into one embedding per image: what is served  1
+                   (`fewshot.decision.views`, chosen at export by `export.views: auto`);
+                   for a nearest-prototype rule the same classes as keeping every view
 
 Random augmentations are drawn from a generator seeded by (seed, episode), so runs repeat. For
 characters (an Omniglot entry: `--way 20 --shift 2 --variants plain shift4 shift4-mean`) leave out
@@ -47,32 +48,20 @@ VARIANTS = ("plain", "mirror", "rfs5", "plain+aug4", "shift4", "shift4+mirror", 
             "shift4+mirror-mean")
 
 
-def shifted(images: np.ndarray, pad: int) -> list[np.ndarray]:
-    """The 4 corner crops of the images edge-padded by `pad` (shifts of +-pad pixels)."""
-    h, w = images.shape[2], images.shape[3]
-    p = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="edge")
-    return [np.ascontiguousarray(p[:, :, y:y + h, x:x + w]) for y in (0, 2 * pad) for x in (0, 2 * pad)]
-
-
 def views(variant: str, images: np.ndarray, aug: Any, rng: np.random.Generator, shift: int) -> list[np.ndarray]:
+    """The support examples of one variant: the served views (`fewshot.decision.view_images`) or
+    RFS's randomly augmented copies."""
+    from fewshot.decision import view_images
     from fewshot.episodes.materialise import augment
 
-    mirror = lambda a: np.ascontiguousarray(a[:, :, :, ::-1])  # noqa: E731
     variant = variant.removesuffix("-mean")
-    if variant == "plain":
-        return [images]
-    if variant == "mirror":
-        return [images, mirror(images)]
     if variant == "rfs5":
         return [augment(images, aug, rng) for _ in range(5)]
     if variant == "plain+aug4":
         return [images] + [augment(images, aug, rng) for _ in range(4)]
-    if variant == "shift4":
-        return [images, *shifted(images, shift)]
-    if variant == "shift4+mirror":
-        base = [images, *shifted(images, shift)]
-        return base + [mirror(b) for b in base]
-    raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if variant not in {"plain", "mirror", "shift4", "shift4+mirror"}:
+        raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    return view_images(images, "none" if variant == "plain" else variant, shift)
 
 
 def main() -> None:

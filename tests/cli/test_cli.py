@@ -66,6 +66,8 @@ def test_prepare_inspect_train_evaluate_compare_export(workdir: Path, capsys: py
     assert main(["export", "runs/tiny", "bundle"]) == 0
     manifest = json.loads((workdir / "bundle" / "manifest.json").read_text())
     assert manifest["embedding_dim"] == 8 and (workdir / "bundle" / "model.onnx").is_file()
+    views = manifest["deployment"]["views"]  # chosen on validation episodes: shifted views, no mirror for grey
+    assert set(views["accuracy"]) == {"none", "shift4"} and views["views"] == manifest["decision"]["rule"]["views"]
     assert main(["evaluate", "bundle", "--way", "2", "--query", "2", "--episodes", "600"]) == 0  # as served
     assert "bundle as served (ONNX Runtime + its decision rule): 2-way 1-shot (any, 600 episodes, seed 1234)" in \
         capsys.readouterr().out

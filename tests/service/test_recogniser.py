@@ -178,3 +178,20 @@ def test_classify_at_10000_classes_answers_from_memory(sqlite_store: Store, monk
     for _ in range(3):
         assert r.classify(ws.id, q, top_k=5)[0].top_k[0].label == "target"
     assert reads == []
+
+
+def test_a_bundle_with_example_views_stores_each_image_as_the_mean_of_its_views(sqlite_store: Store) -> None:
+    from fewshot.decision import DecisionRule, example_embeddings
+
+    emb = ToyEmbedder()
+    r = Recogniser(emb, sqlite_store, decision=BundleDecision(DecisionRule(views="shift4", view_shift=2)))
+    ws, _ = r.create_workspace("demo")
+    images = class_images(0, 3)
+    rec = r.add_class(ws.id, "zero", images)
+    stored = sqlite_store.examples(ws.id, [rec.id]).embeddings
+    np.testing.assert_allclose(stored, example_embeddings(emb.embed, images, "shift4", 2), rtol=1e-5)
+    assert not np.allclose(stored, emb.embed(images), atol=1e-3)  # not the images' own embeddings
+    more = class_images(0, 5)[3:]
+    r.add_images(ws.id, rec.id, more)
+    assert len(sqlite_store.examples(ws.id, [rec.id]).embeddings) == 5  # still one row per image
+    assert r.classify(ws.id, class_images(0, 6)[5:])[0].label == "zero"

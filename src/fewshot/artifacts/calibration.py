@@ -41,6 +41,7 @@ from fewshot.decision import (
     OpenSetRule,
     ServedDecision,
     decide,
+    example_embeddings,
     fit_memory,
 )
 from fewshot.errors import ConfigError
@@ -118,19 +119,23 @@ def _scores(queries: np.ndarray, labels: np.ndarray, memory: ClassMemory, metric
 
 
 def open_set_episode(emb_by_class: Sequence[np.ndarray], rng: np.random.Generator, *, n_way: int,
-                     n_shot: int | tuple[int, int], n_query: int) -> dict[Metric, OpenSetScores]:
+                     n_shot: int | tuple[int, int], n_query: int,
+                     examples_by_class: Sequence[np.ndarray] | None = None) -> dict[Metric, OpenSetScores]:
     """One episode: `n_way` taught classes with `n_shot` examples each (a (low, high) pair draws each
     class's count uniformly from low..high) and `n_query` queries each, plus `n_query` queries of
-    one untaught class -> per metric OpenSetScores. emb_by_class: [(n_i, D)] embeddings."""
+    one untaught class -> per metric OpenSetScores. emb_by_class: [(n_i, D)] embeddings;
+    examples_by_class: the same images' embeddings as taught examples (through the decision's
+    example views, `fewshot.decision.views`; None: the same as emb_by_class)."""
+    taught = emb_by_class if examples_by_class is None else examples_by_class
     lo, hi = (n_shot, n_shot) if isinstance(n_shot, int) else n_shot
     chosen = rng.choice(len(emb_by_class), size=n_way + 1, replace=False)
     shots = rng.integers(lo, hi + 1, size=n_way)
     support, queries = [], []
     for i, c in enumerate(chosen):
-        x = emb_by_class[c][rng.permutation(len(emb_by_class[c]))]
+        order = rng.permutation(len(emb_by_class[c]))
         k = int(shots[i]) if i < n_way else 0
-        support += [x[:k]] if i < n_way else []
-        queries.append(x[k : k + n_query])
+        support += [taught[c][order[:k]]] if i < n_way else []
+        queries.append(emb_by_class[c][order[k : k + n_query]])
     labels = np.concatenate([np.full(len(q), i) for i, q in enumerate(queries)])
     q = np.ascontiguousarray(np.concatenate(queries), np.float32)
     memory = ClassMemory.of(np.concatenate(support), np.repeat(np.arange(n_way), [len(s) for s in support]), n_way)
@@ -138,9 +143,11 @@ def open_set_episode(emb_by_class: Sequence[np.ndarray], rng: np.random.Generato
 
 
 def sample_open_set(emb_by_class: Sequence[np.ndarray], rng: np.random.Generator, *, n_way: int,
-                    n_shot: int | tuple[int, int], n_query: int, n_episodes: int) -> dict[Metric, OpenSetScores]:
+                    n_shot: int | tuple[int, int], n_query: int, n_episodes: int,
+                    examples_by_class: Sequence[np.ndarray] | None = None) -> dict[Metric, OpenSetScores]:
     """`n_episodes` open-set episodes (see `open_set_episode`), concatenated per metric."""
-    eps = [open_set_episode(emb_by_class, rng, n_way=n_way, n_shot=n_shot, n_query=n_query) for _ in range(n_episodes)]
+    eps = [open_set_episode(emb_by_class, rng, n_way=n_way, n_shot=n_shot, n_query=n_query,
+                            examples_by_class=examples_by_class) for _ in range(n_episodes)]
     return {m: OpenSetScores.concat([e[m] for e in eps]) for m in METRICS}
 
 
@@ -234,14 +241,18 @@ def fit_spread_rule(by_shot: Mapping[int, OpenSetScores], metric: Metric, n_shot
 def fit_open_set_rules(emb_by_class: Sequence[np.ndarray], rng: np.random.Generator, *, n_way: int, n_shot: int,
                        n_query: int, n_episodes: int, target_true_accept: float = 0.95,
                        target_rejection: float = 0.80, prior_strengths: Sequence[float] = PRIOR_STRENGTHS,
+                       examples_by_class: Sequence[np.ndarray] | None = None,
                        ) -> tuple[dict[Metric, OpenSetRule], dict[str, Any], dict[Metric, OpenSetScores]]:
     """Per metric the "spread" rule chosen on `n_episodes` episodes of `n_way`-way `n_shot`-shot
     (and 1-shot, for the shot penalty) -> (rules, report of the targets and the measured operating
-    points of the rule and of a "global" rule balanced the same way, the `n_shot` episodes)."""
+    points of the rule and of a "global" rule balanced the same way, the `n_shot` episodes).
+    `examples_by_class`: the images as taught examples (`open_set_episode`); the prior spread is
+    theirs, as a class's spread in the service is that of its stored examples."""
     shots = sorted({1, n_shot})
-    by_shot = {k: sample_open_set(emb_by_class, rng, n_way=n_way, n_shot=k, n_query=n_query, n_episodes=n_episodes)
+    by_shot = {k: sample_open_set(emb_by_class, rng, n_way=n_way, n_shot=k, n_query=n_query, n_episodes=n_episodes,
+                                  examples_by_class=examples_by_class)
                for k in shots}
-    spread0 = prior_spread(emb_by_class)
+    spread0 = prior_spread(emb_by_class if examples_by_class is None else examples_by_class)
     rules: dict[Metric, OpenSetRule] = {}
     measured: dict[str, Any] = {}
     for m in METRICS:
@@ -276,20 +287,25 @@ def _check_rate(name: str, value: float, example: float) -> None:
 def calibrate_open_set(
     embedder: Embedder, images_by_class: Mapping[str, np.ndarray], rng: np.random.Generator, *,
     n_way: int = 5, n_shot: int = 5, n_query: int = 15, n_episodes: int = 200,
-    target_true_accept: float = 0.95, target_rejection: float = 0.80,
+    target_true_accept: float = 0.95, target_rejection: float = 0.80, views: tuple[str, int] = ("none", 0),
 ) -> Calibration:
     """Open-set rules per metric (see module doc).
 
     images_by_class: held-out (validation) class name -> uint8 (n_i, C, H, W) with n_i >= n_shot + 1.
+    views: the decision's example views and shift (`DecisionRule.views`, `view_shift`): taught
+    examples are embedded through them, queries as they are, as the service does.
     """
     _check_classes(images_by_class, n_way, n_shot)
     for name, value, example in (("target_true_accept", target_true_accept, 0.95),
                                  ("target_rejection", target_rejection, 0.8)):
         _check_rate(name, value, example)
     emb = [embedder.embed(images_by_class[k]) for k in sorted(images_by_class)]
+    examples = None if views[0] == "none" else [example_embeddings(embedder.embed, images_by_class[k], *views)
+                                                for k in sorted(images_by_class)]
     rules, report, _ = fit_open_set_rules(emb, rng, n_way=n_way, n_shot=n_shot, n_query=n_query,
                                           n_episodes=n_episodes, target_true_accept=target_true_accept,
-                                          target_rejection=target_rejection)
+                                          target_rejection=target_rejection, examples_by_class=examples)
+    report["views"] = {"views": views[0], "shift": views[1]}
     return Calibration(n_episodes=n_episodes, n_way=n_way, n_shot=n_shot, n_query=n_query, rules=dict(rules),
                        open_set=report)
 

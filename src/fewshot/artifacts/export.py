@@ -8,6 +8,10 @@
 * `choose_rule`: the learner's decision rule; for gradient-based learners (whose own rule is an
   inner loop the service does not run) the prototype metric that scores best on validation
   episodes is chosen and recorded.
+* `choose_views`: the example views the bundle serves (`fewshot.decision.views`; `export.views`):
+  with "auto", each candidate is scored on the same validation episodes as no views (the eval
+  shape, at most as many ways as there are validation classes), and the one with the largest gain
+  is kept only when its paired gain is above its 95% interval; recorded.
 * `evaluate_embedder`: the protocol's fixed-seed episodes, run through an `Embedder` (ONNX
   Runtime, uint8 in) and a `DecisionRule`: the service's path, not the learner's.
 * `export_run`: writes the bundle and refuses it when the bundle as served is more than
@@ -21,7 +25,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +48,18 @@ from fewshot.artifacts.quantise import (
 from fewshot.backbones.base import Backbone
 from fewshot.config import RunConfig, load_config
 from fewshot.data.imageio import Preprocessing, from_model_input
-from fewshot.decision import METRICS, DecisionRule, episode
+from fewshot.decision import METRICS, DecisionRule, default_shift, episode, example_embeddings
 from fewshot.episodes.loader import EpisodeDataset
 from fewshot.episodes.sampling import DomainMode, EpisodeSpec
 from fewshot.episodes.types import Episode
 from fewshot.errors import CheckpointError, FewshotError
 from fewshot.precision import in_memory_format
 from fewshot.training.data import RunData, images_by_class, load_run_data, source_of
-from fewshot.training.evaluate import EvalResult, evaluate_episodes
+from fewshot.training.evaluate import EvalResult, evaluate_episodes, mean_ci95
 from fewshot.training.protocol import load_results
 from fewshot.training.runs import check_run_dir, load_trained
 
-BN_SEED_OFFSET, RULE_SEED_OFFSET, INT8_SEED_OFFSET = 200_003, 300_007, 400_009
+BN_SEED_OFFSET, RULE_SEED_OFFSET, INT8_SEED_OFFSET, VIEWS_SEED_OFFSET = 200_003, 300_007, 400_009, 500_009
 
 
 class ExportRefused(CheckpointError):
@@ -104,10 +108,12 @@ def deployable_backbone(learner: Any, data: RunData, config: RunConfig) -> Backb
 def rule_predictor(embed: Any, rule: DecisionRule, pre: Preprocessing) -> Any:
     """episode -> (n_query, n_way) preferences whose argmax is the served label (`fewshot.decision.
     episode`: -d^2, cos or the probe's logits), through `embed` (uint8 (N, C, H, W) -> (N, D) numpy)
-    and `rule`; episodes hold the model input under `pre` (the cache's preprocessing)."""
+    and `rule` (the support images through the rule's example views, as the service teaches them);
+    episodes hold the model input under `pre` (the cache's preprocessing)."""
 
     def predict(ep: Episode) -> torch.Tensor:
-        zs, zq = embed(to_uint8(ep.support_x, pre)), embed(to_uint8(ep.query_x, pre))
+        zs = example_embeddings(embed, to_uint8(ep.support_x, pre), rule.views, rule.view_shift)
+        zq = embed(to_uint8(ep.query_x, pre))
         answer = episode(rule, zs, ep.support_y.cpu().numpy(), ep.n_way, zq)
         return torch.from_numpy(answer.preference).to(ep.query_y.device)
 
@@ -136,6 +142,57 @@ def choose_rule(learner: Any, backbone: Backbone, data: RunData, config: RunConf
               for m in METRICS}
     best = max(METRICS, key=lambda m: scores[m])  # the first of equals, as before
     return DecisionRule("prototype", best), scores
+
+
+def view_candidates(channels: int) -> list[str]:
+    """The example views `export.views: auto` tries: shifted views for every image; mirrored ones
+    only for colour photos (a mirrored letter or digit can be another one)."""
+    return ["none", "shift4"] + (["mirror", "shift4+mirror"] if channels == 3 else [])
+
+
+def choose_views(embed: Any, rule: DecisionRule, data: RunData, config: RunConfig) -> tuple[DecisionRule, dict[str, Any]]:
+    """`rule` with the example views of `config.export.views` (module doc) -> (rule, what was
+    measured: per candidate the validation accuracy and the paired gain over no views)."""
+    pre = data.cache.preprocessing
+    shift = default_shift(pre.size)
+
+    def with_views(v: str) -> DecisionRule:
+        return replace(rule, views=v, view_shift=shift if v.startswith("shift") else 0)
+
+    chosen = config.export.views
+    if chosen != "auto":
+        return with_views(chosen), {"views": chosen, "chosen_by": "export.views"}
+    ev, counts = config.eval, data.pool("val").counts if "val" in data.splits else np.zeros(0)
+    # the eval shape, within what the validation classes hold
+    way, query = min(ev.way, len(counts)), min(ev.query, (int(counts.min()) if len(counts) else 0) - ev.shot)
+    if way < 2 or query < 1:
+        return with_views("none"), {"views": "none", "chosen_by": "too few validation classes or images: no views"}
+    memo = MemoEmbed(embed)  # each validation image embedded once across candidates
+    res = {v: evaluate_embedder(memo, with_views(v), data, split="val", way=way, shot=ev.shot, query=query,
+                                episodes=config.export.view_episodes, seed=config.seed + VIEWS_SEED_OFFSET)
+           for v in view_candidates(pre.channels)}
+    base = np.asarray(res["none"].accuracies)
+    report: dict[str, Any] = {"episodes": config.export.view_episodes, "way": way, "shot": ev.shot, "query": query,
+                              "shift": shift,
+                              "accuracy": {v: r.mean for v, r in res.items()}, "gain": {}}
+    best, best_gain = "none", 0.0
+    for v, r in res.items():
+        if v == "none":
+            continue
+        gain, ci = mean_ci95(np.asarray(r.accuracies) - base)
+        report["gain"][v] = {"mean": gain, "ci95": ci}
+        if gain - ci > 0 and gain > best_gain:
+            best, best_gain = v, gain
+    report.update(views=best, chosen_by="largest paired gain above its 95% interval on validation episodes")
+    return with_views(best), report
+
+
+def _served_rule(learner: Any, backbone: Backbone, data: RunData,
+                 config: RunConfig) -> tuple[DecisionRule, dict[str, float], dict[str, Any]]:
+    """The rule a bundle serves: `choose_rule`'s head with `choose_views`'s views, and both reports."""
+    rule, rule_scores = choose_rule(learner, backbone, data, config)
+    rule, view_report = choose_views(TorchEmbedder(backbone, data.cache.preprocessing).embed, rule, data, config)
+    return rule, rule_scores, view_report
 
 
 def recorded_test_results(run_dir: Path) -> list[dict[str, Any]]:
@@ -196,14 +253,16 @@ def _served_metrics(results: list[dict[str, Any]], data: RunData, rule: Decision
     return evaluate
 
 
-def _open_set(embedder: Any, by_class: dict[str, np.ndarray], config: RunConfig, seed: int) -> dict[str, Any]:
-    """Open-set rules at 95% of correct answers kept / 80% of unknowns rejected, on `by_class`."""
+def _open_set(embedder: Any, by_class: dict[str, np.ndarray], config: RunConfig, seed: int,
+              rule: DecisionRule) -> dict[str, Any]:
+    """Open-set rules at 95% of correct answers kept / 80% of unknowns rejected, on `by_class`
+    (taught through the rule's example views)."""
     smallest = min(len(v) for v in by_class.values())
     n_shot = max(1, min(5, smallest - 1))
     return calibrate_open_set(
         embedder, by_class, np.random.default_rng(seed),
         n_way=max(2, min(5, len(by_class) - 1)), n_shot=n_shot, n_query=max(1, min(15, smallest - n_shot)),
-        n_episodes=config.export.calibration_episodes,
+        n_episodes=config.export.calibration_episodes, views=(rule.views, rule.view_shift),
     ).to_dict()
 
 
@@ -247,12 +306,12 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
                                  requested=int8.calibration_images)
     learner, manifest = load_trained(run_dir)
     backbone = deployable_backbone(learner, data, config)
-    rule, rule_scores = choose_rule(learner, backbone, data, config)
+    rule, rule_scores, view_report = _served_rule(learner, backbone, data, config)
     calib_split = "val" if "val" in data.splits else "test"
     by_class = images_by_class(data, calib_split)  # all of them: the open-set threshold moves with the classes seen
-    calibration = _open_set(TorchEmbedder(backbone, pre), by_class, config, seed)
-    deployment = {"embedder": learner.deployment.embedder, "rule": rule.to_dict(),
-                  "rule_val_accuracy": rule_scores, "learner": manifest["model"]["learner"]["name"]}
+    calibration = _open_set(TorchEmbedder(backbone, pre), by_class, config, seed, rule)
+    deployment = {"embedder": learner.deployment.embedder, "rule": rule.to_dict(), "rule_val_accuracy": rule_scores,
+                  "views": view_report, "learner": manifest["model"]["learner"]["name"]}
     if learner.deployment.embedder == "bn-reestimated":
         deployment["batch_norm"] = (f"running statistics = mean of {config.export.bn_episodes} training support "
                                     f"sets ({config.eval.way}-way {config.eval.shot}-shot)")
@@ -280,7 +339,7 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
             bundle, int8_images, served_accuracy(results, data, rule), out_dir=out, config=int8.quantise,
             force=force, requested=int8.calibration_images,
             calibrated_on=f"{len(int8_images)} {data.scheme}/train images (seed {seed})",
-            recalibrate=lambda embedder: _open_set(embedder, by_class, config, seed))
+            recalibrate=lambda embedder: _open_set(embedder, by_class, config, seed, rule))
     finally:
         shutil.rmtree(bundle, ignore_errors=True)
 

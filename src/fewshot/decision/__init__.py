@@ -7,6 +7,8 @@
   on a cosine measured from a centre; `OpenSetRule.explain` says which threshold a workspace uses and why).
 * `memory`: the per-class memory (sums, squared-norm sums, counts, fitted probe) a decision works on,
   and its leave-one-out form.
+* `views`: the views of a taught image averaged into the embedding its class keeps
+  (`example_embeddings`; `DecisionRule.views`), the one place taught images become class memory.
 * `served`: `ServedDecision` (head + open-set rule, frozen), `BundleDecision` (what a bundle's
   manifest stores) and `decide`, the one function from embeddings to scores, probabilities, label,
   novelty and known/unknown; `onnx_form` builds the same decision as an ONNX graph.
@@ -42,9 +44,11 @@ from fewshot.decision.served import (
     fit_memory,
     softmax,
 )
+from fewshot.decision.views import VIEW_COUNT, VIEWS, default_shift, example_embeddings, view_images
 
 __all__ = [
     "METRICS", "RULES", "Answer", "BundleDecision", "ClassMemory", "DecisionRule", "Head", "LeaveOneOut", "Memory",
     "Metric", "OpenSetRule", "Probe", "Rule", "ServedDecision", "check_metric", "class_spread", "decide", "episode",
     "fit_memory", "fit_probe", "prototype_logits", "prototype_scores", "prototypes", "scores_to_logits", "softmax",
+    "VIEWS", "VIEW_COUNT", "default_shift", "example_embeddings", "view_images",
 ]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fewshot.decision.views import check_views
 from fewshot.errors import ConfigError
 
 Metric = Literal["euclidean", "cosine"]
@@ -143,8 +144,9 @@ def fit_probe(z: Tensor, y: Tensor, n_classes: int, *, c: float = 1.0, max_iter:
 
 @dataclass(frozen=True)
 class DecisionRule:
-    """The head of a decision: nearest prototype or probe, its metric, cosine scale and probe
-    parameters (C, max_iter). Learners carry one (`Deployment.rule`); a served decision
+    """The head of a decision: nearest prototype or probe, its metric, cosine scale, probe
+    parameters (C, max_iter) and the views a taught image is embedded with (`fewshot.decision.
+    views`). Learners carry one (`Deployment.rule`); a served decision
     (`fewshot.decision.ServedDecision`) is this head plus its open-set rule."""
 
     rule: Rule = "prototype"
@@ -152,15 +154,20 @@ class DecisionRule:
     cosine_scale: float = 10.0
     probe_c: float = 1.0
     probe_max_iter: int = 100
+    # the views of a taught image averaged into the embedding its class keeps (fewshot.decision.views)
+    views: str = "none"
+    view_shift: int = 0
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ConfigError(f"decision rule {self.rule!r} is unknown; use one of {list(RULES)}")
         check_metric(self.metric)
+        check_views(self.views, self.view_shift)
 
     def to_dict(self) -> dict[str, object]:
         return {"rule": self.rule, "metric": self.metric, "cosine_scale": self.cosine_scale,
-                "probe_c": self.probe_c, "probe_max_iter": self.probe_max_iter}
+                "probe_c": self.probe_c, "probe_max_iter": self.probe_max_iter, "views": self.views,
+                "view_shift": self.view_shift}
 
     @classmethod
     def from_dict(cls, d: dict[str, object] | None) -> DecisionRule:

@@ -5,8 +5,9 @@ normalisation undone (back to [0, 1] pixels), resized (bilinear, antialiased) to
 to its channels (grey -> RGB by repetition, RGB -> grey by ITU-R 601 luma), then normalised by the
 teacher's own mean/std when its preprocessing has one. Its embeddings come from its deployable backbone in eval mode; its episode logits from the
 served decision (`fewshot.decision.episode`) with the head its bundle is served with: a bundle's
-own, or for a run folder the head export chooses for that run (`fewshot.artifacts.export.choose_rule`: for
-the MAML family and Reptile, the better prototype metric on validation episodes); base-class logits
+own (with its example views, `fewshot.decision.views`), or for a run folder the head export chooses for
+that run (`fewshot.artifacts.export.choose_rule`: for the MAML family and Reptile, the better prototype
+metric on validation episodes; no example views); base-class logits
 only from a pre-training run (its classifier), for KD on base-class logits.
 """
 
@@ -29,6 +30,7 @@ from fewshot.backbones.base import Backbone
 from fewshot.config import DistillConfig, load_config
 from fewshot.data.imageio import Preprocessing
 from fewshot.decision import DecisionRule, episode
+from fewshot.decision.views import example_embeddings_torch
 from fewshot.episodes.types import Episode
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.precision import FP32, PrecisionPolicy, autocast_context, prepare_input, prepare_model
@@ -138,7 +140,12 @@ class Teacher:
         parts = [t for ep in episodes for t in (ep.support_x, ep.query_x)]
         if z_all is None:
             z_all = self.embed(torch.cat(parts))
-        z = z_all.split([p.shape[0] for p in parts])
+        z = list(z_all.split([p.shape[0] for p in parts]))
+        if self.rule.views != "none":  # the support images as the served decision teaches them
+            for i, ep in enumerate(episodes):  # the shift in the student's pixels (the teacher's side may differ)
+                shift = max(1, round(self.rule.view_shift * ep.support_x.shape[-1] / self.size)) \
+                    if self.rule.view_shift else 0
+                z[2 * i] = example_embeddings_torch(self.embed, ep.support_x, self.rule.views, shift)
         return [torch.from_numpy(episode(self.rule, z[2 * i].cpu().numpy(), ep.support_y.cpu().numpy(), ep.n_way,
                                          z[2 * i + 1].cpu().numpy()).logits).to(z[2 * i].device)
                 for i, ep in enumerate(episodes)]
@@ -202,7 +209,9 @@ def _from_run(p: Path, data: Any) -> Teacher:
     if learner.deployment.embedder == "bn-reestimated" and data is None:
         raise CheckpointError(f"teacher run {p} needs its batch norm re-estimated; export it and pass the bundle")
     backbone = deployable_backbone(learner, data, config)
-    # the head export chooses for this run (needs `data` only for the bn-reestimated, checked above)
+    # the head export chooses for this run (needs `data` only for the bn-reestimated, checked above);
+    # without example views: the views export would choose are measured on validation episodes at
+    # export (a teacher that should teach through them is given as its bundle or zoo name)
     rule = learner.deployment.rule if data is None else choose_rule(learner, backbone, data, config)[0]
     pre = Preprocessing.from_dict(manifest["data"]["preprocessing"])
     classifier = getattr(learner, "classifier", None)

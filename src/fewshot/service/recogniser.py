@@ -5,7 +5,9 @@ the sum of its embeddings, of their squared norms, and the count) as an immutabl
 adding images to a class updates that row only. Classifying is the served decision
 (`fewshot.decision.decide`): the bundle's `BundleDecision` with the workspace's metric, head and
 threshold (`fewshot.service.workspace_settings`), on that memory (with the probe fitted on the
-stored examples for the "logistic" head). Labels are checked by `fewshot.service.labels`; a
+stored examples for the "logistic" head). A taught image is stored as the embedding the bundle's
+example views give it (`fewshot.decision.example_embeddings`: the mean over its views, one row per
+image; a bundle with views embeds that many images per taught image). Labels are checked by `fewshot.service.labels`; a
 refused request raises a `fewshot.service.errors.RequestError` kind (no HTTP status here).
 """
 
@@ -25,6 +27,7 @@ from fewshot.decision import (
     ClassMemory,
     ServedDecision,
     decide,
+    example_embeddings,
     fit_memory,
     prototype_scores,
 )
@@ -150,7 +153,8 @@ class Recogniser:
             raise RequestError(f"{n} images exceed the limit of {self.config.max_images_per_class} per class")
         if thumbnails is not None and len(thumbnails) != n:
             raise RequestError(f"{len(thumbnails)} thumbnails for {n} images; pass one per image or None")
-        emb = self.embed(images_u8)
+        rule = self.decision.rule  # the bundle's example views (fewshot.decision.views): views x images embedded
+        emb = example_embeddings(self.embed, images_u8, rule.views, rule.view_shift)
         thumbs = list(thumbnails) if thumbnails is not None else [
             array_thumbnail(a, self.config.thumbnail_size) for a in images_u8]
         return emb, thumbs

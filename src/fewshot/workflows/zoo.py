@@ -146,9 +146,18 @@ def _model_info(bundle: Bundle) -> dict[str, Any]:
     onnx_bytes = (bundle.path / bundle.served_model).stat().st_size
     return {"backbone": bundle.manifest.backbone.get("name"), "learner": bundle.manifest.source.get("learner", {}).get("name"),
             "parameters": sum(p.numel() for p in bundle.backbone.parameters()),
-            "embedding_dim": bundle.embedding_dim, "rule": f"{rule.rule} / {rule.metric}",
+            "embedding_dim": bundle.embedding_dim, "rule": f"{rule.rule} / {rule.metric}" + _views_words(rule),
             "onnx_mb": onnx_bytes / 2**20, "bundle_id": bundle.bundle_id,
             "input": f"{'grayscale' if pre.mode == 'L' else 'RGB'} {pre.size}x{pre.size}"}
+
+
+def _views_words(rule: Any) -> str:
+    """How a taught image is embedded, in words (nothing when it is the image alone)."""
+    if rule.views == "none":
+        return ""
+    what = {"mirror": "the image and its mirror", "shift4": f"the image and 4 copies shifted by {rule.view_shift} px",
+            "shift4+mirror": f"the image, 4 copies shifted by {rule.view_shift} px and their mirrors"}[rule.views]
+    return f"; each taught image is the mean embedding of {what}"
 
 
 _DRAWN = {"within": "within one domain", "across": "across domains"}  # an episode's classes, by domain mode

@@ -78,3 +78,34 @@ def test_unloadable_teachers_are_refused_with_the_fix(tmp_path: Path) -> None:
         load_teacher(b)
     with pytest.raises(CheckpointError, match="neither a run folder"):
         load_teacher(tmp_path)
+
+
+def test_a_bundle_teacher_teaches_its_classes_through_its_example_views(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fewshot.artifacts.bundle import load_bundle
+    from fewshot.artifacts.embedders import TorchEmbedder
+    from fewshot.data.imageio import model_input
+    from fewshot.decision import DecisionRule, episode, example_embeddings
+
+    pre = Preprocessing("RGB", 32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    backbone = create_backbone("conv4", in_channels=3, image_size=32, width=0.25)
+    samples = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    rule = DecisionRule("prototype", "euclidean", views="shift4", view_shift=3)
+    path = export_bundle(backbone, tmp_path / "b", preprocessing=pre, source={"run": "test", "train_classes": ["A/c"]},
+                         metrics={}, data_fingerprint="x", calibration=None, sample_images=samples,
+                         deployment={"rule": rule.to_dict()})
+    teacher = load_teacher(path, data=SimpleNamespace(cache=SimpleNamespace(preprocessing=pre)))
+    assert teacher.rule == rule
+    rng = np.random.default_rng(2)
+    support, query = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    ys = np.array([0, 0, 1, 1])
+    ep = Episode(torch.from_numpy(model_input(support, pre)), torch.from_numpy(ys), torch.from_numpy(model_input(query, pre)),
+                 torch.tensor([0, 1, 1]), torch.arange(2), torch.zeros(2, dtype=torch.long))
+    # the service's path: uint8 pixels, numpy views, the bundle's embedder
+    served = TorchEmbedder(load_bundle(path).backbone, pre).embed
+    expect = episode(rule, example_embeddings(served, support, "shift4", 3), ys, 2, served(query)).logits
+    plain = episode(rule, served(support), ys, 2, served(query)).logits
+    got = teacher.predict(ep).numpy()
+    np.testing.assert_allclose(got, expect, rtol=1e-3, atol=1e-3)
+    assert not np.allclose(got, plain, rtol=1e-3, atol=1e-3)

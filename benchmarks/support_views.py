@@ -10,12 +10,12 @@ for the test numbers), so a winner can be chosen without touching the test class
 for every variant (seeded by episode index), the bundle's ONNX embedder and its served rule
 (`fewshot.decision.episode`); queries are never augmented. Variants (support examples per image):
 
-    plain          the image (served today)                                            1
+    plain          the image alone (served by bundles without views)                   1
     mirror         + its left-right mirror                                             2
     rfs5           5 training-augmented copies, no plain copy (RFS's default)          5
     plain+aug4     the image + 4 training-augmented copies                             5
     shift4         the image and 4 shifted copies (corner crops of the image edge-      5
-                   padded by --shift pixels; 8 at 84 px): deterministic
+                   padded by --shift pixels; export serves default_shift: 6 at 84 px)
     shift4+mirror  the same and the mirror of each: deterministic, so a service could   10
                    store them
     *-mean         the same views averaged into one embedding per image: what is served  1
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=600)
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     ap.add_argument("--way", type=int, default=5)
-    ap.add_argument("--shift", type=int, default=8, help="pixels of the shifted views (8 at 84 px, 2 at 28 px)")
+    ap.add_argument("--shift", type=int, default=8, help="pixels of the shifted views (measured at 8 for 84 px, 2 for 28 px)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "support_views.json")

@@ -41,7 +41,7 @@ def test_mirrored_views_flip_left_and_right_only() -> None:
     x = np.arange(2 * 3 * 2 * 3, dtype=np.uint8).reshape(2, 3, 2, 3)
     plain, mirrored = view_images(x, "mirror", 0)
     assert np.array_equal(mirrored[..., 0], x[..., 2]) and np.array_equal(mirrored[..., 1], x[..., 1])
-    assert len(view_images(x, "shift4+mirror", 1)) == 10
+    assert len(view_images(np.zeros((1, 3, 4, 4), np.uint8), "shift4+mirror", 1)) == 10
 
 
 def test_tensor_views_hold_the_same_pixels_as_array_views() -> None:
@@ -104,3 +104,14 @@ def test_calibration_teaches_classes_with_the_example_embeddings() -> None:
                               examples_by_class=examples)["euclidean"]
     assert (plain.spread > 0).all() and np.allclose(viewed.spread, 0)
     assert np.array_equal(plain.known, viewed.known)  # the same queries, drawn the same way
+
+
+def test_a_shift_of_half_the_side_or_more_is_refused_naming_the_fix() -> None:
+    with pytest.raises(ConfigError, match="too large for 8x8 images"):
+        view_images(np.zeros((1, 1, 8, 8), np.uint8), "shift4", 4)
+    assert len(view_images(np.zeros((1, 1, 8, 8), np.uint8), "shift4", 3)) == 5
+
+
+def test_no_images_give_no_rows() -> None:
+    z = example_embeddings(lambda x: np.zeros((len(x), 4), np.float32), np.zeros((0, 1, 8, 8), np.uint8), "shift4", 1)
+    assert z.shape == (0, 4)

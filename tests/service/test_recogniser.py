@@ -195,3 +195,18 @@ def test_a_bundle_with_example_views_stores_each_image_as_the_mean_of_its_views(
     r.add_images(ws.id, rec.id, more)
     assert len(sqlite_store.examples(ws.id, [rec.id]).embeddings) == 5  # still one row per image
     assert r.classify(ws.id, class_images(0, 6)[5:])[0].label == "zero"
+
+
+def test_a_non_finite_view_is_reported_against_the_uploaded_image(sqlite_store: Store) -> None:
+    from fewshot.decision import DecisionRule
+
+    class NanOnShifted(ToyEmbedder):
+        def embed(self, images_u8: np.ndarray) -> np.ndarray:
+            z = super().embed(images_u8)
+            z[-1] = np.nan  # the last view of the last image
+            return z
+
+    r = Recogniser(NanOnShifted(), sqlite_store, decision=BundleDecision(DecisionRule(views="shift4", view_shift=2)))
+    ws, _ = r.create_workspace("demo")
+    with pytest.raises(RequestError, match=r"embeds 1 of 3 image\(s\) \(first: number 3\)"):
+        r.add_class(ws.id, "zero", class_images(0, 3))

@@ -10,8 +10,9 @@
   episodes is chosen and recorded.
 * `choose_views`: the example views the bundle serves (`fewshot.decision.views`; `export.views`):
   with "auto", each candidate is scored on the same validation episodes as no views (the eval
-  shape, at most as many ways as there are validation classes), and the one with the largest gain
-  is kept only when its paired gain is above its 95% interval; recorded.
+  shape and domain mode, at most as many ways as there are validation classes), and of the
+  candidates whose paired gain is above its 95% interval the largest gain is kept (none when no
+  candidate's is); recorded in the manifest (`deployment.views`).
 * `evaluate_embedder`: the protocol's fixed-seed episodes, run through an `Embedder` (ONNX
   Runtime, uint8 in) and a `DecisionRule`: the service's path, not the learner's.
 * `export_run`: writes the bundle and refuses it when the bundle as served is more than
@@ -161,19 +162,23 @@ def choose_views(embed: Any, rule: DecisionRule, data: RunData, config: RunConfi
 
     chosen = config.export.views
     if chosen != "auto":
-        return with_views(chosen), {"views": chosen, "chosen_by": "export.views"}
+        return with_views(chosen), {"views": chosen, "shift": with_views(chosen).view_shift, "chosen_by": "export.views"}
     ev, counts = config.eval, data.pool("val").counts if "val" in data.splits else np.zeros(0)
     # the eval shape, within what the validation classes hold
     way, query = min(ev.way, len(counts)), min(ev.query, (int(counts.min()) if len(counts) else 0) - ev.shot)
     if way < 2 or query < 1:
-        return with_views("none"), {"views": "none", "chosen_by": "too few validation classes or images: no views"}
+        why = "no validation split" if "val" not in data.splits else "too few validation classes or images"
+        return with_views("none"), {"views": "none", "chosen_by": f"{why}: no views"}
     memo = MemoEmbed(embed)  # each validation image embedded once across candidates
+    pool = data.pool("val")  # within-domain episodes when any validation domain can fill one
+    fits = len(pool.domains_too_small(way, ev.shot + query)) < len(np.unique(pool.domains))
+    mode = ev.domain_mode if fits else "any"
     res = {v: evaluate_embedder(memo, with_views(v), data, split="val", way=way, shot=ev.shot, query=query,
-                                episodes=config.export.view_episodes, seed=config.seed + VIEWS_SEED_OFFSET)
+                                episodes=config.export.view_episodes, seed=config.seed + VIEWS_SEED_OFFSET, mode=mode)
            for v in view_candidates(pre.channels)}
     base = np.asarray(res["none"].accuracies)
     report: dict[str, Any] = {"episodes": config.export.view_episodes, "way": way, "shot": ev.shot, "query": query,
-                              "shift": shift,
+                              "mode": mode, "shift": shift,
                               "accuracy": {v: r.mean for v, r in res.items()}, "gain": {}}
     best, best_gain = "none", 0.0
     for v, r in res.items():
@@ -183,7 +188,7 @@ def choose_views(embed: Any, rule: DecisionRule, data: RunData, config: RunConfi
         report["gain"][v] = {"mean": gain, "ci95": ci}
         if gain - ci > 0 and gain > best_gain:
             best, best_gain = v, gain
-    report.update(views=best, chosen_by="largest paired gain above its 95% interval on validation episodes")
+    report.update(views=best, chosen_by="the largest of the paired gains above their 95% interval on validation episodes")
     return with_views(best), report
 
 

@@ -41,7 +41,7 @@ from fewshot.artifacts.manifest import (
     staged_bundle,
 )
 from fewshot.data.imageio import Preprocessing, model_input
-from fewshot.decision import DecisionRule, episode
+from fewshot.decision import DecisionRule, episode, example_embeddings
 from fewshot.errors import CheckpointError, ConfigError
 
 MIN_CALIBRATION_IMAGES = 32
@@ -265,7 +265,8 @@ def episode_evaluator(images_by_class: Mapping[str, np.ndarray], rule: DecisionR
     """`evaluate` for `quantise_bundle` on fixed episodes of labelled images: embedder -> {name:
     mean accuracy}. Each image is embedded once (embeddings do not depend on the batch: the
     bundle's parity check holds batch 1 and 16 to the same output), then every episode's queries
-    are answered over its support set by `rule`, as the service answers them (`fewshot.decision`)."""
+    are answered over its support set (through the rule's example views) by `rule`, as the service
+    answers them (`fewshot.decision`)."""
     classes = sorted(images_by_class)
     short = [c for c in classes if len(images_by_class[c]) < shot + query]
     if len(classes) < way or short:
@@ -280,11 +281,14 @@ def episode_evaluator(images_by_class: Mapping[str, np.ndarray], rule: DecisionR
     key = name or f"{way}w{shot}s{query}q_{episodes}ep_seed{seed}"
 
     def evaluate(embedder: Embedder) -> dict[str, float]:
-        emb = {c: _embed_all(embedder, images_by_class[c]) for c in classes}
+        emb = {c: _embed_all(embedder.embed, images_by_class[c]) for c in classes}
+        taught = emb if rule.views == "none" else {  # the rule's example views (fewshot.decision.views)
+            c: _embed_all(lambda x: example_embeddings(embedder.embed, x, rule.views, rule.view_shift), images_by_class[c])
+            for c in classes}
         accs = []
         ys, yq = np.repeat(np.arange(way), shot), np.repeat(np.arange(way), query)
         for ep in plan:
-            zs = np.concatenate([emb[c][i[:shot]] for c, i in ep])
+            zs = np.concatenate([taught[c][i[:shot]] for c, i in ep])
             zq = np.concatenate([emb[c][i[shot:]] for c, i in ep])
             accs.append(float((episode(rule, zs, ys, way, zq).label == yq).mean()))
         return {key: float(np.mean(accs))}
@@ -292,5 +296,5 @@ def episode_evaluator(images_by_class: Mapping[str, np.ndarray], rule: DecisionR
     return evaluate
 
 
-def _embed_all(embedder: Embedder, images_u8: np.ndarray, batch: int = 32) -> np.ndarray:
-    return np.concatenate([embedder.embed(images_u8[i:i + batch]) for i in range(0, len(images_u8), batch)])
+def _embed_all(embed: Callable[[np.ndarray], np.ndarray], images_u8: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate([embed(images_u8[i:i + batch]) for i in range(0, len(images_u8), batch)])

@@ -115,7 +115,7 @@ def render_model_md(card: dict[str, Any]) -> str:
              f"{p['episodes']} episodes per setting from seed {p['seed']}, {p['query']} queries per class, "
              "mean +- 95% confidence interval (1.96 x standard error). Scored as served: "
              f"{p['served']}.", "",
-             "| task | as served | learner (PyTorch) | published | source | at least the published? |",
+             "| task | as served | learner (PyTorch, support images alone) | published | source | at least the published? |",
              "|---|---:|---:|---:|---|---|"]
     for r in card["results"]:
         pub = r.get("published")

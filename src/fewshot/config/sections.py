@@ -170,8 +170,9 @@ class ExportConfig(_Frozen):
     max_drop: float = Field(0.01, ge=0, le=1)
     bn_episodes: int = Field(200, ge=1)  # training support sets that re-estimate batch-norm statistics
     # the views of a taught image averaged into its class's embedding (fewshot.decision.views):
-    # "auto" keeps the candidate whose paired gain over no views on `view_episodes` validation
-    # episodes of the eval shape is above its 95% interval (none otherwise); or name one
+    # "auto" keeps, of the candidates whose paired gain over no views on `view_episodes` validation
+    # episodes of the eval shape and domain mode is above its 95% interval, the largest (none
+    # otherwise); or name one
     views: Literal["auto", "none", "mirror", "shift4", "shift4+mirror"] = "auto"
     view_episodes: int = Field(300, ge=10)
 

@@ -21,9 +21,15 @@ rows (`benchmarks/support_views.py` measured the probe on views kept as separate
 not what is served).
 
 `DecisionRule.views` / `DecisionRule.view_shift` name the views a bundle serves (chosen on
-validation classes at export: `fewshot.artifacts.export.choose_views`); every path that turns taught
-images into class memory calls `example_embeddings`: the service's registration, export's and the
-zoo's measurement as served, open-set calibration and distillation teachers.
+validation classes at export: `fewshot.artifacts.export.choose_views`). The paths that turn taught
+images into class memory for a bundle call `example_embeddings`: the service's registration,
+export's, quantisation's and the zoo's measurement as served, and export's open-set calibration;
+a bundle teacher in distillation calls `example_embeddings_torch` on its model-input tensors. The
+photos and bring-your-own bundles serve no views (their calibration assumes none).
+
+Stored rows are view means, so what the service computes from stored rows alone (the insight
+panel's held-out answers, the adapted head's held-out choice) answers held-out examples as view
+means, not as plain queries: slightly optimistic for both the prototypes and the head it compares.
 """
 
 from __future__ import annotations
@@ -83,6 +89,9 @@ def view_images(x: A, views: str, shift: int) -> list[A]:
     views = check_views(views, shift)
     if x.ndim != 4:
         raise ValueError(f"views take a batch of images (N, C, H, W); got shape {tuple(x.shape)}")
+    if views.startswith("shift") and 2 * shift >= min(x.shape[-2], x.shape[-1]):
+        raise ConfigError(f"a view shift of {shift} pixels is too large for {x.shape[-2]}x{x.shape[-1]} images; "
+                          "use less than half the side (default_shift(size))")
     base: list[A] = [x]
     if views.startswith("shift4"):
         base += _shifted(x, shift)
@@ -96,8 +105,8 @@ def example_embeddings(embed: Callable[[np.ndarray], np.ndarray], images: np.nda
     """(N, D) float32: the embedding each taught image contributes to its class, the mean over its
     views (module doc) of `embed` (uint8 (M, C, H, W) -> (M, D)), all views in one call."""
     vs = view_images(images, views, shift)
-    if len(vs) == 1:
-        return embed(images)
+    if len(vs) == 1 or len(images) == 0:
+        return np.asarray(embed(images), np.float32)
     z = np.asarray(embed(np.concatenate(vs)))
     return z.reshape(len(vs), len(images), -1).mean(0, dtype=np.float64).astype(np.float32)
 
@@ -106,7 +115,7 @@ def example_embeddings_torch(embed: Callable[[torch.Tensor], torch.Tensor], x: t
                              shift: int) -> torch.Tensor:
     """`example_embeddings` for model-input tensors (a distillation teacher's episodes)."""
     vs = view_images(x, views, shift)
-    if len(vs) == 1:
+    if len(vs) == 1 or x.shape[0] == 0:
         return embed(x)
     z = embed(torch.cat(vs))
     return z.reshape(len(vs), x.shape[0], -1).mean(0)

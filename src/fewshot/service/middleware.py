@@ -120,7 +120,8 @@ class Metrics:
                                 registry=self.registry)
         self.latency = Histogram("fewshot_http_request_duration_seconds", "Server-side request duration",
                                  ["method", "route"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
-        self.images = Counter("fewshot_images_embedded_total", "Images embedded", ["operation"],
+        self.images = Counter("fewshot_images_embedded_total",
+                              "Images embedded (a taught image counts once per example view)", ["operation"],
                               registry=self.registry)
 
 

@@ -23,6 +23,7 @@ from fewshot.artifacts.calibration import Calibration
 from fewshot.artifacts.domain import DomainSummary, image_statistics
 from fewshot.artifacts.embedders import Embedder
 from fewshot.decision import (
+    VIEW_COUNT,
     BundleDecision,
     ClassMemory,
     ServedDecision,
@@ -137,7 +138,16 @@ class Recogniser:
         """The embedder's (N, D) embeddings, refused (422) when any is not finite: a NaN stored in a
         class would turn every answer of the workspace into NaN (a bring-your-own model may give NaN
         or infinity for some inputs)."""
-        emb = self.embedder.embed(images_u8)
+        return self._finite(self.embedder.embed(images_u8))
+
+    @property
+    def views_per_image(self) -> int:
+        """Forward passes per taught image: the bundle's example views (`fewshot.decision.views`)."""
+        return VIEW_COUNT[self.decision.rule.views]
+
+    @staticmethod
+    def _finite(emb: np.ndarray) -> np.ndarray:
+        """`emb` (one row per uploaded image), refused (422) when any row is not finite."""
         bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
         if len(bad):
             raise Unprocessable(f"the model embeds {len(bad)} of {len(emb)} image(s) (first: "
@@ -154,7 +164,7 @@ class Recogniser:
         if thumbnails is not None and len(thumbnails) != n:
             raise RequestError(f"{len(thumbnails)} thumbnails for {n} images; pass one per image or None")
         rule = self.decision.rule  # the bundle's example views (fewshot.decision.views): views x images embedded
-        emb = example_embeddings(self.embed, images_u8, rule.views, rule.view_shift)
+        emb = self._finite(example_embeddings(self.embedder.embed, images_u8, rule.views, rule.view_shift))
         thumbs = list(thumbnails) if thumbnails is not None else [
             array_thumbnail(a, self.config.thumbnail_size) for a in images_u8]
         return emb, thumbs

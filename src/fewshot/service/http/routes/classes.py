@@ -38,7 +38,7 @@ def add_class(request: Request, ws: WorkspaceDep, model: ModelDep, settings: Set
     label = check_label("" if label is None else label)  # 400 naming the fix, before any decoding
     up = decode_all(images, model, settings)
     rec = model.recogniser.add_class(ws, label, up.arrays, up.thumbnails)
-    request.app.state.metrics.images.labels("register").inc(len(up.arrays))
+    request.app.state.metrics.images.labels("register").inc(len(up.arrays) * model.recogniser.views_per_image)
     _refit_later(request, model, ws)
     return class_out(rec)
 
@@ -66,7 +66,7 @@ def add_images(request: Request, ws: WorkspaceDep, cid: str, model: ModelDep, se
     """Add images to a class; only its prototype is updated."""
     up = decode_all(images, model, settings)
     rec = model.recogniser.add_images(ws, cid, up.arrays, up.thumbnails)
-    request.app.state.metrics.images.labels("register").inc(len(up.arrays))
+    request.app.state.metrics.images.labels("register").inc(len(up.arrays) * model.recogniser.views_per_image)
     _refit_later(request, model, ws)
     return class_out(rec)
 

@@ -333,6 +333,16 @@ async def run_throughput_phase(args: argparse.Namespace, port: int, pid: int) ->
     return {"closed_loop": closed, "paced": paced}
 
 
+def baseline_bundle(tmp: Path, src_dir: Path) -> Path:
+    """The benchmark's model (same seed, same weights), exported by a baseline commit's own code, so an
+    older server reads a manifest it knows."""
+    served = tmp / "baseline-bundle"
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; " \
+           f"from bench_service import make_bundle; make_bundle(Path({str(served)!r}))"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(src_dir)})
+    return served
+
+
 def main_throughput(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fewshot-bench-") as tmp:
@@ -348,10 +358,7 @@ def main_throughput(args: argparse.Namespace) -> None:
         for name, src_dir, no_uvloop, workers in servers:
             port, served = free_port(), bundle
             if src_dir is not None and args.bundle is None:  # the same model, exported by the baseline's code
-                served = Path(tmp) / "baseline-bundle"
-                code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; " \
-                       f"from bench_service import make_bundle; make_bundle(Path({str(served)!r}))"
-                subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(src_dir)})
+                served = baseline_bundle(Path(tmp), src_dir)
             proc = start_server(served, Path(tmp) / f"{len(rows)}.db", port, workers, src=src_dir, no_uvloop=no_uvloop)
             try:
                 r = asyncio.run(run_throughput_phase(args, port, proc.pid))
@@ -376,8 +383,9 @@ def main_throughput(args: argparse.Namespace) -> None:
 
 def main_paired(args: argparse.Namespace) -> None:
     """--paired REPS: the baseline commit's service and this tree's, each with --workers[0] workers
-    on uvloop, serving the same bundle at once; closed-loop phases of --max-seconds alternate between
-    them REPS times, so drifting load on the machine hits both alike. Medians over the phases."""
+    on uvloop, serving the same model at once (each exported by its own commit's code unless --bundle);
+    a closed-loop phase and a paced phase (--paced-rps) of --max-seconds each alternate between them
+    REPS times, so drifting load on the machine hits both alike. Medians over the phases."""
     if not args.baseline:
         raise SystemExit("--paired needs --baseline COMMIT")
     workers = args.workers[0]
@@ -393,15 +401,18 @@ def main_paired(args: argparse.Namespace) -> None:
         try:
             for name, src_dir in zip(names, (src / "src", None)):
                 port = free_port()
-                servers.append((name, port, start_server(bundle, Path(tmp) / f"{len(servers)}.db", port, workers,
+                served = bundle if src_dir is None or args.bundle else baseline_bundle(Path(tmp), src_dir)
+                servers.append((name, port, start_server(served, Path(tmp) / f"{len(servers)}.db", port, workers,
                                                          src=src_dir)))
             requests = {name: asyncio.run(_classify_request(port, "paired", warm_up_s=2)) for name, port, _ in servers}
             for _ in range(args.paired):
                 for name, port, proc in servers:
-                    c0 = cpu_s(proc.pid)
-                    r = asyncio.run(load(port, requests[name], args.clients, args.max_requests, args.max_seconds))
-                    r["server_cpu_ms_per_request"] = 1000 * (cpu_s(proc.pid) - c0) / max(1, r["requests"])
-                    phases.setdefault(name, []).append(r)
+                    for phase, interval in (("closed loop", 0.0), ("paced", args.clients / args.paced_rps)):
+                        c0 = cpu_s(proc.pid)
+                        r = asyncio.run(load(port, requests[name], args.clients, args.max_requests, args.max_seconds,
+                                             interval_s=interval))
+                        r["server_cpu_ms_per_request"] = 1000 * (cpu_s(proc.pid) - c0) / max(1, r["requests"])
+                        phases.setdefault(f"{name} | {phase}", []).append(r)
         finally:
             for _, _, proc in servers:
                 proc.terminate()
@@ -409,7 +420,7 @@ def main_paired(args: argparse.Namespace) -> None:
     keys = ("requests_per_s", "client_median_ms", "client_p99_ms", "server_median_ms", "server_p99_ms",
             "server_cpu_ms_per_request")
     med = {name: {k: float(np.median([r[k] for r in rs])) for k in keys} for name, rs in phases.items()}
-    print(table(["server", "workers", "phases", "req/s (median)", "req/s (each phase)", "client p50 / p99 ms",
+    print(table(["server | phase", "workers", "phases", "req/s (median)", "req/s (each phase)", "client p50 / p99 ms",
                  "server p50 / p99 ms", "server CPU ms/request"],
                 [[name, workers, len(phases[name]), f"{m['requests_per_s']:.0f}",
                   " ".join(f"{r['requests_per_s']:.0f}" for r in phases[name]),
@@ -571,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=64, help="--memory: images per request")
     p.add_argument("--paired", type=int, default=0, metavar="REPS",
                    help="--throughput --baseline C: both servers up at once (same loop, same --workers), closed-loop "
-                        "phases alternated REPS times; the fair comparison on a machine whose load drifts")
+                        "and paced phases alternated REPS times; the fair comparison on a machine whose load drifts")
     args = p.parse_args(argv)
     if args.memory:
         main_memory(args)

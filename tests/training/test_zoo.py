@@ -170,6 +170,18 @@ def test_publish_never_overwrites_a_committed_entry_on_failure(made: dict[str, A
     assert [p.name for p in (made["root"] / "zoo").iterdir()] == ["tiny-proto"]  # no staging folder left
 
 
+def test_publish_exports_with_the_recipes_export_settings(made: dict[str, Any], tmp_path: Path) -> None:
+    """Export settings may change after training (they change nothing trained); publish uses the
+    recipe's, not the ones saved with the run (which once silently won)."""
+    assert load_bundle(made["entry"].path / "bundle").manifest.deployment["views"]["episodes"] == 300
+    d = made["cfg"].to_dict()
+    d["export"] = {**d["export"], "view_episodes": 40, "views": "auto"}
+    recipe = tmp_path / "more-view-episodes.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    entry = publish(recipe, root=tmp_path / "zoo", data=made["data"], progress=False, episodes=600)
+    assert load_bundle(entry.path / "bundle").manifest.deployment["views"]["episodes"] == 40
+
+
 def test_publish_refuses_a_recipe_that_is_not_what_the_run_trained(made: dict[str, Any], tmp_path: Path) -> None:
     d = made["cfg"].to_dict()
     d["train"]["lr"] = 0.5

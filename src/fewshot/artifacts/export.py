@@ -48,6 +48,7 @@ from fewshot.artifacts.quantise import (
 )
 from fewshot.backbones.base import Backbone
 from fewshot.config import RunConfig, load_config
+from fewshot.config.sections import ExportConfig
 from fewshot.data.imageio import Preprocessing, from_model_input
 from fewshot.decision import METRICS, DecisionRule, default_shift, episode, example_embeddings
 from fewshot.episodes.loader import EpisodeDataset
@@ -288,7 +289,7 @@ class Int8Export:
 
 
 def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: int = 0, force: bool = False,
-               int8: Int8Export | None = None) -> Path:
+               int8: Int8Export | None = None, export: ExportConfig | None = None) -> Path:
     """Bundle the best checkpoint of a run: weights, manifest, ONNX (parity-checked), calibration,
     and the accuracy of the bundle as served beside the learner's (refused if it drops too much).
 
@@ -296,11 +297,14 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     (never on test classes). With `int8`, the bundle also holds the int8 model and serves it,
     after the int8 and fp32 models were measured on the run's test episodes (`quantise_bundle`:
     refused when int8 loses more than `int8.quantise.max_drop`, unless `force`); its open-set rules
-    are re-calibrated on the int8 embeddings.
+    are re-calibrated on the int8 embeddings. `export`: export settings instead of the run's own (a
+    zoo recipe's; they do not change what was trained).
     """
     if out.exists():
         raise CheckpointError(f"{out} already exists; choose a new bundle folder or delete it")
     config = load_config(check_run_dir(run_dir) / "config.yaml")
+    if export is not None:
+        config = config.model_copy(update={"export": export})
     data = data or load_run_data(config.data, progress=False)
     pre = data.cache.preprocessing
     results = recorded_test_results(run_dir)

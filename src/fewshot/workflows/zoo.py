@@ -237,7 +237,7 @@ def publish(recipe: str | Path, *, replace: bool = False, episodes: int | None =
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        export_run(run_dir, staging / BUNDLE_DIR, data=data, seed=config.seed)
+        export_run(run_dir, staging / BUNDLE_DIR, data=data, seed=config.seed, export=config.export)  # the recipe's
         bundle = load_bundle(staging / BUNDLE_DIR)
         results, per_episode = _served_results(bundle, data, zc, n, learner)
         card = _card(config, zc, recipe, data, bundle, results, n, episodes)

@@ -94,9 +94,15 @@ def _scores_np(q: np.ndarray, protos: np.ndarray, metric: Metric, proto_sq: np.n
     return np.maximum((q64 * q64).sum(-1, keepdims=True) - 2.0 * (q64 @ p64.T) + sq[None, :], 0.0).astype(np.float32)
 
 
-def scores_to_logits(scores: Tensor, metric: Metric, cosine_scale: float | Tensor = 10.0) -> Tensor:
-    """Prototype scores (N, K) -> logits: -d^2 for "euclidean", scale * cos for "cosine"."""
-    return -scores if metric == "euclidean" else cosine_scale * scores
+@overload
+def scores_to_logits(scores: Tensor, metric: Metric, cosine_scale: float | Tensor = 10.0) -> Tensor: ...
+@overload
+def scores_to_logits(scores: np.ndarray, metric: Metric, cosine_scale: float = 10.0) -> np.ndarray: ...
+def scores_to_logits(scores: Tensor | np.ndarray, metric: Metric,
+                     cosine_scale: float | Tensor = 10.0) -> Tensor | np.ndarray:
+    """Prototype scores (N, K) -> logits: -d^2 for "euclidean", scale * cos for "cosine". Torch
+    in training (a learnt scale), numpy in the served decision (a request's handful of numbers)."""
+    return -scores if metric == "euclidean" else cosine_scale * scores  # type: ignore[operator]
 
 
 def prototype_logits(

@@ -215,7 +215,7 @@ def decide(decision: ServedDecision, memory: Memory, q: np.ndarray) -> Answer:
         logits = probe.logits(_t(q)).numpy()
         preference = logits
     else:
-        logits = scores_to_logits(torch.from_numpy(scores), metric, decision.rule.cosine_scale).numpy()
+        logits = scores_to_logits(scores, metric, float(decision.rule.cosine_scale))
         preference = -scores if metric == "euclidean" else scores
     label = preference.argmax(1)
     score = scores[np.arange(len(label)), label]

@@ -22,7 +22,7 @@ from fewshot.distill import distill
 from fewshot.episodes import EpisodeSpec, describe_episode, episode_rng, materialise
 from fewshot.episodes.grid import episode_grid
 from fewshot.episodes.sampling import DomainMode
-from fewshot.errors import DataError
+from fewshot.errors import ConfigError, DataError
 from fewshot.precision import keep_freed_memory
 from fewshot.service.app import serve
 from fewshot.service.standalone import export_stored_workspace
@@ -241,7 +241,10 @@ def cmd_bundle_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    serve(args.bundles, db_url=args.db, host=args.host, port=args.port, admin_key=args.admin_key)
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers} must be at least 1")
+    serve(args.bundles, db_url=args.db, host=args.host, port=args.port, admin_key=args.admin_key,
+          workers=args.workers)
     return 0
 
 

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-key", default=None, help="admin key (default: $FEWSHOT_ADMIN_KEY)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (default 1); on Linux each listens on its own socket of the port, so "
+                        "connections spread over them; one per core is the usual choice")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export-workspace", help="a taught workspace as one standalone ONNX classifier + labels.json")

@@ -242,22 +242,49 @@ class EmbedGate:
                 self._cond.notify_all()
 
 
-def _malloc_trim() -> Callable[[], object] | None:
-    """glibc's `malloc_trim(0)` (give every arena's free pages back to the system), or None where the
-    C library is not glibc."""
+def _glibc(function: str) -> Any:
+    """A glibc function by name (a ctypes function), or None where the C library does not have it."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
+        return getattr(libc, function, None)
     except OSError:
         return None
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's `malloc_trim(0)` (give every arena's free pages back to the system), or None where the
+    C library is not glibc."""
+    import ctypes
+
+    trim = _glibc("malloc_trim")
     if trim is None:
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return lambda: trim(0)
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter: the most malloc arenas the process makes
+
+
+def limit_malloc_arenas(n: int) -> bool:
+    """At most `n` glibc malloc arenas for this process (`mallopt(M_ARENA_MAX, n)`); False where the C
+    library is not glibc. Process-wide, so only the serving entry points ask for it (the
+    `malloc_arenas` setting). Each request thread otherwise gets an arena of its own (up to 8 per
+    core), and freed memory scattered over them stays with the process: 16 concurrent 64-photo
+    classify calls left a server 174-199 MB over idle 10 s later, with 2 arenas 44 MB under."""
+    import ctypes
+
+    if n < 1:
+        raise ValueError(f"malloc arenas {n} must be >= 1")
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, n))
 
 
 class HeapTrimmer:

@@ -27,6 +27,7 @@ class ServiceSettings:
     thumbnail_size: int = 64
     ort_threads: int = 1  # per request; concurrency comes from parallel requests (0: min(2, cores))
     torch_threads: int = 0  # process-wide torch threads (distance products); 0: leave as is; serve() uses 1
+    malloc_arenas: int = 0  # process-wide glibc malloc arenas (memory back after bursts); 0: leave as is; serve() uses 2
     sync_interval_s: float = 0.0
     store_notifications: bool = True  # PostgreSQL: learn of other replicas' changes by LISTEN/NOTIFY, not per-call reads
     euclidean_threshold: float | None = None  # service-wide override of the bundle's calibration
@@ -48,7 +49,7 @@ class ServiceSettings:
                      "admin_failures_per_minute", "admin_failures_per_minute_total", "embed_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name}={getattr(self, name)} must be >= 1")
-        for name in ("embed_slots", "embed_queue", "embed_wait_s"):
+        for name in ("embed_slots", "embed_queue", "embed_wait_s", "malloc_arenas"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name}={getattr(self, name)} must be >= 0")
 

@@ -32,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 
 from fewshot.service.auth import KeyGuard
 from fewshot.service.costs import ExportCache, ImageBudget, OneAtATime, Refitter
-from fewshot.service.embedding import EmbedGate, GatedEmbedder, HeapTrimmer
+from fewshot.service.embedding import EmbedGate, GatedEmbedder, HeapTrimmer, limit_malloc_arenas
 from fewshot.service.forms import ServiceRoute
 from fewshot.service.http.deps import ServiceState
 from fewshot.service.http.errors import install_error_handlers
@@ -61,6 +61,8 @@ def open_state(settings: ServiceSettings) -> ServiceState:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    if settings.malloc_arenas and not limit_malloc_arenas(settings.malloc_arenas):
+        log.info("malloc_arenas=%s ignored: the C library is not glibc", settings.malloc_arenas)
     store = open_store(settings.db_url, notifications=settings.store_notifications)
     try:
         models = load_models(settings, store)

@@ -64,6 +64,8 @@ def serve(bundles: str | Path | Sequence[str | Path], db_url: str, host: str = "
                     "this machine can read it in `ps` and shell history; set FEWSHOT_ADMIN_KEY instead")
     if not settings.torch_threads:
         settings = replace(settings, torch_threads=1)
+    if not settings.malloc_arenas:  # memory back to the system after a burst (fewshot.service.embedding)
+        settings = replace(settings, malloc_arenas=2)
     proxy_headers, allow_ips = proxy_trust(os.environ)
     if settings.request_read_timeout_s <= 0:
         raise ConfigError(f"FEWSHOT_REQUEST_READ_TIMEOUT_S={settings.request_read_timeout_s} must be > 0 seconds")
@@ -77,7 +79,8 @@ def serve(bundles: str | Path | Sequence[str | Path], db_url: str, host: str = "
         return
     os.environ.update({"FEWSHOT_BUNDLE_PATH": settings.bundle_path,
                        "FEWSHOT_EXTRA_BUNDLES": os.pathsep.join(settings.extra_bundles), "FEWSHOT_DB_URL": settings.db_url,
-                       "FEWSHOT_ADMIN_KEY": settings.admin_key, "FEWSHOT_TORCH_THREADS": str(settings.torch_threads)})
+                       "FEWSHOT_ADMIN_KEY": settings.admin_key, "FEWSHOT_TORCH_THREADS": str(settings.torch_threads),
+                       "FEWSHOT_MALLOC_ARENAS": str(settings.malloc_arenas)})
     target = "fewshot.service.http.app:create_app_from_env"
     if sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT") and port != 0:
         supervise(uvicorn.Config(target, factory=True, workers=workers, **common), workers)

@@ -297,14 +297,12 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     (never on test classes). With `int8`, the bundle also holds the int8 model and serves it,
     after the int8 and fp32 models were measured on the run's test episodes (`quantise_bundle`:
     refused when int8 loses more than `int8.quantise.max_drop`, unless `force`); its open-set rules
-    are re-calibrated on the int8 embeddings. `export`: export settings instead of the run's own (a
-    zoo recipe's; they do not change what was trained).
+    are re-calibrated on the int8 embeddings. `export`: settings instead of the run's (a zoo recipe's).
     """
     if out.exists():
         raise CheckpointError(f"{out} already exists; choose a new bundle folder or delete it")
-    config = load_config(check_run_dir(run_dir) / "config.yaml")
-    if export is not None:
-        config = config.model_copy(update={"export": export})
+    saved = load_config(check_run_dir(run_dir) / "config.yaml")
+    config = saved if export is None else saved.model_copy(update={"export": export})
     data = data or load_run_data(config.data, progress=False)
     pre = data.cache.preprocessing
     results = recorded_test_results(run_dir)
@@ -316,8 +314,8 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     learner, manifest = load_trained(run_dir)
     backbone = deployable_backbone(learner, data, config)
     rule, rule_scores, view_report = _served_rule(learner, backbone, data, config)
-    calib_split = "val" if "val" in data.splits else "test"
-    by_class = images_by_class(data, calib_split)  # all of them: the open-set threshold moves with the classes seen
+    calib_split = "val" if "val" in data.splits else "test"  # all its images: the threshold moves with the classes seen
+    by_class = images_by_class(data, calib_split)
     calibration = _open_set(TorchEmbedder(backbone, pre), by_class, config, seed, rule)
     deployment = {"embedder": learner.deployment.embedder, "rule": rule.to_dict(), "rule_val_accuracy": rule_scores,
                   "views": view_report, "learner": manifest["model"]["learner"]["name"]}
@@ -342,7 +340,6 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
     )
     if int8 is None or int8_images is None:
         return bundle
-
     try:
         return quantise_bundle(
             bundle, int8_images, served_accuracy(results, data, rule), out_dir=out, config=int8.quantise,

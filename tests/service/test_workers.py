@@ -45,6 +45,12 @@ def connection_owners(port: int, n: int) -> tuple[list[socket.socket], collectio
     return conns, owners_of(port)
 
 
+def listening(port: int) -> int:
+    """How many sockets listen on `port` (from /proc/net/tcp)."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for f in rows if int(f[1].split(":")[1], 16) == port and f[3] == "0A")
+
+
 def owners_of(port: int) -> collections.Counter[str]:
     """pid -> how many established connections to `port` it holds (from /proc, as `ss -p` reads it)."""
     inodes = set()
@@ -76,6 +82,9 @@ def test_workers_share_connections_replace_the_dead_and_stop_together(tiny_bundl
         while not ready(port):
             assert proc.poll() is None and time.time() < deadline, "the service did not start"
             time.sleep(0.2)
+        while listening(port) < 2:  # one listening socket per worker (a shared socket stays at 1)
+            assert time.time() < deadline, f"{listening(port)} listening socket(s) on the port, not one per worker"
+            time.sleep(0.2)
         conns, owners = connection_owners(port, 16)
         assert len(owners) == 2 and sum(owners.values()) == 16 and min(owners.values()) >= 2, owners
         for c in conns:
@@ -84,6 +93,8 @@ def test_workers_share_connections_replace_the_dead_and_stop_together(tiny_bundl
         os.kill(victim, signal.SIGKILL)
         time.sleep(1.5)  # the supervisor looks every 0.5 s
         deadline = time.time() + 120
+        while listening(port) < 2 and time.time() < deadline:  # the new worker has started
+            time.sleep(0.2)
         while True:
             conns, owners = connection_owners(port, 16)
             for c in conns:

@@ -420,9 +420,9 @@ def main_paired(args: argparse.Namespace) -> None:
     keys = ("requests_per_s", "client_median_ms", "client_p99_ms", "server_median_ms", "server_p99_ms",
             "server_cpu_ms_per_request")
     med = {name: {k: float(np.median([r[k] for r in rs])) for k in keys} for name, rs in phases.items()}
-    print(table(["server | phase", "workers", "phases", "req/s (median)", "req/s (each phase)", "client p50 / p99 ms",
+    print(table(["server", "phase", "workers", "phases", "req/s (median)", "req/s (each phase)", "client p50 / p99 ms",
                  "server p50 / p99 ms", "server CPU ms/request"],
-                [[name, workers, len(phases[name]), f"{m['requests_per_s']:.0f}",
+                [[*name.split(" | "), workers, len(phases[name]), f"{m['requests_per_s']:.0f}",
                   " ".join(f"{r['requests_per_s']:.0f}" for r in phases[name]),
                   f"{m['client_median_ms']:.1f} / {m['client_p99_ms']:.1f}",
                   f"{m['server_median_ms']:.1f} / {m['server_p99_ms']:.1f}", f"{m['server_cpu_ms_per_request']:.2f}"]

@@ -41,6 +41,7 @@ batching: BENCHMARKS.md, "Service throughput".
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -242,17 +243,22 @@ class EmbedGate:
                 self._cond.notify_all()
 
 
-def _glibc(function: str) -> Any:
-    """A glibc function by name (a ctypes function), or None where the C library does not have it."""
+@functools.cache
+def _libc() -> Any:
+    """The C library, loaded once (`find_library` runs a subprocess), or None."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        return getattr(libc, function, None)
+        return ctypes.CDLL(name) if name else None
     except OSError:
         return None
+
+
+def _glibc(function: str) -> Any:
+    """A glibc function by name (a ctypes function), or None where the C library does not have it."""
+    return getattr(_libc(), function, None)
 
 
 def _malloc_trim() -> Callable[[], object] | None:
@@ -275,7 +281,7 @@ def limit_malloc_arenas(n: int) -> bool:
     library is not glibc. Process-wide, so only the serving entry points ask for it (the
     `malloc_arenas` setting). Each request thread otherwise gets an arena of its own (up to 8 per
     core), and freed memory scattered over them stays with the process: 16 concurrent 64-photo
-    classify calls left a server 174-199 MB over idle 10 s later, with 2 arenas 44 MB under."""
+    classify calls left a server 174-199 MB over idle 10 s later, with 2 arenas back under idle."""
     import ctypes
 
     if n < 1:

@@ -28,6 +28,11 @@ the mirror and the colour-jittered copies (`rfs5`, `plain+aug4` need RGB).
 
     python benchmarks/support_views.py [--entry miniimagenet-pretrain-conv4-rfs] [--split val] \
         [--episodes 600] [--out benchmarks/results/support_views.json]
+
+`--probe-cs 1 4 16` scores every variant with each probe regularisation C (rows VARIANT@C, the
+paired base is plain at the first C). The probe's prior weighs ||W||^2 / (2 C n) against the mean
+cross-entropy of its n rows: views kept as extra rows multiply n, so they also weaken the prior;
+this separates that from what the views themselves add.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +80,9 @@ def main() -> None:
     ap.add_argument("--shift", type=int, default=8, help="pixels of the shifted views (measured at 8 for 84 px, 2 for 28 px)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--probe-cs", type=float, nargs="+", default=None,
+                    help="score every variant with each of these probe regularisations C (a probe head "
+                         "only; default: the bundle's own); rows are named VARIANT@C, the first C's plain is the base")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "support_views.json")
     args = ap.parse_args()
 
@@ -93,6 +102,11 @@ def main() -> None:
     data = entry_data(entry, progress=True)
     pool = data.pool(args.split)
     rule = bundle.decision_rule
+    cs = args.probe_cs or [rule.probe_c]
+    if args.probe_cs and rule.rule != "probe":
+        raise SystemExit(f"--probe-cs needs a probe head; {args.entry} serves {rule.rule!r}")
+    rules = {c: replace(rule, probe_c=c) for c in cs}
+    names = [v if args.probe_cs is None else f"{v}@{c:g}" for c in cs for v in args.variants]
     aug = Augment(crop_pad=8, hflip=True, color_jitter=0.4)  # RFS's transform_A
     memo = MemoEmbed(bundle.onnx_embedder.embed)  # plain, mirrored and shifted views repeat across episodes
     embed_random = bundle.onnx_embedder.embed  # augmented copies never repeat
@@ -101,7 +115,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for shot in args.shots:
         spec = EpisodeSpec(args.way, shot, 15)
-        acc: dict[str, list[float]] = {v: [] for v in args.variants}
+        acc: dict[str, list[float]] = {v: [] for v in names}
         for i in range(args.episodes):
             desc = describe_episode(pool, spec, episode_rng(args.seed, i))
             rows = np.concatenate([desc.support_rows, desc.query_rows])
@@ -116,19 +130,22 @@ def main() -> None:
                 vs = views(v, sx, aug, rng, args.shift)
                 first_random = {"rfs5": 0, "plain+aug4": 1}.get(v, len(vs))  # views before it repeat
                 zs = np.concatenate([(memo if k < first_random else embed_random)(x) for k, x in enumerate(vs)])
-                if v.endswith("-mean"):  # one row per support image: the mean of its views
-                    answer = episode(rule, zs.reshape(len(vs), len(sx), -1).mean(0), ys, args.way, zq)
-                else:
-                    answer = episode(rule, zs, np.tile(ys, len(vs)), args.way, zq)
-                acc[v].append(float(np.mean(answer.preference.argmax(1) == yq)))
+                for c, r in rules.items():
+                    if v.endswith("-mean"):  # one row per support image: the mean of its views
+                        answer = episode(r, zs.reshape(len(vs), len(sx), -1).mean(0), ys, args.way, zq)
+                    else:
+                        answer = episode(r, zs, np.tile(ys, len(vs)), args.way, zq)
+                    acc[v if args.probe_cs is None else f"{v}@{c:g}"].append(
+                        float(np.mean(answer.preference.argmax(1) == yq)))
             if (i + 1) % 100 == 0:
                 print(f"  {args.way}w{shot}s: {i + 1}/{args.episodes} episodes ({time.perf_counter() - t0:.0f} s)", flush=True)
-        base = np.asarray(acc["plain"]) if "plain" in acc else None
+        base_name = names[0].split("@")[0] == "plain" and names[0]
+        base = np.asarray(acc[base_name]) if base_name else None
         for v, a in acc.items():
             arr = np.asarray(a)
             mean, ci = mean_ci95(arr)
             row = {"mean": mean, "ci95": ci}
-            if base is not None and v != "plain":
+            if base is not None and v != base_name:
                 d_mean, d_ci = mean_ci95(arr - base)
                 row.update({"minus_plain": d_mean, "minus_plain_ci95": d_ci})
             results[f"{args.way}w{shot}s/{v}"] = row
@@ -144,7 +161,7 @@ def main() -> None:
     out = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
            "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
            "entry": args.entry, "bundle_id": bundle.bundle_id,
-           "rule": rule.to_dict(), "split": args.split, "way": args.way, "shift": args.shift,
+           "rule": rule.to_dict(), "probe_cs": args.probe_cs, "split": args.split, "way": args.way, "shift": args.shift,
            "episodes": args.episodes, "seed": args.seed,
            "wall_s": round(time.perf_counter() - t0, 1), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

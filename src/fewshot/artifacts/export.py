@@ -8,13 +8,9 @@
 * `choose_rule`: the learner's decision rule; for gradient-based learners (whose own rule is an
   inner loop the service does not run) the prototype metric that scores best on validation
   episodes is chosen and recorded.
-* `choose_views`: the example views the bundle serves (`fewshot.decision.views`; `export.views`):
-  with "auto", each candidate is scored on the same validation episodes as no views (the eval
-  shape and domain mode, at most as many ways as there are validation classes), and of the
-  candidates whose paired gain is above its 95% interval the largest gain is kept (none when no
-  candidate's is); recorded in the manifest (`deployment.views`).
-* `evaluate_embedder`: the protocol's fixed-seed episodes, run through an `Embedder` (ONNX
-  Runtime, uint8 in) and a `DecisionRule`: the service's path, not the learner's.
+* `fewshot.artifacts.served_choice`: the example views and the probe's C the bundle serves, chosen
+  on validation episodes (`export.views`, `export.probe_c`), and `evaluate_embedder`, the
+  protocol's episodes through the service's path.
 * `export_run`: writes the bundle and refuses it when the bundle as served is more than
   `export.max_drop` below the learner's own accuracy on the same episodes (unless forced); with
   `int8`, it then quantises the bundle on training images (`fewshot.artifacts.quantise`) and
@@ -26,7 +22,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,31 +42,25 @@ from fewshot.artifacts.quantise import (
     check_calibration_images,
     quantise_bundle,
 )
+from fewshot.artifacts.served_choice import choose_probe_c, choose_views, evaluate_embedder
 from fewshot.backbones.base import Backbone
 from fewshot.config import RunConfig, load_config
 from fewshot.config.sections import ExportConfig
-from fewshot.data.imageio import Preprocessing, from_model_input
-from fewshot.decision import METRICS, DecisionRule, default_shift, episode, example_embeddings
+from fewshot.decision import METRICS, DecisionRule
 from fewshot.episodes.loader import EpisodeDataset
-from fewshot.episodes.sampling import DomainMode, EpisodeSpec
-from fewshot.episodes.types import Episode
+from fewshot.episodes.sampling import EpisodeSpec
 from fewshot.errors import CheckpointError, FewshotError
 from fewshot.precision import in_memory_format
 from fewshot.training.data import RunData, images_by_class, load_run_data, source_of
-from fewshot.training.evaluate import EvalResult, evaluate_episodes, mean_ci95
+from fewshot.training.evaluate import EvalResult
 from fewshot.training.protocol import load_results
 from fewshot.training.runs import check_run_dir, load_trained
 
-BN_SEED_OFFSET, RULE_SEED_OFFSET, INT8_SEED_OFFSET, VIEWS_SEED_OFFSET = 200_003, 300_007, 400_009, 500_009
+BN_SEED_OFFSET, RULE_SEED_OFFSET, INT8_SEED_OFFSET = 200_003, 300_007, 400_009
 
 
 class ExportRefused(CheckpointError):
     """The bundle as served is worse than the learner it came from."""
-
-
-def to_uint8(x: torch.Tensor, pre: Preprocessing) -> np.ndarray:
-    """Episode images (the model input under `pre`, from a uint8 cache) back to the exact uint8 pixels."""
-    return from_model_input(x.detach().cpu().float().numpy(), pre)
 
 
 def _plain_copy(backbone: Backbone) -> Backbone:
@@ -107,29 +97,6 @@ def deployable_backbone(learner: Any, data: RunData, config: RunConfig) -> Backb
     return _plain_copy(learner.backbone).eval()
 
 
-def rule_predictor(embed: Any, rule: DecisionRule, pre: Preprocessing) -> Any:
-    """episode -> (n_query, n_way) preferences whose argmax is the served label (`fewshot.decision.
-    episode`: -d^2, cos or the probe's logits), through `embed` (uint8 (N, C, H, W) -> (N, D) numpy)
-    and `rule` (the support images through the rule's example views, as the service teaches them);
-    episodes hold the model input under `pre` (the cache's preprocessing)."""
-
-    def predict(ep: Episode) -> torch.Tensor:
-        zs = example_embeddings(embed, to_uint8(ep.support_x, pre), rule.views, rule.view_shift)
-        zq = embed(to_uint8(ep.query_x, pre))
-        answer = episode(rule, zs, ep.support_y.cpu().numpy(), ep.n_way, zq)
-        return torch.from_numpy(answer.preference).to(ep.query_y.device)
-
-    return predict
-
-
-def evaluate_embedder(embed: Any, rule: DecisionRule, data: RunData, *, split: str, way: int, shot: int,
-                      query: int, episodes: int, seed: int, mode: DomainMode = "any") -> EvalResult:
-    """The protocol (same episodes as `fewshot evaluate` with the same seed) through `embed` + `rule`."""
-    return evaluate_episodes(rule_predictor(embed, rule, data.cache.preprocessing), data.cache, data.pool(split), EpisodeSpec(way, shot, query),
-                             episodes=episodes, seed=seed, mode=mode, progress=False,
-                             enforce_protocol=False)
-
-
 def choose_rule(learner: Any, backbone: Backbone, data: RunData, config: RunConfig) -> tuple[DecisionRule, dict[str, float]]:
     """The learner's rule; for gradient-based learners the better prototype metric on validation."""
     rule: DecisionRule = learner.deployment.rule
@@ -146,59 +113,15 @@ def choose_rule(learner: Any, backbone: Backbone, data: RunData, config: RunConf
     return DecisionRule("prototype", best), scores
 
 
-def view_candidates(channels: int) -> list[str]:
-    """The example views `export.views: auto` tries: shifted views for every image; mirrored ones
-    only for colour photos (a mirrored letter or digit can be another one)."""
-    return ["none", "shift4"] + (["mirror", "shift4+mirror"] if channels == 3 else [])
-
-
-def choose_views(embed: Any, rule: DecisionRule, data: RunData, config: RunConfig) -> tuple[DecisionRule, dict[str, Any]]:
-    """`rule` with the example views of `config.export.views` (module doc) -> (rule, what was
-    measured: per candidate the validation accuracy and the paired gain over no views)."""
-    pre = data.cache.preprocessing
-    shift = default_shift(pre.size)
-
-    def with_views(v: str) -> DecisionRule:
-        return replace(rule, views=v, view_shift=shift if v.startswith("shift") else 0)
-
-    chosen = config.export.views
-    if chosen != "auto":
-        return with_views(chosen), {"views": chosen, "shift": with_views(chosen).view_shift, "chosen_by": "export.views"}
-    ev, counts = config.eval, data.pool("val").counts if "val" in data.splits else np.zeros(0)
-    # the eval shape, within what the validation classes hold
-    way, query = min(ev.way, len(counts)), min(ev.query, (int(counts.min()) if len(counts) else 0) - ev.shot)
-    if way < 2 or query < 1:
-        why = "no validation split" if "val" not in data.splits else "too few validation classes or images"
-        return with_views("none"), {"views": "none", "chosen_by": f"{why}: no views"}
-    memo = MemoEmbed(embed)  # each validation image embedded once across candidates
-    pool = data.pool("val")  # within-domain episodes when any validation domain can fill one
-    fits = len(pool.domains_too_small(way, ev.shot + query)) < len(np.unique(pool.domains))
-    mode = ev.domain_mode if fits else "any"
-    res = {v: evaluate_embedder(memo, with_views(v), data, split="val", way=way, shot=ev.shot, query=query,
-                                episodes=config.export.view_episodes, seed=config.seed + VIEWS_SEED_OFFSET, mode=mode)
-           for v in view_candidates(pre.channels)}
-    base = np.asarray(res["none"].accuracies)
-    report: dict[str, Any] = {"episodes": config.export.view_episodes, "way": way, "shot": ev.shot, "query": query,
-                              "mode": mode, "shift": shift,
-                              "accuracy": {v: r.mean for v, r in res.items()}, "gain": {}}
-    best, best_gain = "none", 0.0
-    for v, r in res.items():
-        if v == "none":
-            continue
-        gain, ci = mean_ci95(np.asarray(r.accuracies) - base)
-        report["gain"][v] = {"mean": gain, "ci95": ci}
-        if gain - ci > 0 and gain > best_gain:
-            best, best_gain = v, gain
-    report.update(views=best, chosen_by="the largest of the paired gains above their 95% interval on validation episodes")
-    return with_views(best), report
-
-
 def _served_rule(learner: Any, backbone: Backbone, data: RunData,
                  config: RunConfig) -> tuple[DecisionRule, dict[str, float], dict[str, Any]]:
-    """The rule a bundle serves: `choose_rule`'s head with `choose_views`'s views, and both reports."""
+    """The rule a bundle serves: `choose_rule`'s head with `choose_views`'s views and `choose_probe_c`'s
+    C, and their reports (the deployment's `rule_val_accuracy`, `views` and `probe_c`)."""
     rule, rule_scores = choose_rule(learner, backbone, data, config)
-    rule, view_report = choose_views(TorchEmbedder(backbone, data.cache.preprocessing).embed, rule, data, config)
-    return rule, rule_scores, view_report
+    embed = MemoEmbed(TorchEmbedder(backbone, data.cache.preprocessing).embed)  # validation images once
+    rule, view_report = choose_views(embed, rule, data, config)
+    rule, c_report = choose_probe_c(embed, rule, data, config)
+    return rule, rule_scores, {"views": view_report, "probe_c": c_report}
 
 
 def recorded_test_results(run_dir: Path) -> list[dict[str, Any]]:
@@ -313,12 +236,12 @@ def export_run(run_dir: Path, out: Path, *, data: RunData | None = None, seed: i
                                  requested=int8.calibration_images)
     learner, manifest = load_trained(run_dir)
     backbone = deployable_backbone(learner, data, config)
-    rule, rule_scores, view_report = _served_rule(learner, backbone, data, config)
+    rule, rule_scores, choices = _served_rule(learner, backbone, data, config)
     calib_split = "val" if "val" in data.splits else "test"  # all its images: the threshold moves with the classes seen
     by_class = images_by_class(data, calib_split)
     calibration = _open_set(TorchEmbedder(backbone, pre), by_class, config, seed, rule)
     deployment = {"embedder": learner.deployment.embedder, "rule": rule.to_dict(), "rule_val_accuracy": rule_scores,
-                  "views": view_report, "learner": manifest["model"]["learner"]["name"]}
+                  **choices, "learner": manifest["model"]["learner"]["name"]}
     if learner.deployment.embedder == "bn-reestimated":
         deployment["batch_norm"] = (f"running statistics = mean of {config.export.bn_episodes} training support "
                                     f"sets ({config.eval.way}-way {config.eval.shot}-shot)")

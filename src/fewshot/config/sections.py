@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from fewshot.data.imageio import Preprocessing
 from fewshot.errors import ConfigError, ImageError
@@ -175,6 +175,13 @@ class ExportConfig(_Frozen):
     # otherwise); or name one
     views: Literal["auto", "none", "mirror", "shift4", "shift4+mirror"] = "auto"
     view_episodes: int = Field(300, ge=10)
+    # a probe head's regularisation C (fewshot.artifacts.served_choice.choose_probe_c): None keeps the
+    # learner's; a number serves that C; "auto" keeps, of the learner's C and 2, 4 and 8 times it, the
+    # one with the largest paired gain over the learner's on `view_episodes` validation episodes at
+    # each shot of `probe_c_shots` (the eval shot when empty), above its 95% interval and
+    # significantly worse at no shot (the learner's otherwise)
+    probe_c: Literal["auto"] | PositiveFloat | None = None
+    probe_c_shots: list[PositiveInt] = Field(default_factory=list, max_length=4)
 
 
 class TeacherConfig(_Frozen):

@@ -146,7 +146,8 @@ def _model_info(bundle: Bundle) -> dict[str, Any]:
     onnx_bytes = (bundle.path / bundle.served_model).stat().st_size
     return {"backbone": bundle.manifest.backbone.get("name"), "learner": bundle.manifest.source.get("learner", {}).get("name"),
             "parameters": sum(p.numel() for p in bundle.backbone.parameters()),
-            "embedding_dim": bundle.embedding_dim, "rule": f"{rule.rule} / {rule.metric}" + _views_words(rule),
+            "embedding_dim": bundle.embedding_dim, "rule": f"{rule.rule} / {rule.metric}" + (f" (C = {rule.probe_c:g})" if rule.rule == "probe" else "")
+            + _views_words(rule),
             "onnx_mb": onnx_bytes / 2**20, "bundle_id": bundle.bundle_id,
             "input": f"{'grayscale' if pre.mode == 'L' else 'RGB'} {pre.size}x{pre.size}"}
 

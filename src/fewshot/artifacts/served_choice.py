@@ -89,7 +89,7 @@ def choose_views(embed: Any, rule: DecisionRule, data: RunData, config: RunConfi
     if isinstance(shape, str):
         return with_views("none"), {"views": "none", "chosen_by": f"{shape}: no views"}
     way, query, mode = shape
-    memo = MemoEmbed(embed)  # each validation image embedded once across candidates
+    memo = _memo(embed)  # each validation image embedded once across candidates
     res = {v: evaluate_embedder(memo, with_views(v), data, split="val", way=way, shot=config.eval.shot, query=query,
                                 episodes=config.export.view_episodes, seed=config.seed + VIEWS_SEED_OFFSET, mode=mode)
            for v in view_candidates(pre.channels)}
@@ -107,6 +107,11 @@ def choose_views(embed: Any, rule: DecisionRule, data: RunData, config: RunConfi
             best, best_gain = v, gain
     report.update(views=best, chosen_by="the largest of the paired gains above their 95% interval on validation episodes")
     return with_views(best), report
+
+
+def _memo(embed: Any) -> MemoEmbed:
+    """`embed` memoised, reusing the caller's memo (export shares one across both choices)."""
+    return embed if isinstance(embed, MemoEmbed) else MemoEmbed(embed)
 
 
 def validation_shape(data: RunData, config: RunConfig, shots: list[int]) -> tuple[int, int, DomainMode] | str:
@@ -139,7 +144,7 @@ def choose_probe_c(embed: Any, rule: DecisionRule, data: RunData, config: RunCon
     if isinstance(shape, str):
         return rule, {"probe_c": rule.probe_c, "chosen_by": f"{shape}: the learner's"}
     way, query, mode = shape
-    memo = MemoEmbed(embed)
+    memo = _memo(embed)
     cs = [rule.probe_c] + [rule.probe_c * f for f in PROBE_C_FACTORS]
     acc = {c: {s: np.asarray(evaluate_embedder(memo, replace(rule, probe_c=c), data, split="val", way=way, shot=s,
                                                query=query, episodes=config.export.view_episodes,

@@ -45,14 +45,15 @@ CELLS = [(s, w, k) for s in ("mini-test", "cifar-test") for w in (5, 10) for k i
          if not (s == "cifar-test" and w == 10)]  # CIFAR-10 has 10 classes: 10-way is every class
 
 
-def bundle_decision(cache: Path, seed: int) -> Any:
-    """The photos bundle's decision: its head and rules as `build_photos_bundle` fits them."""
+def bundle_decision(cache: Path, seed: int, probe_c: float = 1.0) -> Any:
+    """The photos bundle's decision: its head and rules as `build_photos_bundle` fits them; the
+    probe's C `probe_c` (the photos bundle's is 1)."""
     from fewshot.artifacts.photos import photos_open_set
     from fewshot.decision import BundleDecision, DecisionRule
 
     cal = photos_open_set(load_set(cache, "mini-val"), np.random.default_rng(seed),
                           fitted_on="miniImageNet validation classes (cached photos)")
-    return BundleDecision(DecisionRule("prototype", "cosine"), cal.rules)
+    return BundleDecision(DecisionRule("prototype", "cosine", probe_c=probe_c), cal.rules)
 
 
 def run_cell(decision: Any, pool: list[np.ndarray], way: int, shot: int, episodes: int, seed: int) -> dict[str, Any]:
@@ -111,18 +112,25 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "adapt.json")
+    p.add_argument("--probe-c", type=float, default=1.0,
+                   help="C of the logistic probe (objective mean CE + ||W||^2 / (2 C n)); the photos bundle's is 1")
+    p.add_argument("--cells", default="", help="only these cells, e.g. 'cifar-test/5/10,mini-test/10/10' (default: all)")
     args = p.parse_args()
+    cells = [c for c in CELLS if not args.cells or "/".join(map(str, c)) in args.cells.split(",")]
+    if not cells:
+        p.error(f"--cells {args.cells!r} names none of {['/'.join(map(str, c)) for c in CELLS]}")
     import torch
 
     torch.set_num_threads(1)  # a script, not the library: one thread, as the service runs its heads
-    decision = bundle_decision(args.cache, args.seed)
+    decision = bundle_decision(args.cache, args.seed, args.probe_c)
     sets = {s: load_set(args.cache, s) for s in ("mini-test", "cifar-test")}
     res: dict[str, Any] = {
         "command": "python benchmarks/bench_adapt.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "episodes": args.episodes, "seed": args.seed,
+        "probe_c": args.probe_c,
         "embed_report": json.loads((args.cache / "embed_report.json").read_text()), "cells": {}}
-    for s, w, k in CELLS:
+    for s, w, k in cells:
         t0 = time.perf_counter()
         res["cells"][f"{s}/{w}/{k}"] = run_cell(decision, sets[s], w, k, args.episodes, args.seed)
         print(f"{s} {w}-way {k}-shot: {time.perf_counter() - t0:.0f} s", flush=True)

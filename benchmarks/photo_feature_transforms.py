@@ -72,7 +72,11 @@ def accuracy(pool: list[np.ndarray], way: int, shot: int, f: Callable[[np.ndarra
 
 
 def ci(v: np.ndarray) -> dict[str, float]:
-    return {"mean": float(100 * v.mean()), "ci95": float(100 * 1.96 * v.std(ddof=1) / np.sqrt(len(v)))}
+    """Mean and 95% interval in points (`mean_ci95`, the protocol's convention)."""
+    from fewshot.training.evaluate import mean_ci95
+
+    m, h = mean_ci95(v)
+    return {"mean": 100 * m, "ci95": 100 * h}
 
 
 def main() -> None:
